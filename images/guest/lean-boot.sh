@@ -1,0 +1,46 @@
+#!/bin/sh
+# Run inside the image (chroot) after its packages and files are installed.
+# Makes the boot path lean: the default target starts only what SSH needs;
+# packaged daemons stay installed but are started by testbed's kits.
+set -eu
+
+# An empty machine-id gives each VM its own and keeps systemd from treating
+# the boot as a first boot (which would enable every packaged service).
+: > /etc/machine-id
+rm -f /var/lib/dbus/machine-id
+
+# Host keys are testbed's, per machine, from the seed; none ship in the image.
+rm -f /etc/ssh/ssh_host_*
+
+# Root is mounted read-write by the kernel command line; nothing to fsck.
+cat > /etc/fstab <<'FSTAB'
+/dev/vda / ext4 rw,noatime,errors=remount-ro 0 0
+FSTAB
+
+# A small initramfs holding only the drivers a VM needs, uncompressed: under
+# software emulation decompressing a 15 MB initramfs costs more than reading it.
+cat > /etc/initramfs-tools/conf.d/testbed <<'CONF'
+MODULES=list
+COMPRESS=cat
+CONF
+cat > /etc/initramfs-tools/modules <<'MODS'
+virtio_pci
+virtio_blk
+virtio_net
+virtio_rng
+MODS
+update-initramfs -u -k all >/dev/null
+
+systemctl set-default testbed.target
+systemctl mask ssh.service ssh.socket
+# Nothing else starts at boot; without udev and networkd there is nothing to
+# wait for. These would otherwise be pulled in by other units' dependencies.
+systemctl mask e2scrub_reap.service systemd-random-seed.service \
+    systemd-networkd.service systemd-networkd-wait-online.service \
+    systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer \
+    systemd-remount-fs.service 2>/dev/null || true
+
+# A root with no password, only the key testbed puts in authorized_keys.
+usermod -p "*" root
+mkdir -p /root/.ssh
+chmod 0700 /root/.ssh

@@ -1,0 +1,15 @@
+//! testbed: one topology file to a running, verified multi-machine cluster.
+//!
+//! The pipeline of `up`, one module per stage:
+//! topology → image → provider (boot) → identity → ssh, with `state`
+//! recording how far each machine got.
+
+pub mod cli;
+pub mod identity;
+pub mod image;
+pub mod lifecycle;
+pub mod progress;
+pub mod provider;
+pub mod ssh;
+pub mod state;
+pub mod topology;
