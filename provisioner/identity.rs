@@ -1,1 +1,222 @@
-//! TODO
+//! A machine's identity — SSH host key, authorized key, hostname, /etc/hosts,
+//! machine-id, static addresses — packed into a small seed (a tar archive).
+//! Every provider attaches it as a disk the guest applies at boot, and `up`
+//! applies it again over SSH with the guest's `testbed-identity`, so a
+//! machine resumed from a saved state can be given its identity afterwards.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::topology::{Machine, Topology};
+
+/// The guest-side program that applies a seed (installed by the image).
+pub const GUEST_APPLY: &str = "/usr/local/sbin/testbed-identity";
+/// Where the seed is uploaded before being applied over SSH.
+pub const GUEST_SEED: &str = "/run/testbed/seed.tar";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] crate::ssh::SshError),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> IdentityError {
+    let what = what.into();
+    move |source| IdentityError::Io { what, source }
+}
+
+/// How the guest reaches the host on its management NIC.
+#[derive(Debug, Clone)]
+pub struct Management {
+    pub mac: String,
+    pub address: String,
+    pub gateway: Ipv4Addr,
+    pub dns: Ipv4Addr,
+}
+
+/// A NIC on a topology network with its static address.
+#[derive(Debug, Clone)]
+pub struct StaticNic {
+    pub mac: String,
+    pub address: String,
+}
+
+/// The seed of one machine, built in memory; `hash` keys "already applied".
+pub struct Seed {
+    pub bytes: Vec<u8>,
+    pub hash: String,
+}
+
+/// A stable locally administered MAC for `machine`'s NIC number `nic`
+/// (0 is management): derived from the name, so it survives reordering.
+pub fn mac_address(machine: &str, nic: usize) -> String {
+    let digest = Sha256::digest(format!("{machine}/{nic}"));
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        digest[0], digest[1], digest[2]
+    )
+}
+
+/// The machine's NICs on topology networks, in network-name order.
+pub fn static_nics(topology: &Topology, machine: &Machine) -> Vec<(String, StaticNic)> {
+    machine
+        .ips
+        .iter()
+        .enumerate()
+        .filter_map(|(index, (network, ip))| {
+            let subnet = topology.networks.get(network)?.subnet;
+            Some((
+                network.clone(),
+                StaticNic {
+                    mac: mac_address(&machine.name, index + 1),
+                    address: format!("{ip}/{}", subnet.prefix_len()),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The per-machine secrets, created once and kept in the machine's folder.
+pub struct MachineKeys {
+    pub host_key: PathBuf,
+    pub host_public: String,
+    pub machine_id: String,
+}
+
+impl MachineKeys {
+    /// Loads the machine's host key and machine-id, generating them the first time.
+    pub fn ensure(dir: &Path, machine: &str) -> Result<MachineKeys, IdentityError> {
+        let host_key = dir.join("ssh_host_ed25519_key");
+        let public_path = dir.join("ssh_host_ed25519_key.pub");
+        let host_public = if public_path.is_file() && host_key.is_file() {
+            std::fs::read_to_string(&public_path)
+                .map_err(io_err(format!("cannot read {}", public_path.display())))?
+        } else {
+            crate::ssh::generate_keypair(&host_key, &format!("root@{machine}"))?
+        };
+        let id_path = dir.join("machine-id");
+        let machine_id = match std::fs::read_to_string(&id_path) {
+            Ok(id) => id.trim().to_string(),
+            Err(_) => {
+                let id = random_machine_id()?;
+                std::fs::write(&id_path, &id).map_err(io_err("cannot write machine-id"))?;
+                id
+            }
+        };
+        Ok(MachineKeys {
+            host_key,
+            host_public: host_public.trim().to_string(),
+            machine_id,
+        })
+    }
+}
+
+fn random_machine_id() -> Result<String, IdentityError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(io_err("cannot read /dev/urandom"))?;
+    Ok(hex::encode(bytes))
+}
+
+/// `/etc/hosts` naming every machine of the topology on its private IPs.
+fn hosts_file(topology: &Topology, machine: &Machine) -> String {
+    let mut hosts = format!("127.0.0.1 localhost\n127.0.1.1 {}\n", machine.name);
+    for other in &topology.machines {
+        for ip in other.ips.values() {
+            let _ = writeln!(hosts, "{ip} {}", other.name);
+        }
+    }
+    hosts
+}
+
+fn interfaces_file(management: &Management, nics: &[(String, StaticNic)]) -> String {
+    let mut lines = format!(
+        "{} {} {}\n",
+        management.mac, management.address, management.gateway
+    );
+    for (_, nic) in nics {
+        let _ = writeln!(lines, "{} {}", nic.mac, nic.address);
+    }
+    lines
+}
+
+/// Builds the seed tar. Entries are in a fixed order with fixed metadata,
+/// so the same identity always gives the same bytes (and hash).
+pub fn build_seed(
+    topology: &Topology,
+    machine: &Machine,
+    keys: &MachineKeys,
+    authorized_key: &str,
+    management: &Management,
+) -> Result<Seed, IdentityError> {
+    let private = std::fs::read(&keys.host_key)
+        .map_err(io_err(format!("cannot read {}", keys.host_key.display())))?;
+    let nics = static_nics(topology, machine);
+    let entries: Vec<(&str, Vec<u8>, u32)> = vec![
+        (
+            "authorized_keys",
+            format!("{}\n", authorized_key.trim()).into_bytes(),
+            0o600,
+        ),
+        (
+            "hostname",
+            format!("{}\n", machine.name).into_bytes(),
+            0o644,
+        ),
+        ("hosts", hosts_file(topology, machine).into_bytes(), 0o644),
+        (
+            "interfaces",
+            interfaces_file(management, &nics).into_bytes(),
+            0o644,
+        ),
+        (
+            "machine-id",
+            format!("{}\n", keys.machine_id).into_bytes(),
+            0o444,
+        ),
+        (
+            "resolv.conf",
+            format!("nameserver {}\n", management.dns).into_bytes(),
+            0o644,
+        ),
+        ("ssh_host_ed25519_key", private, 0o600),
+        (
+            "ssh_host_ed25519_key.pub",
+            format!("{}\n", keys.host_public).into_bytes(),
+            0o644,
+        ),
+    ];
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data, mode) in entries {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(mode);
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder
+            .append_data(&mut header, name, data.as_slice())
+            .map_err(io_err("cannot build the identity seed"))?;
+    }
+    let bytes = builder
+        .into_inner()
+        .map_err(io_err("cannot build the identity seed"))?;
+    let hash = hex::encode(Sha256::digest(&bytes))[..16].to_string();
+    Ok(Seed { bytes, hash })
+}
+
+/// The shell command that applies an uploaded seed on the guest.
+pub fn apply_command() -> String {
+    format!("{GUEST_APPLY} {GUEST_SEED}")
+}

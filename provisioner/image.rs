@@ -35,3 +35,551 @@ pub fn recipe_names(start: &Path) -> Vec<String> {
     names.dedup();
     names
 }
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Bump when the way images are built changes, so old caches are not reused.
+const BUILDER_VERSION: &str = "testbed-image-1";
+const MMDEBSTRAP_HINT: &str =
+    "apt-get install --no-install-recommends mmdebstrap e2fsprogs qemu-utils";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("no image recipe `{name}` (looked for {name}.toml in: {searched}); known: {known}")]
+    UnknownRecipe {
+        name: String,
+        searched: String,
+        known: String,
+    },
+    #[error("{path}: {message}")]
+    BadRecipe { path: PathBuf, message: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("cannot run {program}: {source} (install it: {MMDEBSTRAP_HINT})")]
+    Missing {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("building image {name} failed: {program} exited with {status}; last lines:\n{tail}\n(full log: {log})")]
+    BuildFailed {
+        name: String,
+        program: String,
+        status: String,
+        tail: String,
+        log: PathBuf,
+    },
+    #[error("building images needs root here (mmdebstrap --mode=root, then mkfs.ext4 -d); run `sudo testbed image build {0}` once, the cache is then used without root")]
+    NeedsRoot(String),
+    #[error("no image named {0} in the cache")]
+    NotCached(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
+    let what = what.into();
+    move |source| ImageError::Io { what, source }
+}
+
+/// A file copied into the image.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeFile {
+    /// Relative to the recipe's directory.
+    pub source: PathBuf,
+    pub dest: String,
+    #[serde(default = "default_mode")]
+    pub mode: String,
+}
+
+fn default_mode() -> String {
+    "0644".into()
+}
+
+fn default_variant() -> String {
+    "minbase".into()
+}
+
+fn default_disk() -> String {
+    "4GiB".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeSpec {
+    pub suite: String,
+    #[serde(default = "default_variant")]
+    pub variant: String,
+    #[serde(default)]
+    pub mirror: Option<String>,
+    pub packages: Vec<String>,
+    #[serde(default)]
+    pub scripts: Vec<PathBuf>,
+    #[serde(default)]
+    pub files: Vec<RecipeFile>,
+    /// Size of the root filesystem (the disk is sparse).
+    #[serde(default = "default_disk")]
+    pub disk: String,
+}
+
+/// A recipe found on disk, with the hash that keys its cached build.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    pub name: String,
+    pub path: PathBuf,
+    pub spec: RecipeSpec,
+    pub hash: String,
+}
+
+impl Recipe {
+    /// Finds `name` in the recipe directories visible from `start`.
+    pub fn find(name: &str, start: &Path) -> Result<Recipe, ImageError> {
+        let dirs = recipe_dirs(start);
+        let path = dirs
+            .iter()
+            .map(|dir| dir.join(format!("{name}.toml")))
+            .find(|path| path.is_file())
+            .ok_or_else(|| ImageError::UnknownRecipe {
+                name: name.into(),
+                searched: dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                known: recipe_names(start).join(", "),
+            })?;
+        Recipe::load(name, &path)
+    }
+
+    pub fn load(name: &str, path: &Path) -> Result<Recipe, ImageError> {
+        let text =
+            fs::read_to_string(path).map_err(io_err(format!("cannot read {}", path.display())))?;
+        let spec: RecipeSpec = toml::from_str(&text).map_err(|e| ImageError::BadRecipe {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let mut recipe = Recipe {
+            name: name.into(),
+            path: path.into(),
+            spec,
+            hash: String::new(),
+        };
+        recipe.hash = recipe.compute_hash(&text)?;
+        Ok(recipe)
+    }
+
+    fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or_else(|| Path::new("."))
+    }
+
+    /// The hash of everything that goes into the image: the recipe text and
+    /// the contents of every file and script it names.
+    fn compute_hash(&self, text: &str) -> Result<String, ImageError> {
+        let mut hasher = Sha256::new();
+        hasher.update(BUILDER_VERSION);
+        hasher.update(text);
+        let sources = self
+            .spec
+            .files
+            .iter()
+            .map(|f| &f.source)
+            .chain(&self.spec.scripts);
+        for source in sources {
+            let path = self.dir().join(source);
+            let bytes = fs::read(&path).map_err(|source| ImageError::BadRecipe {
+                path: self.path.clone(),
+                message: format!("cannot read {}: {source}", path.display()),
+            })?;
+            hasher.update(source.to_string_lossy().as_bytes());
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(&bytes);
+        }
+        Ok(hex::encode(hasher.finalize())[..16].to_string())
+    }
+
+    /// The cache folder name of this recipe's build.
+    pub fn key(&self) -> String {
+        format!("{}-{}", self.name, self.hash)
+    }
+}
+
+/// A built image in the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltImage {
+    pub name: String,
+    pub hash: String,
+    pub disk: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// `$TESTBED_CACHE`, else `$XDG_CACHE_HOME/testbed`, else `~/.cache/testbed`.
+pub fn cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TESTBED_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("testbed")
+}
+
+/// The image cache: `<root>/images/<name>-<hash>/`.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache { root: cache_root() }
+    }
+}
+
+impl Cache {
+    pub fn at(root: PathBuf) -> Cache {
+        Cache { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    fn built_at(&self, key: &str) -> BuiltImageDir {
+        BuiltImageDir(self.images_dir().join(key))
+    }
+
+    /// The cached build of `recipe`, if there is one.
+    pub fn lookup(&self, recipe: &Recipe) -> Option<BuiltImage> {
+        self.built_at(&recipe.key()).load()
+    }
+
+    /// The cached build of `recipe`, building it first when missing.
+    /// Concurrent builds of one recipe are serialised by a lock; each builds
+    /// into a temp folder renamed into place, so the cache is never half-made.
+    pub fn ensure(
+        &self,
+        recipe: &Recipe,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<BuiltImage, ImageError> {
+        if let Some(image) = self.lookup(recipe) {
+            return Ok(image);
+        }
+        let images = self.images_dir();
+        fs::create_dir_all(&images)
+            .map_err(io_err(format!("cannot create {}", images.display())))?;
+        let lock_path = images.join(format!("{}.lock", recipe.key()));
+        let lock = fs::File::create(&lock_path)
+            .map_err(io_err(format!("cannot create {}", lock_path.display())))?;
+        on_line("waiting for the image lock");
+        lock.lock()
+            .map_err(io_err(format!("cannot lock {}", lock_path.display())))?;
+        if let Some(image) = self.lookup(recipe) {
+            return Ok(image);
+        }
+        let result = self.build(recipe, on_line);
+        drop(lock);
+        let _ = fs::remove_file(&lock_path);
+        result
+    }
+
+    fn build(
+        &self,
+        recipe: &Recipe,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<BuiltImage, ImageError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(ImageError::NeedsRoot(recipe.name.clone()));
+        }
+        let images = self.images_dir();
+        let work = tempfile::Builder::new()
+            .prefix(&format!(".build-{}-", recipe.key()))
+            .tempdir_in(&images)
+            .map_err(io_err("cannot create a build folder"))?;
+        let log = images.join(format!("{}.log", recipe.key()));
+        let out = BuiltImageDir(work.path().join("image"));
+        fs::create_dir_all(&out.0).map_err(io_err("cannot create the image folder"))?;
+        let rootfs = work.path().join("rootfs");
+        let stage = work.path().join("stage");
+        stage_files(recipe, &stage)?;
+        on_line("mmdebstrap: installing packages");
+        run_logged(
+            "mmdebstrap",
+            &recipe.name,
+            &mut mmdebstrap_command(recipe, &stage, &rootfs),
+            &log,
+            on_line,
+        )?;
+        on_line("copying kernel and initrd");
+        copy_boot_files(&rootfs, &out)?;
+        on_line("making the ext4 root filesystem");
+        let raw = work.path().join("root.raw");
+        let size = recipe.spec.disk.replace("iB", "");
+        run_logged(
+            "mkfs.ext4",
+            &recipe.name,
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", "root", "-d"])
+                .arg(&rootfs)
+                .arg(&raw)
+                .arg(&size),
+            &log,
+            on_line,
+        )?;
+        on_line("converting to qcow2");
+        run_logged(
+            "qemu-img",
+            &recipe.name,
+            Command::new("qemu-img")
+                .args(["convert", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(out.disk()),
+            &log,
+            on_line,
+        )?;
+        let meta =
+            serde_json::json!({ "name": recipe.name, "hash": recipe.hash, "recipe": recipe.path });
+        fs::write(out.0.join("image.json"), meta.to_string())
+            .map_err(io_err("cannot write image.json"))?;
+        let final_dir = self.built_at(&recipe.key());
+        fs::rename(&out.0, &final_dir.0).map_err(io_err(format!(
+            "cannot move the image to {}",
+            final_dir.0.display()
+        )))?;
+        final_dir
+            .load()
+            .ok_or_else(|| ImageError::NotCached(recipe.key()))
+    }
+
+    /// Every cached image: (folder name, size in bytes).
+    pub fn list(&self) -> Vec<CachedImage> {
+        let Ok(entries) = fs::read_dir(self.images_dir()) else {
+            return Vec::new();
+        };
+        let mut images: Vec<CachedImage> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let dir = BuiltImageDir(entry.path());
+                let image = dir.load()?;
+                Some(CachedImage {
+                    key: entry.file_name().to_string_lossy().into_owned(),
+                    bytes: dir.bytes(),
+                    image,
+                })
+            })
+            .collect();
+        images.sort_by(|a, b| a.key.cmp(&b.key));
+        images
+    }
+
+    /// Removes cached builds whose folder name is `name` or starts with `name-`.
+    pub fn remove(&self, name: &str) -> Result<Vec<String>, ImageError> {
+        let doomed: Vec<CachedImage> = self
+            .list()
+            .into_iter()
+            .filter(|c| c.key == name || c.image.name == name)
+            .collect();
+        if doomed.is_empty() {
+            return Err(ImageError::NotCached(name.into()));
+        }
+        for image in &doomed {
+            let dir = self.images_dir().join(&image.key);
+            fs::remove_dir_all(&dir).map_err(io_err(format!("cannot remove {}", dir.display())))?;
+        }
+        Ok(doomed.into_iter().map(|c| c.key).collect())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CachedImage {
+    pub key: String,
+    pub bytes: u64,
+    pub image: BuiltImage,
+}
+
+struct BuiltImageDir(PathBuf);
+
+impl BuiltImageDir {
+    fn disk(&self) -> PathBuf {
+        self.0.join("disk.qcow2")
+    }
+
+    fn load(&self) -> Option<BuiltImage> {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&fs::read(self.0.join("image.json")).ok()?).ok()?;
+        let image = BuiltImage {
+            name: meta.get("name")?.as_str()?.into(),
+            hash: meta.get("hash")?.as_str()?.into(),
+            disk: self.disk(),
+            kernel: self.0.join("vmlinuz"),
+            initrd: self.0.join("initrd.img"),
+        };
+        [&image.disk, &image.kernel, &image.initrd]
+            .iter()
+            .all(|p| p.is_file())
+            .then_some(image)
+    }
+
+    fn bytes(&self) -> u64 {
+        fs::read_dir(&self.0)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Lays out the recipe's files (and scripts, under /tmp/testbed-scripts) in a
+/// staging tree that mmdebstrap copies into the image.
+fn stage_files(recipe: &Recipe, stage: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut copies: BTreeMap<PathBuf, (PathBuf, u32)> = BTreeMap::new();
+    for file in &recipe.spec.files {
+        let mode = u32::from_str_radix(file.mode.trim_start_matches("0o"), 8).map_err(|_| {
+            ImageError::BadRecipe {
+                path: recipe.path.clone(),
+                message: format!(
+                    "mode {:?} of {} is not octal (e.g. \"0644\")",
+                    file.mode, file.dest
+                ),
+            }
+        })?;
+        copies.insert(
+            stage.join(file.dest.trim_start_matches('/')),
+            (recipe.dir().join(&file.source), mode),
+        );
+    }
+    for (index, script) in recipe.spec.scripts.iter().enumerate() {
+        copies.insert(
+            stage.join(format!("tmp/testbed-scripts/{index:02}.sh")),
+            (recipe.dir().join(script), 0o755),
+        );
+    }
+    for (dest, (source, mode)) in copies {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)
+                .map_err(io_err(format!("cannot create {}", parent.display())))?;
+        }
+        fs::copy(&source, &dest).map_err(io_err(format!("cannot copy {}", source.display())))?;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
+            .map_err(io_err(format!("cannot set the mode of {}", dest.display())))?;
+    }
+    Ok(())
+}
+
+fn mmdebstrap_command(recipe: &Recipe, stage: &Path, rootfs: &Path) -> Command {
+    let spec = &recipe.spec;
+    let mut command = Command::new("mmdebstrap");
+    command
+        .arg("--mode=root")
+        .arg(format!("--variant={}", spec.variant))
+        .arg(format!("--include={}", spec.packages.join(",")))
+        .arg("--aptopt=Acquire::Retries \"3\"")
+        .arg(format!("--customize-hook=sync-in {} /", stage.display()));
+    for index in 0..spec.scripts.len() {
+        command.arg(format!(
+            "--customize-hook=chroot \"$1\" /tmp/testbed-scripts/{index:02}.sh"
+        ));
+    }
+    command
+        .arg("--customize-hook=rm -rf \"$1\"/tmp/testbed-scripts")
+        .arg(&spec.suite)
+        .arg(rootfs);
+    if let Some(mirror) = &spec.mirror {
+        command.arg(mirror);
+    }
+    command
+}
+
+/// The newest kernel and initrd under `/boot` of the built tree.
+fn copy_boot_files(rootfs: &Path, out: &BuiltImageDir) -> Result<(), ImageError> {
+    let boot = rootfs.join("boot");
+    let newest = |prefix: &str| -> Option<PathBuf> {
+        let mut found: Vec<PathBuf> = fs::read_dir(&boot)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+            })
+            .collect();
+        found.sort();
+        found.pop()
+    };
+    for (prefix, name) in [("vmlinuz-", "vmlinuz"), ("initrd.img-", "initrd.img")] {
+        let source = newest(prefix).ok_or_else(|| ImageError::BadRecipe {
+            path: boot.clone(),
+            message: format!("the image has no /boot/{prefix}*: does the recipe install a kernel (linux-image-cloud-amd64)?"),
+        })?;
+        fs::copy(&source, out.0.join(name))
+            .map_err(io_err(format!("cannot copy {}", source.display())))?;
+    }
+    Ok(())
+}
+
+/// Runs a build tool, appending its output to `log` and passing each line
+/// to `on_line`; on failure the error carries the log's tail.
+fn run_logged(
+    program: &str,
+    image: &str,
+    command: &mut Command,
+    log: &Path,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    use std::io::Write;
+    let mut log_file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_err(format!("cannot open {}", log.display())))?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ImageError::Missing {
+            program: program.into(),
+            source,
+        })?;
+    let mut tail: Vec<String> = Vec::new();
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = writeln!(log_file, "{line}");
+            on_line(&line);
+            tail.push(line);
+            if tail.len() > 15 {
+                tail.remove(0);
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(io_err(format!("waiting for {program}")))?;
+    if status.success() {
+        return Ok(());
+    }
+    Err(ImageError::BuildFailed {
+        name: image.into(),
+        program: program.into(),
+        status: status.to_string(),
+        tail: tail.join("\n"),
+        log: log.into(),
+    })
+}

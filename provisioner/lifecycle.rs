@@ -1,1 +1,789 @@
-//! TODO
+//! The machine lifecycle over any provider: `up` (image → boot → identity),
+//! `status`, `halt` and `destroy`. Each machine moves through `up` on its
+//! own task; the state record says how far each got, so an interrupted `up`
+//! continues from there and a converged one does nothing.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::identity::{self, MachineKeys, Seed};
+use crate::image::{BuiltImage, Cache, ImageError, Recipe};
+use crate::progress::{Progress, Task};
+use crate::provider::{self, kvm, NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
+use crate::ssh::{self, Session, SshError, Target};
+use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
+use crate::topology::{self, Machine, ProviderKind, Topology, TopologyError};
+
+/// How long a cold boot may take to reach SSH (software emulation is slow).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a guest gets to power off by itself before it is stopped.
+const HALT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("{machine}: {source}")]
+    Ssh { machine: String, source: SshError },
+    #[error("{machine}: the VM stopped while booting; last console lines ({log}):\n{tail}")]
+    Crashed {
+        machine: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("no machine named `{name}` in this testbed; machines: {known}")]
+    UnknownMachine { name: String, known: String },
+    #[error("{count} machine(s) failed:\n{details}")]
+    Several { count: usize, details: String },
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// One testbed: its topology and its `.testbed/` folder.
+pub struct Testbed {
+    pub topology: Topology,
+    pub state: StateDir,
+    pub cache: Cache,
+}
+
+/// A machine as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineStatus {
+    pub name: String,
+    pub state: &'static str,
+    pub provider: String,
+    /// `host:port` of its SSH, when it has been created.
+    pub ssh: Option<String>,
+    pub ips: BTreeMap<String, Ipv4Addr>,
+}
+
+/// What `up` did, for the summary line.
+#[derive(Debug, Default)]
+pub struct UpReport {
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+impl Testbed {
+    /// The testbed of a topology file (its `.testbed/` beside it).
+    pub fn open(topology_path: &Path) -> Result<Testbed> {
+        let topology = topology::load(topology_path)?;
+        let state = StateDir::beside(topology.dir());
+        Ok(Testbed {
+            topology,
+            state,
+            cache: Cache::default(),
+        })
+    }
+
+    /// `-f FILE` when given, else the `.testbed/` of the current directory.
+    pub fn locate(file: Option<&Path>) -> Result<Testbed> {
+        if let Some(file) = file {
+            return Testbed::open(file);
+        }
+        let cwd = std::env::current_dir().map_err(|source| StateError::Io {
+            path: PathBuf::from("."),
+            source,
+        })?;
+        let state = StateDir::find(&cwd)?;
+        let record = state.load()?;
+        Testbed::open(&record.topology)
+    }
+
+    fn provider_of(&self, machine: &Machine) -> Result<Box<dyn Provider>> {
+        Ok(provider::for_kind(machine.provider)?)
+    }
+
+    fn ssh_target(&self, name: &str, port: u16) -> Target {
+        Target {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            user: "root".into(),
+            key_path: self.state.user_key(),
+            host_key_path: ssh::public_key_path(
+                &self.state.machine_dir(name).join("ssh_host_ed25519_key"),
+            ),
+        }
+    }
+
+    fn network_spec(&self, name: &str) -> NetworkSpec {
+        NetworkSpec {
+            name: name.to_string(),
+            dir: self.state.network_dir(name),
+        }
+    }
+
+    /// Machines named on the command line, or all of them.
+    pub fn select(&self, names: &[String]) -> Result<Vec<Machine>> {
+        if names.is_empty() {
+            return Ok(self.topology.machines.clone());
+        }
+        names
+            .iter()
+            .map(|name| {
+                self.topology
+                    .machine(name)
+                    .cloned()
+                    .ok_or_else(|| Error::UnknownMachine {
+                        name: name.clone(),
+                        known: self.machine_names(),
+                    })
+            })
+            .collect()
+    }
+
+    fn machine_names(&self) -> String {
+        self.topology
+            .machines
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Every machine's state, from the record and the provider (never the guest).
+    pub fn status(&self) -> Result<Vec<MachineStatus>> {
+        let record = self.state.load()?;
+        self.topology
+            .machines
+            .iter()
+            .map(|machine| {
+                let provider = self.provider_of(machine)?;
+                let saved = record.machines.get(&machine.name);
+                let observed = provider.state(&self.state.machine_dir(&machine.name));
+                Ok(MachineStatus {
+                    name: machine.name.clone(),
+                    state: state_word(saved, observed),
+                    provider: machine.provider.as_str().into(),
+                    ssh: saved.map(|r| format!("127.0.0.1:{}", r.ssh_port)),
+                    ips: machine.ips.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Builds missing images, boots what is not running, applies identities
+    /// that are not applied yet. A converged testbed is left alone.
+    pub async fn up(&self, progress: &Progress) -> Result<UpReport> {
+        self.state.create()?;
+        let _lock = self.state.lock()?;
+        let mut record = self.state.load()?;
+        record.topology = self.topology.path.clone();
+        ensure_user_key(&self.state)?;
+        let images = self.ensure_images(progress)?;
+        let plans = self.plan_machines(&record, &images)?;
+        let mut report = UpReport::default();
+        let todo: Vec<MachinePlan> = plans
+            .into_iter()
+            .filter_map(|plan| {
+                if plan.converged(&record) {
+                    report.unchanged.push(plan.machine.name.clone());
+                    None
+                } else {
+                    Some(plan)
+                }
+            })
+            .collect();
+        if todo.is_empty() {
+            return Ok(report);
+        }
+        let kvm = self.accelerator(&images, progress);
+        self.ensure_networks(&todo)?;
+        self.state.save(&record)?;
+        let record = Arc::new(Mutex::new(record));
+        let mut tasks = Vec::new();
+        for mut plan in todo {
+            plan.kvm = kvm;
+            let task = progress.task(&plan.machine.name);
+            let ctx = UpContext {
+                state: self.state.clone(),
+                record: record.clone(),
+            };
+            let target = self.ssh_target(&plan.machine.name, 0);
+            tasks.push(tokio::spawn(async move {
+                let name = plan.machine.name.clone();
+                let result = bring_up(plan, target, &ctx, &task).await;
+                match &result {
+                    Ok(()) => task.finish("ready"),
+                    Err(e) => task.finish(&format!("failed: {}", first_line(&e.to_string()))),
+                }
+                (name, result)
+            }));
+        }
+        let mut failures = Vec::new();
+        for task in tasks {
+            match task.await {
+                Ok((name, Ok(()))) => report.changed.push(name),
+                Ok((_, Err(e))) => failures.push(e.to_string()),
+                Err(join) => failures.push(format!("internal error: {join}")),
+            }
+        }
+        write_ssh_config(&self.state, &self.topology.name, &lock_record(&record))?;
+        if failures.is_empty() {
+            Ok(report)
+        } else {
+            Err(Error::Several {
+                count: failures.len(),
+                details: failures.join("\n"),
+            })
+        }
+    }
+
+    fn ensure_images(&self, progress: &Progress) -> Result<BTreeMap<String, BuiltImage>> {
+        let mut images = BTreeMap::new();
+        for machine in &self.topology.machines {
+            if images.contains_key(&machine.image) {
+                continue;
+            }
+            let recipe = Recipe::find(&machine.image, self.topology.dir())?;
+            let built = match self.cache.lookup(&recipe) {
+                Some(built) => built,
+                None => {
+                    let task = progress.task(&format!("image {}", recipe.name));
+                    let built = self.cache.ensure(&recipe, &mut |line| task.set(line))?;
+                    task.finish("built");
+                    built
+                }
+            };
+            images.insert(machine.image.clone(), built);
+        }
+        Ok(images)
+    }
+
+    /// KVM when the bounded probe showed it boots a kernel here, else TCG;
+    /// said once, when the probe runs.
+    fn accelerator(&self, images: &BTreeMap<String, BuiltImage>, progress: &Progress) -> bool {
+        let Some(image) = images.values().next() else {
+            return false;
+        };
+        let (verdict, fresh) = kvm::verdict(&image.kernel, self.cache.root());
+        if fresh {
+            let engine = if verdict.kvm {
+                "KVM"
+            } else {
+                "TCG (software emulation)"
+            };
+            progress.println(&format!("accelerator: {engine}: {}", verdict.reason));
+        }
+        verdict.kvm
+    }
+
+    fn ensure_networks(&self, plans: &[MachinePlan]) -> Result<()> {
+        let mut done = std::collections::BTreeSet::new();
+        for plan in plans {
+            for nic in &plan.spec.nics {
+                if done.insert((plan.machine.provider.as_str(), nic.network.name.clone())) {
+                    plan.provider.ensure_network(&nic.network)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_machines(
+        &self,
+        record: &Record,
+        images: &BTreeMap<String, BuiltImage>,
+    ) -> Result<Vec<MachinePlan>> {
+        let authorized = std::fs::read_to_string(ssh::public_key_path(&self.state.user_key()))
+            .map_err(|source| StateError::Io {
+                path: self.state.user_key(),
+                source,
+            })?;
+        self.topology
+            .machines
+            .iter()
+            .map(|machine| {
+                let provider = self.provider_of(machine)?;
+                let dir = self.state.machine_dir(&machine.name);
+                crate::state::create_private_dir(&dir)?;
+                let keys = MachineKeys::ensure(&dir, &machine.name)?;
+                let management = provider.management(&identity::mac_address(&machine.name, 0));
+                let seed =
+                    identity::build_seed(&self.topology, machine, &keys, &authorized, &management)?;
+                let image = images
+                    .get(&machine.image)
+                    .cloned()
+                    .ok_or_else(|| ImageError::NotCached(machine.image.clone()))?;
+                let nics = identity::static_nics(&self.topology, machine)
+                    .into_iter()
+                    .map(|(network, nic)| NicSpec {
+                        network: self.network_spec(&network),
+                        mac: nic.mac,
+                    })
+                    .collect();
+                let saved = record.machines.get(&machine.name);
+                let spec = VmSpec {
+                    name: machine.name.clone(),
+                    dir: dir.clone(),
+                    image,
+                    cpus: machine.cpus,
+                    memory_mib: machine.memory_mib,
+                    seed: dir.join("seed.tar"),
+                    management_mac: management.mac.clone(),
+                    ssh_port: saved.map(|r| r.ssh_port).unwrap_or(0),
+                    forwards: machine.forwards.clone(),
+                    nics,
+                    kvm: false,
+                };
+                let observed = provider.state(&dir);
+                Ok(MachinePlan {
+                    machine: machine.clone(),
+                    provider,
+                    spec,
+                    seed,
+                    observed,
+                    kvm: false,
+                })
+            })
+            .collect()
+    }
+
+    /// Powers machines off: the guest shuts down by itself when it can,
+    /// and is stopped after `HALT_TIMEOUT` when it does not.
+    pub async fn halt(&self, names: &[String], progress: &Progress) -> Result<Vec<String>> {
+        let _lock = self.state.lock()?;
+        let machines = self.select(names)?;
+        let mut record = self.state.load()?;
+        let mut halted = Vec::new();
+        let mut tasks = Vec::new();
+        for machine in machines {
+            let provider = self.provider_of(&machine)?;
+            let dir = self.state.machine_dir(&machine.name);
+            if let Some(saved) = record.machines.get_mut(&machine.name) {
+                saved.desired = Desired::Stopped;
+            }
+            if provider.state(&dir) != VmState::Running {
+                continue;
+            }
+            let port = record
+                .machines
+                .get(&machine.name)
+                .map(|r| r.ssh_port)
+                .unwrap_or(0);
+            let target = self.ssh_target(&machine.name, port);
+            let task = progress.task(&machine.name);
+            let config = self.state.ssh_config();
+            halted.push(machine.name.clone());
+            tasks.push(tokio::spawn(async move {
+                task.set("powering off");
+                stop_control_master(&config, &machine.name).await;
+                let result = power_off(provider, dir, target).await;
+                task.finish(if result.is_ok() {
+                    "stopped"
+                } else {
+                    "stop failed"
+                });
+                result
+            }));
+        }
+        self.state.save(&record)?;
+        for task in tasks {
+            if let Ok(Err(e)) = task.await {
+                return Err(e);
+            }
+        }
+        self.remove_idle_networks(&record)?;
+        Ok(halted)
+    }
+
+    /// Networks are torn down once no machine of the testbed runs.
+    fn remove_idle_networks(&self, _record: &Record) -> Result<()> {
+        let any_running = self.topology.machines.iter().any(|machine| {
+            self.provider_of(machine)
+                .map(|p| p.state(&self.state.machine_dir(&machine.name)) == VmState::Running)
+                .unwrap_or(false)
+        });
+        if any_running {
+            return Ok(());
+        }
+        let provider = provider::for_kind(ProviderKind::Qemu)?;
+        for name in self.topology.networks.keys() {
+            provider.remove_network(&self.network_spec(name))?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything `up` knows about one machine before touching it.
+struct MachinePlan {
+    machine: Machine,
+    provider: Box<dyn Provider>,
+    spec: VmSpec,
+    seed: Seed,
+    observed: VmState,
+    kvm: bool,
+}
+
+impl MachinePlan {
+    fn converged(&self, record: &Record) -> bool {
+        let Some(saved) = record.machines.get(&self.machine.name) else {
+            return false;
+        };
+        self.observed == VmState::Running
+            && saved.desired == Desired::Running
+            && saved.identity.as_deref() == Some(self.seed.hash.as_str())
+            && saved.image_hash == self.spec.image.hash
+    }
+}
+
+struct UpContext {
+    state: StateDir,
+    record: Arc<Mutex<Record>>,
+}
+
+impl UpContext {
+    fn update(&self, name: &str, change: impl FnOnce(&mut MachineRecord)) -> Result<()> {
+        let mut record = lock_record(&self.record);
+        if let Some(saved) = record.machines.get_mut(name) {
+            change(saved);
+        }
+        self.state.save(&record)?;
+        Ok(())
+    }
+
+    fn insert(&self, name: &str, saved: MachineRecord) -> Result<()> {
+        let mut record = lock_record(&self.record);
+        record.machines.insert(name.to_string(), saved);
+        self.state.save(&record)?;
+        Ok(())
+    }
+}
+
+fn lock_record(record: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
+    record
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One machine's way through `up`: create, boot, reach SSH, apply identity.
+async fn bring_up(
+    mut plan: MachinePlan,
+    mut target: Target,
+    ctx: &UpContext,
+    task: &Task,
+) -> Result<()> {
+    let name = plan.machine.name.clone();
+    let provider: Arc<dyn Provider> = Arc::from(plan.provider);
+    if plan.observed != VmState::Running {
+        write_seed(&plan.spec.seed, &plan.seed)?;
+        if plan.observed == VmState::Absent {
+            task.set("creating disk");
+            let spec = plan.spec.clone();
+            let p = provider.clone();
+            blocking(move || p.create(&spec)).await?;
+        }
+        plan.spec.kvm = plan.kvm;
+        task.set("booting");
+        let port = boot_with_free_port(provider.clone(), &mut plan.spec).await?;
+        ctx.insert(
+            &name,
+            MachineRecord {
+                provider: plan.machine.provider.as_str().into(),
+                image_hash: plan.spec.image.hash.clone(),
+                ssh_port: port,
+                desired: Desired::Running,
+                identity: None,
+            },
+        )?;
+    }
+    let port = lock_record(&ctx.record)
+        .machines
+        .get(&name)
+        .map(|r| r.ssh_port)
+        .unwrap_or(plan.spec.ssh_port);
+    target.addr.set_port(port);
+    task.set("waiting for SSH");
+    let session = connect_while_running(
+        &name,
+        &target,
+        provider.clone(),
+        &plan.spec.dir,
+        &plan.spec.console_log(),
+    )
+    .await?;
+    task.set("applying identity");
+    apply_identity(&session, &plan.seed)
+        .await
+        .map_err(|source| Error::Ssh {
+            machine: name.clone(),
+            source,
+        })?;
+    session.close().await;
+    let hash = plan.seed.hash.clone();
+    ctx.update(&name, |saved| {
+        saved.identity = Some(hash);
+        saved.desired = Desired::Running;
+    })
+}
+
+/// Boots, retrying with another port when the chosen one was taken meanwhile.
+async fn boot_with_free_port(provider: Arc<dyn Provider>, spec: &mut VmSpec) -> Result<u16> {
+    let mut last = None;
+    for attempt in 0..3 {
+        if attempt > 0 || spec.ssh_port == 0 || !port_is_free(spec.ssh_port) {
+            spec.ssh_port = free_port()?;
+        }
+        let p = provider.clone();
+        let s = spec.clone();
+        match blocking(move || p.start(&s)).await {
+            Ok(()) => return Ok(spec.ssh_port),
+            Err(e)
+                if e.to_string().contains("hostfwd")
+                    || e.to_string().contains("host forwarding") =>
+            {
+                last = Some(e)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| ProviderError::Other("no free port".into()))
+        .into())
+}
+
+fn free_port() -> std::result::Result<u16, ProviderError> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|source| ProviderError::Io {
+            what: "cannot find a free port on 127.0.0.1".into(),
+            source,
+        })
+}
+
+fn port_is_free(port: u16) -> bool {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::result::Result<T, ProviderError> + Send + 'static,
+) -> std::result::Result<T, ProviderError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ProviderError::Other(format!("internal error: {e}")))?
+}
+
+/// Connects to the machine's SSH, failing fast (with the console's tail)
+/// when the VM process dies before SSH answers.
+async fn connect_while_running(
+    name: &str,
+    target: &Target,
+    provider: Arc<dyn Provider>,
+    dir: &Path,
+    console: &Path,
+) -> Result<Session> {
+    let connecting = Session::connect(target, BOOT_TIMEOUT);
+    tokio::pin!(connecting);
+    loop {
+        tokio::select! {
+            session = &mut connecting => {
+                return session.map_err(|source| Error::Ssh { machine: name.to_string(), source });
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if provider.state(dir) != VmState::Running {
+                    return Err(Error::Crashed {
+                        machine: name.to_string(),
+                        log: console.to_path_buf(),
+                        tail: console_tail(console, 20),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The last `lines` lines of a console log, or a note that there is none.
+pub fn console_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(no console log: {e})"),
+    }
+}
+
+async fn apply_identity(session: &Session, seed: &Seed) -> std::result::Result<(), SshError> {
+    session
+        .exec("mkdir -p /run/testbed")
+        .await?
+        .ensure_success("mkdir -p /run/testbed")?;
+    session
+        .upload(&seed.bytes, identity::GUEST_SEED, 0o600)
+        .await?;
+    let command = identity::apply_command();
+    session.exec(&command).await?.ensure_success(&command)?;
+    Ok(())
+}
+
+fn write_seed(path: &Path, seed: &Seed) -> Result<()> {
+    Ok(crate::state::write_atomic(path, &seed.bytes, 0o600)?)
+}
+
+fn ensure_user_key(state: &StateDir) -> Result<()> {
+    let key = state.user_key();
+    if !key.is_file() || !ssh::public_key_path(&key).is_file() {
+        ssh::generate_keypair(&key, "testbed").map_err(|source| Error::Ssh {
+            machine: "(user key)".into(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Asks the guest to power off over SSH; stops the VM when it has not gone
+/// within the timeout, or at once when SSH does not answer.
+async fn power_off(provider: Box<dyn Provider>, dir: PathBuf, target: Target) -> Result<()> {
+    if let Ok(session) = Session::connect(&target, Duration::from_secs(10)).await {
+        // The connection drops as the guest goes down: the result is moot.
+        let _ = session.exec("systemctl poweroff --no-block").await;
+        session.close().await;
+        let deadline = Instant::now() + HALT_TIMEOUT;
+        while Instant::now() < deadline && provider.state(&dir) == VmState::Running {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    blocking(move || provider.kill(&dir)).await?;
+    Ok(())
+}
+
+/// `status` words: not-created, running, stopped, crashed.
+fn state_word(saved: Option<&MachineRecord>, observed: VmState) -> &'static str {
+    match (saved, observed) {
+        (_, VmState::Running) => "running",
+        (None, _) | (_, VmState::Absent) => "not-created",
+        (Some(saved), VmState::Stopped) if saved.desired == Desired::Running => "crashed",
+        (Some(_), VmState::Stopped) => "stopped",
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or(text)
+}
+
+/// Removes every machine, network and process of the testbed, from what is
+/// on disk (so it works even when the topology file is gone or broken).
+pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String>> {
+    let _lock = state.lock()?;
+    let record = state.load()?;
+    let mut removed = Vec::new();
+    let machines_dir = state.root().join("machines");
+    let names: Vec<String> = std::fs::read_dir(&machines_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    for name in names {
+        let kind = record
+            .machines
+            .get(&name)
+            .and_then(|r| {
+                serde_json::from_value::<ProviderKind>(serde_json::Value::String(
+                    r.provider.clone(),
+                ))
+                .ok()
+            })
+            .unwrap_or(ProviderKind::Qemu);
+        let provider = provider::for_kind(kind)?;
+        let task = progress.task(&name);
+        task.set("destroying");
+        stop_control_master(&state.ssh_config(), &name).await;
+        let dir = state.machine_dir(&name);
+        blocking(move || provider.destroy(&dir)).await?;
+        task.finish("destroyed");
+        removed.push(name);
+    }
+    let networks_dir = state.root().join("networks");
+    if let Ok(entries) = std::fs::read_dir(&networks_dir) {
+        let provider = provider::for_kind(ProviderKind::Qemu)?;
+        for entry in entries.flatten() {
+            provider.remove_network(&NetworkSpec {
+                name: entry.file_name().to_string_lossy().into_owned(),
+                dir: entry.path(),
+            })?;
+        }
+    }
+    drop(_lock);
+    state.remove()?;
+    Ok(removed)
+}
+
+/// Closes the OpenSSH ControlMaster that `testbed ssh` keeps per machine.
+async fn stop_control_master(config: &Path, name: &str) {
+    if !config.is_file() {
+        return;
+    }
+    let _ = tokio::process::Command::new("ssh")
+        .arg("-F")
+        .arg(config)
+        .args(["-O", "exit", name])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await;
+}
+
+/// The path of a machine's ControlMaster socket.
+pub fn control_path(state: &StateDir, name: &str) -> PathBuf {
+    state.machine_dir(name).join("ssh.ctl")
+}
+
+/// Writes `ssh_config` and `known_hosts` for the system `ssh`: every host key
+/// pinned under an alias (ports change across boots; the key does not), and
+/// a ControlMaster per machine so repeated `testbed ssh` skip the handshake.
+pub fn write_ssh_config(state: &StateDir, topology_name: &str, record: &Record) -> Result<()> {
+    let mut config = String::new();
+    let mut known_hosts = String::new();
+    for (name, saved) in &record.machines {
+        let dir = state.machine_dir(name);
+        let public =
+            std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).unwrap_or_default();
+        let alias = format!("testbed-{topology_name}-{name}");
+        if let Some(key) = public
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .get(..2)
+        {
+            known_hosts.push_str(&format!("{alias} {} {}\n", key[0], key[1]));
+        }
+        config.push_str(&ssh_config_block(state, name, saved.ssh_port, &alias));
+    }
+    crate::state::write_atomic(&state.known_hosts(), known_hosts.as_bytes(), 0o644)?;
+    crate::state::write_atomic(&state.ssh_config(), config.as_bytes(), 0o644)?;
+    Ok(())
+}
+
+fn ssh_config_block(state: &StateDir, name: &str, port: u16, alias: &str) -> String {
+    format!(
+        "Host {name}\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  \
+         UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n  HostKeyAlias {alias}\n  \
+         ControlMaster auto\n  ControlPath {control}\n  ControlPersist 10m\n  LogLevel ERROR\n\n",
+        key = quote_ssh(&state.user_key()),
+        known = quote_ssh(&state.known_hosts()),
+        control = quote_ssh(&control_path(state, name)),
+    )
+}
+
+/// ssh_config values with spaces must be double-quoted.
+fn quote_ssh(path: &Path) -> String {
+    format!("\"{}\"", path.display())
+}

@@ -1,11 +1,14 @@
 //! The topology file: parsed, validated, and turned into the model the rest
 //! of testbed works from. Every error names file:line:col and what is valid.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
+use toml::de::{DeString, DeTable, DeValue};
+use toml::Spanned;
 
 /// Which VM backend runs a machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -75,4 +78,1112 @@ impl Topology {
     pub fn machine(&self, name: &str) -> Option<&Machine> {
         self.machines.iter().find(|m| m.name == name)
     }
+}
+
+// ---------------------------------------------------------------------------
+// Built-in defaults and limits
+// ---------------------------------------------------------------------------
+
+/// Provider used when neither the machine nor `[defaults]` names one.
+pub const DEFAULT_PROVIDER: ProviderKind = ProviderKind::Qemu;
+/// Image used when neither the machine nor `[defaults]` names one.
+pub const DEFAULT_IMAGE: &str = "debian-12";
+/// CPUs used when neither the machine nor `[defaults]` sets `cpus`.
+pub const DEFAULT_CPUS: u32 = 1;
+/// Memory used when neither the machine nor `[defaults]` sets `memory`.
+pub const DEFAULT_MEMORY_MIB: u64 = 768;
+/// Below this a Debian guest with a JVM daemon does not boot reliably.
+pub const MIN_MEMORY_MIB: u64 = 128;
+/// Upper bound for `cpus`; more is almost certainly a typo.
+pub const MAX_CPUS: u32 = 64;
+/// Longest allowed subnet prefix: /31 and /32 leave no room for two hosts.
+pub const MAX_PREFIX: u8 = 30;
+/// Shortest allowed subnet prefix: the size of 10.0.0.0/8.
+pub const MIN_PREFIX: u8 = 8;
+
+/// The RFC 1918 private ranges a subnet must lie in.
+pub const PRIVATE_RANGES: [Ipv4Net; 3] = [
+    Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 0, 0), 8),
+    Ipv4Net::new_assert(Ipv4Addr::new(172, 16, 0, 0), 12),
+    Ipv4Net::new_assert(Ipv4Addr::new(192, 168, 0, 0), 16),
+];
+
+/// qemu's user-mode (slirp) network, which carries the management SSH path;
+/// a private network overlapping it would make guest routing ambiguous.
+pub const QEMU_USER_NET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 2, 0), 24);
+
+const TOP_KEYS: &[&str] = &["name", "defaults", "networks", "machines"];
+const DEFAULTS_KEYS: &[&str] = &["provider", "image", "cpus", "memory"];
+const NETWORK_KEYS: &[&str] = &["subnet"];
+const MACHINE_KEYS: &[&str] = &[
+    "ip", "ips", "provider", "image", "cpus", "memory", "forward",
+];
+const FORWARD_KEYS: &[&str] = &["guest", "host"];
+
+const NAME_HELP: &str = "names become hostnames: 1 to 63 lowercase letters (a-z), digits and \
+                         hyphens, not starting or ending with a hyphen";
+const MEMORY_HELP: &str = "write memory as `768MiB`, `512M`, `1GiB`, `2G`, or a plain number \
+                           of MiB such as `1024`; at least 128 MiB";
+const SUBNET_HELP: &str = "write a private IPv4 range as ADDRESS/PREFIX, e.g. \
+                           `192.168.33.0/24`, inside 10.0.0.0/8, 172.16.0.0/12 or \
+                           192.168.0.0/16, with a prefix from /8 to /30";
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// Why a topology file was rejected. `Display` is the complete message for
+/// the user: `FILE:LINE:COL: error: MESSAGE`, optionally followed by a line
+/// `  help: …` saying what would be valid.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// The file could not be read.
+    #[error("cannot read {}: {error}", path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The file as a whole is unusable (it is empty); there is no position.
+    #[error("{}: error: {message}{}", path.display(), help_suffix(help))]
+    File {
+        path: PathBuf,
+        message: String,
+        help: Option<String>,
+    },
+    /// A problem at a position in the file (1-based line and column).
+    #[error("{}:{line}:{col}: error: {message}{}", path.display(), help_suffix(help))]
+    At {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        message: String,
+        help: Option<String>,
+    },
+}
+
+impl TopologyError {
+    /// 1-based (line, column) of the problem, when it has one.
+    pub fn position(&self) -> Option<(usize, usize)> {
+        match self {
+            TopologyError::At { line, col, .. } => Some((*line, *col)),
+            TopologyError::Io { .. } | TopologyError::File { .. } => None,
+        }
+    }
+
+    /// The `help:` text, when there is one.
+    pub fn help(&self) -> Option<&str> {
+        match self {
+            TopologyError::File { help, .. } | TopologyError::At { help, .. } => help.as_deref(),
+            TopologyError::Io { .. } => None,
+        }
+    }
+
+    fn with_help(mut self, text: impl Into<String>) -> Self {
+        if let TopologyError::File { help, .. } | TopologyError::At { help, .. } = &mut self {
+            *help = Some(text.into());
+        }
+        self
+    }
+}
+
+fn help_suffix(help: &Option<String>) -> String {
+    help.as_ref()
+        .map(|text| format!("\n  help: {text}"))
+        .unwrap_or_default()
+}
+
+type Result<T> = std::result::Result<T, TopologyError>;
+
+// ---------------------------------------------------------------------------
+// Public entry points and helpers
+// ---------------------------------------------------------------------------
+
+/// Reads and validates the topology file at `path`.
+pub fn load(path: &Path) -> Result<Topology> {
+    let bytes = std::fs::read(path).map_err(|error| TopologyError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let text = decode(path, &bytes)?;
+    parse(path, text)
+}
+
+/// Validates `text` as the topology file `path`. `path` is only used in
+/// messages (as given), to canonicalise [`Topology::path`] and to find the
+/// image recipes (`images/` beside it or in an ancestor directory).
+pub fn parse(path: &Path, text: &str) -> Result<Topology> {
+    let source = Source { path, text };
+    source.check_text()?;
+    let root = DeTable::parse(text).map_err(|error| source.syntax_error(&error))?;
+    let file = canonical(path);
+    let dir = file.parent().unwrap_or_else(|| Path::new("."));
+    let checker = Checker {
+        source,
+        recipes: crate::image::recipe_names(dir),
+    };
+    checker.topology(root.get_ref(), file)
+}
+
+/// 1-based (line, column) of `byte_offset` in `text`; the column counts
+/// characters, not bytes. Offsets past the end or inside a character are
+/// clamped to the previous character boundary.
+pub fn line_col(text: &str, byte_offset: usize) -> (usize, usize) {
+    let mut end = byte_offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = text.get(..end).unwrap_or_default();
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    let line = before.bytes().filter(|&byte| byte == b'\n').count() + 1;
+    let col = before.get(line_start..).unwrap_or_default().chars().count() + 1;
+    (line, col)
+}
+
+/// Whether `name` can be a machine or topology name: a valid hostname label
+/// (`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`).
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let allowed = |byte: &u8| byte.is_ascii_lowercase() || byte.is_ascii_digit() || *byte == b'-';
+    (1..=63).contains(&bytes.len())
+        && bytes.iter().all(allowed)
+        && bytes.first() != Some(&b'-')
+        && bytes.last() != Some(&b'-')
+}
+
+/// Parses a memory size into MiB: `768MiB`, `512M`, `1GiB`, `2G`, `1TiB`,
+/// or a plain number of MiB (`1024`). Units are binary and case-insensitive.
+/// The error is a sentence for the user.
+pub fn parse_memory_mib(text: &str) -> std::result::Result<u64, String> {
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(digits_end);
+    let unit = unit.trim_start();
+    if number.is_empty() {
+        return Err(format!("memory `{text}` is not a size"));
+    }
+    if unit.starts_with(['.', ',']) {
+        return Err(format!(
+            "memory `{text}` is not a whole number; use a smaller unit (e.g. `1536MiB` for 1.5 GiB)"
+        ));
+    }
+    let factor =
+        memory_unit_factor(unit).map_err(|message| format!("memory `{text}`: {message}"))?;
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|value| value.checked_mul(factor))
+        .ok_or_else(|| format!("memory `{text}` is too large"))
+        .and_then(check_memory_mib)
+}
+
+/// MiB per unit; the error says what the unit could have meant.
+fn memory_unit_factor(unit: &str) -> std::result::Result<u64, String> {
+    match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mib" => Ok(1),
+        "g" | "gib" => Ok(1024),
+        "t" | "tib" => Ok(1024 * 1024),
+        "mb" => Err("`MB` is ambiguous; did you mean `MiB`?".to_owned()),
+        "gb" => Err("`GB` is ambiguous; did you mean `GiB`?".to_owned()),
+        "tb" => Err("`TB` is ambiguous; did you mean `TiB`?".to_owned()),
+        _ => Err(format!("unknown unit `{unit}`")),
+    }
+}
+
+fn check_memory_mib(mib: u64) -> std::result::Result<u64, String> {
+    if mib == 0 {
+        Err("memory cannot be zero".to_owned())
+    } else if mib < MIN_MEMORY_MIB {
+        Err(format!(
+            "{mib} MiB of memory is too little; the minimum is {MIN_MEMORY_MIB} MiB"
+        ))
+    } else {
+        Ok(mib)
+    }
+}
+
+/// The file's text, or why it is not text. Whole-file problems are checked
+/// before parsing so that a binary file never reaches the TOML parser.
+fn decode<'b>(path: &Path, bytes: &'b [u8]) -> Result<&'b str> {
+    let nul = bytes.iter().position(|&byte| byte == 0);
+    let invalid = std::str::from_utf8(bytes)
+        .err()
+        .map(|error| error.valid_up_to());
+    let problem = match (nul, invalid) {
+        (Some(nul), Some(invalid)) if invalid < nul => Some((invalid, NOT_UTF8)),
+        (Some(nul), _) => Some((nul, HAS_NUL)),
+        (None, Some(invalid)) => Some((invalid, NOT_UTF8)),
+        (None, None) => None,
+    };
+    match problem {
+        Some((offset, message)) => {
+            let prefix = String::from_utf8_lossy(bytes.get(..offset).unwrap_or_default());
+            let source = Source {
+                path,
+                text: &prefix,
+            };
+            Err(source.error(offset..offset, message).with_help(TEXT_HELP))
+        }
+        None => Ok(std::str::from_utf8(bytes).unwrap_or_default()),
+    }
+}
+
+const NOT_UTF8: &str = "the file is not UTF-8 text (binary?)";
+const HAS_NUL: &str = "the file contains a NUL byte (binary?)";
+const TEXT_HELP: &str = "a topology is a UTF-8 TOML text file, e.g. `topologies/aurora-mesos.toml`";
+
+/// `path` made absolute (symlinks resolved when the file exists).
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+}
+
+// ---------------------------------------------------------------------------
+// Positions
+// ---------------------------------------------------------------------------
+
+type Span = Range<usize>;
+type Key<'i> = Spanned<DeString<'i>>;
+type Value<'i> = Spanned<DeValue<'i>>;
+
+/// The file being checked: turns byte spans into positioned errors.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Span, message: impl Into<String>) -> TopologyError {
+        let (line, col) = line_col(self.text, span.start);
+        TopologyError::At {
+            path: self.path.to_path_buf(),
+            line,
+            col,
+            message: message.into(),
+            help: None,
+        }
+    }
+
+    fn line(&self, span: &Span) -> usize {
+        line_col(self.text, span.start).0
+    }
+
+    /// Empty files and NUL bytes, which `parse` may get without `load`.
+    fn check_text(&self) -> Result<()> {
+        if self.text.trim().is_empty() {
+            return Err(TopologyError::File {
+                path: self.path.to_path_buf(),
+                message: "the file is empty".to_owned(),
+                help: Some(
+                    "a topology needs at least `name = \"…\"` and one `[machines.NAME]` table"
+                        .to_owned(),
+                ),
+            });
+        }
+        match self.text.find('\0') {
+            Some(offset) => Err(self.error(offset..offset, HAS_NUL).with_help(TEXT_HELP)),
+            None => Ok(()),
+        }
+    }
+
+    fn syntax_error(&self, error: &toml::de::Error) -> TopologyError {
+        let span = error.span().unwrap_or(0..0);
+        let message = error.message().trim().replace('\n', "; ");
+        let located = self.error(span, format!("invalid TOML: {message}"));
+        if message.contains("duplicate key") {
+            located.with_help("each key may appear only once in a table")
+        } else {
+            located.with_help("see https://toml.io for the TOML syntax")
+        }
+    }
+}
+
+/// The entries of `table` in file order (the map itself is sorted by key).
+fn entries<'t, 'i>(table: &'t DeTable<'i>) -> Vec<(&'t Key<'i>, &'t Value<'i>)> {
+    let mut entries: Vec<_> = table.iter().collect();
+    entries.sort_by_key(|(key, _)| key.span().start);
+    entries
+}
+
+/// The candidate closest to `word`, if it is close enough to be a likely typo.
+fn closest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
+    let word = word.to_ascii_lowercase();
+    candidates
+        .into_iter()
+        .map(|candidate| (strsim::jaro_winkler(&word, candidate), candidate))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, candidate)| candidate)
+}
+
+/// `; did you mean `x`?` or nothing.
+fn did_you_mean<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> String {
+    closest(word, candidates)
+        .map(|candidate| format!("; did you mean `{candidate}`?"))
+        .unwrap_or_default()
+}
+
+/// A valid name close to `name` (lowercased, other characters as hyphens).
+fn name_suggestion(name: &str) -> String {
+    let mapped: String = name
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9') => c,
+            _ => '-',
+        })
+        .collect();
+    let trimmed: String = mapped.trim_matches('-').chars().take(63).collect();
+    let trimmed = trimmed.trim_end_matches('-');
+    if is_valid_name(trimmed) && trimmed != name {
+        format!("; did you mean `{trimmed}`?")
+    } else {
+        String::new()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checking the document
+// ---------------------------------------------------------------------------
+
+/// Settings a machine can take from `[defaults]` or set itself.
+#[derive(Debug, Default, Clone)]
+struct Settings {
+    provider: Option<ProviderKind>,
+    image: Option<String>,
+    cpus: Option<u32>,
+    memory_mib: Option<u64>,
+}
+
+/// Who already claimed an address or host port, for clash messages.
+struct Claim {
+    machine: String,
+    line: usize,
+}
+
+/// Walks the parsed document, building the model and stopping at the first
+/// problem (in file order within each section).
+struct Checker<'a> {
+    source: Source<'a>,
+    /// Recipe names in `images/`, for `image` values.
+    recipes: Vec<String>,
+}
+
+impl Checker<'_> {
+    fn topology(&self, root: &DeTable<'_>, path: PathBuf) -> Result<Topology> {
+        self.check_keys(root, TOP_KEYS, "at the top level")?;
+        let name = self.topology_name(root)?;
+        let defaults = match root.get("defaults") {
+            Some(value) => {
+                let table = self.table(value, "defaults", "[defaults]")?;
+                self.check_keys(table, DEFAULTS_KEYS, "in [defaults]")?;
+                self.settings(table)?
+            }
+            None => Settings::default(),
+        };
+        let networks = match root.get("networks") {
+            Some(value) => self.networks(value)?,
+            None => Vec::new(),
+        };
+        let machines = self.machines(root, &defaults, &networks)?;
+        Ok(Topology {
+            name,
+            path,
+            networks: networks
+                .into_iter()
+                .map(|(network, _)| (network.name.clone(), network))
+                .collect(),
+            machines,
+        })
+    }
+
+    fn topology_name(&self, root: &DeTable<'_>) -> Result<String> {
+        let Some(value) = root.get("name") else {
+            return Err(self
+                .source
+                .error(0..0, "missing `name`: every topology needs a name")
+                .with_help(format!(
+                    "add `name = \"my-cluster\"` at the top of the file; {NAME_HELP}"
+                )));
+        };
+        let name = self.string(value, "name", "\"my-cluster\"")?;
+        if !is_valid_name(name) {
+            return Err(self
+                .source
+                .error(
+                    value.span(),
+                    format!("invalid topology name `{name}`{}", name_suggestion(name)),
+                )
+                .with_help(format!(
+                    "the name is used in directory and socket names; {NAME_HELP}"
+                )));
+        }
+        Ok(name.to_owned())
+    }
+
+    // -- generic value checks ------------------------------------------------
+
+    /// Rejects keys of `table` not in `valid`, suggesting the closest one.
+    fn check_keys(&self, table: &DeTable<'_>, valid: &[&str], place: &str) -> Result<()> {
+        for (key, _) in entries(table) {
+            let word = key.get_ref().as_ref();
+            if !valid.contains(&word) {
+                let hint = did_you_mean(word, valid.iter().copied());
+                return Err(self
+                    .source
+                    .error(key.span(), format!("unknown key `{word}` {place}{hint}"))
+                    .with_help(format!("valid keys {place}: {}", valid.join(", "))));
+            }
+        }
+        Ok(())
+    }
+
+    fn type_error(
+        &self,
+        value: &Value<'_>,
+        key: &str,
+        expected: &str,
+        example: &str,
+    ) -> TopologyError {
+        self.source
+            .error(
+                value.span(),
+                format!(
+                    "`{key}` must be {expected}, not a {}",
+                    value.get_ref().type_str()
+                ),
+            )
+            .with_help(format!("for example `{key} = {example}`"))
+    }
+
+    fn table<'t, 'i>(
+        &self,
+        value: &'t Value<'i>,
+        key: &str,
+        example: &str,
+    ) -> Result<&'t DeTable<'i>> {
+        value
+            .get_ref()
+            .as_table()
+            .ok_or_else(|| self.type_error(value, key, "a table", example))
+    }
+
+    fn string<'t>(&self, value: &'t Value<'_>, key: &str, example: &str) -> Result<&'t str> {
+        value
+            .get_ref()
+            .as_str()
+            .ok_or_else(|| self.type_error(value, key, "a string", example))
+    }
+
+    /// An integer of any size TOML allows, so range errors can quote it.
+    fn integer(&self, value: &Value<'_>, key: &str, example: &str) -> Result<i128> {
+        let integer = value
+            .get_ref()
+            .as_integer()
+            .ok_or_else(|| self.type_error(value, key, "an integer", example))?;
+        i128::from_str_radix(integer.as_str(), integer.radix()).map_err(|_| {
+            self.source
+                .error(value.span(), format!("`{key}` is out of range"))
+                .with_help(format!("for example `{key} = {example}`"))
+        })
+    }
+
+    // -- settings (defaults and machines) ------------------------------------
+
+    /// `provider`, `image`, `cpus` and `memory` of a `[defaults]` or machine
+    /// table; other keys are left to the caller.
+    fn settings(&self, table: &DeTable<'_>) -> Result<Settings> {
+        let mut settings = Settings::default();
+        for (key, value) in entries(table) {
+            match key.get_ref().as_ref() {
+                "provider" => settings.provider = Some(self.provider(value)?),
+                "image" => settings.image = Some(self.image(value)?),
+                "cpus" => settings.cpus = Some(self.cpus(value)?),
+                "memory" => settings.memory_mib = Some(self.memory(value)?),
+                _ => {}
+            }
+        }
+        Ok(settings)
+    }
+
+    fn provider(&self, value: &Value<'_>) -> Result<ProviderKind> {
+        let text = self.string(value, "provider", "\"qemu\"")?;
+        match text {
+            "qemu" => Ok(ProviderKind::Qemu),
+            "libvirt" => Ok(ProviderKind::Libvirt),
+            "virtualbox" => Ok(ProviderKind::Virtualbox),
+            _ => {
+                let hint = did_you_mean(text, ProviderKind::ALL);
+                Err(self
+                    .source
+                    .error(value.span(), format!("unknown provider `{text}`{hint}"))
+                    .with_help(format!("valid providers: {}", ProviderKind::ALL.join(", "))))
+            }
+        }
+    }
+
+    fn image(&self, value: &Value<'_>) -> Result<String> {
+        let text = self.string(value, "image", "\"debian-12\"")?;
+        if self.recipes.iter().any(|recipe| recipe == text) {
+            return Ok(text.to_owned());
+        }
+        let hint = did_you_mean(text, self.recipes.iter().map(String::as_str));
+        Err(self
+            .source
+            .error(value.span(), format!("unknown image `{text}`{hint}"))
+            .with_help(self.recipes_help()))
+    }
+
+    fn recipes_help(&self) -> String {
+        if self.recipes.is_empty() {
+            "no image recipes found: add `images/<name>.toml` beside the topology or in a \
+             directory above it"
+                .to_owned()
+        } else {
+            format!(
+                "available images (recipes in images/): {}",
+                self.recipes.join(", ")
+            )
+        }
+    }
+
+    fn cpus(&self, value: &Value<'_>) -> Result<u32> {
+        let count = self.integer(value, "cpus", "2")?;
+        match u32::try_from(count) {
+            Ok(cpus @ 1..=MAX_CPUS) => Ok(cpus),
+            _ => Err(self
+                .source
+                .error(value.span(), format!("`cpus` = {count} is out of range"))
+                .with_help(format!("`cpus` must be from 1 to {MAX_CPUS}"))),
+        }
+    }
+
+    /// A size string, or a plain integer meaning MiB.
+    fn memory(&self, value: &Value<'_>) -> Result<u64> {
+        let parsed = match value.get_ref() {
+            DeValue::String(text) => parse_memory_mib(text),
+            DeValue::Integer(_) => {
+                let mib = self.integer(value, "memory", "\"1GiB\"")?;
+                u64::try_from(mib)
+                    .map_err(|_| format!("memory {mib} is negative"))
+                    .and_then(check_memory_mib)
+            }
+            _ => Err(format!(
+                "`memory` must be a size such as \"1GiB\", not a {}",
+                value.get_ref().type_str()
+            )),
+        };
+        parsed.map_err(|message| {
+            self.source
+                .error(value.span(), message)
+                .with_help(MEMORY_HELP)
+        })
+    }
+
+    // -- networks ------------------------------------------------------------
+
+    /// The networks in file order, each with the span of its subnet.
+    fn networks(&self, value: &Value<'_>) -> Result<Vec<(Network, Span)>> {
+        let table = self.table(
+            value,
+            "networks",
+            "{ lan = { subnet = \"192.168.33.0/24\" } }",
+        )?;
+        let mut networks: Vec<(Network, Span)> = Vec::new();
+        for (key, value) in entries(table) {
+            let name = key.get_ref().as_ref();
+            self.check_name(key, "network")?;
+            let place = format!("in [networks.{name}]");
+            let body = self.table(value, name, "{ subnet = \"192.168.33.0/24\" }")?;
+            self.check_keys(body, NETWORK_KEYS, &place)?;
+            let Some(subnet_value) = body.get("subnet") else {
+                return Err(self
+                    .source
+                    .error(key.span(), format!("network `{name}` has no `subnet`"))
+                    .with_help(SUBNET_HELP));
+            };
+            let subnet = self.subnet(subnet_value)?;
+            self.check_overlaps(name, subnet, subnet_value.span(), &networks)?;
+            let network = Network {
+                name: name.to_owned(),
+                subnet,
+            };
+            networks.push((network, subnet_value.span()));
+        }
+        Ok(networks)
+    }
+
+    fn subnet(&self, value: &Value<'_>) -> Result<Ipv4Net> {
+        let text = self.string(value, "subnet", "\"192.168.33.0/24\"")?;
+        let problem = |message: String| {
+            self.source
+                .error(value.span(), message)
+                .with_help(SUBNET_HELP)
+        };
+        let net: Ipv4Net = match text.parse() {
+            Ok(net) => net,
+            Err(_) if text.parse::<Ipv4Addr>().is_ok() => {
+                return Err(problem(format!(
+                    "subnet `{text}` has no prefix length; did you mean `{text}/24`?"
+                )))
+            }
+            Err(_) => {
+                return Err(problem(format!(
+                    "`{text}` is not an IPv4 subnet in CIDR notation"
+                )))
+            }
+        };
+        if !(MIN_PREFIX..=MAX_PREFIX).contains(&net.prefix_len()) {
+            return Err(problem(format!(
+                "subnet `{text}`: prefix /{} is outside /{MIN_PREFIX} to /{MAX_PREFIX}",
+                net.prefix_len()
+            )));
+        }
+        if net.trunc() != net {
+            return Err(problem(format!(
+                "subnet `{text}` has host bits set; did you mean `{}`?",
+                net.trunc()
+            )));
+        }
+        if !PRIVATE_RANGES.iter().any(|range| range.contains(&net)) {
+            return Err(problem(format!("subnet `{text}` is not a private range")));
+        }
+        Ok(net)
+    }
+
+    /// Rejects a subnet sharing addresses with qemu's user network or with a
+    /// network defined earlier in the file.
+    fn check_overlaps(
+        &self,
+        name: &str,
+        subnet: Ipv4Net,
+        span: Span,
+        earlier: &[(Network, Span)],
+    ) -> Result<()> {
+        if overlaps(subnet, QEMU_USER_NET) {
+            return Err(self
+                .source
+                .error(
+                    span,
+                    format!(
+                        "subnet {subnet} of network `{name}` overlaps {QEMU_USER_NET}, which \
+                         qemu's user-mode network uses for the management (SSH) path"
+                    ),
+                )
+                .with_help("pick a range that avoids 10.0.2.0/24, e.g. `192.168.33.0/24`"));
+        }
+        for (other, other_span) in earlier {
+            if overlaps(subnet, other.subnet) {
+                return Err(self
+                    .source
+                    .error(
+                        span,
+                        format!(
+                            "subnet {subnet} of network `{name}` overlaps {} of network `{}` \
+                             (line {})",
+                            other.subnet,
+                            other.name,
+                            self.source.line(other_span)
+                        ),
+                    )
+                    .with_help("each network needs its own range; choose disjoint subnets"));
+            }
+        }
+        Ok(())
+    }
+
+    // -- machines ------------------------------------------------------------
+
+    fn machines(
+        &self,
+        root: &DeTable<'_>,
+        defaults: &Settings,
+        networks: &[(Network, Span)],
+    ) -> Result<Vec<Machine>> {
+        const EXAMPLE: &str = "add a machine, e.g. `[machines.alpha]` with `ip = \"192.168.33.2\"`";
+        let Some((key, value)) = root.get_key_value("machines") else {
+            return Err(self
+                .source
+                .error(0..0, "no machines: a topology needs at least one machine")
+                .with_help(EXAMPLE));
+        };
+        let table = self.table(value, "machines", "{ alpha = {} }")?;
+        if table.is_empty() {
+            return Err(self
+                .source
+                .error(
+                    key.span(),
+                    "`machines` is empty: a topology needs at least one machine",
+                )
+                .with_help(EXAMPLE));
+        }
+        let mut claims = Claims::default();
+        entries(table)
+            .into_iter()
+            .map(|(key, value)| self.machine(key, value, defaults, networks, &mut claims))
+            .collect()
+    }
+
+    fn check_name(&self, key: &Key<'_>, what: &str) -> Result<()> {
+        let name = key.get_ref().as_ref();
+        if is_valid_name(name) {
+            return Ok(());
+        }
+        Err(self
+            .source
+            .error(
+                key.span(),
+                format!("invalid {what} name `{name}`{}", name_suggestion(name)),
+            )
+            .with_help(NAME_HELP))
+    }
+
+    fn machine(
+        &self,
+        key: &Key<'_>,
+        value: &Value<'_>,
+        defaults: &Settings,
+        networks: &[(Network, Span)],
+        claims: &mut Claims,
+    ) -> Result<Machine> {
+        let name = key.get_ref().as_ref();
+        self.check_name(key, "machine")?;
+        let place = format!("in [machines.{name}]");
+        let table = self.table(value, name, "{ ip = \"192.168.33.2\" }")?;
+        self.check_keys(table, MACHINE_KEYS, &place)?;
+        let own = self.settings(table)?;
+        let ips = self.machine_ips(name, table, networks, claims)?;
+        let forwards = match table.get("forward") {
+            Some(value) => self.forwards(name, value, claims)?,
+            None => Vec::new(),
+        };
+        let image = match own.image.or_else(|| defaults.image.clone()) {
+            Some(image) => image,
+            None => self.default_image(key)?,
+        };
+        Ok(Machine {
+            name: name.to_owned(),
+            provider: own
+                .provider
+                .or(defaults.provider)
+                .unwrap_or(DEFAULT_PROVIDER),
+            image,
+            cpus: own.cpus.or(defaults.cpus).unwrap_or(DEFAULT_CPUS),
+            memory_mib: own
+                .memory_mib
+                .or(defaults.memory_mib)
+                .unwrap_or(DEFAULT_MEMORY_MIB),
+            ips,
+            forwards,
+        })
+    }
+
+    /// The built-in image, which must exist like any other.
+    fn default_image(&self, key: &Key<'_>) -> Result<String> {
+        if self.recipes.iter().any(|recipe| recipe == DEFAULT_IMAGE) {
+            return Ok(DEFAULT_IMAGE.to_owned());
+        }
+        Err(self
+            .source
+            .error(
+                key.span(),
+                format!(
+                    "machine `{}` uses the built-in default image `{DEFAULT_IMAGE}`, which has \
+                     no recipe",
+                    key.get_ref()
+                ),
+            )
+            .with_help(format!(
+                "set `image` in [defaults] or on the machine; {}",
+                self.recipes_help()
+            )))
+    }
+
+    // -- addresses -----------------------------------------------------------
+
+    /// `ip` (only network) or `ips` (by network name), checked and claimed.
+    fn machine_ips(
+        &self,
+        machine: &str,
+        table: &DeTable<'_>,
+        networks: &[(Network, Span)],
+        claims: &mut Claims,
+    ) -> Result<BTreeMap<String, Ipv4Addr>> {
+        let mut ips = BTreeMap::new();
+        if let (Some((ip_key, _)), Some((ips_key, _))) =
+            (table.get_key_value("ip"), table.get_key_value("ips"))
+        {
+            let later = std::cmp::max_by_key(ip_key.span(), ips_key.span(), |span| span.start);
+            return Err(self
+                .source
+                .error(
+                    later,
+                    format!("machine `{machine}` sets both `ip` and `ips`"),
+                )
+                .with_help(
+                    "use `ip` when there is one network, `ips = { NETWORK = \"…\" }` otherwise",
+                ));
+        }
+        for (key, value) in entries(table) {
+            match key.get_ref().as_ref() {
+                "ip" => {
+                    let network = self.only_network(machine, key, networks)?;
+                    let addr = self.address(value, "ip")?;
+                    self.claim_ip(machine, network, addr, value.span(), claims)?;
+                    ips.insert(network.name.clone(), addr);
+                }
+                "ips" => {
+                    let by_network = self.table(value, "ips", "{ lan = \"192.168.33.2\" }")?;
+                    for (net_key, addr_value) in entries(by_network) {
+                        let network = self.named_network(net_key, networks)?;
+                        let addr = self.address(addr_value, net_key.get_ref())?;
+                        self.claim_ip(machine, network, addr, addr_value.span(), claims)?;
+                        ips.insert(network.name.clone(), addr);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(ips)
+    }
+
+    /// The network `ip` refers to: the only one there is.
+    fn only_network<'n>(
+        &self,
+        machine: &str,
+        key: &Key<'_>,
+        networks: &'n [(Network, Span)],
+    ) -> Result<&'n Network> {
+        match networks {
+            [(network, _)] => Ok(network),
+            [] => Err(self
+                .source
+                .error(
+                    key.span(),
+                    format!("machine `{machine}` has an `ip` but the topology defines no networks"),
+                )
+                .with_help(
+                    "add a network, e.g. `[networks.lan]` with `subnet = \"192.168.33.0/24\"`, \
+                     or remove `ip`",
+                )),
+            _ => {
+                let names: Vec<&str> = networks.iter().map(|(n, _)| n.name.as_str()).collect();
+                let example: Vec<String> =
+                    names.iter().map(|name| format!("{name} = \"…\"")).collect();
+                Err(self
+                    .source
+                    .error(
+                        key.span(),
+                        format!(
+                            "`ip` is ambiguous: this topology has {} networks ({})",
+                            names.len(),
+                            names.join(", ")
+                        ),
+                    )
+                    .with_help(format!(
+                        "name the network of each address: `ips = {{ {} }}`",
+                        example.join(", ")
+                    )))
+            }
+        }
+    }
+
+    /// The network a key of `ips` names.
+    fn named_network<'n>(
+        &self,
+        key: &Key<'_>,
+        networks: &'n [(Network, Span)],
+    ) -> Result<&'n Network> {
+        let name = key.get_ref().as_ref();
+        if let Some((network, _)) = networks.iter().find(|(n, _)| n.name == name) {
+            return Ok(network);
+        }
+        let names: Vec<&str> = networks.iter().map(|(n, _)| n.name.as_str()).collect();
+        let hint = did_you_mean(name, names.iter().copied());
+        let help = if names.is_empty() {
+            "this topology defines no networks; add `[networks.NAME]` with a `subnet`".to_owned()
+        } else {
+            format!("networks defined here: {}", names.join(", "))
+        };
+        Err(self
+            .source
+            .error(
+                key.span(),
+                format!("unknown network `{name}` in `ips`{hint}"),
+            )
+            .with_help(help))
+    }
+
+    fn address(&self, value: &Value<'_>, key: &str) -> Result<Ipv4Addr> {
+        let text = self.string(value, key, "\"192.168.33.2\"")?;
+        text.parse().map_err(|_| {
+            let message = if text.contains('/') {
+                format!("`{text}` is not an address: write it without a prefix length (the network's subnet gives it)")
+            } else {
+                format!("`{text}` is not an IPv4 address")
+            };
+            self.source
+                .error(value.span(), message)
+                .with_help(format!("for example `{key} = \"192.168.33.2\"`"))
+        })
+    }
+
+    /// Checks `addr` is a usable host address of `network` and not taken.
+    fn claim_ip(
+        &self,
+        machine: &str,
+        network: &Network,
+        addr: Ipv4Addr,
+        span: Span,
+        claims: &mut Claims,
+    ) -> Result<()> {
+        let subnet = network.subnet;
+        let usable = format!(
+            "use an address from {} to {}",
+            Ipv4Addr::from(u32::from(subnet.network()) + 1),
+            Ipv4Addr::from(u32::from(subnet.broadcast()) - 1)
+        );
+        let at = |message: String| self.source.error(span.clone(), message);
+        let network_desc = format!("network `{}` ({subnet})", network.name);
+        if !subnet.contains(&addr) {
+            return Err(at(format!("{addr} is outside {network_desc}")).with_help(usable));
+        }
+        if addr == subnet.network() {
+            return Err(at(format!(
+                "{addr} is the network address of {network_desc}, not a host address"
+            ))
+            .with_help(usable));
+        }
+        if addr == subnet.broadcast() {
+            return Err(at(format!(
+                "{addr} is the broadcast address of {network_desc}, not a host address"
+            ))
+            .with_help(usable));
+        }
+        if let Some(claim) = claims.ips.get(&addr) {
+            return Err(at(format!(
+                "{addr} is used twice: by machine `{}` (line {}) and machine `{machine}`",
+                claim.machine, claim.line
+            ))
+            .with_help("give each machine its own address"));
+        }
+        let claim = Claim {
+            machine: machine.to_owned(),
+            line: self.source.line(&span),
+        };
+        claims.ips.insert(addr, claim);
+        Ok(())
+    }
+
+    // -- forwarded ports -----------------------------------------------------
+
+    fn forwards(
+        &self,
+        machine: &str,
+        value: &Value<'_>,
+        claims: &mut Claims,
+    ) -> Result<Vec<Forward>> {
+        const EXAMPLE: &str = "[{ guest = 2181, host = 12181 }]";
+        let DeValue::Array(items) = value.get_ref() else {
+            return Err(self.type_error(value, "forward", "an array of tables", EXAMPLE));
+        };
+        let mut forwards = Vec::new();
+        for item in items.iter() {
+            let table = self.table(item, "forward", EXAMPLE)?;
+            self.check_keys(table, FORWARD_KEYS, "in a `forward` entry")?;
+            let port = |key: &str| -> Result<(u16, Span)> {
+                let Some(value) = table.get(key) else {
+                    return Err(self
+                        .source
+                        .error(
+                            item.span(),
+                            format!("this `forward` entry has no `{key}` port"),
+                        )
+                        .with_help(
+                            "each entry needs both ports, e.g. `{ guest = 2181, host = 12181 }`",
+                        ));
+                };
+                Ok((self.port(value, key)?, value.span()))
+            };
+            let (guest, _) = port("guest")?;
+            let (host, host_span) = port("host")?;
+            self.claim_host_port(machine, host, host_span, claims)?;
+            forwards.push(Forward { guest, host });
+        }
+        Ok(forwards)
+    }
+
+    /// A TCP port number; host ports must also be unprivileged.
+    fn port(&self, value: &Value<'_>, key: &str) -> Result<u16> {
+        let number = self.integer(value, key, "12181")?;
+        let at = |message: String| self.source.error(value.span(), message);
+        let port = match u16::try_from(number) {
+            Ok(port) if port > 0 => port,
+            _ => {
+                let why = if number == 0 {
+                    format!("{key} port 0 is not a port")
+                } else {
+                    format!("{key} port {number} is not a port")
+                };
+                let help = if key == "host" {
+                    "host ports are bound on 127.0.0.1 by testbed, unprivileged: use 1024 to 65535"
+                } else {
+                    "a TCP port is from 1 to 65535"
+                };
+                return Err(at(why).with_help(help));
+            }
+        };
+        if key == "host" && port < 1024 {
+            return Err(at(format!(
+                "host port {port} is privileged (below 1024): testbed runs unprivileged and binds \
+                 forwards on 127.0.0.1"
+            ))
+            .with_help(format!(
+                "use a host port from 1024 to 65535, e.g. {}",
+                u32::from(port) + 10000
+            )));
+        }
+        Ok(port)
+    }
+
+    fn claim_host_port(
+        &self,
+        machine: &str,
+        port: u16,
+        span: Span,
+        claims: &mut Claims,
+    ) -> Result<()> {
+        if let Some(claim) = claims.ports.get(&port) {
+            return Err(self
+                .source
+                .error(
+                    span,
+                    format!(
+                        "host port {port} is forwarded twice: by machine `{}` (line {}) and machine `{machine}`",
+                        claim.machine, claim.line
+                    ),
+                )
+                .with_help("each forward needs its own host port on 127.0.0.1"));
+        }
+        let claim = Claim {
+            machine: machine.to_owned(),
+            line: self.source.line(&span),
+        };
+        claims.ports.insert(port, claim);
+        Ok(())
+    }
+}
+
+/// Addresses and host ports already taken, across all machines.
+#[derive(Default)]
+struct Claims {
+    ips: HashMap<Ipv4Addr, Claim>,
+    ports: HashMap<u16, Claim>,
+}
+
+/// Whether two subnets share any address (one contains the other's start).
+fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }

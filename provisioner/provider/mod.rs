@@ -1,1 +1,121 @@
-//! providers
+//! VM backends behind one trait. The orchestration (`lifecycle`) only ever
+//! sees `dyn Provider`; which backend runs a machine is decided here.
+
+pub mod kvm;
+pub mod qemu;
+mod qmp;
+pub mod switch;
+
+use std::path::{Path, PathBuf};
+
+use crate::identity::Management;
+use crate::image::BuiltImage;
+use crate::topology::{Forward, ProviderKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{program} failed to start {machine}: {message}")]
+    Start {
+        program: String,
+        machine: String,
+        message: String,
+    },
+    #[error("cannot run {program}: {source} (install it: {hint})")]
+    Missing {
+        program: String,
+        hint: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the {0} provider is not available in this build yet; use provider = \"qemu\"")]
+    Unavailable(&'static str),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The machine as observed on the host, without asking the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// A disk exists but no VM process runs.
+    Stopped,
+    Running,
+    /// Nothing of this machine exists.
+    Absent,
+}
+
+/// One private L2 network of the topology, as a provider realises it.
+#[derive(Debug, Clone)]
+pub struct NetworkSpec {
+    pub name: String,
+    /// Where the provider keeps this network's sockets and pid (0700).
+    pub dir: PathBuf,
+}
+
+/// A NIC on a topology network.
+#[derive(Debug, Clone)]
+pub struct NicSpec {
+    pub network: NetworkSpec,
+    pub mac: String,
+}
+
+/// Everything a provider needs to create and boot one machine.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub name: String,
+    /// The machine's own folder: disk, seed, sockets, console log.
+    pub dir: PathBuf,
+    pub image: BuiltImage,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// The identity seed disk (a tar archive the guest reads at boot).
+    pub seed: PathBuf,
+    pub management_mac: String,
+    /// Host port on 127.0.0.1 forwarded to the guest's SSH port.
+    pub ssh_port: u16,
+    pub forwards: Vec<Forward>,
+    pub nics: Vec<NicSpec>,
+    /// Use hardware acceleration (only when the KVM probe passed).
+    pub kvm: bool,
+}
+
+impl VmSpec {
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+/// A VM backend. Calls may block briefly (they spawn processes); the
+/// orchestration runs them on blocking threads.
+pub trait Provider: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Makes sure the network exists and is up (idempotent).
+    fn ensure_network(&self, network: &NetworkSpec) -> Result<(), ProviderError>;
+    /// Removes the network and whatever serves it.
+    fn remove_network(&self, network: &NetworkSpec) -> Result<(), ProviderError>;
+    /// Creates the machine's disk (copy-on-write over the base image).
+    fn create(&self, vm: &VmSpec) -> Result<(), ProviderError>;
+    /// Boots a created machine; returns once the VM process runs.
+    fn start(&self, vm: &VmSpec) -> Result<(), ProviderError>;
+    /// What runs of the machine whose folder is `dir`. The calls below take
+    /// only the folder, so `status` and `destroy` work from the state alone.
+    fn state(&self, dir: &Path) -> VmState;
+    /// Stops the VM at once (the guest gets no say).
+    fn kill(&self, dir: &Path) -> Result<(), ProviderError>;
+    /// Removes the machine: process, disk, sockets.
+    fn destroy(&self, dir: &Path) -> Result<(), ProviderError>;
+    /// How guests reach the host on their management NIC.
+    fn management(&self, mac: &str) -> Management;
+}
+
+/// The backend for a provider kind.
+pub fn for_kind(kind: ProviderKind) -> Result<Box<dyn Provider>, ProviderError> {
+    match kind {
+        ProviderKind::Qemu => Ok(Box::new(qemu::Qemu::default())),
+        ProviderKind::Libvirt => Err(ProviderError::Unavailable("libvirt")),
+        ProviderKind::Virtualbox => Err(ProviderError::Unavailable("virtualbox")),
+    }
+}

@@ -1,0 +1,50 @@
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::lifecycle;
+use crate::progress::Progress;
+use crate::state::StateDir;
+
+/// Remove every VM, disk, network, process and the state of the testbed
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  testbed destroy\n  testbed destroy -f    # no question asked")]
+pub struct Args {
+    /// Do not ask for confirmation
+    #[arg(short = 'f', long)]
+    force: bool,
+}
+
+pub async fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    // Works from `.testbed/` alone, so a deleted or broken topology file
+    // never leaves VMs behind that nothing can remove.
+    let state = match file {
+        Some(file) => {
+            let dir = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
+            StateDir::beside(dir.parent().unwrap_or_else(|| Path::new(".")))
+        }
+        None => StateDir::find(&std::env::current_dir()?)?,
+    };
+    if !state.exists() {
+        println!("nothing to destroy: no {}", state.root().display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.force && !confirmed(&state)? {
+        println!("destroy cancelled");
+        return Ok(ExitCode::FAILURE);
+    }
+    let removed = lifecycle::destroy(&state, &Progress::new()).await?;
+    println!("destroyed {} machine(s); removed {}", removed.len(), state.root().display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn confirmed(state: &StateDir) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("destroy removes every machine of {}: pass -f to confirm when not at a terminal", state.root().display());
+    }
+    print!("Destroy every machine of {}? [y/N] ", state.root().display());
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}

@@ -1,0 +1,24 @@
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::lifecycle::Testbed;
+use crate::progress::Progress;
+
+/// Power machines off, keeping their disks (`up` resumes them)
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  testbed halt\n  testbed halt beta")]
+pub struct Args {
+    /// Machines to halt (default: all)
+    machines: Vec<String>,
+}
+
+pub async fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(file)?;
+    let halted = testbed.halt(&args.machines, &Progress::new()).await?;
+    if halted.is_empty() {
+        println!("nothing to halt: no machine was running");
+    } else {
+        println!("halted: {}", halted.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}

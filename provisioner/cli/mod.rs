@@ -1,0 +1,97 @@
+//! The `testbed` command line: each verb a thin file over the library.
+
+mod destroy;
+mod doctor;
+mod halt;
+mod image;
+mod plan;
+mod ssh;
+mod status;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "testbed",
+    version,
+    about = "Bring up a multi-machine cluster of VMs from one topology file",
+    long_about = "testbed builds images, boots VMs (qemu by default: no daemon, no root), \
+                  injects each machine's identity and gives you SSH to every machine.",
+    after_help = "Examples:\n  testbed up topologies/quickstart.toml\n  testbed status\n  \
+                  testbed ssh zk-1 -- hostname\n  testbed halt\n  testbed destroy -f"
+)]
+pub struct Cli {
+    /// The topology file (default: the testbed of `.testbed/` in the current directory)
+    #[arg(short = 'f', long = "file", global = true, value_name = "FILE")]
+    file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Up(up::Args),
+    Plan(plan::Args),
+    Status(status::Args),
+    Ssh(ssh::Args),
+    SshConfig(ssh::ConfigArgs),
+    Halt(halt::Args),
+    Destroy(destroy::Args),
+    Doctor(doctor::Args),
+    #[command(subcommand)]
+    Image(image::Command),
+    /// Serve a network switch (started by `up`; not for users)
+    #[command(name = "__switch", hide = true)]
+    Switch { socket: PathBuf },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Switch { socket } = &cli.command {
+        return match crate::provider::qemu::serve_switch(socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let file = cli.file.as_deref();
+    match cli.command {
+        Command::Up(args) => up::run(args, file).await,
+        Command::Plan(args) => plan::run(args, file),
+        Command::Status(args) => status::run(args, file),
+        Command::Ssh(args) => ssh::run(args, file),
+        Command::SshConfig(args) => ssh::config(args, file),
+        Command::Halt(args) => halt::run(args, file).await,
+        Command::Destroy(args) => destroy::run(args, file).await,
+        Command::Doctor(args) => doctor::run(args),
+        Command::Image(command) => image::run(command, file),
+        Command::Switch { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// The topology file of `up`/`plan`: the positional FILE, else `-f FILE`.
+fn topology_arg(positional: Option<PathBuf>, file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    positional
+        .or_else(|| file.map(PathBuf::from))
+        .ok_or_else(|| anyhow::anyhow!("which topology? give its file, e.g. `testbed up topologies/quickstart.toml`"))
+}

@@ -1,0 +1,62 @@
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+
+use crate::lifecycle::Testbed;
+
+/// Open a shell on a machine, or run one command there
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  testbed ssh alpha\n  testbed ssh alpha -- hostname\n  \
+                        testbed ssh alpha -- 'echo stat | nc localhost 2181'")]
+pub struct Args {
+    /// The machine
+    machine: String,
+    /// A command to run instead of a shell (words joined by spaces, run by the guest's shell)
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+/// Print an OpenSSH config for the machines (host keys pinned)
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  testbed ssh-config >> ~/.ssh/config\n  \
+                        ssh -F <(testbed ssh-config) alpha")]
+pub struct ConfigArgs {
+    /// Only this machine
+    machine: Option<String>,
+}
+
+/// Replaces this process with the system `ssh`, so the terminal, agent and
+/// escape keys behave as with plain ssh, and its exit status is the command's.
+pub fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(file)?;
+    testbed.select(std::slice::from_ref(&args.machine))?;
+    let config = testbed.state.ssh_config();
+    if !config.is_file() {
+        anyhow::bail!("{} has no SSH config yet: run `testbed up` first", args.machine);
+    }
+    let mut ssh = Command::new("ssh");
+    ssh.arg("-F").arg(&config).arg(&args.machine);
+    if !args.command.is_empty() {
+        ssh.arg("--").arg(args.command.join(" "));
+    }
+    let error = ssh.exec();
+    anyhow::bail!("cannot run ssh: {error} (install openssh-client)")
+}
+
+pub fn config(args: ConfigArgs, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(file)?;
+    let text = std::fs::read_to_string(testbed.state.ssh_config())
+        .map_err(|e| anyhow::anyhow!("no SSH config yet ({e}): run `testbed up` first"))?;
+    match args.machine {
+        None => print!("{text}"),
+        Some(name) => {
+            testbed.select(std::slice::from_ref(&name))?;
+            let block = text
+                .split("\n\n")
+                .find(|block| block.lines().next() == Some(&format!("Host {name}")))
+                .ok_or_else(|| anyhow::anyhow!("{name} has not been created yet: run `testbed up`"))?;
+            println!("{block}\n");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,35 @@
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::lifecycle::Testbed;
+
+/// Show each machine's state, like `vagrant status`
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  testbed status\n  testbed status --json | jq '.[] | select(.state != \"running\")'")]
+pub struct Args {
+    /// Print a JSON array of {name, state, provider, ssh, ips}
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(file)?;
+    let machines = testbed.status()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&machines)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Current machine states ({}):\n", testbed.topology.name);
+    for machine in &machines {
+        let ips: Vec<String> = machine.ips.values().map(|ip| ip.to_string()).collect();
+        println!(
+            "{:<20} {:<12} ({}) {} {}",
+            machine.name,
+            machine.state,
+            machine.provider,
+            machine.ssh.as_deref().map(|s| format!("ssh {s}")).unwrap_or_default(),
+            ips.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

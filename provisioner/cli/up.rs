@@ -1,0 +1,39 @@
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crate::lifecycle::Testbed;
+use crate::progress::Progress;
+
+/// Build images, boot the machines and give each its identity
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  testbed up topologies/quickstart.toml\n  \
+                        testbed up            # again: resumes halted machines, or does nothing")]
+pub struct Args {
+    /// The topology file (default: the testbed in the current directory)
+    topology: Option<PathBuf>,
+}
+
+pub async fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let testbed = match args.topology.as_deref().or(file) {
+        Some(path) => Testbed::open(path)?,
+        None => Testbed::locate(None)?,
+    };
+    let progress = Progress::new();
+    let report = testbed.up(&progress).await?;
+    let name = &testbed.topology.name;
+    if report.changed.is_empty() {
+        println!(
+            "testbed {name} is up to date: {} machine(s) running, nothing to do",
+            report.unchanged.len()
+        );
+    } else {
+        println!(
+            "testbed {name} is up: {} machine(s) brought up ({}), {} already running",
+            report.changed.len(),
+            report.changed.join(", "),
+            report.unchanged.len()
+        );
+        println!("next: testbed status | testbed ssh {} | testbed halt", report.changed[0]);
+    }
+    Ok(ExitCode::SUCCESS)
+}

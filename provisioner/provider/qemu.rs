@@ -1,0 +1,360 @@
+//! The embedded default: plain `qemu-system-x86_64` processes, no daemon, no
+//! root. Per machine: a qcow2 overlay over the cached base, direct kernel
+//! boot, a user-mode management NIC with SSH forwarded on 127.0.0.1, one NIC
+//! per topology network joined to that network's switch, a QMP socket and a
+//! serial console log, all inside the machine's folder.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::identity::Management;
+
+use super::{qmp, switch, NetworkSpec, Provider, ProviderError, VmSpec, VmState};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+const QEMU_HINT: &str = "apt-get install --no-install-recommends qemu-system-x86 qemu-utils";
+
+#[derive(Debug, Default)]
+pub struct Qemu;
+
+impl Provider for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn ensure_network(&self, network: &NetworkSpec) -> Result<(), ProviderError> {
+        if process_alive(
+            &switch_pid_path(&network.dir),
+            &network.dir.to_string_lossy(),
+        ) {
+            return Ok(());
+        }
+        crate::state::create_private_dir(&network.dir)
+            .map_err(|e| ProviderError::Other(e.to_string()))?;
+        spawn_switch(network)
+    }
+
+    fn remove_network(&self, network: &NetworkSpec) -> Result<(), ProviderError> {
+        terminate(
+            &switch_pid_path(&network.dir),
+            &network.dir.to_string_lossy(),
+        );
+        remove_dir(&network.dir)
+    }
+
+    fn create(&self, vm: &VmSpec) -> Result<(), ProviderError> {
+        let disk = disk_path(&vm.dir);
+        if disk.exists() {
+            return Ok(());
+        }
+        let partial = vm.dir.join("disk.qcow2.partial");
+        let backing = vm.image.disk.to_string_lossy().into_owned();
+        run_tool(
+            "qemu-img",
+            &vm.name,
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(&backing)
+                .arg(&partial),
+        )?;
+        fs::rename(&partial, &disk).map_err(|source| ProviderError::Io {
+            what: format!("cannot move {} into place", partial.display()),
+            source,
+        })
+    }
+
+    fn start(&self, vm: &VmSpec) -> Result<(), ProviderError> {
+        let _ = fs::remove_file(qmp_path(&vm.dir));
+        let mut command = Command::new(QEMU);
+        command.args(qemu_args(vm));
+        run_tool(QEMU, &vm.name, &mut command)
+    }
+
+    fn state(&self, dir: &Path) -> VmState {
+        if process_alive(&pid_path(dir), &dir.to_string_lossy()) {
+            VmState::Running
+        } else if disk_path(dir).exists() {
+            VmState::Stopped
+        } else {
+            VmState::Absent
+        }
+    }
+
+    fn kill(&self, dir: &Path) -> Result<(), ProviderError> {
+        let pid_file = pid_path(dir);
+        let marker = dir.to_string_lossy().into_owned();
+        if !process_alive(&pid_file, &marker) {
+            return Ok(());
+        }
+        // `quit` lets qemu flush the overlay; a signal is the fallback.
+        let _ = qmp::execute(&qmp_path(dir), "quit");
+        if !wait_until_dead(&pid_file, &marker, Duration::from_secs(5)) {
+            terminate(&pid_file, &marker);
+        }
+        Ok(())
+    }
+
+    fn destroy(&self, dir: &Path) -> Result<(), ProviderError> {
+        self.kill(dir)?;
+        remove_dir(dir)
+    }
+
+    /// qemu's user-mode network: the guest is 10.0.2.15, the host 10.0.2.2,
+    /// qemu's DNS forwarder 10.0.2.3.
+    fn management(&self, mac: &str) -> Management {
+        Management {
+            mac: mac.to_string(),
+            address: "10.0.2.15/24".into(),
+            gateway: Ipv4Addr::new(10, 0, 2, 2),
+            dns: Ipv4Addr::new(10, 0, 2, 3),
+        }
+    }
+}
+
+fn disk_path(dir: &Path) -> PathBuf {
+    dir.join("disk.qcow2")
+}
+
+fn pid_path(dir: &Path) -> PathBuf {
+    dir.join("qemu.pid")
+}
+
+fn qmp_path(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+
+fn switch_pid_path(dir: &Path) -> PathBuf {
+    dir.join("switch.pid")
+}
+
+pub fn switch_socket(dir: &Path) -> PathBuf {
+    dir.join("switch.sock")
+}
+
+/// qemu's option syntax takes `,,` for a literal comma inside a value.
+fn opt_path(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+/// The whole qemu command line for a machine.
+pub fn qemu_args(vm: &VmSpec) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("testbed-{},process=testbed-{}", vm.name, vm.name),
+        "-machine".into(),
+        "pc".into(),
+        "-accel".into(),
+        if vm.kvm { "kvm" } else { "tcg" }.into(),
+        "-cpu".into(),
+        if vm.kvm { "host" } else { "max" }.into(),
+        "-smp".into(),
+        vm.cpus.to_string(),
+        "-m".into(),
+        format!("{}M", vm.memory_mib),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-kernel".into(),
+        vm.image.kernel.to_string_lossy().into_owned(),
+        "-initrd".into(),
+        vm.image.initrd.to_string_lossy().into_owned(),
+        "-append".into(),
+        "root=/dev/vda rw console=ttyS0 quiet".into(),
+        "-drive".into(),
+        format!(
+            "file={},if=none,id=root,format=qcow2,discard=unmap",
+            opt_path(&disk_path(&vm.dir))
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=root".into(),
+        "-drive".into(),
+        format!(
+            "file={},if=none,id=seed,format=raw,readonly=on",
+            opt_path(&vm.seed)
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=seed,serial=testbed-seed".into(),
+        "-netdev".into(),
+        management_netdev(vm),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=mgmt,mac={}", vm.management_mac),
+    ];
+    for (index, nic) in vm.nics.iter().enumerate() {
+        args.push("-netdev".into());
+        args.push(format!(
+            "stream,id=net{index},server=off,addr.type=unix,addr.path={}",
+            opt_path(&switch_socket(&nic.network.dir))
+        ));
+        args.push("-device".into());
+        args.push(format!("virtio-net-pci,netdev=net{index},mac={}", nic.mac));
+    }
+    args.extend([
+        "-device".into(),
+        "virtio-rng-pci".into(),
+        "-chardev".into(),
+        format!(
+            "file,id=console,path={},append=on",
+            opt_path(&vm.console_log())
+        ),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", opt_path(&qmp_path(&vm.dir))),
+        "-pidfile".into(),
+        pid_path(&vm.dir).to_string_lossy().into_owned(),
+        "-daemonize".into(),
+    ]);
+    args
+}
+
+/// User-mode networking: SSH and the topology's forwards, bound on 127.0.0.1.
+fn management_netdev(vm: &VmSpec) -> String {
+    let mut netdev = format!("user,id=mgmt,hostfwd=tcp:127.0.0.1:{}-:22", vm.ssh_port);
+    for forward in &vm.forwards {
+        netdev.push_str(&format!(
+            ",hostfwd=tcp:127.0.0.1:{}-:{}",
+            forward.host, forward.guest
+        ));
+    }
+    netdev
+}
+
+/// Runs a tool to completion, turning failure into an error with its stderr.
+fn run_tool(program: &str, machine: &str, command: &mut Command) -> Result<(), ProviderError> {
+    let output =
+        command
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| ProviderError::Missing {
+                program: program.into(),
+                hint: QEMU_HINT.into(),
+                source,
+            })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(ProviderError::Start {
+        program: program.into(),
+        machine: machine.into(),
+        message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+    })
+}
+
+fn spawn_switch(network: &NetworkSpec) -> Result<(), ProviderError> {
+    let socket = switch_socket(&network.dir);
+    let _ = fs::remove_file(&socket);
+    let exe = std::env::current_exe().map_err(|source| ProviderError::Io {
+        what: "cannot find the testbed executable".into(),
+        source,
+    })?;
+    use std::os::unix::process::CommandExt;
+    let child = Command::new(exe)
+        .arg("__switch")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group: a Ctrl-C on `up` must not take the network down.
+        .process_group(0)
+        .spawn()
+        .map_err(|source| ProviderError::Io {
+            what: format!("cannot start the switch of network {}", network.name),
+            source,
+        })?;
+    fs::write(switch_pid_path(&network.dir), child.id().to_string()).map_err(|source| {
+        ProviderError::Io {
+            what: "cannot write the switch pid".into(),
+            source,
+        }
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return Err(ProviderError::Other(format!(
+                "the switch of network {} did not come up",
+                network.name
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn read_pid(pid_file: &Path) -> Option<i32> {
+    fs::read_to_string(pid_file).ok()?.trim().parse().ok()
+}
+
+/// Whether the process in `pid_file` lives and its command line mentions
+/// `marker` (so a recycled pid is not mistaken for ours).
+pub fn process_alive(pid_file: &Path, marker: &str) -> bool {
+    let Some(pid) = read_pid(pid_file) else {
+        return false;
+    };
+    match fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(marker) && !is_zombie(pid)
+        }
+        Err(_) => false,
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after_name = stat.rsplit_once(')')?.1.trim_start().to_owned();
+            after_name.chars().next()
+        })
+        .is_some_and(|state| state == 'Z')
+}
+
+fn wait_until_dead(pid_file: &Path, marker: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while process_alive(pid_file, marker) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// SIGTERM, then SIGKILL after a grace period.
+fn terminate(pid_file: &Path, marker: &str) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let Some(pid) = read_pid(pid_file) else {
+        return;
+    };
+    if !process_alive(pid_file, marker) {
+        return;
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    if !wait_until_dead(pid_file, marker, Duration::from_secs(3)) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        wait_until_dead(pid_file, marker, Duration::from_secs(3));
+    }
+}
+
+fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
+            what: format!("cannot remove {}", dir.display()),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Serves a network's switch in this process (the hidden `__switch` verb).
+pub fn serve_switch(socket: &Path) -> std::io::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(switch::run(socket))
+}

@@ -1,0 +1,525 @@
+//! The SSH transport against a real OpenSSH server (`/usr/sbin/sshd`) run
+//! on a free loopback port, one server per test.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testbed::ssh::{generate_keypair, shell_quote, Session, SshError, Stream, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SSHD: &str = "/usr/sbin/sshd";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// An sshd configuration in a temporary directory, and the server once started.
+struct Sshd {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Sshd {
+    /// Write host key, client key, authorized_keys and sshd_config; pick a port.
+    fn prepare() -> Sshd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client_pub = generate_keypair(&dir.path().join("client_key"), "client").expect("key");
+        generate_keypair(&dir.path().join("host_key"), "host").expect("host key");
+        std::fs::write(
+            dir.path().join("authorized_keys"),
+            format!("{client_pub}\n"),
+        )
+        .expect("authorized_keys");
+        let sshd = Sshd {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        std::fs::write(sshd.path("sshd_config"), sshd.config()).expect("sshd_config");
+        sshd
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "ListenAddress 127.0.0.1\n\
+             HostKey {host_key}\n\
+             AuthorizedKeysFile {authorized}\n\
+             PidFile none\n\
+             StrictModes no\n\
+             UsePAM no\n\
+             PasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\n\
+             AllowTcpForwarding yes\n\
+             LogLevel DEBUG\n",
+            host_key = self.path("host_key").display(),
+            authorized = self.path("authorized_keys").display(),
+        )
+    }
+
+    fn start(&mut self) {
+        assert!(
+            Path::new(SSHD).exists(),
+            "{SSHD} is missing: apt-get install -y --no-install-recommends openssh-server"
+        );
+        // sshd refuses to start without its privilege separation directory.
+        std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        let log = std::fs::File::create(self.path("sshd.log")).expect("sshd.log");
+        let child = Command::new(SSHD)
+            .args(["-D", "-e", "-f"])
+            .arg(self.path("sshd_config"))
+            .args(["-p", &self.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sshd");
+        self.child = Some(child);
+    }
+
+    fn started() -> Sshd {
+        let mut sshd = Sshd::prepare();
+        sshd.start();
+        sshd
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            addr: SocketAddr::from(([127, 0, 0, 1], self.port)),
+            user: current_user(),
+            key_path: self.path("client_key"),
+            host_key_path: self.path("host_key.pub"),
+        }
+    }
+
+    async fn connect(&self) -> Session {
+        Session::connect(&self.target(), DEADLINE)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}\nsshd log:\n{}", self.log()))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("sshd log:\n{}", self.log());
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn current_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .expect("user lookup")
+        .expect("current user exists")
+        .name
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[tokio::test]
+async fn exec_collects_stdout_stderr_and_status() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    let output = session
+        .exec("echo hi; echo err >&2; exit 3")
+        .await
+        .expect("exec");
+    assert_eq!(output.stdout, b"hi\n");
+    assert_eq!(output.stderr, b"err\n");
+    assert_eq!(output.exit_status, 3);
+    assert!(!output.success());
+    let error = output.ensure_success("the command").expect_err("status 3");
+    assert!(
+        error.to_string().contains("exited with status 3: err"),
+        "{error}"
+    );
+    session.close().await;
+}
+
+#[tokio::test]
+async fn exec_does_not_wait_for_stdin() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    let output = tokio::time::timeout(Duration::from_secs(10), session.exec("cat; echo done"))
+        .await
+        .expect("cat saw end of input")
+        .expect("exec");
+    assert_eq!(output.stdout_lossy(), "done\n");
+}
+
+#[tokio::test]
+async fn exec_streaming_delivers_chunks_as_they_arrive() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    let started = Instant::now();
+    let mut chunks: Vec<(Stream, Vec<u8>, Duration)> = Vec::new();
+    let output = session
+        .exec_streaming(
+            "echo first; echo warn >&2; sleep 1; echo last",
+            |stream, data| chunks.push((stream, data.to_vec(), started.elapsed())),
+        )
+        .await
+        .expect("exec");
+    let finished = started.elapsed();
+
+    assert_eq!(output.stdout, b"first\nlast\n");
+    assert_eq!(output.stderr, b"warn\n");
+    assert_eq!(output.exit_status, 0);
+    let first = chunks.first().expect("at least one chunk");
+    assert_eq!(
+        (first.0, first.1.as_slice()),
+        (Stream::Stdout, &b"first\n"[..])
+    );
+    assert!(
+        finished - first.2 >= Duration::from_millis(700),
+        "first chunk came at {:?}, only just before the end at {finished:?}",
+        first.2
+    );
+    assert!(chunks
+        .iter()
+        .any(|(s, d, _)| *s == Stream::Stderr && d == b"warn\n"));
+}
+
+#[tokio::test]
+async fn exec_reports_a_signal_as_an_error() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    let error = session.exec("kill -TERM $$").await.expect_err("killed");
+    assert!(matches!(error, SshError::Killed { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn upload_replaces_the_file_with_the_requested_mode() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("it's a \"file\" $HOME");
+    std::fs::write(&path, "old contents").expect("seed");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    // Larger than the SSH window, so flow control is exercised.
+    let data: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let remote = path.to_str().expect("utf-8 path");
+
+    session.upload(&data, remote, 0o600).await.expect("upload");
+
+    assert!(
+        std::fs::read(&path).expect("read back") == data,
+        "contents differ"
+    );
+    assert_eq!(mode_of(&path), 0o600);
+    let entries = std::fs::read_dir(dir.path()).expect("read_dir").count();
+    assert_eq!(entries, 1, "temporary file left behind");
+    let stat = session
+        .exec(&format!("stat -c %a {}", shell_quote(remote)))
+        .await
+        .expect("stat");
+    assert_eq!(stat.stdout_lossy(), "600\n");
+}
+
+#[tokio::test]
+async fn upload_then_cat_round_trips_small_text() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let remote = dir.path().join("motd");
+    let remote = remote.to_str().expect("utf-8 path");
+    session
+        .upload(b"hello\nworld\n", remote, 0o644)
+        .await
+        .expect("upload");
+    let cat = session
+        .exec(&format!("cat {}", shell_quote(remote)))
+        .await
+        .expect("cat");
+    assert_eq!(cat.stdout, b"hello\nworld\n");
+    assert_eq!(mode_of(Path::new(remote)), 0o644);
+}
+
+#[tokio::test]
+async fn upload_into_a_missing_directory_fails_clearly() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let remote = dir.path().join("missing/file");
+    // The command fails before reading its input: the upload must not hang.
+    let data = vec![7u8; 4 * 1024 * 1024];
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        session.upload(&data, remote.to_str().expect("utf-8"), 0o600),
+    )
+    .await
+    .expect("upload returned");
+    let error = result.expect_err("missing directory");
+    assert!(matches!(error, SshError::UploadFailed { .. }), "{error:?}");
+    assert!(error.to_string().contains("missing/file"), "{error}");
+    // The connection is still usable afterwards.
+    let output = session.exec("echo still here").await.expect("exec");
+    assert_eq!(output.stdout_lossy(), "still here\n");
+}
+
+#[tokio::test]
+async fn open_tcp_round_trips_bytes_through_the_server() {
+    let sshd = Sshd::started();
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind echo");
+    let echo_port = echo.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let (mut socket, _) = echo.accept().await.expect("accept");
+        let (mut read, mut write) = socket.split();
+        tokio::io::copy(&mut read, &mut write).await.expect("echo");
+    });
+    let session = sshd.connect().await;
+
+    let mut tunnel = session
+        .open_tcp("127.0.0.1", echo_port)
+        .await
+        .expect("open_tcp");
+    let message: Vec<u8> = (0..100_000u32).map(|i| (i % 256) as u8).collect();
+    let (mut read, mut write) = tokio::io::split(&mut tunnel);
+    let writer = async {
+        write.write_all(&message).await.expect("write");
+        write.flush().await.expect("flush");
+    };
+    let mut echoed = vec![0u8; message.len()];
+    let reader = async { read.read_exact(&mut echoed).await.expect("read") };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(writer, reader)
+    })
+    .await
+    .expect("echo round trip");
+    assert!(echoed == message, "echoed bytes differ");
+}
+
+#[tokio::test]
+async fn wrong_host_key_fails_at_once() {
+    let sshd = Sshd::started();
+    let mut target = sshd.target();
+    let other = sshd.path("other_host_key");
+    generate_keypair(&other, "impostor").expect("key");
+    target.host_key_path = testbed::ssh::public_key_path(&other);
+    // Make sure sshd is up, so the test measures the mismatch, not startup.
+    drop(sshd.connect().await);
+
+    let started = Instant::now();
+    let error = Session::connect(&target, Duration::from_secs(30))
+        .await
+        .expect_err("mismatch");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(error, SshError::HostKeyMismatch { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("does not match"), "{message}");
+    assert!(message.contains("SHA256:"), "{message}");
+}
+
+#[tokio::test]
+async fn refused_key_fails_at_once() {
+    let sshd = Sshd::started();
+    let mut target = sshd.target();
+    let stranger = sshd.path("stranger_key");
+    generate_keypair(&stranger, "stranger").expect("key");
+    target.key_path = stranger;
+    drop(sshd.connect().await);
+
+    let started = Instant::now();
+    let error = Session::connect(&target, Duration::from_secs(30))
+        .await
+        .expect_err("refused");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(error, SshError::AuthRefused { .. }), "{error:?}");
+    assert!(error.to_string().contains("refused"), "{error}");
+}
+
+#[tokio::test]
+async fn connect_retries_until_sshd_starts() {
+    let mut sshd = Sshd::prepare();
+    let target = sshd.target();
+    let started = Instant::now();
+    let connecting = tokio::spawn(async move { Session::connect(&target, DEADLINE).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sshd.start();
+
+    let session = connecting
+        .await
+        .expect("join")
+        .expect("connect after retry");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let output = session.exec("echo up").await.expect("exec");
+    assert_eq!(output.stdout_lossy(), "up\n");
+}
+
+#[tokio::test]
+async fn connect_gives_up_at_the_deadline() {
+    let sshd = Sshd::prepare(); // never started
+    let started = Instant::now();
+    let error = Session::connect(&sshd.target(), Duration::from_secs(1))
+        .await
+        .expect_err("nothing listens");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    assert!(
+        matches!(error, SshError::ConnectTimeout { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("within 1 s"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_execs_share_one_session() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let session = session.clone();
+            tokio::spawn(async move { session.exec(&format!("sleep 1; echo {i}")).await })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let output = task.await.expect("join").expect("exec");
+        assert_eq!(output.stdout_lossy(), format!("{i}\n"));
+    }
+    // Four one-second commands in sequence would take at least 4 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn close_ends_the_session() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    session.close().await;
+    let result = tokio::time::timeout(Duration::from_secs(5), session.exec("true"))
+        .await
+        .expect("exec after close returns");
+    assert!(result.is_err());
+}
+
+#[test]
+fn shell_quote_wraps_in_single_quotes() {
+    assert_eq!(shell_quote("plain"), "'plain'");
+    assert_eq!(shell_quote(""), "''");
+    assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    assert_eq!(shell_quote("a b"), "'a b'");
+    assert_eq!(shell_quote("'"), "''\\'''");
+}
+
+#[tokio::test]
+async fn shell_quote_survives_a_real_shell() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    for nasty in ["it's", "$HOME `id` $(id)", "a\nb", "\\'\"", "*", "-n", ""] {
+        let output = session
+            .exec(&format!("printf %s {}", shell_quote(nasty)))
+            .await
+            .expect("exec");
+        assert_eq!(output.stdout_lossy(), nasty);
+    }
+}
+
+#[test]
+fn generate_keypair_writes_a_private_0600_key_and_a_pub_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("id_ed25519");
+    // An existing, too-open file must end up 0600 as well.
+    std::fs::write(&path, "stale").expect("seed");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+
+    let public = generate_keypair(&path, "root@node1").expect("generate");
+
+    assert!(public.starts_with("ssh-ed25519 AAAA"), "{public}");
+    assert!(public.ends_with(" root@node1"), "{public}");
+    assert_eq!(mode_of(&path), 0o600);
+    let private = std::fs::read_to_string(&path).expect("read");
+    assert!(private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+    let pub_file = std::fs::read_to_string(dir.path().join("id_ed25519.pub")).expect("pub");
+    assert_eq!(pub_file, format!("{public}\n"));
+    // ssh-keygen agrees that the pair belongs together.
+    let derived = Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(&path)
+        .output()
+        .expect("ssh-keygen");
+    assert!(derived.status.success());
+    let derived = String::from_utf8(derived.stdout).expect("utf-8");
+    assert!(public.starts_with(
+        derived
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+            .as_str()
+    ));
+}
+
+#[tokio::test]
+async fn zz_show_messages() {
+    let sshd = Sshd::started();
+    let mut target = sshd.target();
+    let _ = sshd.connect().await;
+    let s = sshd.connect().await;
+    eprintln!("MSG {}", s.upload(b"x", "/nonexistent/dir/f", 0o600).await.expect_err("x"));
+    eprintln!("MSG {}", s.exec("kill -TERM $$").await.expect_err("x"));
+    let other = sshd.path("other");
+    generate_keypair(&other, "x").expect("k");
+    target.host_key_path = testbed::ssh::public_key_path(&other);
+    eprintln!("MSG {}", Session::connect(&target, DEADLINE).await.expect_err("x"));
+    target.host_key_path = other.clone();
+    eprintln!("MSG {}", Session::connect(&target, DEADLINE).await.expect_err("x"));
+    target.host_key_path = sshd.path("nope");
+    eprintln!("MSG {}", Session::connect(&target, DEADLINE).await.expect_err("x"));
+    let mut t2 = sshd.target(); t2.key_path = other.clone(); t2.key_path.set_extension("zzz");
+    let mut t3 = sshd.target(); t3.key_path = testbed::ssh::public_key_path(&other);
+    eprintln!("MSG {}", Session::connect(&t3, DEADLINE).await.expect_err("x"));
+    let mut t4 = sshd.target(); t4.key_path = other.clone();
+    eprintln!("MSG {}", Session::connect(&t4, DEADLINE).await.expect_err("x"));
+    let mut t5 = sshd.target(); t5.addr = "127.0.0.1:1".parse().unwrap();
+    eprintln!("MSG {}", Session::connect(&t5, Duration::from_millis(500)).await.expect_err("x"));
+    s.close().await;
+    eprintln!("MSG {}", s.exec("true").await.expect_err("x"));
+    eprintln!("MSG {:?}", s);
+    for l in sshd.log().lines().filter(|l| l.contains("kex: ") || l.contains("Accepted")) { eprintln!("MSG {l}"); }
+    drop(sshd);
+}

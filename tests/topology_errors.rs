@@ -1,0 +1,1116 @@
+//! Topology parsing and validation: every error names `file:line:col` and
+//! says what would be valid.
+//!
+//! Library-level tests call `testbed::topology::{parse, load}` directly; the
+//! CLI tests at the end run `testbed plan FILE`.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use tempfile::TempDir;
+use testbed::topology::{self, Forward, ProviderKind, Topology, TopologyError};
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// A temporary directory with `images/<recipe>.toml` for each recipe, so
+/// `image::recipe_names` finds them beside the topology.
+fn dir_with_recipes(recipes: &[&str]) -> TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("images")).expect("mkdir images");
+    for recipe in recipes {
+        let file = dir.path().join("images").join(format!("{recipe}.toml"));
+        std::fs::write(file, "suite = \"bookworm\"\n").expect("write recipe");
+    }
+    dir
+}
+
+/// The usual fixture: `images/debian-12.toml` and `images/debian-13.toml`.
+fn fixture() -> TempDir {
+    dir_with_recipes(&["debian-12", "debian-13"])
+}
+
+fn parse_in(dir: &TempDir, text: &str) -> (PathBuf, Result<Topology, TopologyError>) {
+    let path = dir.path().join("cluster.toml");
+    let result = topology::parse(&path, text);
+    (path, result)
+}
+
+fn parse_ok(text: &str) -> Topology {
+    let dir = fixture();
+    let (_, result) = parse_in(&dir, text);
+    result.unwrap_or_else(|error| panic!("expected a valid topology, got:\n{error}"))
+}
+
+/// Asserts `text` is rejected at `line:col` with a message containing every
+/// phrase (the `help:` line included).
+fn assert_error_at(text: &str, line: usize, col: usize, phrases: &[&str]) {
+    let dir = fixture();
+    assert_error_in(&dir, text, line, col, phrases);
+}
+
+fn assert_error_in(dir: &TempDir, text: &str, line: usize, col: usize, phrases: &[&str]) {
+    let (path, result) = parse_in(dir, text);
+    let error = match result {
+        Ok(topology) => panic!("expected an error, got {topology:#?}"),
+        Err(error) => error,
+    };
+    assert_message(&error.to_string(), &path, line, col, phrases);
+    assert_eq!(error.position(), Some((line, col)));
+}
+
+fn assert_message(message: &str, path: &Path, line: usize, col: usize, phrases: &[&str]) {
+    let prefix = format!("{}:{line}:{col}: error: ", path.display());
+    assert!(
+        message.starts_with(&prefix),
+        "expected prefix {prefix:?}, got:\n{message}"
+    );
+    for phrase in phrases {
+        assert!(
+            message.contains(phrase),
+            "expected {phrase:?} in:\n{message}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Valid topologies
+// ---------------------------------------------------------------------------
+
+const PAIR: &str = r#"name = "pair"
+[defaults]
+provider = "qemu"
+image = "debian-12"
+cpus = 1
+memory = "768MiB"
+[networks.lan]
+subnet = "192.168.33.0/24"
+[machines.zeta]
+ip = "192.168.33.2"
+[machines.beta]
+ip = "192.168.33.3"
+memory = "1GiB"
+cpus = 2
+provider = "libvirt"
+image = "debian-13"
+forward = [{ guest = 2181, host = 12181 }, { guest = 22, host = 2222 }]
+[machines.alpha]
+"#;
+
+#[test]
+fn valid_topology_applies_defaults_and_keeps_file_order() {
+    let topology = parse_ok(PAIR);
+    assert_eq!(topology.name, "pair");
+    let names: Vec<&str> = topology.machines.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["zeta", "beta", "alpha"]);
+
+    let lan = &topology.networks["lan"];
+    assert_eq!(lan.name, "lan");
+    assert_eq!(lan.subnet, "192.168.33.0/24".parse().expect("cidr"));
+
+    let zeta = topology.machine("zeta").expect("zeta");
+    assert_eq!(zeta.provider, ProviderKind::Qemu);
+    assert_eq!(zeta.image, "debian-12");
+    assert_eq!(zeta.cpus, 1);
+    assert_eq!(zeta.memory_mib, 768);
+    assert_eq!(zeta.ips["lan"], Ipv4Addr::new(192, 168, 33, 2));
+    assert!(zeta.forwards.is_empty());
+
+    let beta = topology.machine("beta").expect("beta");
+    assert_eq!(beta.provider, ProviderKind::Libvirt);
+    assert_eq!(beta.image, "debian-13");
+    assert_eq!(beta.cpus, 2);
+    assert_eq!(beta.memory_mib, 1024);
+    assert_eq!(
+        beta.forwards,
+        [
+            Forward {
+                guest: 2181,
+                host: 12181
+            },
+            Forward {
+                guest: 22,
+                host: 2222
+            }
+        ]
+    );
+
+    let alpha = topology.machine("alpha").expect("alpha");
+    assert!(alpha.ips.is_empty(), "a machine may stay off the network");
+}
+
+#[test]
+fn built_in_defaults_apply_without_defaults_table() {
+    let topology = parse_ok("name = \"solo\"\n[machines.one]\n");
+    let one = &topology.machines[0];
+    assert_eq!(one.provider, ProviderKind::Qemu);
+    assert_eq!(one.image, "debian-12");
+    assert_eq!(one.cpus, 1);
+    assert_eq!(one.memory_mib, 768);
+    assert!(one.ips.is_empty());
+    assert!(topology.networks.is_empty());
+}
+
+#[test]
+fn several_networks_use_ips_and_inline_machines_keep_order() {
+    let topology = parse_ok(
+        r#"name = "two-nets"
+networks = { front = { subnet = "10.10.0.0/16" }, back = { subnet = "172.16.5.0/24" } }
+machines = { web = { ips = { front = "10.10.0.5", back = "172.16.5.5" } }, db = { ips = { back = "172.16.5.6" }, memory = 2048 } }
+"#,
+    );
+    let names: Vec<&str> = topology.machines.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["web", "db"]);
+    let web = topology.machine("web").expect("web");
+    assert_eq!(web.ips["front"], Ipv4Addr::new(10, 10, 0, 5));
+    assert_eq!(web.ips["back"], Ipv4Addr::new(172, 16, 5, 5));
+    let db = topology.machine("db").expect("db");
+    assert_eq!(db.ips.len(), 1);
+    assert_eq!(db.memory_mib, 2048);
+}
+
+#[test]
+fn load_reads_the_file_and_canonicalises_its_path() {
+    let dir = fixture();
+    let path = dir.path().join("pair.toml");
+    std::fs::write(&path, PAIR).expect("write");
+    let topology = topology::load(&path).expect("valid");
+    let canonical = std::fs::canonicalize(&path).expect("canonicalize");
+    assert_eq!(topology.path, canonical);
+    assert_eq!(topology.dir(), canonical.parent().expect("parent"));
+}
+
+#[test]
+fn forwards_as_array_of_tables_are_accepted() {
+    let topology =
+        parse_ok("name = \"t\"\n[machines.a]\n[[machines.a.forward]]\nguest = 80\nhost = 8080\n");
+    assert_eq!(
+        topology.machines[0].forwards,
+        [Forward {
+            guest: 80,
+            host: 8080
+        }]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Helpers exposed by the module
+// ---------------------------------------------------------------------------
+
+#[test]
+fn line_col_is_one_based_and_counts_characters() {
+    let text = "ab\ncé d\n";
+    assert_eq!(topology::line_col(text, 0), (1, 1));
+    assert_eq!(topology::line_col(text, 1), (1, 2));
+    assert_eq!(topology::line_col(text, 3), (2, 1));
+    // `é` is two bytes; `d` is the fourth character of line 2.
+    assert_eq!(topology::line_col(text, 7), (2, 4));
+    // Inside a character: clamped to its start.
+    assert_eq!(topology::line_col(text, 5), (2, 2));
+    // Past the end: clamped to the end.
+    assert_eq!(topology::line_col(text, 1000), (3, 1));
+}
+
+#[test]
+fn memory_sizes_parse_to_mib() {
+    for (text, mib) in [
+        ("768MiB", 768),
+        ("1GiB", 1024),
+        ("2G", 2048),
+        ("512M", 512),
+        ("1024", 1024),
+        ("1 GiB", 1024),
+        ("4g", 4096),
+        ("1TiB", 1024 * 1024),
+    ] {
+        assert_eq!(topology::parse_memory_mib(text), Ok(mib), "{text}");
+    }
+    for (text, phrase) in [
+        ("0", "cannot be zero"),
+        ("0GiB", "cannot be zero"),
+        ("64MiB", "minimum is 128 MiB"),
+        ("512MB", "did you mean `MiB`?"),
+        ("1.5G", "whole number"),
+        ("3 parsecs", "unknown unit `parsecs`"),
+        ("lots", "is not a size"),
+        ("", "is not a size"),
+        ("99999999999999999999G", "too large"),
+    ] {
+        let error = topology::parse_memory_mib(text).expect_err(text);
+        assert!(error.contains(phrase), "{text}: {error}");
+    }
+}
+
+#[test]
+fn names_follow_hostname_rules() {
+    for name in [
+        "a",
+        "alpha",
+        "mesos-master",
+        "node1",
+        "1node",
+        &"a".repeat(63),
+    ] {
+        assert!(topology::is_valid_name(name), "{name}");
+    }
+    for name in ["", "-a", "a-", "Alpha", "a_b", "a.b", "é", &"a".repeat(64)] {
+        assert!(!topology::is_valid_name(name), "{name}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Unknown keys, with did-you-mean and the valid keys
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unknown_top_level_key_suggests_name() {
+    assert_error_at(
+        "nmae = \"x\"\n[machines.a]\n",
+        1,
+        1,
+        &[
+            "unknown key `nmae` at the top level; did you mean `name`?",
+            "\n  help: valid keys at the top level: name, defaults, networks, machines",
+        ],
+    );
+}
+
+#[test]
+fn unknown_key_in_defaults() {
+    assert_error_at(
+        "name = \"x\"\n[defaults]\nmemroy = \"1G\"\n[machines.a]\n",
+        3,
+        1,
+        &[
+            "unknown key `memroy` in [defaults]; did you mean `memory`?",
+            "help: valid keys in [defaults]: provider, image, cpus, memory",
+        ],
+    );
+}
+
+#[test]
+fn unknown_key_in_network() {
+    assert_error_at(
+        "name = \"x\"\n[networks.lan]\nsubnett = \"10.1.0.0/24\"\n[machines.a]\n",
+        3,
+        1,
+        &[
+            "unknown key `subnett` in [networks.lan]; did you mean `subnet`?",
+            "help: valid keys in [networks.lan]: subnet",
+        ],
+    );
+}
+
+#[test]
+fn unknown_key_in_machine() {
+    assert_error_at(
+        "name = \"x\"\n[machines.alpha]\ncpus = 2\n  imag = \"debian-12\"\n",
+        4,
+        3,
+        &[
+            "unknown key `imag` in [machines.alpha]; did you mean `image`?",
+            "help: valid keys in [machines.alpha]: ip, ips, provider, image, cpus, memory, forward",
+        ],
+    );
+}
+
+#[test]
+fn unknown_key_in_forward_entry() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nforward = [{ guest = 1, hots = 2000 }]\n",
+        3,
+        25,
+        &[
+            "unknown key `hots` in a `forward` entry; did you mean `host`?",
+            "help: valid keys in a `forward` entry: guest, host",
+        ],
+    );
+}
+
+#[test]
+fn unknown_key_without_close_match_still_lists_valid_keys() {
+    let dir = fixture();
+    let (_, result) = parse_in(&dir, "name = \"x\"\ncolour = \"red\"\n[machines.a]\n");
+    let message = result.expect_err("unknown key").to_string();
+    assert!(
+        message.contains("unknown key `colour` at the top level"),
+        "{message}"
+    );
+    assert!(!message.contains("did you mean"), "{message}");
+    assert!(
+        message.contains("help: valid keys at the top level: name"),
+        "{message}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2. Machine names (and 10. the topology name)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn machine_name_with_uppercase_and_underscore() {
+    assert_error_at(
+        "name = \"x\"\n[machines.Mesos_Master]\n",
+        2,
+        11,
+        &[
+            "invalid machine name `Mesos_Master`; did you mean `mesos-master`?",
+            "help: names become hostnames: 1 to 63 lowercase letters (a-z), digits and hyphens, \
+             not starting or ending with a hyphen",
+        ],
+    );
+}
+
+#[test]
+fn machine_name_starting_with_hyphen() {
+    assert_error_at(
+        "name = \"x\"\n[machines.-alpha]\n",
+        2,
+        11,
+        &[
+            "invalid machine name `-alpha`",
+            "not starting or ending with a hyphen",
+        ],
+    );
+}
+
+#[test]
+fn machine_name_longer_than_63() {
+    let long = "a".repeat(64);
+    assert_error_at(
+        &format!("name = \"x\"\n[machines.{long}]\n"),
+        2,
+        11,
+        &["invalid machine name", "1 to 63 lowercase letters"],
+    );
+}
+
+#[test]
+fn topology_name_must_be_a_valid_name() {
+    assert_error_at(
+        "name = \"My Cluster\"\n[machines.a]\n",
+        1,
+        8,
+        &[
+            "invalid topology name `My Cluster`; did you mean `my-cluster`?",
+            "directory and socket names",
+            "lowercase letters",
+        ],
+    );
+}
+
+#[test]
+fn topology_name_is_required() {
+    assert_error_at(
+        "[machines.a]\n",
+        1,
+        1,
+        &["missing `name`", "help: add `name = \"my-cluster\"`"],
+    );
+}
+
+#[test]
+fn topology_name_must_be_a_string() {
+    assert_error_at(
+        "name = 5\n[machines.a]\n",
+        1,
+        8,
+        &[
+            "`name` must be a string, not a integer",
+            "help: for example `name = \"my-cluster\"`",
+        ],
+    );
+}
+
+#[test]
+fn machines_are_required() {
+    assert_error_at(
+        "name = \"x\"\n",
+        1,
+        1,
+        &[
+            "no machines",
+            "help: add a machine, e.g. `[machines.alpha]`",
+        ],
+    );
+}
+
+#[test]
+fn machines_table_must_not_be_empty() {
+    assert_error_at(
+        "name = \"x\"\n\n[machines]\n",
+        3,
+        2,
+        &["`machines` is empty", "at least one machine"],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. Addresses
+// ---------------------------------------------------------------------------
+
+const LAN: &str = "name = \"x\"\n[networks.lan]\nsubnet = \"192.168.33.0/24\"\n";
+
+#[test]
+fn ip_outside_the_subnet() {
+    assert_error_at(
+        &format!("{LAN}[machines.a]\nip = \"192.168.34.2\"\n"),
+        5,
+        6,
+        &[
+            "192.168.34.2 is outside network `lan` (192.168.33.0/24)",
+            "help: use an address from 192.168.33.1 to 192.168.33.254",
+        ],
+    );
+}
+
+#[test]
+fn ip_used_twice_names_both_machines() {
+    assert_error_at(
+        &format!(
+            "{LAN}[machines.alpha]\nip = \"192.168.33.2\"\n[machines.beta]\nip = \"192.168.33.2\"\n"
+        ),
+        7,
+        6,
+        &[
+            "192.168.33.2 is used twice: by machine `alpha` (line 5) and machine `beta`",
+            "help: give each machine its own address",
+        ],
+    );
+}
+
+#[test]
+fn ip_is_the_network_address() {
+    assert_error_at(
+        &format!("{LAN}[machines.a]\nip = \"192.168.33.0\"\n"),
+        5,
+        6,
+        &["192.168.33.0 is the network address of network `lan`"],
+    );
+}
+
+#[test]
+fn ip_is_the_broadcast_address() {
+    assert_error_at(
+        &format!("{LAN}[machines.a]\nip = \"192.168.33.255\"\n"),
+        5,
+        6,
+        &[
+            "192.168.33.255 is the broadcast address of network `lan`",
+            "192.168.33.1 to 192.168.33.254",
+        ],
+    );
+}
+
+#[test]
+fn ip_is_not_an_address() {
+    assert_error_at(
+        &format!("{LAN}[machines.a]\nip = \"192.168.33\"\n"),
+        5,
+        6,
+        &[
+            "`192.168.33` is not an IPv4 address",
+            "for example `ip = \"192.168.33.2\"`",
+        ],
+    );
+}
+
+#[test]
+fn ip_with_several_networks_must_use_ips() {
+    assert_error_at(
+        "name = \"x\"\n[networks.front]\nsubnet = \"10.1.0.0/24\"\n[networks.back]\nsubnet = \"10.2.0.0/24\"\n[machines.a]\nip = \"10.1.0.5\"\n",
+        7,
+        1,
+        &[
+            "`ip` is ambiguous: this topology has 2 networks (front, back)",
+            "help: name the network of each address: `ips = { front = \"…\", back = \"…\" }`",
+        ],
+    );
+}
+
+#[test]
+fn ips_naming_an_unknown_network() {
+    assert_error_at(
+        &format!("{LAN}[machines.a]\nips = {{ lna = \"192.168.33.2\" }}\n"),
+        5,
+        9,
+        &[
+            "unknown network `lna` in `ips`; did you mean `lan`?",
+            "help: networks defined here: lan",
+        ],
+    );
+}
+
+#[test]
+fn ip_without_any_network() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nip = \"192.168.33.2\"\n",
+        3,
+        1,
+        &[
+            "machine `a` has an `ip` but the topology defines no networks",
+            "help: add a network, e.g. `[networks.lan]`",
+        ],
+    );
+}
+
+#[test]
+fn ip_and_ips_together() {
+    assert_error_at(
+        &format!("{LAN}[machines.a]\nip = \"192.168.33.2\"\nips = {{ lan = \"192.168.33.3\" }}\n"),
+        6,
+        1,
+        &["machine `a` sets both `ip` and `ips`"],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 4. Images
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unknown_image_lists_recipes() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nimage = \"debain-12\"\n",
+        3,
+        9,
+        &[
+            "unknown image `debain-12`; did you mean `debian-12`?",
+            "help: available images (recipes in images/): debian-12, debian-13",
+        ],
+    );
+}
+
+#[test]
+fn unknown_image_in_defaults() {
+    assert_error_at(
+        "name = \"x\"\n[defaults]\nimage = \"centos\"\n[machines.a]\n",
+        3,
+        9,
+        &["unknown image `centos`", "debian-12, debian-13"],
+    );
+}
+
+#[test]
+fn built_in_image_without_a_recipe() {
+    let dir = dir_with_recipes(&["alpine"]);
+    assert_error_in(
+        &dir,
+        "name = \"x\"\n[machines.alpha]\n",
+        2,
+        11,
+        &[
+            "machine `alpha` uses the built-in default image `debian-12`, which has no recipe",
+            "help: set `image` in [defaults] or on the machine; available images (recipes in images/): alpine",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 5. Providers
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unknown_provider_lists_the_valid_ones() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nprovider = \"qmeu\"\n",
+        3,
+        12,
+        &[
+            "unknown provider `qmeu`; did you mean `qemu`?",
+            "help: valid providers: qemu, libvirt, virtualbox",
+        ],
+    );
+}
+
+#[test]
+fn unknown_provider_in_defaults() {
+    assert_error_at(
+        "name = \"x\"\n[defaults]\nprovider = \"docker\"\n[machines.a]\n",
+        3,
+        12,
+        &["unknown provider `docker`", "qemu, libvirt, virtualbox"],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 6. Sizes
+// ---------------------------------------------------------------------------
+
+const MEMORY_HELP: &str =
+    "help: write memory as `768MiB`, `512M`, `1GiB`, `2G`, or a plain number of MiB";
+
+#[test]
+fn memory_zero() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nmemory = \"0M\"\n",
+        3,
+        10,
+        &["memory cannot be zero", MEMORY_HELP],
+    );
+}
+
+#[test]
+fn memory_unknown_unit() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nmemory = \"2 bananas\"\n",
+        3,
+        10,
+        &["memory `2 bananas`: unknown unit `bananas`", MEMORY_HELP],
+    );
+}
+
+#[test]
+fn memory_garbage() {
+    assert_error_at(
+        "name = \"x\"\n[defaults]\nmemory = \"lots\"\n[machines.a]\n",
+        3,
+        10,
+        &["memory `lots` is not a size", MEMORY_HELP],
+    );
+}
+
+#[test]
+fn memory_below_minimum() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nmemory = 64\n",
+        3,
+        10,
+        &["64 MiB of memory is too little; the minimum is 128 MiB"],
+    );
+}
+
+#[test]
+fn memory_wrong_type() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nmemory = true\n",
+        3,
+        10,
+        &[
+            "`memory` must be a size such as \"1GiB\", not a boolean",
+            MEMORY_HELP,
+        ],
+    );
+}
+
+#[test]
+fn cpus_zero() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\ncpus = 0\n",
+        3,
+        8,
+        &[
+            "`cpus` = 0 is out of range",
+            "help: `cpus` must be from 1 to 64",
+        ],
+    );
+}
+
+#[test]
+fn cpus_too_many() {
+    assert_error_at(
+        "name = \"x\"\n[defaults]\ncpus = 65\n[machines.a]\n",
+        3,
+        8,
+        &["`cpus` = 65 is out of range", "from 1 to 64"],
+    );
+}
+
+#[test]
+fn cpus_as_string() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\ncpus = \"2\"\n",
+        3,
+        8,
+        &[
+            "`cpus` must be an integer, not a string",
+            "help: for example `cpus = 2`",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 7. Forwarded ports
+// ---------------------------------------------------------------------------
+
+#[test]
+fn host_port_forwarded_twice_names_both_machines() {
+    assert_error_at(
+        "name = \"x\"\n[machines.zk]\nforward = [{ guest = 2181, host = 12181 }]\n[machines.web]\nforward = [{ guest = 80, host = 12181 }]\n",
+        5,
+        33,
+        &[
+            "host port 12181 is forwarded twice: by machine `zk` (line 3) and machine `web`",
+            "help: each forward needs its own host port on 127.0.0.1",
+        ],
+    );
+}
+
+#[test]
+fn host_port_zero() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nforward = [{ guest = 80, host = 0 }]\n",
+        3,
+        33,
+        &[
+            "host port 0 is not a port",
+            "bound on 127.0.0.1",
+            "use 1024 to 65535",
+        ],
+    );
+}
+
+#[test]
+fn host_port_privileged() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nforward = [{ guest = 80, host = 80 }]\n",
+        3,
+        33,
+        &[
+            "host port 80 is privileged (below 1024): testbed runs unprivileged and binds forwards on 127.0.0.1",
+            "help: use a host port from 1024 to 65535, e.g. 10080",
+        ],
+    );
+}
+
+#[test]
+fn guest_port_zero() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nforward = [{ guest = 0, host = 8080 }]\n",
+        3,
+        22,
+        &[
+            "guest port 0 is not a port",
+            "help: a TCP port is from 1 to 65535",
+        ],
+    );
+}
+
+#[test]
+fn port_above_65535() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nforward = [{ guest = 70000, host = 8080 }]\n",
+        3,
+        22,
+        &["guest port 70000 is not a port"],
+    );
+}
+
+#[test]
+fn forward_entry_missing_host() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nforward = [{ guest = 80 }]\n",
+        3,
+        12,
+        &[
+            "this `forward` entry has no `host` port",
+            "e.g. `{ guest = 2181, host = 12181 }`",
+        ],
+    );
+}
+
+#[test]
+fn forward_must_be_an_array() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nforward = { guest = 80, host = 8080 }\n",
+        3,
+        11,
+        &[
+            "`forward` must be an array of tables, not a table",
+            "help: for example `forward = [{ guest = 2181, host = 12181 }]`",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 8. Subnets
+// ---------------------------------------------------------------------------
+
+const SUBNET_HELP: &str = "help: write a private IPv4 range as ADDRESS/PREFIX";
+
+fn subnet_error(subnet: &str, phrases: &[&str]) {
+    let text = format!("name = \"x\"\n[networks.lan]\nsubnet = \"{subnet}\"\n[machines.a]\n");
+    assert_error_at(&text, 3, 10, phrases);
+}
+
+#[test]
+fn subnet_not_private() {
+    subnet_error(
+        "8.8.8.0/24",
+        &[
+            "subnet `8.8.8.0/24` is not a private range",
+            "inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16",
+        ],
+    );
+}
+
+#[test]
+fn subnet_not_cidr() {
+    subnet_error(
+        "192.168.33.0/99",
+        &[
+            "`192.168.33.0/99` is not an IPv4 subnet in CIDR notation",
+            SUBNET_HELP,
+        ],
+    );
+}
+
+#[test]
+fn subnet_without_prefix() {
+    subnet_error(
+        "192.168.33.0",
+        &["subnet `192.168.33.0` has no prefix length; did you mean `192.168.33.0/24`?"],
+    );
+}
+
+#[test]
+fn subnet_prefix_too_long() {
+    subnet_error(
+        "192.168.33.0/31",
+        &[
+            "prefix /31 is outside /8 to /30",
+            "with a prefix from /8 to /30",
+        ],
+    );
+}
+
+#[test]
+fn subnet_prefix_too_short() {
+    subnet_error("10.0.0.0/7", &["prefix /7 is outside /8 to /30"]);
+}
+
+#[test]
+fn subnet_with_host_bits() {
+    subnet_error(
+        "192.168.33.5/24",
+        &["subnet `192.168.33.5/24` has host bits set; did you mean `192.168.33.0/24`?"],
+    );
+}
+
+#[test]
+fn subnet_overlapping_qemu_user_network() {
+    subnet_error(
+        "10.0.0.0/16",
+        &[
+            "subnet 10.0.0.0/16 of network `lan` overlaps 10.0.2.0/24, which qemu's user-mode network uses",
+            "help: pick a range that avoids 10.0.2.0/24",
+        ],
+    );
+}
+
+#[test]
+fn subnets_overlapping_each_other() {
+    assert_error_at(
+        "name = \"x\"\n[networks.a]\nsubnet = \"192.168.33.0/24\"\n[networks.b]\nsubnet = \"192.168.0.0/16\"\n[machines.m]\n",
+        5,
+        10,
+        &[
+            "subnet 192.168.0.0/16 of network `b` overlaps 192.168.33.0/24 of network `a` (line 3)",
+            "help: each network needs its own range",
+        ],
+    );
+}
+
+#[test]
+fn network_without_subnet() {
+    assert_error_at(
+        "name = \"x\"\n[networks.lan]\n[machines.a]\n",
+        2,
+        11,
+        &["network `lan` has no `subnet`", SUBNET_HELP],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 9. Empty, binary and malformed files
+// ---------------------------------------------------------------------------
+
+#[test]
+fn empty_file() {
+    let dir = fixture();
+    let path = dir.path().join("empty.toml");
+    std::fs::write(&path, "").expect("write");
+    let message = topology::load(&path).expect_err("empty").to_string();
+    assert!(
+        message.starts_with(&format!("{}: error: the file is empty", path.display())),
+        "{message}"
+    );
+    assert!(
+        message.contains("help: a topology needs at least `name"),
+        "{message}"
+    );
+}
+
+#[test]
+fn whitespace_only_file_is_empty() {
+    let dir = fixture();
+    let (path, result) = parse_in(&dir, "  \n\n\t\n");
+    let error = result.expect_err("empty");
+    assert_eq!(error.position(), None);
+    assert!(error
+        .to_string()
+        .starts_with(&format!("{}: error: the file is empty", path.display())));
+}
+
+#[test]
+fn binary_file_is_not_utf8() {
+    let dir = fixture();
+    let path = dir.path().join("image.toml");
+    std::fs::write(&path, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR").expect("write");
+    let message = topology::load(&path).expect_err("binary").to_string();
+    assert_message(
+        &message,
+        &path,
+        1,
+        1,
+        &[
+            "the file is not UTF-8 text (binary?)",
+            "help: a topology is a UTF-8 TOML text file",
+        ],
+    );
+}
+
+#[test]
+fn invalid_utf8_is_located() {
+    let dir = fixture();
+    let path = dir.path().join("latin1.toml");
+    std::fs::write(&path, b"name = \"x\"\n# caf\xe9\n").expect("write");
+    let message = topology::load(&path).expect_err("latin-1").to_string();
+    assert_message(&message, &path, 2, 6, &["not UTF-8 text"]);
+}
+
+#[test]
+fn nul_byte_in_loaded_file() {
+    let dir = fixture();
+    let path = dir.path().join("nul.toml");
+    std::fs::write(&path, b"name = \"x\"\nab\x00cd\n").expect("write");
+    let message = topology::load(&path).expect_err("nul").to_string();
+    assert_message(
+        &message,
+        &path,
+        2,
+        3,
+        &["the file contains a NUL byte (binary?)"],
+    );
+}
+
+#[test]
+fn nul_byte_in_parsed_text() {
+    assert_error_at("name = \"x\"\n\0\n", 2, 1, &["NUL byte"]);
+}
+
+#[test]
+fn toml_syntax_error_is_located() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\ncpus = \n",
+        3,
+        8,
+        &[
+            "invalid TOML: string values must be quoted",
+            "help: see https://toml.io",
+        ],
+    );
+}
+
+#[test]
+fn unclosed_table_header() {
+    assert_error_at("name = \"x\"\n[machines.a\n", 2, 12, &["invalid TOML"]);
+}
+
+#[test]
+fn duplicate_key_is_located() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\ncpus = 1\ncpus = 2\n",
+        4,
+        1,
+        &[
+            "invalid TOML: duplicate key",
+            "help: each key may appear only once",
+        ],
+    );
+}
+
+#[test]
+fn duplicate_machine_table_is_located() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\n[machines.a]\n",
+        3,
+        11,
+        &["duplicate key"],
+    );
+}
+
+#[test]
+fn unreadable_file() {
+    let dir = fixture();
+    let path = dir.path().join("missing.toml");
+    let error = topology::load(&path).expect_err("missing");
+    assert!(matches!(error, TopologyError::Io { .. }));
+    let message = error.to_string();
+    assert!(
+        message.starts_with(&format!("cannot read {}: ", path.display())),
+        "{message}"
+    );
+}
+
+#[test]
+fn message_uses_the_path_as_given() {
+    let error = topology::parse(Path::new("topologies/typo.toml"), "nmae = \"x\"\n")
+        .expect_err("unknown key");
+    assert!(
+        error
+            .to_string()
+            .starts_with("topologies/typo.toml:1:1: error: "),
+        "{error}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// CLI: `testbed plan FILE` reports the same errors and never panics.
+// (Needs the `plan` subcommand.)
+// ---------------------------------------------------------------------------
+
+mod cli {
+    use assert_cmd::Command;
+    use predicates::prelude::*;
+
+    use super::fixture;
+
+    fn plan_fails_with(file: &str, contents: &[u8], expected: &str) {
+        let dir = fixture();
+        let path = dir.path().join(file);
+        std::fs::write(&path, contents).expect("write");
+        let expected = expected.replace("FILE", &path.display().to_string());
+        Command::cargo_bin("testbed")
+            .expect("testbed binary")
+            .args(["plan", path.to_str().expect("utf-8 path")])
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains(expected))
+            .stderr(predicate::str::contains("panicked").not());
+    }
+
+    #[test]
+    fn plan_empty_file() {
+        plan_fails_with("empty.toml", b"", "FILE: error: the file is empty");
+    }
+
+    #[test]
+    fn plan_binary_file() {
+        plan_fails_with(
+            "binary.toml",
+            b"\x7fELF\x02\x01\x01\x00\x00\xff\xfe",
+            "FILE:1:8: error: the file contains a NUL byte",
+        );
+    }
+
+    #[test]
+    fn plan_unknown_key() {
+        plan_fails_with(
+            "typo.toml",
+            b"name = \"x\"\n[machines.a]\nmemroy = \"1G\"\n",
+            "FILE:3:1: error: unknown key `memroy` in [machines.a]; did you mean `memory`?",
+        );
+    }
+}
