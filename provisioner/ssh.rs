@@ -137,7 +137,7 @@ pub enum SshError {
     },
     #[error("no SSH algorithms in common with {addr}: {reason}")]
     NoCommonAlgorithm { addr: SocketAddr, reason: String },
-    #[error("could not connect to {addr} within {} s: last error: {last_error}", .waited.as_secs())]
+    #[error("could not connect to {addr} within {}: last error: {last_error}", seconds(*.waited))]
     ConnectTimeout {
         addr: SocketAddr,
         waited: Duration,
@@ -172,6 +172,15 @@ pub enum SshError {
         status: u32,
         stderr: String,
     },
+}
+
+/// A duration for people: "60 s", "0.5 s".
+fn seconds(duration: Duration) -> String {
+    if duration.subsec_millis() == 0 {
+        format!("{} s", duration.as_secs())
+    } else {
+        format!("{:.1} s", duration.as_secs_f64())
+    }
 }
 
 /// One authenticated SSH connection. Cloning is cheap and clones share the
@@ -611,6 +620,9 @@ enum Attempt {
 }
 
 /// One connection attempt: reach the server, then handshake and authenticate.
+/// Each phase has its own bound (see [`REACH_TIMEOUT`], [`HANDSHAKE_TIMEOUT`]),
+/// shortened to what is left of the caller's deadline but never below a
+/// floor, so a last attempt is not doomed from the start.
 async fn attempt(
     target: &Target,
     credentials: &Credentials,
@@ -620,24 +632,16 @@ async fn attempt(
     let reach_limit = remaining.clamp(Duration::from_secs(1), REACH_TIMEOUT);
     let stream = tokio::time::timeout(reach_limit, reach(target.addr))
         .await
-        .map_err(|_| {
-            Attempt::Retry(format!(
-                "no SSH banner within {} s",
-                reach_limit.as_secs_f32()
-            ))
-        })??;
+        .map_err(|_| timed_out("no answer from sshd", reach_limit))??;
     let handshake_limit = remaining.clamp(REACH_TIMEOUT, HANDSHAKE_TIMEOUT);
-    tokio::time::timeout(
-        handshake_limit,
-        handshake(target, credentials, config, stream),
-    )
-    .await
-    .map_err(|_| {
-        Attempt::Retry(format!(
-            "SSH handshake did not finish within {} s",
-            handshake_limit.as_secs()
-        ))
-    })?
+    let handshake = handshake(target, credentials, config, stream);
+    tokio::time::timeout(handshake_limit, handshake)
+        .await
+        .map_err(|_| timed_out("SSH handshake not finished", handshake_limit))?
+}
+
+fn timed_out(what: &str, limit: Duration) -> Attempt {
+    Attempt::Retry(format!("{what} within {}", seconds(limit)))
 }
 
 /// Open a TCP connection and wait until the server starts talking. A port

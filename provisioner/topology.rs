@@ -408,15 +408,28 @@ fn entries<'t, 'i>(table: &'t DeTable<'i>) -> Vec<(&'t Key<'i>, &'t Value<'i>)> 
     entries
 }
 
-/// The candidate closest to `word`, if it is close enough to be a likely typo.
+/// The candidate closest to `word`, if it is close enough to be a likely typo:
+/// a high Jaro-Winkler similarity, or few edits (Jaro-Winkler alone misses
+/// transpositions in short words such as `lna` for `lan`).
 fn closest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
     let word = word.to_ascii_lowercase();
     candidates
         .into_iter()
-        .map(|candidate| (strsim::jaro_winkler(&word, candidate), candidate))
-        .filter(|(score, _)| *score >= 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, candidate)| candidate)
+        .filter(|candidate| {
+            let max_edits = (candidate.chars().count() / 3).max(1);
+            strsim::jaro_winkler(&word, candidate) >= 0.8
+                || strsim::osa_distance(&word, candidate) <= max_edits
+        })
+        .min_by(|a, b| {
+            let key = |c: &str| {
+                (
+                    strsim::osa_distance(&word, c),
+                    -strsim::jaro_winkler(&word, c),
+                )
+            };
+            let (a, b) = (key(a), key(b));
+            a.0.cmp(&b.0).then(a.1.total_cmp(&b.1))
+        })
 }
 
 /// `; did you mean `x`?` or nothing.

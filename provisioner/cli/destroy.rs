@@ -13,12 +13,15 @@ pub struct Args {
     /// Do not ask for confirmation
     #[arg(short = 'f', long)]
     force: bool,
+    /// The topology file (default: the testbed of `.testbed/` in the current directory)
+    #[arg(long = "file", value_name = "FILE")]
+    file: Option<std::path::PathBuf>,
 }
 
-pub async fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Works from `.testbed/` alone, so a deleted or broken topology file
     // never leaves VMs behind that nothing can remove.
-    let state = match file {
+    let state = match args.file.as_deref() {
         Some(file) => {
             let dir = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
             StateDir::beside(dir.parent().unwrap_or_else(|| Path::new(".")))
@@ -34,15 +37,25 @@ pub async fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let removed = lifecycle::destroy(&state, &Progress::new()).await?;
-    println!("destroyed {} machine(s); removed {}", removed.len(), state.root().display());
+    println!(
+        "destroyed {} machine(s); removed {}",
+        removed.len(),
+        state.root().display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 fn confirmed(state: &StateDir) -> anyhow::Result<bool> {
     if !std::io::stdin().is_terminal() {
-        anyhow::bail!("destroy removes every machine of {}: pass -f to confirm when not at a terminal", state.root().display());
+        anyhow::bail!(
+            "destroy removes every machine of {}: pass -f to confirm when not at a terminal",
+            state.root().display()
+        );
     }
-    print!("Destroy every machine of {}? [y/N] ", state.root().display());
+    print!(
+        "Destroy every machine of {}? [y/N] ",
+        state.root().display()
+    );
     std::io::stdout().flush()?;
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;

@@ -17,15 +17,50 @@ struct Check {
 
 pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
     let checks = vec![
-        version_check("qemu", "qemu-system-x86_64", &["--version"], "apt-get install --no-install-recommends qemu-system-x86 qemu-utils"),
-        version_check("qemu-img", "qemu-img", &["--version"], "apt-get install --no-install-recommends qemu-utils"),
+        version_check(
+            "qemu",
+            "qemu-system-x86_64",
+            &["--version"],
+            "apt-get install --no-install-recommends qemu-system-x86 qemu-utils",
+        ),
+        version_check(
+            "qemu-img",
+            "qemu-img",
+            &["--version"],
+            "apt-get install --no-install-recommends qemu-utils",
+        ),
         kvm_check(),
-        version_check("mmdebstrap", "mmdebstrap", &["--version"], "apt-get install --no-install-recommends mmdebstrap"),
-        version_check("mkfs.ext4", "mkfs.ext4", &["-V"], "apt-get install e2fsprogs"),
-        version_check("ssh client", "ssh", &["-V"], "apt-get install openssh-client"),
+        version_check(
+            "mmdebstrap",
+            "mmdebstrap",
+            &["--version"],
+            "apt-get install --no-install-recommends mmdebstrap",
+        ),
+        version_check(
+            "mkfs.ext4",
+            "mkfs.ext4",
+            &["-V"],
+            "apt-get install e2fsprogs",
+        ),
+        version_check(
+            "ssh client",
+            "ssh",
+            &["-V"],
+            "apt-get install openssh-client",
+        ),
         userns_check(),
-        version_check("libvirt (virsh)", "virsh", &["--version"], "apt-get install libvirt-clients libvirt-daemon-system (provider libvirt)"),
-        version_check("VirtualBox", "VBoxManage", &["--version"], "install VirtualBox from virtualbox.org (provider virtualbox)"),
+        version_check(
+            "libvirt (virsh)",
+            "virsh",
+            &["--version"],
+            "apt-get install libvirt-clients libvirt-daemon-system (provider libvirt)",
+        ),
+        version_check(
+            "VirtualBox",
+            "VBoxManage",
+            &["--version"],
+            "install VirtualBox from virtualbox.org (provider virtualbox)",
+        ),
     ];
     for check in &checks {
         let mark = if check.ok { "ok     " } else { "missing" };
@@ -35,36 +70,65 @@ pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     let essentials = checks.iter().take(2).all(|c| c.ok);
-    Ok(if essentials { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if essentials {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn version_check(name: &'static str, program: &str, args: &[&str], fix: &'static str) -> Check {
     let output = Command::new(program).args(args).output();
     let (ok, detail) = match output {
         Ok(out) => {
-            let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-            let first = String::from_utf8_lossy(&text).lines().next().unwrap_or("").to_string();
+            let text = if out.stdout.is_empty() {
+                out.stderr
+            } else {
+                out.stdout
+            };
+            let first = String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
             (true, first)
         }
         Err(e) => (false, format!("{program}: {e}")),
     };
-    Check { name, ok, detail, fix }
+    Check {
+        name,
+        ok,
+        detail,
+        fix,
+    }
 }
 
 fn kvm_check() -> Check {
     let cache = Cache::default();
-    let kernel = cache.list().into_iter().next().map(|image| image.image.kernel);
+    let kernel = cache
+        .list()
+        .into_iter()
+        .next()
+        .map(|image| image.image.kernel);
     let (ok, detail) = match kernel {
         Some(kernel) => {
             let verdict = kvm::probe(&kernel);
             (verdict.kvm, verdict.reason)
         }
-        None => (false, "not probed yet: no image is built (the probe boots an image's kernel); `up` probes it".into()),
+        None => (
+            false,
+            "not probed yet: no image is built (the probe boots an image's kernel); `up` probes it"
+                .into(),
+        ),
     };
     Check {
         name: "KVM",
         ok,
-        detail: if ok { detail } else { format!("{detail}; testbed uses TCG (slower, works)") },
+        detail: if ok {
+            detail
+        } else {
+            format!("{detail}; testbed uses TCG (slower, works)")
+        },
         fix: "optional: a host where /dev/kvm boots guests (nested virtualisation enabled)",
     }
 }

@@ -1,4 +1,3 @@
-use std::path::Path;
 use std::process::ExitCode;
 
 use crate::lifecycle::Testbed;
@@ -8,12 +7,14 @@ use crate::progress::Progress;
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  testbed halt\n  testbed halt beta")]
 pub struct Args {
+    #[command(flatten)]
+    at: super::At,
     /// Machines to halt (default: all)
     machines: Vec<String>,
 }
 
-pub async fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(file)?;
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref())?;
     let halted = testbed.halt(&args.machines, &Progress::new()).await?;
     if halted.is_empty() {
         println!("nothing to halt: no machine was running");

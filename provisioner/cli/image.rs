@@ -1,4 +1,3 @@
-use std::path::Path;
 use std::process::ExitCode;
 
 use crate::image::{Cache, Recipe};
@@ -21,12 +20,9 @@ pub enum Command {
     Rm { names: Vec<String> },
 }
 
-pub fn run(command: Command, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     let cache = Cache::default();
-    let start = match file {
-        Some(file) => file.parent().unwrap_or_else(|| Path::new(".")).to_path_buf(),
-        None => std::env::current_dir()?,
-    };
+    let start = std::env::current_dir()?;
     match command {
         Command::Build { name } => {
             let recipe = Recipe::find(&name, &start)?;
@@ -43,7 +39,12 @@ pub fn run(command: Command, file: Option<&Path>) -> anyhow::Result<ExitCode> {
                 println!("no cached images in {}", cache.root().display());
             } else {
                 for image in images {
-                    println!("{:<32} {:>8.1} MiB  {}", image.key, image.bytes as f64 / 1048576.0, image.image.disk.display());
+                    println!(
+                        "{:<32} {:>8.1} MiB  {}",
+                        image.key,
+                        image.bytes as f64 / 1048576.0,
+                        image.image.disk.display()
+                    );
                 }
             }
         }

@@ -25,9 +25,6 @@ use clap::{Parser, Subcommand};
                   testbed ssh zk-1 -- hostname\n  testbed halt\n  testbed destroy -f"
 )]
 pub struct Cli {
-    /// The topology file (default: the testbed of `.testbed/` in the current directory)
-    #[arg(short = 'f', long = "file", global = true, value_name = "FILE")]
-    file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,7 +43,9 @@ enum Command {
     Image(image::Command),
     /// Serve a network switch (started by `up`; not for users)
     #[command(name = "__switch", hide = true)]
-    Switch { socket: PathBuf },
+    Switch {
+        socket: PathBuf,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -57,7 +56,10 @@ pub fn main() -> ExitCode {
             Err(_) => ExitCode::FAILURE,
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -74,24 +76,24 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let file = cli.file.as_deref();
     match cli.command {
-        Command::Up(args) => up::run(args, file).await,
-        Command::Plan(args) => plan::run(args, file),
-        Command::Status(args) => status::run(args, file),
-        Command::Ssh(args) => ssh::run(args, file),
-        Command::SshConfig(args) => ssh::config(args, file),
-        Command::Halt(args) => halt::run(args, file).await,
-        Command::Destroy(args) => destroy::run(args, file).await,
+        Command::Up(args) => up::run(args).await,
+        Command::Plan(args) => plan::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Ssh(args) => ssh::run(args),
+        Command::SshConfig(args) => ssh::config(args),
+        Command::Halt(args) => halt::run(args).await,
+        Command::Destroy(args) => destroy::run(args).await,
         Command::Doctor(args) => doctor::run(args),
-        Command::Image(command) => image::run(command, file),
+        Command::Image(command) => image::run(command),
         Command::Switch { .. } => Ok(ExitCode::SUCCESS),
     }
 }
 
-/// The topology file of `up`/`plan`: the positional FILE, else `-f FILE`.
-fn topology_arg(positional: Option<PathBuf>, file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
-    positional
-        .or_else(|| file.map(PathBuf::from))
-        .ok_or_else(|| anyhow::anyhow!("which topology? give its file, e.g. `testbed up topologies/quickstart.toml`"))
+/// Which testbed a verb acts on.
+#[derive(clap::Args)]
+pub struct At {
+    /// The topology file (default: the testbed of `.testbed/` in the current directory)
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<PathBuf>,
 }

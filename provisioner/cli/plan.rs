@@ -1,4 +1,4 @@
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::image::{Cache, Recipe};
@@ -12,8 +12,10 @@ pub struct Args {
     topology: Option<PathBuf>,
 }
 
-pub fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let path = super::topology_arg(args.topology, file)?;
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let path = args.topology.ok_or_else(|| {
+        anyhow::anyhow!("which topology? e.g. `testbed plan topologies/quickstart.toml`")
+    })?;
     let testbed = Testbed::open(&path)?;
     let topology = &testbed.topology;
     println!("topology {} ({})", topology.name, topology.path.display());
@@ -42,7 +44,11 @@ pub fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
             "stopped" | "crashed" => "boot from its disk",
             _ => "create disk, boot, apply identity",
         };
-        let ips: Vec<String> = machine.ips.iter().map(|(net, ip)| format!("{net}={ip}")).collect();
+        let ips: Vec<String> = machine
+            .ips
+            .iter()
+            .map(|(net, ip)| format!("{net}={ip}"))
+            .collect();
         let forwards: Vec<String> = machine
             .forwards
             .iter()

@@ -1,14 +1,17 @@
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use crate::lifecycle::Testbed;
 
 /// Open a shell on a machine, or run one command there
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  testbed ssh alpha\n  testbed ssh alpha -- hostname\n  \
-                        testbed ssh alpha -- 'echo stat | nc localhost 2181'")]
+#[command(
+    after_help = "Examples:\n  testbed ssh alpha\n  testbed ssh alpha -- hostname\n  \
+                        testbed ssh alpha -- 'echo stat | nc localhost 2181'"
+)]
 pub struct Args {
+    #[command(flatten)]
+    at: super::At,
     /// The machine
     machine: String,
     /// A command to run instead of a shell (words joined by spaces, run by the guest's shell)
@@ -21,18 +24,23 @@ pub struct Args {
 #[command(after_help = "Examples:\n  testbed ssh-config >> ~/.ssh/config\n  \
                         ssh -F <(testbed ssh-config) alpha")]
 pub struct ConfigArgs {
+    #[command(flatten)]
+    at: super::At,
     /// Only this machine
     machine: Option<String>,
 }
 
 /// Replaces this process with the system `ssh`, so the terminal, agent and
 /// escape keys behave as with plain ssh, and its exit status is the command's.
-pub fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(file)?;
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref())?;
     testbed.select(std::slice::from_ref(&args.machine))?;
     let config = testbed.state.ssh_config();
     if !config.is_file() {
-        anyhow::bail!("{} has no SSH config yet: run `testbed up` first", args.machine);
+        anyhow::bail!(
+            "{} has no SSH config yet: run `testbed up` first",
+            args.machine
+        );
     }
     let mut ssh = Command::new("ssh");
     ssh.arg("-F").arg(&config).arg(&args.machine);
@@ -43,8 +51,8 @@ pub fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
     anyhow::bail!("cannot run ssh: {error} (install openssh-client)")
 }
 
-pub fn config(args: ConfigArgs, file: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(file)?;
+pub fn config(args: ConfigArgs) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref())?;
     let text = std::fs::read_to_string(testbed.state.ssh_config())
         .map_err(|e| anyhow::anyhow!("no SSH config yet ({e}): run `testbed up` first"))?;
     match args.machine {
@@ -54,7 +62,9 @@ pub fn config(args: ConfigArgs, file: Option<&Path>) -> anyhow::Result<ExitCode>
             let block = text
                 .split("\n\n")
                 .find(|block| block.lines().next() == Some(&format!("Host {name}")))
-                .ok_or_else(|| anyhow::anyhow!("{name} has not been created yet: run `testbed up`"))?;
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{name} has not been created yet: run `testbed up`")
+                })?;
             println!("{block}\n");
         }
     }

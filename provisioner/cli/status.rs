@@ -1,19 +1,22 @@
-use std::path::Path;
 use std::process::ExitCode;
 
 use crate::lifecycle::Testbed;
 
 /// Show each machine's state, like `vagrant status`
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  testbed status\n  testbed status --json | jq '.[] | select(.state != \"running\")'")]
+#[command(
+    after_help = "Examples:\n  testbed status\n  testbed status --json | jq '.[] | select(.state != \"running\")'"
+)]
 pub struct Args {
+    #[command(flatten)]
+    at: super::At,
     /// Print a JSON array of {name, state, provider, ssh, ips}
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(file)?;
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref())?;
     let machines = testbed.status()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&machines)?);
@@ -27,7 +30,11 @@ pub fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
             machine.name,
             machine.state,
             machine.provider,
-            machine.ssh.as_deref().map(|s| format!("ssh {s}")).unwrap_or_default(),
+            machine
+                .ssh
+                .as_deref()
+                .map(|s| format!("ssh {s}"))
+                .unwrap_or_default(),
             ips.join(" ")
         );
     }

@@ -1,4 +1,4 @@
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::lifecycle::Testbed;
@@ -9,12 +9,14 @@ use crate::progress::Progress;
 #[command(after_help = "Examples:\n  testbed up topologies/quickstart.toml\n  \
                         testbed up            # again: resumes halted machines, or does nothing")]
 pub struct Args {
+    #[command(flatten)]
+    at: super::At,
     /// The topology file (default: the testbed in the current directory)
     topology: Option<PathBuf>,
 }
 
-pub async fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let testbed = match args.topology.as_deref().or(file) {
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let testbed = match args.topology.as_deref().or(args.at.file.as_deref()) {
         Some(path) => Testbed::open(path)?,
         None => Testbed::locate(None)?,
     };
@@ -33,7 +35,10 @@ pub async fn run(args: Args, file: Option<&Path>) -> anyhow::Result<ExitCode> {
             report.changed.join(", "),
             report.unchanged.len()
         );
-        println!("next: testbed status | testbed ssh {} | testbed halt", report.changed[0]);
+        println!(
+            "next: testbed status | testbed ssh {} | testbed halt",
+            report.changed[0]
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
