@@ -231,6 +231,7 @@ impl Testbed {
             }
         }
         write_ssh_config(&self.state, &self.topology.name, &lock_record(&record))?;
+        warm_control_masters(&self.state.ssh_config(), &report.changed);
         if failures.is_empty() {
             Ok(report)
         } else {
@@ -739,6 +740,30 @@ async fn stop_control_master(config: &Path, name: &str) {
         .stderr(std::process::Stdio::null())
         .status()
         .await;
+}
+
+/// Opens each machine's OpenSSH ControlMaster in the background (`ssh -fN`),
+/// so the first `testbed ssh` after `up` skips the key exchange too. Not
+/// waited for: `up` is done once the machines are; a master that fails
+/// costs nothing, `testbed ssh` then opens one itself.
+fn warm_control_masters(config: &Path, names: &[String]) {
+    for name in names {
+        let _ = std::process::Command::new("ssh")
+            .arg("-F")
+            .arg(config)
+            .args([
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                "BatchMode=yes",
+                "-fN",
+                name,
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
 }
 
 /// The path of a machine's ControlMaster socket.

@@ -117,32 +117,24 @@ pub enum SshError {
     #[error("could not write key file {path}: {reason}")]
     WriteKey { path: PathBuf, reason: String },
     #[error(
-        "host key of {addr} does not match the one testbed generated \
-         (expected {expected}, got {got}); refusing to connect"
+        "host key of {} does not match the one testbed generated \
+         (expected {}, got {}); refusing to connect",
+        .0.addr, .0.expected, .0.got
     )]
-    HostKeyMismatch {
-        addr: SocketAddr,
-        expected: String,
-        got: String,
-    },
+    HostKeyMismatch(Box<HostKeyMismatch>),
     #[error(
-        "authentication as {user} at {addr} refused: the server does not accept \
-         the key {key_path} ({fingerprint}); check the guest's authorized_keys"
+        "authentication as {} at {} refused: the server does not accept \
+         the key {} ({}); check the guest's authorized_keys",
+        .0.user, .0.addr, .0.key_path.display(), .0.fingerprint
     )]
-    AuthRefused {
-        user: String,
-        addr: SocketAddr,
-        key_path: PathBuf,
-        fingerprint: String,
-    },
+    AuthRefused(Box<AuthRefused>),
     #[error("no SSH algorithms in common with {addr}: {reason}")]
     NoCommonAlgorithm { addr: SocketAddr, reason: String },
-    #[error("could not connect to {addr} within {}: last error: {last_error}", seconds(*.waited))]
-    ConnectTimeout {
-        addr: SocketAddr,
-        waited: Duration,
-        last_error: String,
-    },
+    #[error(
+        "could not connect to {} within {}: last error: {}",
+        .0.addr, seconds(.0.waited), .0.last_error
+    )]
+    ConnectTimeout(Box<ConnectTimeout>),
     #[error("SSH connection to {addr}: {action} failed: {source}")]
     Protocol {
         addr: SocketAddr,
@@ -153,25 +145,63 @@ pub enum SshError {
     ExecRefused { addr: SocketAddr, command: String },
     #[error("connection to {addr} ended before command `{command}` reported an exit status")]
     NoExitStatus { addr: SocketAddr, command: String },
-    #[error("command `{command}` on {addr} was killed by signal {signal}")]
-    Killed {
-        addr: SocketAddr,
-        command: String,
-        signal: String,
-    },
+    #[error(
+        "command `{}` on {} was killed by signal {}",
+        .0.command, .0.addr, .0.signal
+    )]
+    Killed(Box<Killed>),
     #[error("command `{command}` exited with status {status}: {stderr}")]
     CommandFailed {
         command: String,
         status: u32,
         stderr: String,
     },
-    #[error("could not write {path} on {addr} (exit status {status}): {stderr}")]
-    UploadFailed {
-        addr: SocketAddr,
-        path: String,
-        status: u32,
-        stderr: String,
-    },
+    #[error(
+        "could not write {} on {} (exit status {}): {}",
+        .0.path, .0.addr, .0.status, .0.stderr
+    )]
+    UploadFailed(Box<UploadFailed>),
+}
+
+// The larger variants are boxed so that `SshError` stays small enough to
+// embed in other error types.
+
+#[derive(Debug)]
+pub struct HostKeyMismatch {
+    pub addr: SocketAddr,
+    /// SHA-256 fingerprints, as `ssh-keygen -l` prints them.
+    pub expected: String,
+    pub got: String,
+}
+
+#[derive(Debug)]
+pub struct AuthRefused {
+    pub user: String,
+    pub addr: SocketAddr,
+    pub key_path: PathBuf,
+    pub fingerprint: String,
+}
+
+#[derive(Debug)]
+pub struct ConnectTimeout {
+    pub addr: SocketAddr,
+    pub waited: Duration,
+    pub last_error: String,
+}
+
+#[derive(Debug)]
+pub struct Killed {
+    pub addr: SocketAddr,
+    pub command: String,
+    pub signal: String,
+}
+
+#[derive(Debug)]
+pub struct UploadFailed {
+    pub addr: SocketAddr,
+    pub path: String,
+    pub status: u32,
+    pub stderr: String,
 }
 
 /// A duration for people: "60 s", "0.5 s".
@@ -227,11 +257,11 @@ impl Session {
             };
             let remaining = deadline.saturating_sub(started.elapsed());
             if remaining.is_zero() {
-                return Err(SshError::ConnectTimeout {
+                return Err(SshError::ConnectTimeout(Box::new(ConnectTimeout {
                     addr: target.addr,
                     waited: deadline,
                     last_error,
-                });
+                })));
             }
             tokio::time::sleep(backoff.min(remaining)).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -266,7 +296,8 @@ impl Session {
     /// a command that reads it sees end-of-file rather than hanging.
     ///
     /// A non-zero exit status is returned, not an error; see
-    /// [`ExecOutput::ensure_success`].
+    /// [`ExecOutput::ensure_success`]. Dropping the future early abandons
+    /// the channel but does not stop the remote command.
     pub async fn exec_streaming(
         &self,
         command: &str,
@@ -290,12 +321,12 @@ impl Session {
         if output.success() {
             return Ok(());
         }
-        Err(SshError::UploadFailed {
+        Err(SshError::UploadFailed(Box::new(UploadFailed {
             addr: self.inner.addr,
             path: remote_path.to_string(),
             status: output.exit_status,
             stderr: output.stderr_lossy().trim_end().to_string(),
-        })
+        })))
     }
 
     /// Open a TCP connection to `host:port` as seen from the remote machine
@@ -366,11 +397,11 @@ impl Session {
             return Err(SshError::ExecRefused { addr, command });
         }
         if let Some(signal) = outcome.signal {
-            return Err(SshError::Killed {
+            return Err(SshError::Killed(Box::new(Killed {
                 addr,
                 command,
                 signal,
-            });
+            })));
         }
         match outcome.exit_status {
             Some(exit_status) => Ok(ExecOutput {
@@ -701,23 +732,25 @@ async fn authenticate(
     if result.success() {
         return Ok(());
     }
-    Err(Attempt::Fatal(SshError::AuthRefused {
-        user: target.user.clone(),
-        addr: target.addr,
-        key_path: target.key_path.clone(),
-        fingerprint: credentials.key.fingerprint(HashAlg::Sha256).to_string(),
-    }))
+    Err(Attempt::Fatal(SshError::AuthRefused(Box::new(
+        AuthRefused {
+            user: target.user.clone(),
+            addr: target.addr,
+            key_path: target.key_path.clone(),
+            fingerprint: credentials.key.fingerprint(HashAlg::Sha256).to_string(),
+        },
+    ))))
 }
 
 /// Sort a failed handshake into what retrying can and cannot fix.
 fn classify(addr: SocketAddr, error: HandshakeError) -> Attempt {
     match error {
         HandshakeError::HostKeyMismatch { expected, got } => {
-            Attempt::Fatal(SshError::HostKeyMismatch {
+            Attempt::Fatal(SshError::HostKeyMismatch(Box::new(HostKeyMismatch {
                 addr,
                 expected,
                 got,
-            })
+            })))
         }
         HandshakeError::Russh(russh::Error::NoCommonAlgo { kind, ours, theirs }) => {
             Attempt::Fatal(SshError::NoCommonAlgorithm {

@@ -92,7 +92,8 @@ pub const DEFAULT_IMAGE: &str = "debian-12";
 pub const DEFAULT_CPUS: u32 = 1;
 /// Memory used when neither the machine nor `[defaults]` sets `memory`.
 pub const DEFAULT_MEMORY_MIB: u64 = 768;
-/// Below this a Debian guest with a JVM daemon does not boot reliably.
+/// Smallest `memory` accepted: less does not boot a Debian guest reliably,
+/// and usually means a unit was forgotten.
 pub const MIN_MEMORY_MIB: u64 = 128;
 /// Upper bound for `cpus`; more is almost certainly a typo.
 pub const MAX_CPUS: u32 = 64;
@@ -307,26 +308,19 @@ fn check_memory_mib(mib: u64) -> std::result::Result<u64, String> {
 /// before parsing so that a binary file never reaches the TOML parser.
 fn decode<'b>(path: &Path, bytes: &'b [u8]) -> Result<&'b str> {
     let nul = bytes.iter().position(|&byte| byte == 0);
-    let invalid = std::str::from_utf8(bytes)
-        .err()
-        .map(|error| error.valid_up_to());
-    let problem = match (nul, invalid) {
-        (Some(nul), Some(invalid)) if invalid < nul => Some((invalid, NOT_UTF8)),
-        (Some(nul), _) => Some((nul, HAS_NUL)),
-        (None, Some(invalid)) => Some((invalid, NOT_UTF8)),
-        (None, None) => None,
+    let (offset, message) = match (std::str::from_utf8(bytes), nul) {
+        (Ok(text), None) => return Ok(text),
+        (Ok(_), Some(nul)) => (nul, HAS_NUL),
+        (Err(error), Some(nul)) if nul < error.valid_up_to() => (nul, HAS_NUL),
+        (Err(error), _) => (error.valid_up_to(), NOT_UTF8),
     };
-    match problem {
-        Some((offset, message)) => {
-            let prefix = String::from_utf8_lossy(bytes.get(..offset).unwrap_or_default());
-            let source = Source {
-                path,
-                text: &prefix,
-            };
-            Err(source.error(offset..offset, message).with_help(TEXT_HELP))
-        }
-        None => Ok(std::str::from_utf8(bytes).unwrap_or_default()),
-    }
+    // Everything before `offset` is valid UTF-8, so the position is exact.
+    let prefix = String::from_utf8_lossy(bytes.get(..offset).unwrap_or_default());
+    let source = Source {
+        path,
+        text: &prefix,
+    };
+    Err(source.error(offset..offset, message).with_help(TEXT_HELP))
 }
 
 const NOT_UTF8: &str = "the file is not UTF-8 text (binary?)";
@@ -490,7 +484,7 @@ impl Checker<'_> {
         let name = self.topology_name(root)?;
         let defaults = match root.get("defaults") {
             Some(value) => {
-                let table = self.table(value, "defaults", "[defaults]")?;
+                let table = self.table(value, "defaults", "{ cpus = 2 }")?;
                 self.check_keys(table, DEFAULTS_KEYS, "in [defaults]")?;
                 self.settings(table)?
             }
@@ -563,10 +557,7 @@ impl Checker<'_> {
         self.source
             .error(
                 value.span(),
-                format!(
-                    "`{key}` must be {expected}, not a {}",
-                    value.get_ref().type_str()
-                ),
+                format!("`{key}` must be {expected}, not {}", a_type(value)),
             )
             .with_help(format!("for example `{key} = {example}`"))
     }
@@ -684,8 +675,8 @@ impl Checker<'_> {
                     .and_then(check_memory_mib)
             }
             _ => Err(format!(
-                "`memory` must be a size such as \"1GiB\", not a {}",
-                value.get_ref().type_str()
+                "`memory` must be a size such as \"1GiB\", not {}",
+                a_type(value)
             )),
         };
         parsed.map_err(|message| {
@@ -1033,7 +1024,10 @@ impl Checker<'_> {
         let text = self.string(value, key, "\"192.168.33.2\"")?;
         text.parse().map_err(|_| {
             let message = if text.contains('/') {
-                format!("`{text}` is not an address: write it without a prefix length (the network's subnet gives it)")
+                format!(
+                    "`{text}` is not an address: write it without a prefix length (the \
+                     network's subnet gives it)"
+                )
             } else {
                 format!("`{text}` is not an IPv4 address")
             };
@@ -1104,7 +1098,15 @@ impl Checker<'_> {
         };
         let mut forwards = Vec::new();
         for item in items.iter() {
-            let table = self.table(item, "forward", EXAMPLE)?;
+            let Some(table) = item.get_ref().as_table() else {
+                return Err(self
+                    .source
+                    .error(
+                        item.span(),
+                        format!("each `forward` entry must be a table, not {}", a_type(item)),
+                    )
+                    .with_help(format!("for example `forward = {EXAMPLE}`")));
+            };
             self.check_keys(table, FORWARD_KEYS, "in a `forward` entry")?;
             let port = |key: &str| -> Result<(u16, Span)> {
                 let Some(value) = table.get(key) else {
@@ -1135,11 +1137,7 @@ impl Checker<'_> {
         let port = match u16::try_from(number) {
             Ok(port) if port > 0 => port,
             _ => {
-                let why = if number == 0 {
-                    format!("{key} port 0 is not a port")
-                } else {
-                    format!("{key} port {number} is not a port")
-                };
+                let why = format!("{key} port {number} is not a port");
                 let help = if key == "host" {
                     "host ports are bound on 127.0.0.1 by testbed, unprivileged: use 1024 to 65535"
                 } else {
@@ -1174,7 +1172,8 @@ impl Checker<'_> {
                 .error(
                     span,
                     format!(
-                        "host port {port} is forwarded twice: by machine `{}` (line {}) and machine `{machine}`",
+                        "host port {port} is forwarded twice: by machine `{}` (line {}) and \
+                         machine `{machine}`",
                         claim.machine, claim.line
                     ),
                 )
@@ -1194,6 +1193,17 @@ impl Checker<'_> {
 struct Claims {
     ips: HashMap<Ipv4Addr, Claim>,
     ports: HashMap<u16, Claim>,
+}
+
+/// The type of a TOML value with its article, for messages: "an integer".
+fn a_type(value: &Value<'_>) -> String {
+    let kind = value.get_ref().type_str();
+    let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {kind}")
 }
 
 /// Whether two subnets share any address (one contains the other's start).

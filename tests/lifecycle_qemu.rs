@@ -114,8 +114,28 @@ fn two_machines_live_halt_resume_and_leave_nothing_behind() {
     assert_eq!(bed.ok(&["ssh", "alpha", "--", "hostname"]).trim(), "alpha");
 
     // Each machine reaches the other on its private IP.
-    bed.ok(&["ssh", "alpha", "--", "nc", "-z", "-w", "5", "192.168.33.3", "22"]);
-    bed.ok(&["ssh", "beta", "--", "nc", "-z", "-w", "5", "192.168.33.2", "22"]);
+    bed.ok(&[
+        "ssh",
+        "alpha",
+        "--",
+        "nc",
+        "-z",
+        "-w",
+        "5",
+        "192.168.33.3",
+        "22",
+    ]);
+    bed.ok(&[
+        "ssh",
+        "beta",
+        "--",
+        "nc",
+        "-z",
+        "-w",
+        "5",
+        "192.168.33.2",
+        "22",
+    ]);
 
     // A command's exit status comes back.
     let failed = bed.testbed(&["ssh", "alpha", "--", "false"]);
@@ -132,18 +152,37 @@ fn two_machines_live_halt_resume_and_leave_nothing_behind() {
         ]
     );
     let dir = bed.path().to_string_lossy().into_owned();
-    assert!(processes_mentioning(&dir).is_empty(), "halt left processes behind");
+    assert!(
+        processes_mentioning(&dir).is_empty(),
+        "halt left processes behind"
+    );
 
     bed.ok(&["up"]);
-    assert_eq!(bed.ok(&["ssh", "alpha", "--", "cat", "/root/marker"]).trim(), "kept");
+    assert_eq!(
+        bed.ok(&["ssh", "alpha", "--", "cat", "/root/marker"])
+            .trim(),
+        "kept"
+    );
     bed.ok(&["ssh", "beta", "--", "nc", "-z", "-w", "5", "alpha", "22"]);
 
     let again = bed.ok(&["up"]);
-    assert!(again.contains("nothing to do"), "converged up said: {again}");
+    assert!(
+        again.contains("nothing to do"),
+        "converged up said: {again}"
+    );
 
     bed.ok(&["destroy", "-f"]);
-    assert!(!bed.path().join(".testbed").exists(), ".testbed/ left behind");
-    assert!(processes_mentioning(&dir).is_empty(), "destroy left processes behind");
+    assert!(
+        !bed.path().join(".testbed").exists(),
+        ".testbed/ left behind"
+    );
+    assert!(
+        processes_mentioning(&dir).is_empty(),
+        "destroy left processes behind"
+    );
     let status = bed.testbed(&["status"]);
-    assert!(!status.status.success(), "status after destroy must say there is no testbed");
+    assert!(
+        !status.status.success(),
+        "status after destroy must say there is no testbed"
+    );
 }

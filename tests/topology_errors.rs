@@ -194,6 +194,22 @@ fn forwards_as_array_of_tables_are_accepted() {
     );
 }
 
+#[test]
+fn shipped_topologies_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("topologies/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|ext| ext == "toml") {
+            if let Err(error) = topology::load(&path) {
+                panic!("{error}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no topologies in {}", dir.display());
+}
+
 // ---------------------------------------------------------------------------
 // Helpers exposed by the module
 // ---------------------------------------------------------------------------
@@ -417,7 +433,7 @@ fn topology_name_must_be_a_string() {
         1,
         8,
         &[
-            "`name` must be a string, not a integer",
+            "`name` must be a string, not an integer",
             "help: for example `name = \"my-cluster\"`",
         ],
     );
@@ -819,6 +835,32 @@ fn forward_must_be_an_array() {
         &[
             "`forward` must be an array of tables, not a table",
             "help: for example `forward = [{ guest = 2181, host = 12181 }]`",
+        ],
+    );
+}
+
+#[test]
+fn forward_entry_must_be_a_table() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nforward = [2181]\n",
+        3,
+        12,
+        &[
+            "each `forward` entry must be a table, not an integer",
+            "help: for example `forward = [{ guest = 2181, host = 12181 }]`",
+        ],
+    );
+}
+
+#[test]
+fn defaults_must_be_a_table() {
+    assert_error_at(
+        "name = \"x\"\ndefaults = 5\n[machines.a]\n",
+        2,
+        12,
+        &[
+            "`defaults` must be a table, not an integer",
+            "help: for example `defaults = { cpus = 2 }`",
         ],
     );
 }

@@ -114,7 +114,7 @@ pub trait Provider: Send + Sync {
 /// The backend for a provider kind.
 pub fn for_kind(kind: ProviderKind) -> Result<Box<dyn Provider>, ProviderError> {
     match kind {
-        ProviderKind::Qemu => Ok(Box::new(qemu::Qemu::default())),
+        ProviderKind::Qemu => Ok(Box::new(qemu::Qemu)),
         ProviderKind::Libvirt => Err(ProviderError::Unavailable("libvirt")),
         ProviderKind::Virtualbox => Err(ProviderError::Unavailable("virtualbox")),
     }

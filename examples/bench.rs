@@ -1,0 +1,381 @@
+//! The boot benchmark: `make bench` (or `cargo build --release && cargo run
+//! --release --example bench`). With a warm image cache it measures, side by
+//! side in one run:
+//! - `testbed up` to SSH-ready for 1 and 3 machines, beside the same boots
+//!   done by bare `qemu-system-x86_64` command lines with ssh polling;
+//! - a converged `up`, and `status`;
+//! - `testbed ssh NAME -- true` beside plain `ssh` with a fresh connection.
+//!
+//! It prints a table of medians and ratios. Nothing here asserts: figures
+//! are for people to read and compare.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The release (or debug) `testbed` beside this example's binary.
+fn testbed_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let binary = dir.join("testbed");
+    assert!(
+        binary.is_file(),
+        "build it first: cargo build --release ({} missing)",
+        binary.display()
+    );
+    binary
+}
+
+fn topology(name: &str, machines: usize) -> String {
+    let mut text = format!("name = \"{name}\"\n[networks.lan]\nsubnet = \"192.168.50.0/24\"\n");
+    for index in 0..machines {
+        text.push_str(&format!(
+            "[machines.m{index}]\nip = \"192.168.50.{}\"\n",
+            index + 10
+        ));
+    }
+    text
+}
+
+struct Bed {
+    dir: PathBuf,
+}
+
+impl Bed {
+    fn new(root: &Path, name: &str, machines: usize) -> Bed {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("bench dir");
+        std::fs::write(dir.join("topology.toml"), topology(name, machines)).expect("topology");
+        Bed { dir }
+    }
+
+    fn run(&self, args: &[&str]) -> Duration {
+        let start = Instant::now();
+        let status = Command::new(testbed_binary())
+            .current_dir(&self.dir)
+            .env("TESTBED_IMAGES", repo().join("images"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run testbed");
+        let elapsed = start.elapsed();
+        assert!(
+            status.success(),
+            "testbed {args:?} failed in {}",
+            self.dir.display()
+        );
+        elapsed
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = Command::new(testbed_binary())
+            .current_dir(&self.dir)
+            .args(["destroy", "-f"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The files a bare boot needs, taken from a testbed machine: the cached
+/// kernel, initrd and base disk, and that machine's seed, key and host key.
+struct BareKit {
+    kernel: String,
+    initrd: String,
+    base: String,
+    seed: PathBuf,
+    user_key: PathBuf,
+    known_hosts: PathBuf,
+}
+
+impl BareKit {
+    fn from(bed: &Bed, root: &Path) -> BareKit {
+        let state = bed.dir.join(".testbed");
+        let machine = state.join("machines/m0");
+        let args = std::fs::read_to_string(format!(
+            "/proc/{}/cmdline",
+            std::fs::read_to_string(machine.join("qemu.pid"))
+                .expect("pid")
+                .trim()
+        ))
+        .expect("qemu cmdline");
+        let args: Vec<&str> = args.split('\0').collect();
+        let after = |flag: &str| -> String {
+            let i = args.iter().position(|a| *a == flag).expect("flag");
+            args[i + 1].to_string()
+        };
+        let drive = after("-drive");
+        let overlay = drive
+            .trim_start_matches("file=")
+            .split(',')
+            .next()
+            .expect("disk")
+            .to_string();
+        let base = String::from_utf8(
+            Command::new("qemu-img")
+                .args(["info", "--output=json", &overlay])
+                .output()
+                .expect("qemu-img info")
+                .stdout,
+        )
+        .expect("utf8");
+        let base: serde_json::Value = serde_json::from_str(&base).expect("json");
+        let dir = root.join("bare-kit");
+        std::fs::create_dir_all(&dir).expect("kit dir");
+        let seed = dir.join("seed.tar");
+        std::fs::copy(machine.join("seed.tar"), &seed).expect("seed");
+        let known_hosts = dir.join("known_hosts");
+        let host_key =
+            std::fs::read_to_string(machine.join("ssh_host_ed25519_key.pub")).expect("host key");
+        std::fs::write(&known_hosts, format!("bare {host_key}")).expect("known_hosts");
+        BareKit {
+            kernel: after("-kernel"),
+            initrd: after("-initrd"),
+            base: base["backing-filename"]
+                .as_str()
+                .expect("backing file")
+                .to_string(),
+            seed,
+            user_key: state.join("id_ed25519"),
+            known_hosts,
+        }
+    }
+}
+
+/// Boots `count` VMs with bare qemu command lines and polls each with a
+/// fresh `ssh … true` until all answer; returns the wall time.
+fn bare_boot(kit: &BareKit, root: &Path, count: usize) -> Duration {
+    let start = Instant::now();
+    let mut vms = Vec::new();
+    for index in 0..count {
+        let dir = root.join(format!("bare-{count}-{index}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("bare dir");
+        let disk = dir.join("disk.qcow2");
+        let ok = Command::new("qemu-img")
+            .args([
+                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &kit.base,
+            ])
+            .arg(&disk)
+            .status()
+            .expect("qemu-img")
+            .success();
+        assert!(ok, "qemu-img create failed");
+        let port = free_port();
+        let mut child = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "768M",
+            ])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-kernel", &kit.kernel, "-initrd", &kit.initrd])
+            .args(["-append", "root=/dev/vda rw console=ttyS0 quiet"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=root,format=qcow2",
+                disk.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=root"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=seed,format=raw,readonly=on",
+                kit.seed.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=seed,serial=testbed-seed"])
+            .arg("-netdev")
+            .arg(format!("user,id=mgmt,hostfwd=tcp:127.0.0.1:{port}-:22"))
+            // The seed configures the NIC by its MAC: use testbed's management MAC.
+            .arg("-device")
+            .arg(format!(
+                "virtio-net-pci,netdev=mgmt,mac={}",
+                management_mac()
+            ))
+            .args(["-device", "virtio-rng-pci", "-serial", "null"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu");
+        vms.push((port, dir));
+        // Reaped below, after the VM is killed.
+        let _ = child.stdin.take();
+        BARE_CHILDREN.with(|c| c.borrow_mut().push(child));
+    }
+    for (port, _) in &vms {
+        while !plain_ssh(kit, *port) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let elapsed = start.elapsed();
+    BARE_CHILDREN.with(|c| {
+        for mut child in c.borrow_mut().drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    });
+    for (_, dir) in vms {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    elapsed
+}
+
+thread_local! {
+    static BARE_CHILDREN: std::cell::RefCell<Vec<std::process::Child>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// testbed's management MAC for machine m0 (the seed's interfaces name it).
+fn management_mac() -> String {
+    testbed::identity::mac_address("m0", 0)
+}
+
+/// One fresh `ssh root@127.0.0.1 true`, host key pinned.
+fn plain_ssh(kit: &BareKit, port: u16) -> bool {
+    Command::new("ssh")
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=3",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
+        .args([
+            "-o",
+            "HostKeyAlias=bare",
+            "-o",
+            "ControlMaster=no",
+            "-o",
+            "ControlPath=none",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", kit.known_hosts.display()))
+        .arg("-i")
+        .arg(&kit.user_key)
+        .args(["-p", &port.to_string(), "root@127.0.0.1", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn repeat(times: usize, mut f: impl FnMut() -> Duration) -> Duration {
+    median((0..times).map(|_| f()).collect())
+}
+
+fn time(f: impl FnOnce() -> bool) -> Duration {
+    let start = Instant::now();
+    assert!(f(), "benchmark step failed");
+    start.elapsed()
+}
+
+fn row(what: &str, testbed: Duration, baseline: Option<(&str, Duration)>) {
+    match baseline {
+        Some((name, base)) => println!(
+            "{what:<34} {:>9.3} s   {name:<26} {:>9.3} s   {:>5.2}x",
+            testbed.as_secs_f64(),
+            base.as_secs_f64(),
+            testbed.as_secs_f64() / base.as_secs_f64()
+        ),
+        None => println!("{what:<34} {:>9.3} s", testbed.as_secs_f64()),
+    }
+}
+
+fn main() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(2);
+    eprintln!("warming: image cache and KVM probe");
+    let one = Bed::new(root.path(), "bench-one", 1);
+    one.run(&["up", "topology.toml"]);
+    let kit = BareKit::from(&one, root.path());
+    one.run(&["destroy", "-f"]);
+
+    let three = Bed::new(root.path(), "bench-three", 3);
+    let (mut up1, mut bare1, mut up3, mut bare3) = (vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}: boots", round + 1);
+        bare1.push(bare_boot(&kit, root.path(), 1));
+        up1.push(one.run(&["up", "topology.toml"]));
+        one.run(&["destroy", "-f"]);
+        bare3.push(bare_boot(&kit, root.path(), 3));
+        up3.push(three.run(&["up", "topology.toml"]));
+        three.run(&["destroy", "-f"]);
+    }
+
+    eprintln!("converged commands");
+    one.run(&["up", "topology.toml"]);
+    let converged = repeat(10, || one.run(&["up"]));
+    let status = repeat(10, || one.run(&["status"]));
+    let port: u16 = {
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(one.dir.join(".testbed/state.json")).expect("state"),
+        )
+        .expect("json");
+        record["machines"]["m0"]["ssh_port"].as_u64().expect("port") as u16
+    };
+    let kit_for_one = BareKit {
+        known_hosts: {
+            let path = root.path().join("one_known_hosts");
+            let key = std::fs::read_to_string(
+                one.dir
+                    .join(".testbed/machines/m0/ssh_host_ed25519_key.pub"),
+            )
+            .expect("host key");
+            std::fs::write(&path, format!("bare {key}")).expect("known hosts");
+            path
+        },
+        user_key: one.dir.join(".testbed/id_ed25519"),
+        ..kit
+    };
+    one.run(&["ssh", "m0", "--", "true"]); // a ControlMaster is up from here on
+    let tb_ssh = repeat(10, || one.run(&["ssh", "m0", "--", "true"]));
+    let plain = repeat(5, || time(|| plain_ssh(&kit_for_one, port)));
+
+    println!(
+        "\ntestbed benchmark (TCG, warm image cache, medians of {rounds} boot rounds / 10 runs)\n"
+    );
+    println!(
+        "{:<34} {:>11}   {:<26} {:>11}   {:>6}",
+        "testbed", "", "baseline", "", "ratio"
+    );
+    row(
+        "up to SSH-ready, 1 machine",
+        median(up1),
+        Some(("bare qemu + ssh poll", median(bare1))),
+    );
+    row(
+        "up to SSH-ready, 3 machines",
+        median(up3),
+        Some(("bare qemu + ssh poll", median(bare3))),
+    );
+    row("converged up", converged, None);
+    row("status", status, None);
+    row(
+        "ssh m0 -- true",
+        tb_ssh,
+        Some(("plain ssh, new connection", plain)),
+    );
+}
