@@ -1,0 +1,34 @@
+# testbed: the two set-up commands.
+#   make up     install what a fresh Debian machine lacks, build testbed, bring up the quickstart
+#   make test   run the whole test suite (unit, integration, end-to-end on real VMs)
+# Run as root, or with sudo available for the package install.
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TESTBED := target/release/testbed
+
+.PHONY: deps build up test bench clean
+
+# qemu-utils is pinned to qemu-system-x86's version: some machines ship a
+# newer qemu-utils that the distribution's qemu-system-x86 conflicts with.
+deps:
+	$(SUDO) apt-get update -qq
+	QEMU_VERSION=$$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $$2}'); \
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
+		qemu-system-x86 "qemu-utils=$$QEMU_VERSION" mmdebstrap e2fsprogs openssh-client openssh-server \
+		ca-certificates
+
+build:
+	cargo build --release
+
+up: deps build
+	$(TESTBED) up topologies/quickstart.toml
+	$(TESTBED) ssh -f topologies/quickstart.toml zk -- hostname
+
+test:
+	cargo test
+
+bench: build
+	cargo run --release --example bench
+
+clean:
+	cargo clean
