@@ -119,22 +119,9 @@ impl BareKit {
             let i = args.iter().position(|a| *a == flag).expect("flag");
             args[i + 1].to_string()
         };
-        let drive = after("-drive");
-        let overlay = drive
-            .trim_start_matches("file=")
-            .split(',')
-            .next()
-            .expect("disk")
-            .to_string();
-        let base = String::from_utf8(
-            Command::new("qemu-img")
-                .args(["info", "--output=json", &overlay])
-                .output()
-                .expect("qemu-img info")
-                .stdout,
-        )
-        .expect("utf8");
-        let base: serde_json::Value = serde_json::from_str(&base).expect("json");
+        // The base disk sits beside the kernel in the image cache.
+        let kernel = after("-kernel");
+        let base = Path::new(&kernel).with_file_name("disk.qcow2");
         let dir = root.join("bare-kit");
         std::fs::create_dir_all(&dir).expect("kit dir");
         let seed = dir.join("seed.tar");
@@ -144,12 +131,9 @@ impl BareKit {
             std::fs::read_to_string(machine.join("ssh_host_ed25519_key.pub")).expect("host key");
         std::fs::write(&known_hosts, format!("bare {host_key}")).expect("known_hosts");
         BareKit {
-            kernel: after("-kernel"),
+            kernel,
             initrd: after("-initrd"),
-            base: base["backing-filename"]
-                .as_str()
-                .expect("backing file")
-                .to_string(),
+            base: base.to_string_lossy().into_owned(),
             seed,
             user_key: state.join("id_ed25519"),
             known_hosts,
@@ -203,6 +187,12 @@ fn bare_boot(kit: &BareKit, root: &Path, count: usize) -> Duration {
             .arg(format!(
                 "virtio-net-pci,netdev=mgmt,mac={}",
                 management_mac()
+            ))
+            // The seed also names the machine's NIC on the topology network.
+            .args(["-netdev", "user,id=lan,restrict=on", "-device"])
+            .arg(format!(
+                "virtio-net-pci,netdev=lan,mac={}",
+                testbed::identity::mac_address("m0", 1)
             ))
             .args(["-device", "virtio-rng-pci", "-serial", "null"])
             .stdin(Stdio::null())

@@ -162,37 +162,43 @@ pub fn build_seed(
     let private = std::fs::read(&keys.host_key)
         .map_err(io_err(format!("cannot read {}", keys.host_key.display())))?;
     let nics = static_nics(topology, machine);
+    // Paths relative to the guest's root: the guest extracts the archive
+    // over / in one step.
     let entries: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("etc/ssh/ssh_host_ed25519_key", private, 0o600),
         (
-            "authorized_keys",
+            "etc/ssh/ssh_host_ed25519_key.pub",
+            format!("{}\n", keys.host_public).into_bytes(),
+            0o644,
+        ),
+        (
+            "root/.ssh/authorized_keys",
             format!("{}\n", authorized_key.trim()).into_bytes(),
             0o600,
         ),
         (
-            "hostname",
+            "etc/hostname",
             format!("{}\n", machine.name).into_bytes(),
             0o644,
         ),
-        ("hosts", hosts_file(topology, machine).into_bytes(), 0o644),
         (
-            "interfaces",
-            interfaces_file(management, &nics).into_bytes(),
+            "etc/hosts",
+            hosts_file(topology, machine).into_bytes(),
             0o644,
         ),
         (
-            "machine-id",
+            "etc/machine-id",
             format!("{}\n", keys.machine_id).into_bytes(),
             0o444,
         ),
         (
-            "resolv.conf",
+            "etc/resolv.conf",
             format!("nameserver {}\n", management.dns).into_bytes(),
             0o644,
         ),
-        ("ssh_host_ed25519_key", private, 0o600),
         (
-            "ssh_host_ed25519_key.pub",
-            format!("{}\n", keys.host_public).into_bytes(),
+            "etc/testbed/interfaces",
+            interfaces_file(management, &nics).into_bytes(),
             0o644,
         ),
     ];
