@@ -126,6 +126,9 @@ impl BareKit {
         std::fs::create_dir_all(&dir).expect("kit dir");
         let seed = dir.join("seed.tar");
         std::fs::copy(machine.join("seed.tar"), &seed).expect("seed");
+        // Copied: the testbed they come from is destroyed before the bare boots.
+        let user_key = dir.join("id_ed25519");
+        std::fs::copy(state.join("id_ed25519"), &user_key).expect("user key");
         let known_hosts = dir.join("known_hosts");
         let host_key =
             std::fs::read_to_string(machine.join("ssh_host_ed25519_key.pub")).expect("host key");
@@ -135,7 +138,7 @@ impl BareKit {
             initrd: after("-initrd"),
             base: base.to_string_lossy().into_owned(),
             seed,
-            user_key: state.join("id_ed25519"),
+            user_key,
             known_hosts,
         }
     }
@@ -205,8 +208,13 @@ fn bare_boot(kit: &BareKit, root: &Path, count: usize) -> Duration {
         let _ = child.stdin.take();
         BARE_CHILDREN.with(|c| c.borrow_mut().push(child));
     }
-    for (port, _) in &vms {
+    for (port, dir) in &vms {
         while !plain_ssh(kit, *port) {
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "bare VM in {} never answered SSH",
+                dir.display()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }

@@ -226,3 +226,114 @@ pub fn build_seed(
 pub fn apply_command() -> String {
     format!("{GUEST_APPLY} {GUEST_SEED}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn topology() -> Topology {
+        let machine = |name: &str, ip: [u8; 4]| Machine {
+            name: name.into(),
+            provider: crate::topology::ProviderKind::Qemu,
+            image: "debian-12".into(),
+            cpus: 1,
+            memory_mib: 768,
+            ips: BTreeMap::from([("lan".to_string(), Ipv4Addr::from(ip))]),
+            forwards: vec![],
+        };
+        Topology {
+            name: "pair".into(),
+            path: "/tmp/pair.toml".into(),
+            networks: BTreeMap::from([(
+                "lan".to_string(),
+                crate::topology::Network {
+                    name: "lan".into(),
+                    subnet: "192.168.33.0/24".parse().expect("subnet"),
+                },
+            )]),
+            machines: vec![
+                machine("alpha", [192, 168, 33, 2]),
+                machine("beta", [192, 168, 33, 3]),
+            ],
+        }
+    }
+
+    fn management() -> Management {
+        Management {
+            mac: mac_address("alpha", 0),
+            address: "10.0.2.15/24".into(),
+            gateway: Ipv4Addr::new(10, 0, 2, 2),
+            dns: Ipv4Addr::new(10, 0, 2, 3),
+        }
+    }
+
+    fn entries(seed: &Seed) -> BTreeMap<String, String> {
+        let mut archive = tar::Archive::new(seed.bytes.as_slice());
+        archive
+            .entries()
+            .expect("entries")
+            .map(|entry| {
+                let mut entry = entry.expect("entry");
+                let path = entry.path().expect("path").to_string_lossy().into_owned();
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut entry, &mut text).expect("read");
+                (path, text)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn seed_is_deterministic_and_carries_the_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let topology = topology();
+        let keys = MachineKeys::ensure(dir.path(), "alpha").expect("keys");
+        let again = MachineKeys::ensure(dir.path(), "alpha").expect("keys again");
+        assert_eq!(keys.host_public, again.host_public, "keys are made once");
+        let seed = build_seed(
+            &topology,
+            &topology.machines[0],
+            &keys,
+            "ssh-ed25519 AAAA me",
+            &management(),
+        )
+        .expect("seed");
+        let same = build_seed(
+            &topology,
+            &topology.machines[0],
+            &keys,
+            "ssh-ed25519 AAAA me",
+            &management(),
+        )
+        .expect("seed");
+        assert_eq!(seed.hash, same.hash);
+        let files = entries(&seed);
+        assert_eq!(files["etc/hostname"], "alpha\n");
+        assert!(files["etc/hosts"].contains("192.168.33.3 beta\n"));
+        assert_eq!(files["root/.ssh/authorized_keys"], "ssh-ed25519 AAAA me\n");
+        let interfaces = &files["etc/testbed/interfaces"];
+        assert!(interfaces.contains(&format!(
+            "{} 10.0.2.15/24 10.0.2.2",
+            mac_address("alpha", 0)
+        )));
+        assert!(interfaces.contains(&format!("{} 192.168.33.2/24", mac_address("alpha", 1))));
+
+        let other = build_seed(
+            &topology,
+            &topology.machines[1],
+            &keys,
+            "ssh-ed25519 AAAA me",
+            &management(),
+        )
+        .expect("seed");
+        assert_ne!(seed.hash, other.hash, "another machine, another seed");
+    }
+
+    #[test]
+    fn macs_are_stable_locally_administered_and_distinct() {
+        assert_eq!(mac_address("alpha", 1), mac_address("alpha", 1));
+        assert_ne!(mac_address("alpha", 1), mac_address("beta", 1));
+        assert_ne!(mac_address("alpha", 0), mac_address("alpha", 1));
+        assert!(mac_address("alpha", 0).starts_with("52:54:00:"));
+    }
+}

@@ -17,7 +17,7 @@ use crate::progress::{Progress, Task};
 use crate::provider::{self, kvm, NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
-use crate::topology::{self, Machine, ProviderKind, Topology, TopologyError};
+use crate::topology::{self, Machine, Topology, TopologyError};
 
 /// How long a cold boot may take to reach SSH (software emulation is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -200,7 +200,7 @@ impl Testbed {
             return Ok(report);
         }
         let kvm = self.accelerator(&images, progress);
-        self.ensure_networks(&todo)?;
+        self.ensure_networks(&todo, &mut record)?;
         self.state.save(&record)?;
         let record = Arc::new(Mutex::new(record));
         let mut tasks = Vec::new();
@@ -231,7 +231,7 @@ impl Testbed {
             }
         }
         write_ssh_config(&self.state, &self.topology.name, &lock_record(&record))?;
-        warm_control_masters(&self.state.ssh_config(), &report.changed);
+        start_control_masters(&self.state, &report.changed);
         if failures.is_empty() {
             Ok(report)
         } else {
@@ -281,12 +281,15 @@ impl Testbed {
         verdict.kvm
     }
 
-    fn ensure_networks(&self, plans: &[MachinePlan]) -> Result<()> {
+    fn ensure_networks(&self, plans: &[MachinePlan], record: &mut Record) -> Result<()> {
         let mut done = std::collections::BTreeSet::new();
         for plan in plans {
             for nic in &plan.spec.nics {
-                if done.insert((plan.machine.provider.as_str(), nic.network.name.clone())) {
+                if done.insert(nic.network.name.clone()) {
                     plan.provider.ensure_network(&nic.network)?;
+                    record
+                        .networks
+                        .insert(nic.network.name.clone(), plan.machine.provider);
                 }
             }
         }
@@ -390,32 +393,46 @@ impl Testbed {
                 result
             }));
         }
-        self.state.save(&record)?;
         for task in tasks {
             if let Ok(Err(e)) = task.await {
+                self.state.save(&record)?;
                 return Err(e);
             }
         }
-        self.remove_idle_networks(&record)?;
+        if !self.any_running() {
+            remove_networks(&self.state, &mut record)?;
+        }
+        self.state.save(&record)?;
         Ok(halted)
     }
 
-    /// Networks are torn down once no machine of the testbed runs.
-    fn remove_idle_networks(&self, _record: &Record) -> Result<()> {
-        let any_running = self.topology.machines.iter().any(|machine| {
+    fn any_running(&self) -> bool {
+        self.topology.machines.iter().any(|machine| {
             self.provider_of(machine)
                 .map(|p| p.state(&self.state.machine_dir(&machine.name)) == VmState::Running)
                 .unwrap_or(false)
-        });
-        if any_running {
-            return Ok(());
-        }
-        let provider = provider::for_kind(ProviderKind::Qemu)?;
-        for name in self.topology.networks.keys() {
-            provider.remove_network(&self.network_spec(name))?;
-        }
-        Ok(())
+        })
     }
+}
+
+/// Takes down every network the record says is up (once no machine runs),
+/// and any network folder the record missed (an `up` killed mid-way), with
+/// the default provider.
+fn remove_networks(state: &StateDir, record: &mut Record) -> Result<()> {
+    let mut networks = std::mem::take(&mut record.networks);
+    if let Ok(entries) = std::fs::read_dir(state.root().join("networks")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            networks.entry(name).or_default();
+        }
+    }
+    for (name, kind) in networks {
+        provider::for_kind(kind)?.remove_network(&NetworkSpec {
+            dir: state.network_dir(&name),
+            name,
+        })?;
+    }
+    Ok(())
 }
 
 /// Everything `up` knows about one machine before touching it.
@@ -492,7 +509,7 @@ async fn bring_up(
         ctx.insert(
             &name,
             MachineRecord {
-                provider: plan.machine.provider.as_str().into(),
+                provider: plan.machine.provider,
                 image_hash: plan.spec.image.hash.clone(),
                 ssh_port: port,
                 desired: Desired::Running,
@@ -695,13 +712,8 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
         let kind = record
             .machines
             .get(&name)
-            .and_then(|r| {
-                serde_json::from_value::<ProviderKind>(serde_json::Value::String(
-                    r.provider.clone(),
-                ))
-                .ok()
-            })
-            .unwrap_or(ProviderKind::Qemu);
+            .map(|r| r.provider)
+            .unwrap_or_default();
         let provider = provider::for_kind(kind)?;
         let task = progress.task(&name);
         task.set("destroying");
@@ -711,16 +723,8 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
         task.finish("destroyed");
         removed.push(name);
     }
-    let networks_dir = state.root().join("networks");
-    if let Ok(entries) = std::fs::read_dir(&networks_dir) {
-        let provider = provider::for_kind(ProviderKind::Qemu)?;
-        for entry in entries.flatten() {
-            provider.remove_network(&NetworkSpec {
-                name: entry.file_name().to_string_lossy().into_owned(),
-                dir: entry.path(),
-            })?;
-        }
-    }
+    let mut record = record;
+    remove_networks(state, &mut record)?;
     drop(_lock);
     state.remove()?;
     Ok(removed)
@@ -742,18 +746,19 @@ async fn stop_control_master(config: &Path, name: &str) {
         .await;
 }
 
-/// Opens each machine's OpenSSH ControlMaster in the background (`ssh -fN`),
-/// so the first `testbed ssh` after `up` skips the key exchange too. Not
-/// waited for: `up` is done once the machines are; a master that fails
-/// costs nothing, `testbed ssh` then opens one itself.
-fn warm_control_masters(config: &Path, names: &[String]) {
+/// Starts each machine's OpenSSH ControlMaster in the background, so the
+/// first `testbed ssh` after `up` skips the key exchange like the next ones.
+/// `up` does not wait for it (a handshake costs the guest about a second
+/// under emulation); the pid of the authenticating `ssh -fN` is kept so that
+/// `testbed ssh` can wait for the master instead of racing it.
+fn start_control_masters(state: &StateDir, names: &[String]) {
     for name in names {
-        let _ = std::process::Command::new("ssh")
+        let spawned = std::process::Command::new("ssh")
             .arg("-F")
-            .arg(config)
+            .arg(state.ssh_config())
             .args([
                 "-o",
-                "ControlMaster=yes",
+                CONTROL_MASTER_MARKER,
                 "-o",
                 "BatchMode=yes",
                 "-fN",
@@ -763,6 +768,27 @@ fn warm_control_masters(config: &Path, names: &[String]) {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn();
+        if let Ok(child) = spawned {
+            let _ = std::fs::write(master_pid_path(state, name), child.id().to_string());
+        }
+    }
+}
+
+const CONTROL_MASTER_MARKER: &str = "ControlMaster=yes";
+
+fn master_pid_path(state: &StateDir, name: &str) -> PathBuf {
+    state.machine_dir(name).join("ssh-master.pid")
+}
+
+/// Waits (a few seconds at most) while the ControlMaster that `up` started
+/// for `name` is still authenticating.
+pub fn wait_for_control_master(state: &StateDir, name: &str) {
+    let pid_file = master_pid_path(state, name);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider::qemu::process_alive(&pid_file, CONTROL_MASTER_MARKER)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -811,4 +837,55 @@ fn ssh_config_block(state: &StateDir, name: &str, port: u16, alias: &str) -> Str
 /// ssh_config values with spaces must be double-quoted.
 fn quote_ssh(path: &Path) -> String {
     format!("\"{}\"", path.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(desired: Desired) -> MachineRecord {
+        MachineRecord {
+            provider: crate::topology::ProviderKind::Qemu,
+            image_hash: "h".into(),
+            ssh_port: 2222,
+            desired,
+            identity: None,
+        }
+    }
+
+    #[test]
+    fn status_words_follow_record_and_observation() {
+        let running = record(Desired::Running);
+        let halted = record(Desired::Stopped);
+        assert_eq!(state_word(None, VmState::Absent), "not-created");
+        assert_eq!(state_word(Some(&running), VmState::Running), "running");
+        assert_eq!(state_word(Some(&running), VmState::Stopped), "crashed");
+        assert_eq!(state_word(Some(&halted), VmState::Stopped), "stopped");
+        assert_eq!(state_word(Some(&halted), VmState::Absent), "not-created");
+    }
+
+    #[test]
+    fn ssh_config_pins_the_host_key_and_shares_one_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::beside(dir.path());
+        let machine_dir = state.machine_dir("alpha");
+        std::fs::create_dir_all(&machine_dir).expect("dir");
+        std::fs::write(
+            machine_dir.join("ssh_host_ed25519_key.pub"),
+            "ssh-ed25519 AAAAC3Nz root@alpha\n",
+        )
+        .expect("key");
+        let mut rec = Record::default();
+        rec.machines
+            .insert("alpha".into(), record(Desired::Running));
+        write_ssh_config(&state, "pair", &rec).expect("write");
+        let config = std::fs::read_to_string(state.ssh_config()).expect("config");
+        assert!(config.contains("Host alpha\n"));
+        assert!(config.contains("Port 2222"));
+        assert!(config.contains("StrictHostKeyChecking yes"));
+        assert!(config.contains("HostKeyAlias testbed-pair-alpha"));
+        assert!(config.contains("ControlMaster auto"));
+        let known = std::fs::read_to_string(state.known_hosts()).expect("known_hosts");
+        assert_eq!(known, "testbed-pair-alpha ssh-ed25519 AAAAC3Nz\n");
+    }
 }

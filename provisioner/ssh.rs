@@ -661,7 +661,7 @@ async fn attempt(
     remaining: Duration,
 ) -> Result<Handle<PinnedHostKey>, Attempt> {
     let reach_limit = remaining.clamp(Duration::from_secs(1), REACH_TIMEOUT);
-    let stream = tokio::time::timeout(reach_limit, reach(target.addr))
+    let stream = tokio::time::timeout(reach_limit, reach_first(target.addr))
         .await
         .map_err(|_| timed_out("no answer from sshd", reach_limit))??;
     let handshake_limit = remaining.clamp(REACH_TIMEOUT, HANDSHAKE_TIMEOUT);
@@ -673,6 +673,37 @@ async fn attempt(
 
 fn timed_out(what: &str, limit: Duration) -> Attempt {
     Attempt::Retry(format!("{what} within {}", seconds(limit)))
+}
+
+/// How often a new connection is opened while earlier ones still wait.
+const REACH_INTERVAL: Duration = Duration::from_millis(250);
+/// Connections left waiting at once, at most.
+const REACH_PENDING: usize = 24;
+
+/// Reaches a server that may still be booting. Through a port forwarder
+/// (qemu's user networking) a connection opened before the guest's network
+/// is up neither fails nor answers: it hangs. So instead of waiting on one,
+/// a new connection is opened every [`REACH_INTERVAL`] while the earlier
+/// ones wait, and the first to hear the SSH banner wins; the SSH-ready
+/// moment is then seen within a quarter second.
+async fn reach_first(addr: SocketAddr) -> Result<TcpStream, Attempt> {
+    let mut pending = tokio::task::JoinSet::new();
+    let mut ticker = tokio::time::interval(REACH_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if pending.len() < REACH_PENDING {
+                    pending.spawn(reach(addr));
+                }
+            }
+            Some(done) = pending.join_next(), if !pending.is_empty() => {
+                if let Ok(Ok(stream)) = done {
+                    return Ok(stream);
+                }
+            }
+        }
+    }
 }
 
 /// Open a TCP connection and wait until the server starts talking. A port

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::topology::ProviderKind;
+
 pub const STATE_DIR: &str = ".testbed";
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +50,7 @@ pub enum Desired {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineRecord {
-    pub provider: String,
+    pub provider: ProviderKind,
     pub image_hash: String,
     pub ssh_port: u16,
     pub desired: Desired,
@@ -61,6 +63,9 @@ pub struct Record {
     /// The topology file this testbed was brought up from.
     pub topology: PathBuf,
     pub machines: BTreeMap<String, MachineRecord>,
+    /// The networks that are up, and which provider serves each.
+    #[serde(default)]
+    pub networks: BTreeMap<String, ProviderKind>,
 }
 
 /// The `.testbed/` directory of one testbed.
@@ -211,7 +216,7 @@ mod tests {
         record.machines.insert(
             "alpha".into(),
             MachineRecord {
-                provider: "qemu".into(),
+                provider: ProviderKind::Qemu,
                 image_hash: "abc".into(),
                 ssh_port: 2222,
                 desired: Desired::Running,

@@ -11,9 +11,13 @@ use toml::de::{DeString, DeTable, DeValue};
 use toml::Spanned;
 
 /// Which VM backend runs a machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
+    /// The embedded default: no daemon, no root.
+    #[default]
     Qemu,
     Libvirt,
     Virtualbox,
@@ -325,7 +329,7 @@ fn decode<'b>(path: &Path, bytes: &'b [u8]) -> Result<&'b str> {
 
 const NOT_UTF8: &str = "the file is not UTF-8 text (binary?)";
 const HAS_NUL: &str = "the file contains a NUL byte (binary?)";
-const TEXT_HELP: &str = "a topology is a UTF-8 TOML text file, e.g. `topologies/aurora-mesos.toml`";
+const TEXT_HELP: &str = "a topology is a UTF-8 TOML text file, e.g. `topologies/quickstart.toml`";
 
 /// `path` made absolute (symlinks resolved when the file exists).
 fn canonical(path: &Path) -> PathBuf {

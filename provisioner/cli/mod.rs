@@ -69,9 +69,27 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("{}", render(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The message for a failed command. Topology errors are complete already
+/// (`FILE:LINE:COL: error: …` and a help line); the rest get `error: `.
+fn render(error: &anyhow::Error) -> String {
+    use crate::lifecycle::Error as LifecycleError;
+    use crate::topology::TopologyError;
+    let located = error.chain().find_map(|cause| {
+        let topology_error = match cause.downcast_ref::<LifecycleError>() {
+            Some(LifecycleError::Topology(inner)) => Some(inner),
+            _ => cause.downcast_ref::<TopologyError>(),
+        };
+        topology_error.filter(|e| !matches!(e, TopologyError::Io { .. }))
+    });
+    match located {
+        Some(topology_error) => topology_error.to_string(),
+        None => format!("error: {error:#}"),
     }
 }
 

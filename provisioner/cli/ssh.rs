@@ -1,7 +1,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
-use crate::lifecycle::Testbed;
+use crate::lifecycle::{self, Testbed};
 
 /// Open a shell on a machine, or run one command there
 #[derive(clap::Args)]
@@ -35,6 +35,16 @@ pub struct ConfigArgs {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let testbed = Testbed::locate(args.at.file.as_deref())?;
     testbed.select(std::slice::from_ref(&args.machine))?;
+    let state = testbed
+        .status()?
+        .into_iter()
+        .find(|m| m.name == args.machine)
+        .map(|m| m.state)
+        .unwrap_or("not-created");
+    if state != "running" {
+        anyhow::bail!("{} is {state}: run `testbed up` first", args.machine);
+    }
+    lifecycle::wait_for_control_master(&testbed.state, &args.machine);
     let config = testbed.state.ssh_config();
     if !config.is_file() {
         anyhow::bail!(

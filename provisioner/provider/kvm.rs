@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::qemu::QEMU;
 
-const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A working KVM gets a kernel this far in well under a second.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Printed when the kernel, with no root disk, gives up mounting one.
 const KERNEL_RAN: &str = "VFS: Unable to mount root fs";
 

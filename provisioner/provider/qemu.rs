@@ -358,3 +358,78 @@ pub fn serve_switch(socket: &Path) -> std::io::Result<()> {
         .build()?
         .block_on(switch::run(socket))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::BuiltImage;
+    use crate::provider::NicSpec;
+    use crate::topology::Forward;
+
+    fn spec(kvm: bool) -> VmSpec {
+        VmSpec {
+            name: "alpha".into(),
+            dir: PathBuf::from("/t/.testbed/machines/alpha"),
+            image: BuiltImage {
+                name: "debian-12".into(),
+                hash: "h".into(),
+                disk: "/c/disk.qcow2".into(),
+                kernel: "/c/vmlinuz".into(),
+                initrd: "/c/initrd.img".into(),
+            },
+            cpus: 2,
+            memory_mib: 1024,
+            seed: "/t/.testbed/machines/alpha/seed.tar".into(),
+            management_mac: "52:54:00:00:00:01".into(),
+            ssh_port: 40022,
+            forwards: vec![Forward {
+                guest: 2181,
+                host: 12181,
+            }],
+            nics: vec![NicSpec {
+                network: NetworkSpec {
+                    name: "lan".into(),
+                    dir: "/t/.testbed/networks/lan".into(),
+                },
+                mac: "52:54:00:00:01:01".into(),
+            }],
+            kvm,
+        }
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|pair| pair[0] == flag)
+            .map(|pair| pair[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn forwards_bind_loopback_only_and_networks_use_the_private_switch() {
+        let args = qemu_args(&spec(false));
+        let netdevs = after(&args, "-netdev");
+        assert_eq!(
+            netdevs[0],
+            "user,id=mgmt,hostfwd=tcp:127.0.0.1:40022-:22,hostfwd=tcp:127.0.0.1:12181-:2181"
+        );
+        assert_eq!(
+            netdevs[1],
+            "stream,id=net0,server=off,addr.type=unix,addr.path=/t/.testbed/networks/lan/switch.sock"
+        );
+        assert_eq!(after(&args, "-accel"), ["tcg"]);
+        assert_eq!(after(&args, "-m"), ["1024M"]);
+        assert_eq!(after(&args, "-smp"), ["2"]);
+        assert!(args.iter().any(|a| a.contains("serial=testbed-seed")));
+        assert!(args.contains(&"-daemonize".to_string()));
+    }
+
+    #[test]
+    fn kvm_only_when_the_probe_said_so() {
+        assert_eq!(after(&qemu_args(&spec(true)), "-accel"), ["kvm"]);
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped_for_qemu() {
+        assert_eq!(opt_path(Path::new("/a,b/disk")), "/a,,b/disk");
+    }
+}
