@@ -5,6 +5,10 @@
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TESTBED := target/release/testbed
+# Image builds need root (mmdebstrap --mode=root); they go to the invoking
+# user's cache, from which VMs then boot without root.
+CACHE := $(or $(TESTBED_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/testbed)
+BUILD_IMAGE = $(SUDO) env TESTBED_CACHE=$(CACHE) $(1) image build debian-12
 
 .PHONY: deps build up test bench clean
 
@@ -21,10 +25,13 @@ build:
 	cargo build --release
 
 up: deps build
+	$(call BUILD_IMAGE,$(TESTBED))
 	$(TESTBED) up topologies/quickstart.toml
 	$(TESTBED) ssh -f topologies/quickstart.toml zk -- hostname
 
 test:
+	cargo build
+	$(call BUILD_IMAGE,target/debug/testbed)
 	cargo test
 
 bench: build

@@ -195,7 +195,7 @@ fn bare_boot(kit: &BareKit, root: &Path, count: usize) -> Duration {
             .args(["-netdev", "user,id=lan,restrict=on", "-device"])
             .arg(format!(
                 "virtio-net-pci,netdev=lan,mac={}",
-                testbed::identity::mac_address("m0", 1)
+                testbed::identity::mac_address("m0", "lan")
             ))
             .args(["-device", "virtio-rng-pci", "-serial", "null"])
             .stdin(Stdio::null())
@@ -237,7 +237,7 @@ thread_local! {
 
 /// testbed's management MAC for machine m0 (the seed's interfaces name it).
 fn management_mac() -> String {
-    testbed::identity::mac_address("m0", 0)
+    testbed::identity::mac_address("m0", testbed::identity::MANAGEMENT_NIC)
 }
 
 /// One fresh `ssh root@127.0.0.1 true`, host key pinned.

@@ -16,6 +16,9 @@ use crate::topology::{Machine, Topology};
 pub const GUEST_APPLY: &str = "/usr/local/sbin/testbed-identity";
 /// Where the seed is uploaded before being applied over SSH.
 pub const GUEST_SEED: &str = "/run/testbed/seed.tar";
+/// Inside the seed: the hash of the rest of it, so one `cat` tells whether
+/// a guest already has this identity (it does after a cold boot).
+pub const GUEST_SEED_ID: &str = "/etc/testbed/seed-id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -55,10 +58,14 @@ pub struct Seed {
     pub hash: String,
 }
 
-/// A stable locally administered MAC for `machine`'s NIC number `nic`
-/// (0 is management): derived from the name, so it survives reordering.
-pub fn mac_address(machine: &str, nic: usize) -> String {
-    let digest = Sha256::digest(format!("{machine}/{nic}"));
+/// The label of the management NIC in [`mac_address`].
+pub const MANAGEMENT_NIC: &str = "mgmt";
+
+/// A stable locally administered MAC for `machine`'s NIC on `network` (or
+/// [`MANAGEMENT_NIC`]): derived from the two names, so it survives machines
+/// and networks being added, removed or reordered.
+pub fn mac_address(machine: &str, network: &str) -> String {
+    let digest = Sha256::digest(format!("{machine}/{network}"));
     format!(
         "52:54:00:{:02x}:{:02x}:{:02x}",
         digest[0], digest[1], digest[2]
@@ -70,13 +77,12 @@ pub fn static_nics(topology: &Topology, machine: &Machine) -> Vec<(String, Stati
     machine
         .ips
         .iter()
-        .enumerate()
-        .filter_map(|(index, (network, ip))| {
+        .filter_map(|(network, ip)| {
             let subnet = topology.networks.get(network)?.subnet;
             Some((
                 network.clone(),
                 StaticNic {
-                    mac: mac_address(&machine.name, index + 1),
+                    mac: mac_address(&machine.name, network),
                     address: format!("{ip}/{}", subnet.prefix_len()),
                 },
             ))
@@ -202,6 +208,13 @@ pub fn build_seed(
             0o644,
         ),
     ];
+    let hash = entries_hash(&entries);
+    let mut entries = entries;
+    entries.push((
+        GUEST_SEED_ID.trim_start_matches('/'),
+        format!("{hash}\n").into_bytes(),
+        0o644,
+    ));
     let mut builder = tar::Builder::new(Vec::new());
     for (name, data, mode) in entries {
         let mut header = tar::Header::new_ustar();
@@ -218,8 +231,18 @@ pub fn build_seed(
     let bytes = builder
         .into_inner()
         .map_err(io_err("cannot build the identity seed"))?;
-    let hash = hex::encode(Sha256::digest(&bytes))[..16].to_string();
     Ok(Seed { bytes, hash })
+}
+
+fn entries_hash(entries: &[(&str, Vec<u8>, u32)]) -> String {
+    let mut hasher = Sha256::new();
+    for (name, data, mode) in entries {
+        hasher.update(name.as_bytes());
+        hasher.update(mode.to_le_bytes());
+        hasher.update((data.len() as u64).to_le_bytes());
+        hasher.update(data);
+    }
+    hex::encode(hasher.finalize())[..16].to_string()
 }
 
 /// The shell command that applies an uploaded seed on the guest.
@@ -261,7 +284,7 @@ mod tests {
 
     fn management() -> Management {
         Management {
-            mac: mac_address("alpha", 0),
+            mac: mac_address("alpha", MANAGEMENT_NIC),
             address: "10.0.2.15/24".into(),
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             dns: Ipv4Addr::new(10, 0, 2, 3),
@@ -308,15 +331,16 @@ mod tests {
         .expect("seed");
         assert_eq!(seed.hash, same.hash);
         let files = entries(&seed);
+        assert_eq!(files["etc/testbed/seed-id"], format!("{}\n", seed.hash));
         assert_eq!(files["etc/hostname"], "alpha\n");
         assert!(files["etc/hosts"].contains("192.168.33.3 beta\n"));
         assert_eq!(files["root/.ssh/authorized_keys"], "ssh-ed25519 AAAA me\n");
         let interfaces = &files["etc/testbed/interfaces"];
         assert!(interfaces.contains(&format!(
             "{} 10.0.2.15/24 10.0.2.2",
-            mac_address("alpha", 0)
+            mac_address("alpha", MANAGEMENT_NIC)
         )));
-        assert!(interfaces.contains(&format!("{} 192.168.33.2/24", mac_address("alpha", 1))));
+        assert!(interfaces.contains(&format!("{} 192.168.33.2/24", mac_address("alpha", "lan"))));
 
         let other = build_seed(
             &topology,
@@ -331,9 +355,12 @@ mod tests {
 
     #[test]
     fn macs_are_stable_locally_administered_and_distinct() {
-        assert_eq!(mac_address("alpha", 1), mac_address("alpha", 1));
-        assert_ne!(mac_address("alpha", 1), mac_address("beta", 1));
-        assert_ne!(mac_address("alpha", 0), mac_address("alpha", 1));
-        assert!(mac_address("alpha", 0).starts_with("52:54:00:"));
+        assert_eq!(mac_address("alpha", "lan"), mac_address("alpha", "lan"));
+        assert_ne!(mac_address("alpha", "lan"), mac_address("beta", "lan"));
+        assert_ne!(
+            mac_address("alpha", MANAGEMENT_NIC),
+            mac_address("alpha", "lan")
+        );
+        assert!(mac_address("alpha", MANAGEMENT_NIC).starts_with("52:54:00:"));
     }
 }

@@ -220,6 +220,13 @@ pub struct BuiltImage {
     pub initrd: PathBuf,
 }
 
+impl BuiltImage {
+    /// `NAME-HASH`, the image's folder in the cache.
+    pub fn key(&self) -> String {
+        format!("{}-{}", self.name, self.hash)
+    }
+}
+
 /// `$TESTBED_CACHE`, else `$XDG_CACHE_HOME/testbed`, else `~/.cache/testbed`.
 pub fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("TESTBED_CACHE") {
@@ -263,7 +270,12 @@ impl Cache {
 
     /// The cached build of `recipe`, if there is one.
     pub fn lookup(&self, recipe: &Recipe) -> Option<BuiltImage> {
-        self.built_at(&recipe.key()).load()
+        self.lookup_key(&recipe.key())
+    }
+
+    /// The cached image `NAME-HASH`, if it is still there.
+    pub fn lookup_key(&self, key: &str) -> Option<BuiltImage> {
+        self.built_at(key).load()
     }
 
     /// The cached build of `recipe`, building it first when missing.
@@ -280,19 +292,20 @@ impl Cache {
         let images = self.images_dir();
         fs::create_dir_all(&images)
             .map_err(io_err(format!("cannot create {}", images.display())))?;
+        // The lock file stays: unlinking it would let a later builder lock
+        // a new file while an earlier one still holds the old.
         let lock_path = images.join(format!("{}.lock", recipe.key()));
         let lock = fs::File::create(&lock_path)
             .map_err(io_err(format!("cannot create {}", lock_path.display())))?;
-        on_line("waiting for the image lock");
-        lock.lock()
-            .map_err(io_err(format!("cannot lock {}", lock_path.display())))?;
-        if let Some(image) = self.lookup(recipe) {
-            return Ok(image);
+        if lock.try_lock().is_err() {
+            on_line("another build of this image is running; waiting for it");
+            lock.lock()
+                .map_err(io_err(format!("cannot lock {}", lock_path.display())))?;
         }
-        let result = self.build(recipe, on_line);
-        drop(lock);
-        let _ = fs::remove_file(&lock_path);
-        result
+        match self.lookup(recipe) {
+            Some(image) => Ok(image),
+            None => self.build(recipe, on_line),
+        }
     }
 
     fn build(
@@ -354,10 +367,13 @@ impl Cache {
         fs::write(out.0.join("image.json"), meta.to_string())
             .map_err(io_err("cannot write image.json"))?;
         let final_dir = self.built_at(&recipe.key());
-        fs::rename(&out.0, &final_dir.0).map_err(io_err(format!(
-            "cannot move the image to {}",
-            final_dir.0.display()
-        )))?;
+        if let Err(e) = fs::rename(&out.0, &final_dir.0) {
+            // Built meanwhile by a builder that did not share our lock: keep theirs.
+            if final_dir.load().is_none() {
+                let what = format!("cannot move the image to {}", final_dir.0.display());
+                return Err(io_err(what)(e));
+            }
+        }
         final_dir
             .load()
             .ok_or_else(|| ImageError::NotCached(recipe.key()))
@@ -491,7 +507,11 @@ fn mmdebstrap_command(recipe: &Recipe, stage: &Path, rootfs: &Path) -> Command {
         .arg(format!("--variant={}", spec.variant))
         .arg(format!("--include={}", spec.packages.join(",")))
         .arg("--aptopt=Acquire::Retries \"3\"")
-        .arg(format!("--customize-hook=sync-in {} /", stage.display()));
+        // mmdebstrap splits hooks like a shell: quote the path.
+        .arg(format!(
+            "--customize-hook=sync-in {} /",
+            crate::ssh::shell_quote(&stage.to_string_lossy())
+        ));
     for index in 0..spec.scripts.len() {
         command.arg(format!(
             "--customize-hook=chroot \"$1\" /tmp/testbed-scripts/{index:02}.sh"

@@ -44,6 +44,10 @@ pub enum Error {
         log: PathBuf,
         tail: String,
     },
+    #[error("{machine}: its disk is based on image {image}, which is no longer in the image cache; `testbed destroy` and `up` start over")]
+    BaseImageGone { machine: String, image: String },
+    #[error("{machine} runs, but this testbed has no record of it (an `up` was killed?); `testbed destroy` and `up` start over")]
+    Untracked { machine: String },
     #[error("no machine named `{name}` in this testbed; machines: {known}")]
     UnknownMachine { name: String, known: String },
     #[error("{count} machine(s) failed:\n{details}")]
@@ -184,6 +188,15 @@ impl Testbed {
         ensure_user_key(&self.state)?;
         let images = self.ensure_images(progress)?;
         let plans = self.plan_machines(&record, &images)?;
+        for plan in &plans {
+            let current = images
+                .get(&plan.machine.image)
+                .map(BuiltImage::key)
+                .unwrap_or_default();
+            if let Some(warning) = plan.drift(&record, &current) {
+                progress.println(&format!("warning: {warning}"));
+            }
+        }
         let mut report = UpReport::default();
         let todo: Vec<MachinePlan> = plans
             .into_iter()
@@ -314,13 +327,15 @@ impl Testbed {
                 let dir = self.state.machine_dir(&machine.name);
                 crate::state::create_private_dir(&dir)?;
                 let keys = MachineKeys::ensure(&dir, &machine.name)?;
-                let management = provider.management(&identity::mac_address(&machine.name, 0));
+                let management = provider.management(&identity::mac_address(
+                    &machine.name,
+                    identity::MANAGEMENT_NIC,
+                ));
                 let seed =
                     identity::build_seed(&self.topology, machine, &keys, &authorized, &management)?;
-                let image = images
-                    .get(&machine.image)
-                    .cloned()
-                    .ok_or_else(|| ImageError::NotCached(machine.image.clone()))?;
+                let saved = record.machines.get(&machine.name);
+                let observed = provider.state(&dir);
+                let image = self.image_for(machine, saved, observed, images)?;
                 let nics = identity::static_nics(&self.topology, machine)
                     .into_iter()
                     .map(|(network, nic)| NicSpec {
@@ -328,7 +343,6 @@ impl Testbed {
                         mac: nic.mac,
                     })
                     .collect();
-                let saved = record.machines.get(&machine.name);
                 let spec = VmSpec {
                     name: machine.name.clone(),
                     dir: dir.clone(),
@@ -336,13 +350,13 @@ impl Testbed {
                     cpus: machine.cpus,
                     memory_mib: machine.memory_mib,
                     seed: dir.join("seed.tar"),
+                    machine_id: keys.machine_id.clone(),
                     management_mac: management.mac.clone(),
                     ssh_port: saved.map(|r| r.ssh_port).unwrap_or(0),
                     forwards: machine.forwards.clone(),
                     nics,
                     kvm: false,
                 };
-                let observed = provider.state(&dir);
                 Ok(MachinePlan {
                     machine: machine.clone(),
                     provider,
@@ -353,6 +367,31 @@ impl Testbed {
                 })
             })
             .collect()
+    }
+
+    /// The image a machine boots: the one its disk was made from when it has
+    /// a disk (an overlay must keep its base), else the recipe's current one.
+    fn image_for(
+        &self,
+        machine: &Machine,
+        saved: Option<&MachineRecord>,
+        observed: VmState,
+        images: &BTreeMap<String, BuiltImage>,
+    ) -> Result<BuiltImage> {
+        let current = images
+            .get(&machine.image)
+            .cloned()
+            .ok_or_else(|| ImageError::NotCached(machine.image.clone()))?;
+        match saved {
+            Some(saved) if observed != VmState::Absent && saved.image != current.key() => self
+                .cache
+                .lookup_key(&saved.image)
+                .ok_or_else(|| Error::BaseImageGone {
+                    machine: machine.name.clone(),
+                    image: saved.image.clone(),
+                }),
+            _ => Ok(current),
+        }
     }
 
     /// Powers machines off: the guest shuts down by itself when it can,
@@ -379,31 +418,40 @@ impl Testbed {
                 .unwrap_or(0);
             let target = self.ssh_target(&machine.name, port);
             let task = progress.task(&machine.name);
-            let config = self.state.ssh_config();
-            halted.push(machine.name.clone());
+            let state = self.state.clone();
             tasks.push(tokio::spawn(async move {
                 task.set("powering off");
-                stop_control_master(&config, &machine.name).await;
+                stop_control_master(&state, &machine.name).await;
                 let result = power_off(provider, dir, target).await;
                 task.finish(if result.is_ok() {
                     "stopped"
                 } else {
                     "stop failed"
                 });
-                result
+                (machine.name, result)
             }));
         }
+        self.state.save(&record)?;
+        let mut failures = Vec::new();
         for task in tasks {
-            if let Ok(Err(e)) = task.await {
-                self.state.save(&record)?;
-                return Err(e);
+            match task.await {
+                Ok((name, Ok(()))) => halted.push(name),
+                Ok((_, Err(e))) => failures.push(e.to_string()),
+                Err(join) => failures.push(format!("internal error: {join}")),
             }
         }
         if !self.any_running() {
             remove_networks(&self.state, &mut record)?;
+            self.state.save(&record)?;
         }
-        self.state.save(&record)?;
-        Ok(halted)
+        if failures.is_empty() {
+            Ok(halted)
+        } else {
+            Err(Error::Several {
+                count: failures.len(),
+                details: failures.join("\n"),
+            })
+        }
     }
 
     fn any_running(&self) -> bool {
@@ -453,8 +501,37 @@ impl MachinePlan {
         self.observed == VmState::Running
             && saved.desired == Desired::Running
             && saved.identity.as_deref() == Some(self.seed.hash.as_str())
-            && saved.image_hash == self.spec.image.hash
     }
+
+    /// What a running machine does not have yet because it needs a reboot
+    /// or a rebuild, in a user's words.
+    fn drift(&self, record: &Record, current_image: &str) -> Option<String> {
+        let saved = record.machines.get(&self.machine.name)?;
+        let name = &self.machine.name;
+        if self.observed == VmState::Running && saved.spec != spec_hash(&self.spec) {
+            return Some(format!(
+                "{name}: cpus, memory, networks or forwards changed; `testbed halt {name}` then `testbed up` applies them"
+            ));
+        }
+        (saved.image != current_image).then(|| {
+            format!("{name}: keeps image {} (the recipe now builds {current_image}); `testbed destroy` and `up` to use it", saved.image)
+        })
+    }
+}
+
+/// The VM hardware that needs a reboot to change: cpus, memory, NICs, forwards.
+fn spec_hash(spec: &VmSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let nics: Vec<(&str, &str)> = spec
+        .nics
+        .iter()
+        .map(|nic| (nic.network.name.as_str(), nic.mac.as_str()))
+        .collect();
+    let text = format!(
+        "{}|{}|{:?}|{:?}",
+        spec.cpus, spec.memory_mib, nics, spec.forwards
+    );
+    hex::encode(Sha256::digest(text))[..16].to_string()
 }
 
 struct UpContext {
@@ -465,14 +542,18 @@ struct UpContext {
 impl UpContext {
     fn update(&self, name: &str, change: impl FnOnce(&mut MachineRecord)) -> Result<()> {
         let mut record = lock_record(&self.record);
-        if let Some(saved) = record.machines.get_mut(name) {
-            change(saved);
-        }
+        let saved = record
+            .machines
+            .get_mut(name)
+            .ok_or_else(|| Error::Untracked {
+                machine: name.to_string(),
+            })?;
+        change(saved);
         self.state.save(&record)?;
         Ok(())
     }
 
-    fn insert(&self, name: &str, saved: MachineRecord) -> Result<()> {
+    fn record_machine(&self, name: &str, saved: MachineRecord) -> Result<()> {
         let mut record = lock_record(&self.record);
         record.machines.insert(name.to_string(), saved);
         self.state.save(&record)?;
@@ -487,6 +568,8 @@ fn lock_record(record: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
 }
 
 /// One machine's way through `up`: create, boot, reach SSH, apply identity.
+/// The record is written before each step that starts something, so a
+/// killed `up` leaves a state that `status`, `up` and `destroy` can read.
 async fn bring_up(
     mut plan: MachinePlan,
     mut target: Target,
@@ -497,6 +580,17 @@ async fn bring_up(
     let provider: Arc<dyn Provider> = Arc::from(plan.provider);
     if plan.observed != VmState::Running {
         write_seed(&plan.spec.seed, &plan.seed)?;
+        ctx.record_machine(
+            &name,
+            MachineRecord {
+                provider: plan.machine.provider,
+                image: plan.spec.image.key(),
+                spec: spec_hash(&plan.spec),
+                ssh_port: plan.spec.ssh_port,
+                desired: Desired::Running,
+                identity: None,
+            },
+        )?;
         if plan.observed == VmState::Absent {
             task.set("creating disk");
             let spec = plan.spec.clone();
@@ -505,23 +599,16 @@ async fn bring_up(
         }
         plan.spec.kvm = plan.kvm;
         task.set("booting");
-        let port = boot_with_free_port(provider.clone(), &mut plan.spec).await?;
-        ctx.insert(
-            &name,
-            MachineRecord {
-                provider: plan.machine.provider,
-                image_hash: plan.spec.image.hash.clone(),
-                ssh_port: port,
-                desired: Desired::Running,
-                identity: None,
-            },
-        )?;
+        boot_with_free_port(provider.clone(), &mut plan.spec, ctx).await?;
     }
     let port = lock_record(&ctx.record)
         .machines
         .get(&name)
         .map(|r| r.ssh_port)
-        .unwrap_or(plan.spec.ssh_port);
+        .filter(|port| *port != 0)
+        .ok_or_else(|| Error::Untracked {
+            machine: name.clone(),
+        })?;
     target.addr.set_port(port);
     task.set("waiting for SSH");
     let session = connect_while_running(
@@ -548,22 +635,24 @@ async fn bring_up(
 }
 
 /// Boots, retrying with another port when the chosen one was taken meanwhile.
-async fn boot_with_free_port(provider: Arc<dyn Provider>, spec: &mut VmSpec) -> Result<u16> {
+/// Each port is recorded before qemu gets it, so the record never lags a VM.
+async fn boot_with_free_port(
+    provider: Arc<dyn Provider>,
+    spec: &mut VmSpec,
+    ctx: &UpContext,
+) -> Result<()> {
     let mut last = None;
     for attempt in 0..3 {
         if attempt > 0 || spec.ssh_port == 0 || !port_is_free(spec.ssh_port) {
             spec.ssh_port = free_port()?;
         }
+        let port = spec.ssh_port;
+        ctx.update(&spec.name, |saved| saved.ssh_port = port)?;
         let p = provider.clone();
         let s = spec.clone();
         match blocking(move || p.start(&s)).await {
-            Ok(()) => return Ok(spec.ssh_port),
-            Err(e)
-                if e.to_string().contains("hostfwd")
-                    || e.to_string().contains("host forwarding") =>
-            {
-                last = Some(e)
-            }
+            Ok(()) => return Ok(()),
+            Err(e @ ProviderError::PortInUse { .. }) => last = Some(e),
             Err(e) => return Err(e.into()),
         }
     }
@@ -635,7 +724,13 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
     }
 }
 
+/// Applies the seed over SSH unless the guest already has it (after a cold
+/// boot it does, from the seed disk: one `cat` then settles it).
 async fn apply_identity(session: &Session, seed: &Seed) -> std::result::Result<(), SshError> {
+    let probe = format!("cat {} 2>/dev/null || true", identity::GUEST_SEED_ID);
+    if session.exec(&probe).await?.stdout_lossy().trim() == seed.hash {
+        return Ok(());
+    }
     session
         .exec("mkdir -p /run/testbed")
         .await?
@@ -697,7 +792,8 @@ fn first_line(text: &str) -> &str {
 /// on disk (so it works even when the topology file is gone or broken).
 pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String>> {
     let _lock = state.lock()?;
-    let record = state.load()?;
+    // A corrupt record must not stand in the way of removing what is there.
+    let mut record = state.load().unwrap_or_default();
     let mut removed = Vec::new();
     let machines_dir = state.root().join("machines");
     let names: Vec<String> = std::fs::read_dir(&machines_dir)
@@ -717,27 +813,40 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
         let provider = provider::for_kind(kind)?;
         let task = progress.task(&name);
         task.set("destroying");
-        stop_control_master(&state.ssh_config(), &name).await;
+        stop_control_master(state, &name).await;
         let dir = state.machine_dir(&name);
         blocking(move || provider.destroy(&dir)).await?;
         task.finish("destroyed");
         removed.push(name);
     }
-    let mut record = record;
     remove_networks(state, &mut record)?;
-    drop(_lock);
+    // Removed while the lock is held (the lock file goes with the folder).
     state.remove()?;
     Ok(removed)
 }
 
-/// Closes the OpenSSH ControlMaster that `testbed ssh` keeps per machine.
-async fn stop_control_master(config: &Path, name: &str) {
+/// Closes the OpenSSH ControlMaster that `testbed ssh` keeps per machine,
+/// and the one `up` started if it is still authenticating.
+async fn stop_control_master(state: &StateDir, name: &str) {
+    let pid_file = master_pid_path(state, name);
+    if provider::qemu::process_alive(&pid_file, CONTROL_MASTER_MARKER) {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    let config = state.ssh_config();
     if !config.is_file() {
         return;
     }
     let _ = tokio::process::Command::new("ssh")
         .arg("-F")
-        .arg(config)
+        .arg(&config)
         .args(["-O", "exit", name])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -846,7 +955,8 @@ mod tests {
     fn record(desired: Desired) -> MachineRecord {
         MachineRecord {
             provider: crate::topology::ProviderKind::Qemu,
-            image_hash: "h".into(),
+            image: "debian-12-h".into(),
+            spec: "s".into(),
             ssh_port: 2222,
             desired,
             identity: None,

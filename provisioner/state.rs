@@ -51,7 +51,11 @@ pub enum Desired {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineRecord {
     pub provider: ProviderKind,
-    pub image_hash: String,
+    /// The cached image (`NAME-HASH`) the machine's disk is based on.
+    pub image: String,
+    /// Hash of the VM's hardware (cpus, memory, NICs, forwards) it was booted with.
+    #[serde(default)]
+    pub spec: String,
     pub ssh_port: u16,
     pub desired: Desired,
     /// Hash of the identity seed last applied over SSH; `None` until then.
@@ -85,7 +89,7 @@ impl StateDir {
     /// The existing `.testbed/` of the current directory.
     pub fn find(cwd: &Path) -> Result<StateDir, StateError> {
         let state = StateDir::beside(cwd);
-        if state.record_path().is_file() {
+        if state.exists() {
             Ok(state)
         } else {
             Err(StateError::NotFound {
@@ -217,7 +221,8 @@ mod tests {
             "alpha".into(),
             MachineRecord {
                 provider: ProviderKind::Qemu,
-                image_hash: "abc".into(),
+                image: "debian-12-abc".into(),
+                spec: "s".into(),
                 ssh_port: 2222,
                 desired: Desired::Running,
                 identity: None,

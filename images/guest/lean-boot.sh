@@ -12,11 +12,6 @@ rm -f /var/lib/dbus/machine-id
 # Host keys are testbed's, per machine, from the seed; none ship in the image.
 rm -f /etc/ssh/ssh_host_*
 
-# Root is mounted read-write by the kernel command line; nothing to fsck.
-cat > /etc/fstab <<'FSTAB'
-/dev/vda / ext4 rw,noatime,errors=remount-ro 0 0
-FSTAB
-
 # A small initramfs: only the drivers a VM needs, lz4 (the fastest to
 # unpack under software emulation), no resume device to wait for, and no
 # udev: the listed modules are loaded by the initramfs itself and devtmpfs
@@ -37,6 +32,8 @@ update-initramfs -u -k all >/dev/null
 
 # Generators run at every boot before any unit; keep only the SysV one
 # (packaged daemons such as zookeeperd ship init scripts that kits start).
+# Without the fstab generator /etc/fstab is not read: the kernel command
+# line mounts the root read-write and there is nothing else to mount.
 mkdir -p /etc/systemd/system-generators
 for generator in /usr/lib/systemd/system-generators/*; do
     case "${generator##*/}" in

@@ -20,6 +20,10 @@ pub enum ProviderError {
         machine: String,
         message: String,
     },
+    #[error("{machine}: a forwarded port is taken: {message}")]
+    PortInUse { machine: String, message: String },
+    #[error("{0}: still running after SIGKILL")]
+    Unkillable(String),
     #[error("cannot run {program}: {source} (install it: {hint})")]
     Missing {
         program: String,
@@ -73,6 +77,9 @@ pub struct VmSpec {
     pub memory_mib: u64,
     /// The identity seed disk (a tar archive the guest reads at boot).
     pub seed: PathBuf,
+    /// Given to systemd at boot too: journald and friends read it before
+    /// the seed is applied.
+    pub machine_id: String,
     pub management_mac: String,
     /// Host port on 127.0.0.1 forwarded to the guest's SSH port.
     pub ssh_port: u16,
@@ -88,8 +95,9 @@ impl VmSpec {
     }
 }
 
-/// A VM backend. Calls may block briefly (they spawn processes); the
-/// orchestration runs them on blocking threads.
+/// A VM backend. `create`, `start`, `kill` and `destroy` may block for
+/// seconds (they spawn and wait for processes) and run on blocking threads;
+/// `state` must be cheap, it is called while polling.
 pub trait Provider: Send + Sync {
     fn name(&self) -> &'static str;
     /// Makes sure the network exists and is up (idempotent).

@@ -67,10 +67,18 @@ impl Provider for Qemu {
     }
 
     fn start(&self, vm: &VmSpec) -> Result<(), ProviderError> {
+        check_socket_path(&qmp_path(&vm.dir))?;
         let _ = fs::remove_file(qmp_path(&vm.dir));
         let mut command = Command::new(QEMU);
         command.args(qemu_args(vm));
-        run_tool(QEMU, &vm.name, &mut command)
+        run_tool(QEMU, &vm.name, &mut command).map_err(|e| match e {
+            ProviderError::Start {
+                machine, message, ..
+            } if message.contains("hostfwd") || message.contains("host forwarding") => {
+                ProviderError::PortInUse { machine, message }
+            }
+            other => other,
+        })
     }
 
     fn state(&self, dir: &Path) -> VmState {
@@ -93,6 +101,9 @@ impl Provider for Qemu {
         let _ = qmp::execute(&qmp_path(dir), "quit");
         if !wait_until_dead(&pid_file, &marker, Duration::from_secs(5)) {
             terminate(&pid_file, &marker);
+        }
+        if process_alive(&pid_file, &marker) {
+            return Err(ProviderError::Unkillable(dir.display().to_string()));
         }
         Ok(())
     }
@@ -163,7 +174,10 @@ pub fn qemu_args(vm: &VmSpec) -> Vec<String> {
         "-initrd".into(),
         vm.image.initrd.to_string_lossy().into_owned(),
         "-append".into(),
-        "root=/dev/vda rw console=ttyS0 quiet".into(),
+        format!(
+            "root=/dev/vda rw console=ttyS0 quiet systemd.machine_id={}",
+            vm.machine_id
+        ),
         "-drive".into(),
         format!(
             "file={},if=none,id=root,format=qcow2,discard=unmap",
@@ -244,15 +258,30 @@ fn run_tool(program: &str, machine: &str, command: &mut Command) -> Result<(), P
     })
 }
 
+/// Unix socket paths are limited to 107 bytes; say so plainly instead of
+/// letting qemu fail obscurely.
+fn check_socket_path(path: &Path) -> Result<(), ProviderError> {
+    const MAX: usize = 100;
+    let length = path.as_os_str().len();
+    if length > MAX {
+        return Err(ProviderError::Other(format!(
+            "{} is {length} bytes long, too long for a Unix socket (at most {MAX}): move the topology to a shorter path",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 fn spawn_switch(network: &NetworkSpec) -> Result<(), ProviderError> {
     let socket = switch_socket(&network.dir);
+    check_socket_path(&socket)?;
     let _ = fs::remove_file(&socket);
     let exe = std::env::current_exe().map_err(|source| ProviderError::Io {
         what: "cannot find the testbed executable".into(),
         source,
     })?;
     use std::os::unix::process::CommandExt;
-    let child = Command::new(exe)
+    let mut child = Command::new(exe)
         .arg("__switch")
         .arg(&socket)
         .stdin(Stdio::null())
@@ -274,6 +303,8 @@ fn spawn_switch(network: &NetworkSpec) -> Result<(), ProviderError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !socket.exists() {
         if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
             return Err(ProviderError::Other(format!(
                 "the switch of network {} did not come up",
                 network.name
@@ -380,6 +411,7 @@ mod tests {
             cpus: 2,
             memory_mib: 1024,
             seed: "/t/.testbed/machines/alpha/seed.tar".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
             management_mac: "52:54:00:00:00:01".into(),
             ssh_port: 40022,
             forwards: vec![Forward {
