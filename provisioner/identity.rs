@@ -264,6 +264,9 @@ mod tests {
             memory_mib: 768,
             ips: BTreeMap::from([("lan".to_string(), Ipv4Addr::from(ip))]),
             forwards: vec![],
+            daemons: vec![],
+            vars: BTreeMap::new(),
+            depends_on: vec![],
         };
         Topology {
             name: "pair".into(),
@@ -279,6 +282,7 @@ mod tests {
                 machine("alpha", [192, 168, 33, 2]),
                 machine("beta", [192, 168, 33, 3]),
             ],
+            checks: vec![],
         }
     }
 

@@ -4,6 +4,7 @@
 //! topology → image → provider (boot) → identity → ssh, with `state`
 //! recording how far each machine got.
 
+pub mod check;
 pub mod cli;
 pub mod identity;
 pub mod image;

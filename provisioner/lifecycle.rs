@@ -38,6 +38,13 @@ pub enum Error {
     Identity(#[from] identity::IdentityError),
     #[error("{machine}: {source}")]
     Ssh { machine: String, source: SshError },
+    #[error("{machine}: no SSH: {source}; last console lines ({log}):\n{tail}")]
+    NoSsh {
+        machine: String,
+        source: Box<SshError>,
+        log: PathBuf,
+        tail: String,
+    },
     #[error("{machine}: the VM stopped while booting; last console lines ({log}):\n{tail}")]
     Crashed {
         machine: String,
@@ -697,7 +704,12 @@ async fn connect_while_running(
     loop {
         tokio::select! {
             session = &mut connecting => {
-                return session.map_err(|source| Error::Ssh { machine: name.to_string(), source });
+                return session.map_err(|source| Error::NoSsh {
+                    machine: name.to_string(),
+                    source: Box::new(source),
+                    log: console.to_path_buf(),
+                    tail: console_tail(console, 20),
+                });
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if provider.state(dir) != VmState::Running {

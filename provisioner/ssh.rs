@@ -677,15 +677,20 @@ fn timed_out(what: &str, limit: Duration) -> Attempt {
 
 /// How often a new connection is opened while earlier ones still wait.
 const REACH_INTERVAL: Duration = Duration::from_millis(250);
-/// Connections left waiting at once, at most.
-const REACH_PENDING: usize = 24;
+/// Connections left waiting at once, at most. Each that reaches sshd costs
+/// the guest a forked sshd, and sshd drops connections beyond ten
+/// unauthenticated ones (MaxStartups).
+const REACH_PENDING: usize = 8;
 
 /// Reaches a server that may still be booting. Through a port forwarder
 /// (qemu's user networking) a connection opened before the guest's network
 /// is up neither fails nor answers: it hangs. So instead of waiting on one,
 /// a new connection is opened every [`REACH_INTERVAL`] while the earlier
 /// ones wait, and the first to hear the SSH banner wins; the SSH-ready
-/// moment is then seen within a quarter second.
+/// moment is then seen within a quarter second. Once an attempt fails fast
+/// (the guest's network is up, its sshd not yet), the waiting ones are
+/// dropped: the forwarder would deliver them all to sshd once it listens,
+/// and each would cost the guest a forked sshd at the worst moment.
 async fn reach_first(addr: SocketAddr) -> Result<TcpStream, Attempt> {
     let mut pending = tokio::task::JoinSet::new();
     let mut ticker = tokio::time::interval(REACH_INTERVAL);
@@ -698,8 +703,10 @@ async fn reach_first(addr: SocketAddr) -> Result<TcpStream, Attempt> {
                 }
             }
             Some(done) = pending.join_next(), if !pending.is_empty() => {
-                if let Ok(Ok(stream)) = done {
-                    return Ok(stream);
+                match done {
+                    Ok(Ok(stream)) => return Ok(stream),
+                    Ok(Err(_)) => pending.abort_all(),
+                    Err(_) => {} // aborted
                 }
             }
         }

@@ -45,6 +45,8 @@ pub struct Topology {
     pub networks: BTreeMap<String, Network>,
     /// `machines`, in file order.
     pub machines: Vec<Machine>,
+    /// `[[checks]]`, in file order.
+    pub checks: Vec<crate::check::CheckSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +66,12 @@ pub struct Machine {
     /// Static address per network name.
     pub ips: BTreeMap<String, Ipv4Addr>,
     pub forwards: Vec<Forward>,
+    /// Kits (`daemons/<name>/`) this machine runs, in the order given.
+    pub daemons: Vec<String>,
+    /// Per-machine template variables (`vars = { … }`).
+    pub vars: BTreeMap<String, serde_json::Value>,
+    /// Machines whose daemons must be ready before this one's start.
+    pub depends_on: Vec<String>,
 }
 
 /// A guest TCP port reachable on the host at 127.0.0.1:`host`.
@@ -507,6 +515,7 @@ impl Checker<'_> {
                 .map(|(network, _)| (network.name.clone(), network))
                 .collect(),
             machines,
+            checks: Vec::new(),
         })
     }
 
@@ -885,6 +894,9 @@ impl Checker<'_> {
                 .unwrap_or(DEFAULT_MEMORY_MIB),
             ips,
             forwards,
+            daemons: Vec::new(),
+            vars: BTreeMap::new(),
+            depends_on: Vec::new(),
         })
     }
 

@@ -140,6 +140,6 @@ fn userns_check() -> Check {
         name: "user namespaces",
         ok,
         detail: format!("max_user_namespaces = {}", max.trim()),
-        fix: "sysctl user.max_user_namespaces=15000 (for unprivileged image builds)",
+        fix: "sysctl user.max_user_namespaces=15000 (mmdebstrap's unshare mode; testbed builds images as root today)",
     }
 }

@@ -39,7 +39,10 @@ enum Command {
     Halt(halt::Args),
     Destroy(destroy::Args),
     Doctor(doctor::Args),
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  testbed image build debian-12\n  testbed image list\n  testbed image rm debian-12"
+    )]
     Image(image::Command),
     /// Serve a network switch (started by `up`; not for users)
     #[command(name = "__switch", hide = true)]
