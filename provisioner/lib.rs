@@ -8,6 +8,7 @@ pub mod check;
 pub mod cli;
 pub mod identity;
 pub mod image;
+pub mod kit;
 pub mod lifecycle;
 pub mod progress;
 pub mod provider;
