@@ -204,6 +204,32 @@ impl Recipe {
         Ok(hex::encode(hasher.finalize())[..16].to_string())
     }
 
+    /// This recipe with `extra` packages added (the packages a machine's
+    /// kits need): one cached image per distinct package set, keyed by a
+    /// hash that covers the set. Unchanged when `extra` adds nothing.
+    pub fn with_packages(&self, extra: &[String]) -> Recipe {
+        let mut added: Vec<String> = extra
+            .iter()
+            .filter(|p| !self.spec.packages.contains(p))
+            .cloned()
+            .collect();
+        added.sort();
+        added.dedup();
+        if added.is_empty() {
+            return self.clone();
+        }
+        let mut recipe = self.clone();
+        let mut hasher = Sha256::new();
+        hasher.update(&self.hash);
+        for package in &added {
+            hasher.update(package.as_bytes());
+            hasher.update([0]);
+        }
+        recipe.hash = hex::encode(hasher.finalize())[..16].to_string();
+        recipe.spec.packages.extend(added);
+        recipe
+    }
+
     /// The cache folder name of this recipe's build.
     pub fn key(&self) -> String {
         format!("{}-{}", self.name, self.hash)

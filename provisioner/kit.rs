@@ -1,8 +1,309 @@
 //! Daemon kits: `daemons/<name>/` holds a manifest (`daemon.toml`: the
 //! packages a daemon needs, the files to render with tera, the systemd unit
 //! to start, a readiness probe) and its templates.
+//!
+//! # Manifest
+//!
+//! ```toml
+//! description = "Apache ZooKeeper from Debian's zookeeperd"
+//! packages = ["zookeeperd"]        # baked into the machine's image
+//! service = "zookeeper"            # the systemd unit (re)started
+//! unit = "zookeeper.service.tera"  # optional: our own unit, rendered to
+//!                                  # /etc/systemd/system/<service>.service
+//! [[files]]
+//! template = "zoo.cfg.tera"        # relative to the kit directory
+//! dest = "/etc/zookeeper/conf/zoo.cfg"
+//! mode = "0644"                    # default "0644"
+//! owner = "root:root"              # default "root:root"
+//!
+//! [readiness]                      # optional; the keys of a [[checks]] entry
+//! tcp = { port = 2181, send = "srvr", expect = "/Mode: (standalone|leader|follower)/" }
+//! retry = "500ms"
+//! timeout = "120s"
+//! ```
+//!
+//! # Template context
+//!
+//! Every template sees four variables (see [`context`]):
+//!
+//! - `topology`: `{ name, machines: [MACHINE, …] }`, machines in file order.
+//! - `machine`: the MACHINE being rendered, plus its `vars`.
+//! - `vars`: this machine's `vars = { … }` from the topology (JSON values).
+//! - `daemons`: for each kit any machine runs, by kit name: `{ machines:
+//!   [{ name, ip }, …] }` (every machine running it, file order),
+//!   `addresses` (the `ip` of each of those that has one), `count`, and
+//!   `index`: this machine's 1-based position among them, absent when it
+//!   does not run the kit.
+//!
+//! A MACHINE is `{ name, ip, ips: { NETWORK: IP }, daemons: [KIT, …], cpus,
+//! memory_mib }`, where `ip` is the address on the first network by name,
+//! or null when the machine has none. So ZooKeeper's myid is
+//! `{{ daemons.zookeeper.index }}` and a Mesos connection string is
+//! `zk://{{ daemons.zookeeper.addresses | join(sep=":2181,") }}:2181/mesos`.
+//! Using a variable that does not exist is an error naming the template
+//! file, the line and the variable.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::check::{CheckSpec, CommandProbe, HttpProbe, TcpProbe};
+use crate::topology::{line_col, Machine, Topology};
+
+/// The manifest's file name inside a kit directory.
+pub const MANIFEST: &str = "daemon.toml";
+
+/// The variables every template sees.
+pub const CONTEXT_KEYS: [&str; 4] = ["topology", "machine", "vars", "daemons"];
+
+/// Where rendered units go: `<UNIT_DIR>/<service>.service`.
+pub const UNIT_DIR: &str = "/etc/systemd/system";
+
+/// A loaded, validated kit.
+#[derive(Debug, Clone)]
+pub struct Kit {
+    pub name: String,
+    /// The kit directory (`…/daemons/<name>`).
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// `daemon.toml`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub description: String,
+    /// Debian packages the daemon needs (baked into the machine's image).
+    pub packages: Vec<String>,
+    /// The systemd unit to (re)start, without `.service`, e.g. `zookeeper`.
+    pub service: String,
+    /// A template of a unit file of our own, rendered to
+    /// `/etc/systemd/system/<service>.service`.
+    #[serde(default)]
+    pub unit: Option<PathBuf>,
+    #[serde(default)]
+    pub files: Vec<KitFile>,
+    #[serde(default)]
+    pub readiness: Option<Readiness>,
+}
+
+/// One `[[files]]` entry: a template rendered to a path on the guest.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KitFile {
+    /// Relative to the kit directory.
+    pub template: PathBuf,
+    /// Absolute path on the guest.
+    pub dest: String,
+    /// Octal permission bits, e.g. "0644".
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// `user:group` (or `user`) on the guest.
+    #[serde(default = "default_owner")]
+    pub owner: String,
+}
+
+fn default_mode() -> String {
+    "0644".into()
+}
+
+fn default_owner() -> String {
+    "root:root".into()
+}
+
+impl KitFile {
+    /// The permission bits, or `None` when `mode` is not octal up to 7777.
+    pub fn mode_bits(&self) -> Option<u32> {
+        parse_mode(&self.mode)
+    }
+}
+
+/// A check without name and machine: the probe keys of
+/// [`CheckSpec`] (exactly one of `tcp`, `http`, `command`), `retry`, `timeout`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Readiness {
+    #[serde(default)]
+    pub tcp: Option<TcpProbe>,
+    #[serde(default)]
+    pub http: Option<HttpProbe>,
+    #[serde(default)]
+    pub command: Option<CommandProbe>,
+    #[serde(default)]
+    pub retry: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+/// A rendered template, ready to push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedFile {
+    /// Absolute path on the guest.
+    pub dest: String,
+    pub mode: u32,
+    pub owner: String,
+    pub contents: String,
+    /// The template it came from (absolute, on the host).
+    pub template: PathBuf,
+}
+
+/// Why a kit could not be loaded or rendered. Every message names the kit
+/// file at fault (and its line when known).
+#[derive(Debug, thiserror::Error)]
+pub enum KitError {
+    #[error(
+        "unknown daemon kit `{name}`{}\n  help: {}",
+        suggestion(name, known),
+        known_help(known, searched)
+    )]
+    Unknown {
+        name: String,
+        /// Every kit visible from the topology's directory, sorted.
+        known: Vec<String>,
+        /// The directories searched.
+        searched: Vec<PathBuf>,
+    },
+    #[error("cannot read {}: {error}", shown(path))]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// A problem in `daemon.toml`: syntax, an unknown key, an invalid value.
+    #[error("{}: {message}", located(path, *position))]
+    Manifest {
+        path: PathBuf,
+        /// 1-based (line, column), when known.
+        position: Option<(usize, usize)>,
+        message: String,
+    },
+    /// A template that does not parse or render; `tera` is tera's own
+    /// message chain.
+    #[error("{}: {message}\n  tera: {tera}", located(path, line.map(|line| (line, 0))))]
+    Template {
+        path: PathBuf,
+        /// 1-based line, when known.
+        line: Option<usize>,
+        message: String,
+        tera: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, KitError>;
+
+impl Kit {
+    /// Finds the kit `name` in [`kit_dirs`]`(start)` (the first directory
+    /// holding `<name>/daemon.toml` wins) and loads it.
+    pub fn load(name: &str, start: &Path) -> Result<Kit> {
+        let searched = kit_dirs(start);
+        let found = if is_plain_name(name) {
+            searched
+                .iter()
+                .map(|dir| dir.join(name))
+                .find(|dir| dir.join(MANIFEST).is_file())
+        } else {
+            None
+        };
+        match found {
+            Some(dir) => Kit::from_dir(name, &dir),
+            None => Err(KitError::Unknown {
+                name: name.to_owned(),
+                known: kit_names(start),
+                searched,
+            }),
+        }
+    }
+
+    /// Loads and validates the kit in `dir`, named `name`.
+    pub fn from_dir(name: &str, dir: &Path) -> Result<Kit> {
+        let path = dir.join(MANIFEST);
+        let text = read(&path)?;
+        let manifest: Manifest = toml::from_str(&text).map_err(|error| {
+            let position = error.span().map(|span| line_col(&text, span.start));
+            KitError::Manifest {
+                path: path.clone(),
+                position,
+                message: error.message().trim_end().to_owned(),
+            }
+        })?;
+        let checker = ManifestChecker {
+            dir,
+            path: &path,
+            text: &text,
+        };
+        checker.check(&manifest)?;
+        Ok(Kit {
+            name: name.to_owned(),
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    /// The manifest file.
+    pub fn manifest_path(&self) -> PathBuf {
+        self.dir.join(MANIFEST)
+    }
+
+    /// Renders the kit's files for `machine`, then its unit when it has one.
+    pub fn render(&self, topology: &Topology, machine: &Machine) -> Result<Vec<RenderedFile>> {
+        let values = context_map(topology, machine);
+        let context = tera_context(&values);
+        self.targets()?
+            .into_iter()
+            .map(|target| render_target(target, &values, &context))
+            .collect()
+    }
+
+    /// The readiness probe as a check on `machine`, named
+    /// `<kit> ready on <machine>`.
+    pub fn readiness_check(&self, machine: &str) -> Option<CheckSpec> {
+        let readiness = self.manifest.readiness.as_ref()?;
+        Some(CheckSpec {
+            name: format!("{} ready on {machine}", self.name),
+            machine: machine.to_owned(),
+            from: None,
+            tcp: readiness.tcp.clone(),
+            http: readiness.http.clone(),
+            command: readiness.command.clone(),
+            retry: readiness.retry.clone(),
+            timeout: readiness.timeout.clone(),
+        })
+    }
+
+    /// What to render: every `[[files]]` entry, then the unit.
+    fn targets(&self) -> Result<Vec<Target>> {
+        let mut targets = Vec::new();
+        for file in &self.manifest.files {
+            let mode = file
+                .mode_bits()
+                .ok_or_else(|| self.mode_error(&file.mode))?;
+            targets.push(Target {
+                template: self.dir.join(&file.template),
+                dest: file.dest.clone(),
+                mode,
+                owner: file.owner.clone(),
+            });
+        }
+        if let Some(unit) = &self.manifest.unit {
+            targets.push(Target {
+                template: self.dir.join(unit),
+                dest: format!("{UNIT_DIR}/{}.service", self.manifest.service),
+                mode: 0o644,
+                owner: "root:root".into(),
+            });
+        }
+        Ok(targets)
+    }
+
+    fn mode_error(&self, mode: &str) -> KitError {
+        KitError::Manifest {
+            path: self.manifest_path(),
+            position: None,
+            message: format!("mode `{mode}` is not an octal permission such as \"0644\""),
+        }
+    }
+}
 
 /// Directories searched for `daemons/<name>/daemon.toml`: `$TESTBED_DAEMONS`,
 /// then `daemons/` in the topology's directory and each of its ancestors.
@@ -33,4 +334,493 @@ pub fn kit_names(start: &Path) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// The template context for `machine` (documented in the module doc).
+pub fn context(topology: &Topology, machine: &Machine) -> tera::Context {
+    tera_context(&context_map(topology, machine))
+}
+
+// ---------------------------------------------------------------------------
+// Manifest validation
+// ---------------------------------------------------------------------------
+
+/// Checks the values serde cannot: names, paths, modes, probes.
+struct ManifestChecker<'a> {
+    dir: &'a Path,
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl ManifestChecker<'_> {
+    fn check(&self, manifest: &Manifest) -> Result<()> {
+        self.check_service(&manifest.service)?;
+        for package in &manifest.packages {
+            self.check_package(package)?;
+        }
+        let mut dests = BTreeMap::new();
+        for file in &manifest.files {
+            self.check_file(file)?;
+            if let Some(earlier) = dests.insert(file.dest.as_str(), &file.template) {
+                return Err(self.error(
+                    &file.dest,
+                    format!(
+                        "`{}` is the destination of both `{}` and `{}`",
+                        file.dest,
+                        earlier.display(),
+                        file.template.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(unit) = &manifest.unit {
+            self.check_template(unit)?;
+        }
+        if let Some(readiness) = &manifest.readiness {
+            self.check_readiness(readiness)?;
+        }
+        Ok(())
+    }
+
+    fn check_service(&self, service: &str) -> Result<()> {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "@._:-".contains(c);
+        if service.is_empty() || !service.chars().all(allowed) {
+            return Err(self.error(
+                "service",
+                format!("service `{service}` is not a systemd unit name, e.g. \"zookeeper\""),
+            ));
+        }
+        if let Some(base) = service.strip_suffix(".service") {
+            return Err(self.error(
+                service,
+                format!("write the service without `.service`: \"{base}\""),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_package(&self, package: &str) -> Result<()> {
+        let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c);
+        let valid = package.len() >= 2
+            && package.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && package.chars().all(allowed);
+        if valid {
+            return Ok(());
+        }
+        Err(self.error(
+            package,
+            format!("`{package}` is not a Debian package name (lowercase letters, digits, `+-.`)"),
+        ))
+    }
+
+    fn check_file(&self, file: &KitFile) -> Result<()> {
+        self.check_template(&file.template)?;
+        if !file.dest.starts_with('/') || file.dest.ends_with('/') {
+            return Err(self.error(
+                &file.dest,
+                format!(
+                    "dest `{}` must be an absolute path to a file on the guest",
+                    file.dest
+                ),
+            ));
+        }
+        if file.mode_bits().is_none() {
+            return Err(self.error(
+                &file.mode,
+                format!(
+                    "mode `{}` is not an octal permission such as \"0644\"",
+                    file.mode
+                ),
+            ));
+        }
+        let owner_ok = !file.owner.is_empty()
+            && file.owner.split(':').count() <= 2
+            && file.owner.split(':').all(|part| !part.is_empty())
+            && !file.owner.contains(char::is_whitespace);
+        if !owner_ok {
+            return Err(self.error(
+                &file.owner,
+                format!(
+                    "owner `{}` must be `user:group` or `user`, e.g. \"root:root\"",
+                    file.owner
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A template path inside the kit directory, naming an existing file.
+    fn check_template(&self, template: &Path) -> Result<()> {
+        let shown_name = template.display().to_string();
+        let inside = template
+            .components()
+            .all(|component| matches!(component, Component::Normal(_)));
+        if !inside || template.as_os_str().is_empty() {
+            return Err(self.error(
+                &shown_name,
+                format!("template `{shown_name}` must be a path inside the kit directory"),
+            ));
+        }
+        if !self.dir.join(template).is_file() {
+            return Err(self.error(
+                &shown_name,
+                format!(
+                    "template `{shown_name}` does not exist in {}",
+                    shown(self.dir)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_readiness(&self, readiness: &Readiness) -> Result<()> {
+        let probes = [
+            readiness.tcp.is_some(),
+            readiness.http.is_some(),
+            readiness.command.is_some(),
+        ];
+        if probes.iter().filter(|&&set| set).count() != 1 {
+            return Err(self.error(
+                "readiness",
+                "[readiness] needs exactly one probe: `tcp`, `http` or `command`",
+            ));
+        }
+        for (key, value) in [("retry", &readiness.retry), ("timeout", &readiness.timeout)] {
+            if let Some(text) = value {
+                if humantime::parse_duration(text).is_err() {
+                    return Err(self.error(
+                        text,
+                        format!("{key} `{text}` is not a duration such as \"500ms\" or \"2m\""),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An error at the first line of the manifest mentioning `needle`.
+    fn error(&self, needle: &str, message: impl Into<String>) -> KitError {
+        let position = (!needle.is_empty())
+            .then(|| self.text.find(needle))
+            .flatten()
+            .map(|offset| line_col(self.text, offset));
+        KitError::Manifest {
+            path: self.path.to_path_buf(),
+            position,
+            message: message.into(),
+        }
+    }
+}
+
+fn parse_mode(text: &str) -> Option<u32> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    if digits.is_empty() || digits.len() > 4 {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok()
+}
+
+/// A kit name is one directory name: no separators, not `.` or `..`.
+fn is_plain_name(name: &str) -> bool {
+    matches!(
+        Path::new(name).components().collect::<Vec<_>>().as_slice(),
+        [Component::Normal(_)]
+    ) && !name.contains(['/', '\\'])
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|error| KitError::Io {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Context
+// ---------------------------------------------------------------------------
+
+fn context_map(topology: &Topology, machine: &Machine) -> Map<String, Value> {
+    let machines: Vec<Value> = topology.machines.iter().map(machine_value).collect();
+    let vars = vars_value(machine);
+    let mut this = machine_value(machine);
+    if let Value::Object(fields) = &mut this {
+        fields.insert("vars".into(), vars.clone());
+    }
+    let mut map = Map::new();
+    map.insert(
+        "topology".into(),
+        json!({ "name": topology.name, "machines": machines }),
+    );
+    map.insert("machine".into(), this);
+    map.insert("vars".into(), vars);
+    map.insert("daemons".into(), daemons_value(topology, machine));
+    map
+}
+
+fn tera_context(values: &Map<String, Value>) -> tera::Context {
+    let mut context = tera::Context::new();
+    for (key, value) in values {
+        context.insert(key.as_str(), value);
+    }
+    context
+}
+
+/// The address templates use for a machine: on its first network by name.
+fn first_ip(machine: &Machine) -> Option<String> {
+    machine.ips.values().next().map(ToString::to_string)
+}
+
+fn machine_value(machine: &Machine) -> Value {
+    let ips: Map<String, Value> = machine
+        .ips
+        .iter()
+        .map(|(network, ip)| (network.clone(), Value::String(ip.to_string())))
+        .collect();
+    json!({
+        "name": machine.name,
+        "ip": first_ip(machine),
+        "ips": ips,
+        "daemons": machine.daemons,
+        "cpus": machine.cpus,
+        "memory_mib": machine.memory_mib,
+    })
+}
+
+fn vars_value(machine: &Machine) -> Value {
+    Value::Object(
+        machine
+            .vars
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect(),
+    )
+}
+
+/// `daemons`: per kit, who runs it and where this machine stands.
+fn daemons_value(topology: &Topology, machine: &Machine) -> Value {
+    let mut runners: BTreeMap<&str, Vec<&Machine>> = BTreeMap::new();
+    for candidate in &topology.machines {
+        for daemon in &candidate.daemons {
+            runners.entry(daemon.as_str()).or_default().push(candidate);
+        }
+    }
+    let kits: Map<String, Value> = runners
+        .into_iter()
+        .map(|(daemon, members)| (daemon.to_owned(), daemon_value(&members, machine)))
+        .collect();
+    Value::Object(kits)
+}
+
+fn daemon_value(members: &[&Machine], machine: &Machine) -> Value {
+    let machines: Vec<Value> = members
+        .iter()
+        .map(|member| json!({ "name": member.name, "ip": first_ip(member) }))
+        .collect();
+    let addresses: Vec<String> = members.iter().filter_map(|m| first_ip(m)).collect();
+    let mut value = json!({
+        "machines": machines,
+        "addresses": addresses,
+        "count": members.len(),
+    });
+    let index = members.iter().position(|m| m.name == machine.name);
+    if let (Some(index), Value::Object(fields)) = (index, &mut value) {
+        fields.insert("index".into(), json!(index + 1));
+    }
+    value
+}
+
+// ---------------------------------------------------------------------------
+// Rendering
+// ---------------------------------------------------------------------------
+
+/// One template to render and where its output goes.
+struct Target {
+    template: PathBuf,
+    dest: String,
+    mode: u32,
+    owner: String,
+}
+
+fn render_target(
+    target: Target,
+    values: &Map<String, Value>,
+    context: &tera::Context,
+) -> Result<RenderedFile> {
+    let text = read(&target.template)?;
+    let name = shown(&target.template);
+    let mut tera = tera::Tera::default();
+    tera.autoescape_on(Vec::new());
+    let failure = |error: tera::Error| template_error(&target.template, &text, values, &error);
+    tera.add_raw_template(&name, &text).map_err(failure)?;
+    let contents = tera.render(&name, context).map_err(failure)?;
+    Ok(RenderedFile {
+        dest: target.dest,
+        mode: target.mode,
+        owner: target.owner,
+        contents,
+        template: target.template,
+    })
+}
+
+/// Turns a tera error into one naming the file, the line and the cause.
+fn template_error(
+    path: &Path,
+    text: &str,
+    values: &Map<String, Value>,
+    error: &tera::Error,
+) -> KitError {
+    let messages = error_chain(error);
+    let tera = messages.join(": ");
+    let (line, message) = if let Some(variable) = capture(&tera, r"Variable `([^`]+)` not found") {
+        let message = format!(
+            "variable `{variable}` is not defined ({})",
+            available(values, &variable)
+        );
+        (line_in_tags(text, &variable), message)
+    } else if let Some(line) = capture(&tera, r"-->\s*(\d+):\d+") {
+        (line.parse().ok(), "syntax error".to_owned())
+    } else {
+        let line = named_in_error(error).and_then(|name| line_in_tags(text, &name));
+        (line, "cannot render".to_owned())
+    };
+    KitError::Template {
+        path: path.to_path_buf(),
+        line,
+        message,
+        tera,
+    }
+}
+
+/// The messages of `error` and of each of its sources.
+fn error_chain(error: &tera::Error) -> Vec<String> {
+    let mut messages = vec![error.to_string()];
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        messages.push(cause.to_string());
+        source = cause.source();
+    }
+    messages
+}
+
+/// The filter, test or function a tera error is about, if any.
+fn named_in_error(error: &tera::Error) -> Option<String> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = current {
+        if let Some(tera_error) = cause.downcast_ref::<tera::Error>() {
+            match &tera_error.kind {
+                tera::ErrorKind::FilterNotFound(name)
+                | tera::ErrorKind::TestNotFound(name)
+                | tera::ErrorKind::FunctionNotFound(name) => return Some(name.clone()),
+                tera::ErrorKind::CallFunction(name) => return Some(format!("{name}(")),
+                _ => {}
+            }
+        }
+        current = cause.source();
+    }
+    None
+}
+
+/// The first capture group of `pattern` in `text`.
+fn capture(text: &str, pattern: &str) -> Option<String> {
+    let regex = regex::Regex::new(pattern).ok()?;
+    let captures = regex.captures(text)?;
+    captures.get(1).map(|found| found.as_str().to_owned())
+}
+
+/// The 1-based line where `name` first appears as a whole word inside a
+/// `{{ … }}` or `{% … %}` tag of `text` (tera's errors carry no line).
+fn line_in_tags(text: &str, name: &str) -> Option<usize> {
+    let tags = regex::Regex::new(r"(?s)\{[{%].*?[%}]\}").ok()?;
+    let word = regex::Regex::new(&format!(
+        r"(?:^|[^\w.])({})(?:$|[^\w])",
+        regex::escape(name)
+    ))
+    .ok()?;
+    let line = tags.find_iter(text).find_map(|tag| {
+        let found = word.captures(tag.as_str())?.get(1)?;
+        Some(line_col(text, tag.start() + found.start()).0)
+    });
+    line
+}
+
+/// What could have been meant: the keys at the deepest existing prefix of
+/// `variable`'s dotted path, or the context's top-level names.
+fn available(values: &Map<String, Value>, variable: &str) -> String {
+    let segments: Vec<&str> = variable.split(['.', '[']).collect();
+    let Some(mut node) = segments.first().and_then(|first| values.get(*first)) else {
+        return format!("available: {}", CONTEXT_KEYS.join(", "));
+    };
+    let mut depth = 1;
+    for segment in segments.iter().skip(1) {
+        let Some(next) = node.get(*segment) else {
+            break;
+        };
+        node = next;
+        depth += 1;
+    }
+    let path = segments
+        .iter()
+        .take(depth)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(".");
+    match node.as_object() {
+        Some(fields) if fields.is_empty() => format!("`{path}` is empty"),
+        Some(fields) => {
+            let keys: Vec<&str> = fields.keys().map(String::as_str).collect();
+            format!("available in `{path}`: {}", keys.join(", "))
+        }
+        None => match node.as_array() {
+            Some(items) => format!("`{path}` is a list of {}", items.len()),
+            None => format!("`{path}` has no fields"),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Messages
+// ---------------------------------------------------------------------------
+
+/// `path`, relative to the working directory when inside it.
+fn shown(path: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// `FILE`, `FILE:LINE` or `FILE:LINE:COL` (a column of 0 is left out).
+fn located(path: &Path, position: Option<(usize, usize)>) -> String {
+    match position {
+        Some((line, 0)) => format!("{}:{line}", shown(path)),
+        Some((line, col)) => format!("{}:{line}:{col}", shown(path)),
+        None => shown(path),
+    }
+}
+
+fn suggestion(name: &str, known: &[String]) -> String {
+    known
+        .iter()
+        .map(|candidate| (strsim::levenshtein(name, candidate), candidate))
+        .filter(|(distance, _)| *distance <= 2.max(name.len() / 3))
+        .min()
+        .map(|(_, candidate)| format!("; did you mean `{candidate}`?"))
+        .unwrap_or_default()
+}
+
+fn known_help(known: &[String], searched: &[PathBuf]) -> String {
+    let dirs: Vec<String> = searched.iter().map(|dir| shown(dir)).collect();
+    let dirs = if dirs.is_empty() {
+        "no `daemons/` directory beside the topology or above it, and TESTBED_DAEMONS unset"
+            .to_owned()
+    } else {
+        format!("searched {}", dirs.join(", "))
+    };
+    if known.is_empty() {
+        format!("no kits found ({dirs})")
+    } else {
+        format!("known kits: {} ({dirs})", known.join(", "))
+    }
 }

@@ -12,6 +12,7 @@ pub mod kit;
 pub mod lifecycle;
 pub mod progress;
 pub mod provider;
+pub mod provision;
 pub mod ssh;
 pub mod state;
 pub mod topology;

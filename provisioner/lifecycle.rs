@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::check;
 use crate::identity::{self, MachineKeys, Seed};
 use crate::image::{BuiltImage, Cache, ImageError, Recipe};
 use crate::progress::{Progress, Task};
 use crate::provider::{self, kvm, NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
+use crate::provision::{self, Machines, Outcome, Readiness};
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
 use crate::topology::{self, Machine, Topology, TopologyError};
@@ -36,6 +38,10 @@ pub enum Error {
     Provider(#[from] ProviderError),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Kit(#[from] crate::kit::KitError),
+    #[error(transparent)]
+    Provision(#[from] crate::provision::ProvisionError),
     #[error("{machine}: {source}")]
     Ssh { machine: String, source: SshError },
     #[error("{machine}: no SSH: {source}; last console lines ({log}):\n{tail}")]
@@ -86,6 +92,10 @@ pub struct MachineStatus {
 pub struct UpReport {
     pub changed: Vec<String>,
     pub unchanged: Vec<String>,
+    /// What happened to each daemon that was provisioned.
+    pub daemons: Vec<Outcome>,
+    /// The topology's checks, run last when anything changed.
+    pub checks: Option<check::Report>,
 }
 
 impl Testbed {
@@ -193,11 +203,13 @@ impl Testbed {
         let mut record = self.state.load()?;
         record.topology = self.topology.path.clone();
         ensure_user_key(&self.state)?;
+        // Rendered before anything starts: a template error touches nothing.
+        let rendered = self.rendered_hashes()?;
         let images = self.ensure_images(progress)?;
         let plans = self.plan_machines(&record, &images)?;
         for plan in &plans {
             let current = images
-                .get(&plan.machine.image)
+                .get(&plan.machine.name)
                 .map(BuiltImage::key)
                 .unwrap_or_default();
             if let Some(warning) = plan.drift(&record, &current) {
@@ -205,24 +217,31 @@ impl Testbed {
             }
         }
         let mut report = UpReport::default();
-        let todo: Vec<MachinePlan> = plans
-            .into_iter()
-            .filter_map(|plan| {
-                if plan.converged(&record) {
-                    report.unchanged.push(plan.machine.name.clone());
-                    None
-                } else {
-                    Some(plan)
-                }
-            })
-            .collect();
+        let readiness = Arc::new(Readiness::new(&self.topology));
+        let mut todo = Vec::new();
+        for plan in plans {
+            let name = plan.machine.name.clone();
+            let daemons_current =
+                record.machines.get(&name).map(|r| &r.daemons) == rendered.get(&name);
+            if plan.converged(&record) && daemons_current {
+                readiness.set(&name, true);
+                report.unchanged.push(name);
+            } else {
+                todo.push(plan);
+            }
+        }
         if todo.is_empty() {
             return Ok(report);
         }
         let kvm = self.accelerator(&images, progress);
         self.ensure_networks(&todo, &mut record)?;
         self.state.save(&record)?;
+        let machines = Arc::new(Machines::new(self.state.clone(), &self.topology));
+        for (name, saved) in &record.machines {
+            machines.set_port(name, saved.ssh_port);
+        }
         let record = Arc::new(Mutex::new(record));
+        let topology = Arc::new(self.topology.clone());
         let mut tasks = Vec::new();
         for mut plan in todo {
             plan.kvm = kvm;
@@ -230,13 +249,17 @@ impl Testbed {
             let ctx = UpContext {
                 state: self.state.clone(),
                 record: record.clone(),
+                machines: machines.clone(),
+                readiness: readiness.clone(),
+                topology: topology.clone(),
             };
             let target = self.ssh_target(&plan.machine.name, 0);
             tasks.push(tokio::spawn(async move {
                 let name = plan.machine.name.clone();
-                let result = bring_up(plan, target, &ctx, &task).await;
+                let result = up_machine(plan, target, &ctx, &task).await;
+                ctx.readiness.set(&name, result.is_ok());
                 match &result {
-                    Ok(()) => task.finish("ready"),
+                    Ok(_) => task.finish("ready"),
                     Err(e) => task.finish(&format!("failed: {}", first_line(&e.to_string()))),
                 }
                 (name, result)
@@ -245,12 +268,21 @@ impl Testbed {
         let mut failures = Vec::new();
         for task in tasks {
             match task.await {
-                Ok((name, Ok(()))) => report.changed.push(name),
+                Ok((name, Ok(outcomes))) => {
+                    report.changed.push(name);
+                    report.daemons.extend(outcomes);
+                }
                 Ok((_, Err(e))) => failures.push(e.to_string()),
                 Err(join) => failures.push(format!("internal error: {join}")),
             }
         }
         write_ssh_config(&self.state, &self.topology.name, &lock_record(&record))?;
+        if failures.is_empty() && !self.topology.checks.is_empty() {
+            let checks =
+                check::run_all(&self.topology.checks, &self.topology, machines.clone()).await;
+            report.checks = Some(checks);
+        }
+        machines.close().await;
         start_control_masters(&self.state, &report.changed);
         if failures.is_empty() {
             Ok(report)
@@ -262,25 +294,130 @@ impl Testbed {
         }
     }
 
+    /// Each machine's kits rendered, as daemon → hash of its files.
+    fn rendered_hashes(&self) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
+        self.topology
+            .machines
+            .iter()
+            .map(|machine| {
+                let hashes = provision::render_machine(&self.topology, machine)?
+                    .into_iter()
+                    .map(|r| (r.kit.name, r.hash))
+                    .collect();
+                Ok((machine.name.clone(), hashes))
+            })
+            .collect()
+    }
+
+    /// A session per machine for the checks of `verify`, from the record.
+    fn machines(&self) -> Result<Arc<Machines>> {
+        let record = self.state.load()?;
+        let machines = Machines::new(self.state.clone(), &self.topology);
+        for (name, saved) in &record.machines {
+            machines.set_port(name, saved.ssh_port);
+        }
+        Ok(Arc::new(machines))
+    }
+
+    /// Runs the topology's checks alone.
+    pub async fn verify(&self) -> Result<check::Report> {
+        let machines = self.machines()?;
+        let report = check::run_all(&self.topology.checks, &self.topology, machines.clone()).await;
+        machines.close().await;
+        Ok(report)
+    }
+
+    /// Re-renders and pushes the kits of `names` (or all machines): restarts
+    /// the daemons whose files changed, starts those not running, leaves the
+    /// rest alone.
+    pub async fn provision(&self, names: &[String], progress: &Progress) -> Result<Vec<Outcome>> {
+        let _lock = self.state.lock()?;
+        let selected = self.select(names)?;
+        let record = Arc::new(Mutex::new(self.state.load()?));
+        let machines = self.machines()?;
+        let readiness = Arc::new(Readiness::new(&self.topology));
+        for machine in &self.topology.machines {
+            if !selected.iter().any(|m| m.name == machine.name) {
+                readiness.set(&machine.name, true);
+            }
+        }
+        let topology = Arc::new(self.topology.clone());
+        let mut tasks = Vec::new();
+        for machine in selected {
+            let ctx = UpContext {
+                state: self.state.clone(),
+                record: record.clone(),
+                machines: machines.clone(),
+                readiness: readiness.clone(),
+                topology: topology.clone(),
+            };
+            let task = progress.task(&machine.name);
+            tasks.push(tokio::spawn(async move {
+                let result = provision_and_record(&machine, &ctx, &task).await;
+                ctx.readiness.set(&machine.name, result.is_ok());
+                task.finish(if result.is_ok() {
+                    "provisioned"
+                } else {
+                    "failed"
+                });
+                result
+            }));
+        }
+        let mut outcomes = Vec::new();
+        let mut failures = Vec::new();
+        for task in tasks {
+            match task.await {
+                Ok(Ok(done)) => outcomes.extend(done),
+                Ok(Err(e)) => failures.push(e.to_string()),
+                Err(join) => failures.push(format!("internal error: {join}")),
+            }
+        }
+        machines.close().await;
+        if failures.is_empty() {
+            Ok(outcomes)
+        } else {
+            Err(Error::Several {
+                count: failures.len(),
+                details: failures.join("\n"),
+            })
+        }
+    }
+
+    /// The image each machine boots, by machine name: its recipe plus the
+    /// packages its kits need, built once per distinct package set.
     fn ensure_images(&self, progress: &Progress) -> Result<BTreeMap<String, BuiltImage>> {
+        let mut built: BTreeMap<String, BuiltImage> = BTreeMap::new();
         let mut images = BTreeMap::new();
         for machine in &self.topology.machines {
-            if images.contains_key(&machine.image) {
-                continue;
-            }
-            let recipe = Recipe::find(&machine.image, self.topology.dir())?;
-            let built = match self.cache.lookup(&recipe) {
-                Some(built) => built,
+            let recipe = self.recipe_for(machine)?;
+            let image = match built
+                .get(&recipe.key())
+                .cloned()
+                .or_else(|| self.cache.lookup(&recipe))
+            {
+                Some(image) => image,
                 None => {
-                    let task = progress.task(&format!("image {}", recipe.name));
-                    let built = self.cache.ensure(&recipe, &mut |line| task.set(line))?;
+                    let task = progress.task(&format!("image {}", recipe.key()));
+                    let image = self.cache.ensure(&recipe, &mut |line| task.set(line))?;
                     task.finish("built");
-                    built
+                    image
                 }
             };
-            images.insert(machine.image.clone(), built);
+            built.insert(recipe.key(), image.clone());
+            images.insert(machine.name.clone(), image);
         }
         Ok(images)
+    }
+
+    /// The machine's image recipe, with its kits' packages added.
+    pub fn recipe_for(&self, machine: &Machine) -> Result<Recipe> {
+        let recipe = Recipe::find(&machine.image, self.topology.dir())?;
+        let mut packages = Vec::new();
+        for daemon in &machine.daemons {
+            let kit = crate::kit::Kit::load(daemon, self.topology.dir())?;
+            packages.extend(kit.manifest.packages.iter().cloned());
+        }
+        Ok(recipe.with_packages(&packages))
     }
 
     /// KVM when the bounded probe showed it boots a kernel here, else TCG;
@@ -386,7 +523,7 @@ impl Testbed {
         images: &BTreeMap<String, BuiltImage>,
     ) -> Result<BuiltImage> {
         let current = images
-            .get(&machine.image)
+            .get(&machine.name)
             .cloned()
             .ok_or_else(|| ImageError::NotCached(machine.image.clone()))?;
         match saved {
@@ -544,6 +681,9 @@ fn spec_hash(spec: &VmSpec) -> String {
 struct UpContext {
     state: StateDir,
     record: Arc<Mutex<Record>>,
+    machines: Arc<Machines>,
+    readiness: Arc<Readiness>,
+    topology: Arc<Topology>,
 }
 
 impl UpContext {
@@ -560,8 +700,13 @@ impl UpContext {
         Ok(())
     }
 
-    fn record_machine(&self, name: &str, saved: MachineRecord) -> Result<()> {
+    /// Records a machine, keeping what its daemons' record says: files
+    /// pushed before a halt are still on its disk.
+    fn record_machine(&self, name: &str, mut saved: MachineRecord) -> Result<()> {
         let mut record = lock_record(&self.record);
+        if let Some(previous) = record.machines.get(name) {
+            saved.daemons = previous.daemons.clone();
+        }
         record.machines.insert(name.to_string(), saved);
         self.state.save(&record)?;
         Ok(())
@@ -572,6 +717,53 @@ fn lock_record(record: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
     record
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One machine's way through `up`: boot and identity when needed, then its
+/// daemons once its dependencies are ready.
+async fn up_machine(
+    plan: MachinePlan,
+    target: Target,
+    ctx: &UpContext,
+    task: &Task,
+) -> Result<Vec<Outcome>> {
+    let machine = plan.machine.clone();
+    if !plan.converged(&lock_record(&ctx.record)) {
+        bring_up(plan, target, ctx, task).await?;
+    }
+    provision_and_record(&machine, ctx, task).await
+}
+
+/// Provisions a machine's daemons and records what was pushed.
+async fn provision_and_record(
+    machine: &Machine,
+    ctx: &UpContext,
+    task: &Task,
+) -> Result<Vec<Outcome>> {
+    if machine.daemons.is_empty() {
+        return Ok(Vec::new());
+    }
+    let applied = lock_record(&ctx.record)
+        .machines
+        .get(&machine.name)
+        .map(|r| r.daemons.clone())
+        .unwrap_or_default();
+    let on_step = |step: &str| task.set(step);
+    let done = provision::provision_machine(
+        &ctx.topology,
+        machine,
+        &ctx.machines,
+        &ctx.readiness,
+        &applied,
+        &on_step,
+    )
+    .await?;
+    let hashes: BTreeMap<String, String> = done
+        .iter()
+        .map(|(outcome, hash)| (outcome.daemon.clone(), hash.clone()))
+        .collect();
+    ctx.update(&machine.name, |saved| saved.daemons = hashes)?;
+    Ok(done.into_iter().map(|(outcome, _)| outcome).collect())
 }
 
 /// One machine's way through `up`: create, boot, reach SSH, apply identity.
@@ -596,6 +788,7 @@ async fn bring_up(
                 ssh_port: plan.spec.ssh_port,
                 desired: Desired::Running,
                 identity: None,
+                daemons: BTreeMap::new(),
             },
         )?;
         if plan.observed == VmState::Absent {
@@ -617,6 +810,7 @@ async fn bring_up(
             machine: name.clone(),
         })?;
     target.addr.set_port(port);
+    ctx.machines.set_port(&name, port);
     task.set("waiting for SSH");
     let session = connect_while_running(
         &name,
@@ -633,7 +827,8 @@ async fn bring_up(
             machine: name.clone(),
             source,
         })?;
-    session.close().await;
+    // The same connection serves the daemons' steps and the checks.
+    ctx.machines.adopt(&name, session).await;
     let hash = plan.seed.hash.clone();
     ctx.update(&name, |saved| {
         saved.identity = Some(hash);
@@ -972,6 +1167,7 @@ mod tests {
             ssh_port: 2222,
             desired,
             identity: None,
+            daemons: BTreeMap::new(),
         }
     }
 

@@ -60,6 +60,9 @@ pub struct MachineRecord {
     pub desired: Desired,
     /// Hash of the identity seed last applied over SSH; `None` until then.
     pub identity: Option<String>,
+    /// Each daemon's rendered files (hash) last pushed and started.
+    #[serde(default)]
+    pub daemons: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -226,6 +229,7 @@ mod tests {
                 ssh_port: 2222,
                 desired: Desired::Running,
                 identity: None,
+                daemons: BTreeMap::new(),
             },
         );
         state.save(&record).expect("save");

@@ -1,14 +1,17 @@
 //! The topology file: parsed, validated, and turned into the model the rest
 //! of testbed works from. Every error names file:line:col and what is valid.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
-use toml::de::{DeString, DeTable, DeValue};
+use serde::Deserialize;
+use toml::de::{DeString, DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
+
+use crate::check::CheckSpec;
 
 /// Which VM backend runs a machine.
 #[derive(
@@ -90,6 +93,100 @@ impl Topology {
     pub fn machine(&self, name: &str) -> Option<&Machine> {
         self.machines.iter().find(|m| m.name == name)
     }
+
+    /// Machine names in start order: wave 0 holds the machines without
+    /// `depends_on`, wave n those whose dependencies all start in earlier
+    /// waves; file order inside a wave. A validated topology places every
+    /// machine; one in a cycle or depending on an unknown name is left out.
+    pub fn start_waves(&self) -> Vec<Vec<String>> {
+        wave_indices(&self.machines)
+            .into_iter()
+            .map(|wave| {
+                wave.into_iter()
+                    .filter_map(|index| self.machines.get(index))
+                    .map(|machine| machine.name.clone())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The machines whose `daemons` include `daemon`, in file order.
+    pub fn machines_running(&self, daemon: &str) -> Vec<&Machine> {
+        self.machines
+            .iter()
+            .filter(|machine| machine.daemons.iter().any(|name| name == daemon))
+            .collect()
+    }
+}
+
+/// Indices into `machines` by start wave (see [`Topology::start_waves`]).
+fn wave_indices(machines: &[Machine]) -> Vec<Vec<usize>> {
+    let index = name_index(machines);
+    let mut placed = vec![false; machines.len()];
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    loop {
+        let ready = |(position, machine): &(usize, &Machine)| {
+            !placed[*position]
+                && machine.depends_on.iter().all(|dependency| {
+                    index
+                        .get(dependency.as_str())
+                        .is_some_and(|&other| placed[other])
+                })
+        };
+        let wave: Vec<usize> = machines
+            .iter()
+            .enumerate()
+            .filter(ready)
+            .map(|(position, _)| position)
+            .collect();
+        if wave.is_empty() {
+            return waves;
+        }
+        for &position in &wave {
+            placed[position] = true;
+        }
+        waves.push(wave);
+    }
+}
+
+/// A dependency cycle, as machine names starting with the one earliest in
+/// file order (each depends on the next, the last on the first); `None` when
+/// every machine can start.
+fn find_cycle(machines: &[Machine]) -> Option<Vec<&str>> {
+    let placed: HashSet<usize> = wave_indices(machines).into_iter().flatten().collect();
+    let index = name_index(machines);
+    // Every unplaced machine waits on another unplaced machine; following
+    // those waits from any of them must come back round.
+    let waits_on = |position: usize| {
+        machines
+            .get(position)?
+            .depends_on
+            .iter()
+            .filter_map(|dependency| index.get(dependency.as_str()).copied())
+            .find(|other| !placed.contains(other))
+    };
+    let mut current = (0..machines.len()).find(|position| !placed.contains(position))?;
+    let mut path = Vec::new();
+    while !path.contains(&current) {
+        path.push(current);
+        current = waits_on(current)?;
+    }
+    let start = path.iter().position(|&position| position == current)?;
+    let mut cycle = path.split_off(start);
+    let earliest = (0..cycle.len()).min_by_key(|&at| cycle.get(at))?;
+    cycle.rotate_left(earliest);
+    cycle
+        .into_iter()
+        .map(|position| machines.get(position).map(|m| m.name.as_str()))
+        .collect()
+}
+
+fn name_index(machines: &[Machine]) -> HashMap<&str, usize> {
+    machines
+        .iter()
+        .enumerate()
+        .map(|(position, machine)| (machine.name.as_str(), position))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -125,13 +222,39 @@ pub const PRIVATE_RANGES: [Ipv4Net; 3] = [
 /// a private network overlapping it would make guest routing ambiguous.
 pub const QEMU_USER_NET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 2, 0), 24);
 
-const TOP_KEYS: &[&str] = &["name", "defaults", "networks", "machines"];
+const TOP_KEYS: &[&str] = &["name", "defaults", "networks", "machines", "checks"];
 const DEFAULTS_KEYS: &[&str] = &["provider", "image", "cpus", "memory"];
 const NETWORK_KEYS: &[&str] = &["subnet"];
 const MACHINE_KEYS: &[&str] = &[
-    "ip", "ips", "provider", "image", "cpus", "memory", "forward",
+    "ip",
+    "ips",
+    "provider",
+    "image",
+    "cpus",
+    "memory",
+    "forward",
+    "daemons",
+    "vars",
+    "depends_on",
 ];
 const FORWARD_KEYS: &[&str] = &["guest", "host"];
+const CHECK_KEYS: &[&str] = &[
+    "name", "machine", "from", "tcp", "http", "command", "retry", "timeout",
+];
+/// The probes a check can have (exactly one): name, keys, example.
+const PROBES: [(&str, &[&str], &str); 3] = [
+    ("tcp", &["port", "send", "expect"], "{ port = 2181 }"),
+    (
+        "http",
+        &["port", "path", "status", "headers", "body", "json"],
+        "{ port = 5050, path = \"/\" }",
+    ),
+    (
+        "command",
+        &["run", "exit", "stdout", "json"],
+        "{ run = \"systemctl is-active zookeeper\" }",
+    ),
+];
 
 const NAME_HELP: &str = "names become hostnames: 1 to 63 lowercase letters (a-z), digits and \
                          hyphens, not starting or ending with a hyphen";
@@ -140,6 +263,14 @@ const MEMORY_HELP: &str = "write memory as `768MiB`, `512M`, `1GiB`, `2G`, or a 
 const SUBNET_HELP: &str = "write a private IPv4 range as ADDRESS/PREFIX, e.g. \
                            `192.168.33.0/24`, inside 10.0.0.0/8, 172.16.0.0/12 or \
                            192.168.0.0/16, with a prefix from /8 to /30";
+const VAR_HELP: &str = "templates use each var as an identifier: a letter or `_`, then \
+                        letters, digits and `_`";
+const CHECK_HELP: &str = "a check is a `[[checks]]` table with `name`, `machine`, optionally \
+                          `from`, `retry` and `timeout`, and one probe: `tcp = { port = 2181 }`, \
+                          `http = { port = 5050, path = \"/\" }` or `command = { run = \"…\" }`";
+const CHECKS_EXAMPLE: &str = "[{ name = \"zk\", machine = \"zk-1\", tcp = { port = 2181 } }]";
+const DAEMONS_EXAMPLE: &str = "[\"zookeeper\"]";
+const DEPENDS_EXAMPLE: &str = "[\"zk-1\"]";
 
 // ---------------------------------------------------------------------------
 // Errors
@@ -223,7 +354,8 @@ pub fn load(path: &Path) -> Result<Topology> {
 
 /// Validates `text` as the topology file `path`. `path` is only used in
 /// messages (as given), to canonicalise [`Topology::path`] and to find the
-/// image recipes (`images/` beside it or in an ancestor directory).
+/// image recipes and daemon kits (`images/` and `daemons/` beside it or in an
+/// ancestor directory).
 pub fn parse(path: &Path, text: &str) -> Result<Topology> {
     let source = Source { path, text };
     source.check_text()?;
@@ -233,6 +365,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Topology> {
     let checker = Checker {
         source,
         recipes: crate::image::recipe_names(dir),
+        kits: crate::kit::kit_names(dir),
     };
     checker.topology(root.get_ref(), file)
 }
@@ -488,6 +621,8 @@ struct Checker<'a> {
     source: Source<'a>,
     /// Recipe names in `images/`, for `image` values.
     recipes: Vec<String>,
+    /// Kit names in `daemons/`, for `daemons` values.
+    kits: Vec<String>,
 }
 
 impl Checker<'_> {
@@ -507,6 +642,10 @@ impl Checker<'_> {
             None => Vec::new(),
         };
         let machines = self.machines(root, &defaults, &networks)?;
+        let checks = match root.get("checks") {
+            Some(value) => self.checks(value, &machines)?,
+            None => Vec::new(),
+        };
         Ok(Topology {
             name,
             path,
@@ -515,7 +654,7 @@ impl Checker<'_> {
                 .map(|(network, _)| (network.name.clone(), network))
                 .collect(),
             machines,
-            checks: Vec::new(),
+            checks,
         })
     }
 
@@ -605,6 +744,68 @@ impl Checker<'_> {
                 .error(value.span(), format!("`{key}` is out of range"))
                 .with_help(format!("for example `{key} = {example}`"))
         })
+    }
+
+    /// An array of strings, each with its span.
+    fn string_list<'t>(
+        &self,
+        value: &'t Value<'_>,
+        key: &str,
+        example: &str,
+    ) -> Result<Vec<(&'t str, Span)>> {
+        let DeValue::Array(items) = value.get_ref() else {
+            return Err(self.type_error(value, key, "an array of strings", example));
+        };
+        items
+            .iter()
+            .map(|item| match item.get_ref().as_str() {
+                Some(text) => Ok((text, item.span())),
+                None => Err(self
+                    .source
+                    .error(
+                        item.span(),
+                        format!("each `{key}` entry must be a string, not {}", a_type(item)),
+                    )
+                    .with_help(format!("for example `{key} = {example}`"))),
+            })
+            .collect()
+    }
+
+    /// Rejects `entry` when `earlier` entries of the same list have it.
+    fn listed_once(
+        &self,
+        entry: &str,
+        span: Span,
+        earlier: &[&str],
+        list: &str,
+        what: &str,
+    ) -> Result<()> {
+        if !earlier.contains(&entry) {
+            return Ok(());
+        }
+        Err(self
+            .source
+            .error(span, format!("`{entry}` is listed twice in {list}"))
+            .with_help(format!("list each {what} once")))
+    }
+
+    /// Rejects `name` unless it is one of `machines`.
+    fn known_machine(
+        &self,
+        name: &str,
+        span: Span,
+        place: &str,
+        machines: &[Machine],
+    ) -> Result<()> {
+        if machines.iter().any(|machine| machine.name == name) {
+            return Ok(());
+        }
+        let names: Vec<&str> = machines.iter().map(|m| m.name.as_str()).collect();
+        let hint = did_you_mean(name, names.iter().copied());
+        Err(self
+            .source
+            .error(span, format!("unknown machine `{name}` {place}{hint}"))
+            .with_help(format!("machines defined here: {}", names.join(", "))))
     }
 
     // -- settings (defaults and machines) ------------------------------------
@@ -837,10 +1038,12 @@ impl Checker<'_> {
                 .with_help(EXAMPLE));
         }
         let mut claims = Claims::default();
-        entries(table)
+        let machines = entries(table)
             .into_iter()
             .map(|(key, value)| self.machine(key, value, defaults, networks, &mut claims))
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        self.dependencies(table, &machines)?;
+        Ok(machines)
     }
 
     fn check_name(&self, key: &Key<'_>, what: &str) -> Result<()> {
@@ -880,6 +1083,19 @@ impl Checker<'_> {
             Some(image) => image,
             None => self.default_image(key)?,
         };
+        let daemons = match table.get("daemons") {
+            Some(value) => self.daemons(name, value)?,
+            None => Vec::new(),
+        };
+        let vars = match table.get("vars") {
+            Some(value) => self.vars(name, value)?,
+            None => BTreeMap::new(),
+        };
+        // Names are checked once every machine is known (`dependencies`).
+        let depends_on = match table.get("depends_on") {
+            Some(value) => self.string_list(value, "depends_on", DEPENDS_EXAMPLE)?,
+            None => Vec::new(),
+        };
         Ok(Machine {
             name: name.to_owned(),
             provider: own
@@ -894,9 +1110,12 @@ impl Checker<'_> {
                 .unwrap_or(DEFAULT_MEMORY_MIB),
             ips,
             forwards,
-            daemons: Vec::new(),
-            vars: BTreeMap::new(),
-            depends_on: Vec::new(),
+            daemons,
+            vars,
+            depends_on: depends_on
+                .into_iter()
+                .map(|(machine, _)| machine.to_owned())
+                .collect(),
         })
     }
 
@@ -919,6 +1138,178 @@ impl Checker<'_> {
                 "set `image` in [defaults] or on the machine; {}",
                 self.recipes_help()
             )))
+    }
+
+    // -- daemons and vars ----------------------------------------------------
+
+    /// `daemons`: kit names, each once.
+    fn daemons(&self, machine: &str, value: &Value<'_>) -> Result<Vec<String>> {
+        let list = format!("`daemons` of machine `{machine}`");
+        let mut daemons: Vec<&str> = Vec::new();
+        for (name, span) in self.string_list(value, "daemons", DAEMONS_EXAMPLE)? {
+            self.kit(name, span.clone())?;
+            self.listed_once(name, span, &daemons, &list, "daemon")?;
+            daemons.push(name);
+        }
+        Ok(daemons.into_iter().map(str::to_owned).collect())
+    }
+
+    fn kit(&self, name: &str, span: Span) -> Result<()> {
+        if self.kits.iter().any(|kit| kit == name) {
+            return Ok(());
+        }
+        let hint = did_you_mean(name, self.kits.iter().map(String::as_str));
+        let help = if self.kits.is_empty() {
+            "no kits found: add `daemons/<name>/daemon.toml` beside the topology or in a \
+             directory above it, or point TESTBED_DAEMONS at a directory of kits"
+                .to_owned()
+        } else {
+            format!(
+                "available kits (daemons/<name>/daemon.toml): {}",
+                self.kits.join(", ")
+            )
+        };
+        Err(self
+            .source
+            .error(span, format!("unknown daemon `{name}`{hint}"))
+            .with_help(help))
+    }
+
+    /// `vars`: identifier keys, any TOML values (as JSON for the templates).
+    fn vars(
+        &self,
+        machine: &str,
+        value: &Value<'_>,
+    ) -> Result<BTreeMap<String, serde_json::Value>> {
+        let table = self.table(value, "vars", "{ myid = 1 }")?;
+        let mut vars = BTreeMap::new();
+        for (key, value) in entries(table) {
+            let name = key.get_ref().as_ref();
+            if !is_identifier(name) {
+                return Err(self
+                    .source
+                    .error(
+                        key.span(),
+                        format!(
+                            "invalid variable name `{name}` in `vars` of machine \
+                             `{machine}`{}",
+                            identifier_suggestion(name)
+                        ),
+                    )
+                    .with_help(VAR_HELP));
+            }
+            vars.insert(name.to_owned(), self.json(value, name)?);
+        }
+        Ok(vars)
+    }
+
+    /// A TOML value as JSON; datetimes become their TOML text.
+    fn json(&self, value: &Value<'_>, key: &str) -> Result<serde_json::Value> {
+        use serde_json::Value as Json;
+        Ok(match value.get_ref() {
+            DeValue::String(text) => Json::String(text.to_string()),
+            DeValue::Integer(_) => self.json_integer(value, key)?,
+            DeValue::Float(float) => float
+                .as_str()
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map(Json::Number)
+                .ok_or_else(|| {
+                    self.source
+                        .error(
+                            value.span(),
+                            format!("`{key}` = {float} has no JSON equivalent"),
+                        )
+                        .with_help("template variables are JSON: use a finite number")
+                })?,
+            DeValue::Boolean(flag) => Json::Bool(*flag),
+            DeValue::Datetime(datetime) => Json::String(datetime.to_string()),
+            DeValue::Array(items) => Json::Array(
+                items
+                    .iter()
+                    .map(|item| self.json(item, key))
+                    .collect::<Result<_>>()?,
+            ),
+            DeValue::Table(table) => Json::Object(
+                entries(table)
+                    .into_iter()
+                    .map(|(name, item)| {
+                        Ok((name.get_ref().to_string(), self.json(item, name.get_ref())?))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
+
+    fn json_integer(&self, value: &Value<'_>, key: &str) -> Result<serde_json::Value> {
+        let number = self.integer(value, key, "1")?;
+        let json = match i64::try_from(number) {
+            Ok(signed) => serde_json::Number::from(signed),
+            Err(_) => u64::try_from(number)
+                .map(serde_json::Number::from)
+                .map_err(|_| {
+                    self.source
+                        .error(value.span(), format!("`{key}` is out of range"))
+                        .with_help("template variables are JSON: integers fit in 64 bits")
+                })?,
+        };
+        Ok(serde_json::Value::Number(json))
+    }
+
+    // -- start order ---------------------------------------------------------
+
+    /// `depends_on` names other machines, each once, without cycles.
+    fn dependencies(&self, table: &DeTable<'_>, machines: &[Machine]) -> Result<()> {
+        let mut spans: HashMap<&str, Span> = HashMap::new();
+        for (key, value) in entries(table) {
+            let machine = key.get_ref().as_ref();
+            let Some(list) = value.get_ref().as_table().and_then(|t| t.get("depends_on")) else {
+                continue;
+            };
+            let mut earlier: Vec<&str> = Vec::new();
+            for (name, span) in self.string_list(list, "depends_on", DEPENDS_EXAMPLE)? {
+                self.dependency(machine, name, span, &earlier, machines)?;
+                earlier.push(name);
+            }
+            spans.insert(machine, list.span());
+        }
+        let Some(cycle) = find_cycle(machines) else {
+            return Ok(());
+        };
+        let first = cycle.first().copied().unwrap_or_default();
+        let span = spans.get(first).cloned().unwrap_or_default();
+        let path: Vec<&str> = cycle.iter().chain(cycle.first()).copied().collect();
+        Err(self
+            .source
+            .error(span, format!("dependency cycle: {}", path.join(" → ")))
+            .with_help(
+                "machines in a cycle wait on each other and can never start: remove one of \
+                 these `depends_on` entries",
+            ))
+    }
+
+    fn dependency(
+        &self,
+        machine: &str,
+        name: &str,
+        span: Span,
+        earlier: &[&str],
+        machines: &[Machine],
+    ) -> Result<()> {
+        if name == machine {
+            return Err(self
+                .source
+                .error(span, format!("machine `{machine}` depends on itself"))
+                .with_help(format!(
+                    "`depends_on` lists the machines that must be ready before this one \
+                     starts; remove `{machine}`"
+                )));
+        }
+        let place = format!("in `depends_on` of machine `{machine}`");
+        self.known_machine(name, span.clone(), &place, machines)?;
+        let list = format!("`depends_on` of machine `{machine}`");
+        self.listed_once(name, span, earlier, &list, "machine")
     }
 
     // -- addresses -----------------------------------------------------------
@@ -1201,6 +1592,250 @@ impl Checker<'_> {
         };
         claims.ports.insert(port, claim);
         Ok(())
+    }
+}
+
+impl Checker<'_> {
+    // -- checks --------------------------------------------------------------
+
+    /// `[[checks]]`, in file order.
+    fn checks(&self, value: &Value<'_>, machines: &[Machine]) -> Result<Vec<CheckSpec>> {
+        let DeValue::Array(items) = value.get_ref() else {
+            return Err(self.type_error(value, "checks", "an array of tables", CHECKS_EXAMPLE));
+        };
+        let mut names = Vec::new();
+        items
+            .iter()
+            .map(|item| self.check(item, machines, &mut names))
+            .collect()
+    }
+
+    /// One check; `names` holds the names (and lines) of the earlier ones.
+    fn check(
+        &self,
+        item: &Value<'_>,
+        machines: &[Machine],
+        names: &mut Vec<(String, usize)>,
+    ) -> Result<CheckSpec> {
+        let Some(table) = item.get_ref().as_table() else {
+            return Err(self
+                .source
+                .error(
+                    item.span(),
+                    format!("each `checks` entry must be a table, not {}", a_type(item)),
+                )
+                .with_help(format!("for example `checks = {CHECKS_EXAMPLE}`")));
+        };
+        let label = check_label(table);
+        self.check_keys(table, CHECK_KEYS, &format!("in {label}"))?;
+        self.probe_keys(table, &label)?;
+        self.required(table, item, "name", &label, "\"zookeeper-answers\"")?;
+        self.required(table, item, "machine", &label, "\"zk-1\"")?;
+        let spec = self.check_spec(item, &label)?;
+        self.unique_check_name(table, names)?;
+        self.one_probe(table, item, &label)?;
+        for key in ["machine", "from"] {
+            if let Some(value) = table.get(key) {
+                let name = self.string(value, key, "\"zk-1\"")?;
+                let place = format!("in `{key}` of {label}");
+                self.known_machine(name, value.span(), &place, machines)?;
+            }
+        }
+        self.reachable(&spec, table, machines, &label)?;
+        crate::check::validate(&spec).map_err(|message| {
+            self.source
+                .error(item.span(), format!("{label}: {message}"))
+                .with_help(CHECK_HELP)
+        })?;
+        Ok(spec)
+    }
+
+    /// Unknown keys inside the probe tables (their types: see `check_spec`).
+    fn probe_keys(&self, table: &DeTable<'_>, label: &str) -> Result<()> {
+        for (key, value) in entries(table) {
+            let word = key.get_ref().as_ref();
+            if let Some((probe, keys, example)) = PROBES.iter().find(|(p, ..)| *p == word) {
+                let body = self.table(value, probe, example)?;
+                self.check_keys(body, keys, &format!("in the `{probe}` probe of {label}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn required(
+        &self,
+        table: &DeTable<'_>,
+        item: &Value<'_>,
+        key: &str,
+        label: &str,
+        example: &str,
+    ) -> Result<()> {
+        if table.contains_key(key) {
+            return Ok(());
+        }
+        Err(self
+            .source
+            .error(item.span(), format!("{label} has no `{key}`"))
+            .with_help(format!("add `{key} = {example}`; {CHECK_HELP}")))
+    }
+
+    /// The check as [`CheckSpec`]; keys are known to be valid, so what is
+    /// left are types and missing probe fields, located by the deserializer.
+    fn check_spec(&self, item: &Value<'_>, label: &str) -> Result<CheckSpec> {
+        CheckSpec::deserialize(ValueDeserializer::from(item.clone())).map_err(|error| {
+            let span = error.span().unwrap_or_else(|| item.span());
+            let message = error.message().trim().replace('\n', "; ");
+            self.source
+                .error(span, format!("{label}: {message}"))
+                .with_help(CHECK_HELP)
+        })
+    }
+
+    fn unique_check_name(
+        &self,
+        table: &DeTable<'_>,
+        names: &mut Vec<(String, usize)>,
+    ) -> Result<()> {
+        let Some(value) = table.get("name") else {
+            return Ok(());
+        };
+        let name = self.string(value, "name", "\"zookeeper-answers\"")?;
+        let line = self.source.line(&value.span());
+        if let Some((_, first)) = names.iter().find(|(earlier, _)| earlier == name) {
+            return Err(self
+                .source
+                .error(
+                    value.span(),
+                    format!(
+                        "check name `{name}` is used twice: by the checks at line {first} and \
+                         line {line}"
+                    ),
+                )
+                .with_help("give each check its own name: results are reported by name"));
+        }
+        names.push((name.to_owned(), line));
+        Ok(())
+    }
+
+    /// Exactly one of `tcp`, `http` and `command`.
+    fn one_probe(&self, table: &DeTable<'_>, item: &Value<'_>, label: &str) -> Result<()> {
+        let probes: Vec<&Key<'_>> = entries(table)
+            .into_iter()
+            .map(|(key, _)| key)
+            .filter(|key| PROBES.iter().any(|(probe, ..)| key.get_ref() == probe))
+            .collect();
+        match probes.as_slice() {
+            [_] => Ok(()),
+            [] => {
+                let examples: Vec<String> = PROBES
+                    .iter()
+                    .map(|(probe, _, example)| format!("`{probe} = {example}`"))
+                    .collect();
+                Err(self
+                    .source
+                    .error(item.span(), format!("{label} has no probe"))
+                    .with_help(format!("add exactly one of {}", examples.join(", "))))
+            }
+            [first, second, ..] => Err(self
+                .source
+                .error(
+                    second.span(),
+                    format!(
+                        "{label} has both `{}` and `{}`: a check has exactly one probe",
+                        first.get_ref(),
+                        second.get_ref()
+                    ),
+                )
+                .with_help("split it into one check per probe, each with its own name")),
+        }
+    }
+
+    /// `from` and `machine` share a network (or are the same machine).
+    fn reachable(
+        &self,
+        spec: &CheckSpec,
+        table: &DeTable<'_>,
+        machines: &[Machine],
+        label: &str,
+    ) -> Result<()> {
+        let Some(from) = spec.from.as_deref() else {
+            return Ok(());
+        };
+        let find = |name: &str| machines.iter().find(|machine| machine.name == name);
+        let (Some(source), Some(target)) = (find(from), find(&spec.machine)) else {
+            return Ok(());
+        };
+        let shared = source.ips.keys().any(|net| target.ips.contains_key(net));
+        if shared || source.name == target.name {
+            return Ok(());
+        }
+        let span = table
+            .get("from")
+            .map(|value| value.span())
+            .unwrap_or_default();
+        Err(self
+            .source
+            .error(
+                span,
+                format!(
+                    "{label}: machines `{from}` and `{}` share no network: they cannot reach \
+                     each other over a private network",
+                    target.name
+                ),
+            )
+            .with_help(format!(
+                "`{from}` is on {}, `{}` on {}: give both an address on one network, or drop \
+                 `from` to check from `{}` itself",
+                networks_of(source),
+                target.name,
+                networks_of(target),
+                target.name
+            )))
+    }
+}
+
+/// `check `NAME`` when the check has a string name, else `a check`.
+fn check_label(table: &DeTable<'_>) -> String {
+    match table.get("name").and_then(|value| value.get_ref().as_str()) {
+        Some(name) => format!("check `{name}`"),
+        None => "a check".to_owned(),
+    }
+}
+
+/// "no network" or "network(s) a, b", for messages.
+fn networks_of(machine: &Machine) -> String {
+    let names: Vec<&str> = machine.ips.keys().map(String::as_str).collect();
+    match names.as_slice() {
+        [] => "no network".to_owned(),
+        [one] => format!("network `{one}`"),
+        _ => format!("networks {}", names.join(", ")),
+    }
+}
+
+/// Whether `name` is a template identifier: `[A-Za-z_][A-Za-z0-9_]*`.
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// `; did you mean `x`?` with other characters as `_`, or nothing.
+fn identifier_suggestion(name: &str) -> String {
+    let mapped: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let candidate = if mapped.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("_{mapped}")
+    } else {
+        mapped
+    };
+    if is_identifier(&candidate) && candidate != name {
+        format!("; did you mean `{candidate}`?")
+    } else {
+        String::new()
     }
 }
 

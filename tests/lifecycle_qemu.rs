@@ -2,10 +2,9 @@
 //! every assertion of the lifecycle — up, private network, ssh, halt, resume,
 //! converged up, destroy — because each boot costs seconds under emulation.
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
+mod common;
 
-use assert_cmd::Command;
+use common::{processes_mentioning, Bed};
 
 const PAIR: &str = r#"
 name = "e2e-pair"
@@ -18,85 +17,6 @@ ip = "192.168.33.2"
 [machines.beta]
 ip = "192.168.33.3"
 "#;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A testbed in a temp dir, destroyed on drop even when an assertion fails.
-struct Bed {
-    dir: tempfile::TempDir,
-}
-
-impl Bed {
-    fn new(topology: &str) -> Bed {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("topology.toml"), topology).expect("write topology");
-        Bed { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn testbed(&self, args: &[&str]) -> Output {
-        Command::cargo_bin("testbed")
-            .expect("binary")
-            .current_dir(self.path())
-            .env("TESTBED_IMAGES", repo().join("images"))
-            .args(args)
-            .output()
-            .expect("run testbed")
-    }
-
-    /// Runs testbed and asserts success, returning stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.testbed(args);
-        assert!(
-            out.status.success(),
-            "testbed {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn states(&self) -> Vec<(String, String)> {
-        let json: serde_json::Value =
-            serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json");
-        json.as_array()
-            .expect("array")
-            .iter()
-            .map(|m| {
-                (
-                    m["name"].as_str().expect("name").to_string(),
-                    m["state"].as_str().expect("state").to_string(),
-                )
-            })
-            .collect()
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = self.testbed(&["destroy", "-f"]);
-    }
-}
-
-/// Processes whose command line mentions `needle` (our qemu and switches).
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(needle) {
-                found.push(cmdline);
-            }
-        }
-    }
-    found
-}
 
 #[test]
 fn two_machines_live_halt_resume_and_leave_nothing_behind() {

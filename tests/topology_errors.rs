@@ -38,9 +38,29 @@ fn parse_in(dir: &TempDir, text: &str) -> (PathBuf, Result<Topology, TopologyErr
 }
 
 fn parse_ok(text: &str) -> Topology {
-    let dir = fixture();
-    let (_, result) = parse_in(&dir, text);
+    parse_ok_in(&fixture(), text)
+}
+
+fn parse_ok_in(dir: &TempDir, text: &str) -> Topology {
+    let (_, result) = parse_in(dir, text);
     result.unwrap_or_else(|error| panic!("expected a valid topology, got:\n{error}"))
+}
+
+/// The usual fixture plus the kits `daemons/zookeeper/` and
+/// `daemons/mesos-master/`.
+fn kit_fixture() -> TempDir {
+    let dir = fixture();
+    for kit in ["zookeeper", "mesos-master"] {
+        let kit_dir = dir.path().join("daemons").join(kit);
+        std::fs::create_dir_all(&kit_dir).expect("mkdir kit");
+        std::fs::write(kit_dir.join("daemon.toml"), "# kit\n").expect("write kit");
+    }
+    dir
+}
+
+/// Like [`assert_error_at`], with the kits of [`kit_fixture`] available.
+fn assert_kit_error_at(text: &str, line: usize, col: usize, phrases: &[&str]) {
+    assert_error_in(&kit_fixture(), text, line, col, phrases);
 }
 
 /// Asserts `text` is rejected at `line:col` with a message containing every
@@ -1155,4 +1175,591 @@ mod cli {
             "FILE:3:1: error: unknown key `memroy` in [machines.a]; did you mean `memory`?",
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// 11. Daemons, vars and depends_on
+// ---------------------------------------------------------------------------
+
+const CLUSTER: &str = r#"name = "mesos"
+[networks.lan]
+subnet = "192.168.33.0/24"
+[machines.zk-1]
+ip = "192.168.33.11"
+daemons = ["zookeeper"]
+vars = { myid = 1, role = "leader", weight = 0.5, on = true, peers = [1, 2], nested = { a = "b" }, since = 1979-05-27 }
+[machines.master]
+ip = "192.168.33.20"
+daemons = ["mesos-master", "zookeeper"]
+depends_on = ["zk-1"]
+[machines.master.vars]
+quorum = 1
+[machines.solo]
+
+[[checks]]
+name = "zk answers ruok"
+machine = "zk-1"
+from = "master"
+tcp = { port = 2181, send = "ruok", expect = "imok" }
+retry = "500ms"
+timeout = "60s"
+
+[[checks]]
+name = "master stats"
+machine = "master"
+[checks.http]
+port = 5050
+path = "/master/stats.json"
+status = 200
+json = { "/elected" = 1 }
+
+[[checks]]
+name = "zk service"
+machine = "zk-1"
+command = { run = "systemctl is-active zookeeper", exit = 0, stdout = "active" }
+"#;
+
+#[test]
+fn daemons_vars_dependencies_and_checks_are_parsed() {
+    let topology = parse_ok_in(&kit_fixture(), CLUSTER);
+
+    let zk = topology.machine("zk-1").expect("zk-1");
+    assert_eq!(zk.daemons, ["zookeeper"]);
+    assert!(zk.depends_on.is_empty());
+    let vars = serde_json::to_value(&zk.vars).expect("json");
+    assert_eq!(
+        vars,
+        serde_json::json!({
+            "myid": 1,
+            "role": "leader",
+            "weight": 0.5,
+            "on": true,
+            "peers": [1, 2],
+            "nested": { "a": "b" },
+            "since": "1979-05-27",
+        })
+    );
+
+    let master = topology.machine("master").expect("master");
+    assert_eq!(master.daemons, ["mesos-master", "zookeeper"]);
+    assert_eq!(master.depends_on, ["zk-1"]);
+    assert_eq!(master.vars["quorum"], serde_json::json!(1));
+
+    let solo = topology.machine("solo").expect("solo");
+    assert!(solo.daemons.is_empty() && solo.vars.is_empty() && solo.depends_on.is_empty());
+
+    let running: Vec<&str> = topology
+        .machines_running("zookeeper")
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(running, ["zk-1", "master"]);
+    assert_eq!(topology.machines_running("mesos-master").len(), 1);
+    assert!(topology.machines_running("marathon").is_empty());
+
+    let names: Vec<&str> = topology.checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["zk answers ruok", "master stats", "zk service"]);
+
+    let ruok = &topology.checks[0];
+    assert_eq!(ruok.machine, "zk-1");
+    assert_eq!(ruok.from.as_deref(), Some("master"));
+    assert_eq!(ruok.retry.as_deref(), Some("500ms"));
+    assert_eq!(ruok.timeout.as_deref(), Some("60s"));
+    assert!(ruok.http.is_none() && ruok.command.is_none());
+    let tcp = ruok.tcp.as_ref().expect("tcp probe");
+    assert_eq!(tcp.port, 2181);
+    assert_eq!(tcp.send.as_deref(), Some("ruok"));
+    assert_eq!(tcp.expect.as_deref(), Some("imok"));
+
+    let stats = &topology.checks[1];
+    assert_eq!(stats.machine, "master");
+    assert_eq!(stats.from, None);
+    assert_eq!(stats.retry, None);
+    let http = stats.http.as_ref().expect("http probe");
+    assert_eq!(http.port, 5050);
+    assert_eq!(http.path, "/master/stats.json");
+    assert_eq!(http.status, Some(200));
+    assert_eq!(http.json["/elected"], serde_json::json!(1));
+    assert!(http.headers.is_empty() && http.body.is_none());
+
+    let service = &topology.checks[2];
+    let command = service.command.as_ref().expect("command probe");
+    assert_eq!(command.run, "systemctl is-active zookeeper");
+    assert_eq!(command.exit, Some(0));
+    assert_eq!(command.stdout.as_deref(), Some("active"));
+    assert!(command.json.is_empty());
+}
+
+#[test]
+fn http_probe_path_defaults_to_root() {
+    let topology = parse_ok(
+        "name = \"x\"\n[machines.a]\n[[checks]]\nname = \"up\"\nmachine = \"a\"\nhttp = { port = 80 }\n",
+    );
+    let http = topology.checks[0].http.as_ref().expect("http probe");
+    assert_eq!(http.path, "/");
+    assert_eq!(http.status, None);
+}
+
+#[test]
+fn start_waves_follow_dependency_depth_in_file_order() {
+    let topology = parse_ok(
+        r#"name = "x"
+[machines.marathon]
+depends_on = ["master"]
+[machines.client]
+[machines.master]
+depends_on = ["zk"]
+[machines.zk]
+[machines.agent]
+depends_on = ["zk", "marathon"]
+"#,
+    );
+    assert_eq!(
+        topology.start_waves(),
+        [
+            vec!["client", "zk"],
+            vec!["master"],
+            vec!["marathon"],
+            vec!["agent"]
+        ]
+    );
+}
+
+#[test]
+fn start_waves_without_dependencies_is_one_wave() {
+    let topology = parse_ok("name = \"x\"\n[machines.b]\n[machines.a]\n");
+    assert_eq!(topology.start_waves(), [vec!["b", "a"]]);
+}
+
+#[test]
+fn unknown_machine_key_suggests_depends_on() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\ndepend_on = [\"b\"]\n",
+        3,
+        1,
+        &[
+            "unknown key `depend_on` in [machines.a]; did you mean `depends_on`?",
+            "help: valid keys in [machines.a]: ip, ips, provider, image, cpus, memory, forward, \
+             daemons, vars, depends_on",
+        ],
+    );
+}
+
+#[test]
+fn unknown_daemon_suggests_a_kit() {
+    assert_kit_error_at(
+        "name = \"x\"\n[machines.zk-1]\ndaemons = [\"zookeper\"]\n",
+        3,
+        12,
+        &[
+            "unknown daemon `zookeper`; did you mean `zookeeper`?",
+            "help: available kits (daemons/<name>/daemon.toml): mesos-master, zookeeper",
+        ],
+    );
+}
+
+#[test]
+fn unknown_daemon_without_any_kit() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\ndaemons = [\"zookeeper\"]\n",
+        3,
+        12,
+        &[
+            "unknown daemon `zookeeper`",
+            "help: no kits found: add `daemons/<name>/daemon.toml`",
+        ],
+    );
+}
+
+#[test]
+fn daemon_listed_twice() {
+    assert_kit_error_at(
+        "name = \"x\"\n[machines.a]\ndaemons = [\"zookeeper\", \"mesos-master\", \"zookeeper\"]\n",
+        3,
+        41,
+        &[
+            "`zookeeper` is listed twice in `daemons` of machine `a`",
+            "help: list each daemon once",
+        ],
+    );
+}
+
+#[test]
+fn daemons_must_be_an_array_of_strings() {
+    assert_kit_error_at(
+        "name = \"x\"\n[machines.a]\ndaemons = \"zookeeper\"\n",
+        3,
+        11,
+        &[
+            "`daemons` must be an array of strings, not a string",
+            "help: for example `daemons = [\"zookeeper\"]`",
+        ],
+    );
+    assert_kit_error_at(
+        "name = \"x\"\n[machines.a]\ndaemons = [\"zookeeper\", 2]\n",
+        3,
+        25,
+        &["each `daemons` entry must be a string, not an integer"],
+    );
+}
+
+#[test]
+fn vars_key_must_be_an_identifier() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nvars = { ok = 1, my-var = \"x\" }\n",
+        3,
+        18,
+        &[
+            "invalid variable name `my-var` in `vars` of machine `a`; did you mean `my_var`?",
+            "help: templates use each var as an identifier: a letter or `_`, then letters, \
+             digits and `_`",
+        ],
+    );
+}
+
+#[test]
+fn vars_key_starting_with_a_digit() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a.vars]\n2nd = true\n",
+        3,
+        1,
+        &["invalid variable name `2nd` in `vars` of machine `a`; did you mean `_2nd`?"],
+    );
+}
+
+#[test]
+fn vars_must_be_a_table() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nvars = [1]\n",
+        3,
+        8,
+        &[
+            "`vars` must be a table, not an array",
+            "help: for example `vars = { myid = 1 }`",
+        ],
+    );
+}
+
+#[test]
+fn vars_value_without_json_equivalent() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\nvars = { limit = inf }\n",
+        3,
+        18,
+        &[
+            "`limit` = inf has no JSON equivalent",
+            "use a finite number",
+        ],
+    );
+}
+
+#[test]
+fn depends_on_unknown_machine() {
+    assert_error_at(
+        "name = \"x\"\n[machines.zk-1]\n[machines.master]\ndepends_on = [\"zk1\"]\n",
+        4,
+        15,
+        &[
+            "unknown machine `zk1` in `depends_on` of machine `master`; did you mean `zk-1`?",
+            "help: machines defined here: zk-1, master",
+        ],
+    );
+}
+
+#[test]
+fn depends_on_itself() {
+    assert_error_at(
+        "name = \"x\"\n[machines.b]\n[machines.a]\ndepends_on = [\"b\", \"a\"]\n",
+        4,
+        20,
+        &[
+            "machine `a` depends on itself",
+            "help: `depends_on` lists the machines that must be ready before this one starts; \
+             remove `a`",
+        ],
+    );
+}
+
+#[test]
+fn depends_on_listed_twice() {
+    assert_error_at(
+        "name = \"x\"\n[machines.b]\n[machines.a]\ndepends_on = [\"b\", \"b\"]\n",
+        4,
+        20,
+        &[
+            "`b` is listed twice in `depends_on` of machine `a`",
+            "help: list each machine once",
+        ],
+    );
+}
+
+#[test]
+fn depends_on_must_be_an_array() {
+    assert_error_at(
+        "name = \"x\"\n[machines.b]\n[machines.a]\ndepends_on = \"b\"\n",
+        4,
+        14,
+        &[
+            "`depends_on` must be an array of strings, not a string",
+            "help: for example `depends_on = [\"zk-1\"]`",
+        ],
+    );
+}
+
+#[test]
+fn dependency_cycle_is_named_from_its_first_machine_in_file_order() {
+    // `head` waits on the cycle without being part of it; the cycle is
+    // reported from `zk-1`, its first machine in the file.
+    assert_error_at(
+        r#"name = "x"
+[machines.head]
+depends_on = ["master"]
+[machines.zk-1]
+depends_on = ["agent"]
+[machines.master]
+depends_on = ["zk-1"]
+[machines.agent]
+depends_on = ["master"]
+"#,
+        5,
+        14,
+        &[
+            "dependency cycle: zk-1 → agent → master → zk-1",
+            "help: machines in a cycle wait on each other and can never start",
+        ],
+    );
+}
+
+#[test]
+fn two_machine_cycle() {
+    assert_error_at(
+        "name = \"x\"\nmachines = { a = { depends_on = [\"b\"] }, b = { depends_on = [\"a\"] } }\n",
+        2,
+        33,
+        &["dependency cycle: a → b → a"],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 12. Checks
+// ---------------------------------------------------------------------------
+
+/// Two machines on `lan` and `solo` on no network, then `checks`.
+fn with_checks(checks: &str) -> String {
+    format!(
+        "name = \"x\"\n[networks.lan]\nsubnet = \"192.168.33.0/24\"\n\
+         [machines.zk-1]\nip = \"192.168.33.11\"\n\
+         [machines.master]\nip = \"192.168.33.20\"\n\
+         [machines.solo]\n{checks}"
+    )
+}
+
+#[test]
+fn unknown_top_level_key_suggests_checks() {
+    assert_error_at(
+        "name = \"x\"\n[machines.a]\n[[check]]\nname = \"c\"\n",
+        3,
+        3,
+        &[
+            "unknown key `check` at the top level; did you mean `checks`?",
+            "help: valid keys at the top level: name, defaults, networks, machines, checks",
+        ],
+    );
+}
+
+#[test]
+fn unknown_key_in_check() {
+    assert_error_at(
+        &with_checks("[[checks]]\nname = \"c\"\nmahcine = \"zk-1\"\ntcp = { port = 2181 }\n"),
+        11,
+        1,
+        &[
+            "unknown key `mahcine` in check `c`; did you mean `machine`?",
+            "help: valid keys in check `c`: name, machine, from, tcp, http, command, retry, \
+             timeout",
+        ],
+    );
+}
+
+#[test]
+fn unknown_key_in_tcp_probe() {
+    assert_error_at(
+        &with_checks(
+            "[[checks]]\nname = \"c\"\nmachine = \"zk-1\"\ntcp = { port = 2181, expcet = \"imok\" }\n",
+        ),
+        12,
+        22,
+        &[
+            "unknown key `expcet` in the `tcp` probe of check `c`; did you mean `expect`?",
+            "help: valid keys in the `tcp` probe of check `c`: port, send, expect",
+        ],
+    );
+}
+
+#[test]
+fn unknown_key_in_http_probe_table() {
+    assert_error_at(
+        &with_checks(
+            "[[checks]]\nname = \"c\"\nmachine = \"zk-1\"\n[checks.http]\nport = 80\nstatuss = 200\n",
+        ),
+        14,
+        1,
+        &[
+            "unknown key `statuss` in the `http` probe of check `c`; did you mean `status`?",
+            "help: valid keys in the `http` probe of check `c`: port, path, status, headers, \
+             body, json",
+        ],
+    );
+}
+
+#[test]
+fn check_naming_an_unknown_machine() {
+    assert_error_at(
+        &with_checks("[[checks]]\nname = \"c\"\nmachine = \"zk1\"\ntcp = { port = 2181 }\n"),
+        11,
+        11,
+        &[
+            "unknown machine `zk1` in `machine` of check `c`; did you mean `zk-1`?",
+            "help: machines defined here: zk-1, master, solo",
+        ],
+    );
+}
+
+#[test]
+fn check_from_an_unknown_machine() {
+    assert_error_at(
+        &with_checks(
+            "[[checks]]\nname = \"c\"\nmachine = \"zk-1\"\nfrom = \"mastr\"\ntcp = { port = 2181 }\n",
+        ),
+        12,
+        8,
+        &["unknown machine `mastr` in `from` of check `c`; did you mean `master`?"],
+    );
+}
+
+#[test]
+fn check_with_two_probes() {
+    assert_error_at(
+        &with_checks(
+            "[[checks]]\nname = \"c\"\nmachine = \"zk-1\"\ntcp = { port = 2181 }\ncommand = { run = \"true\" }\n",
+        ),
+        13,
+        1,
+        &[
+            "check `c` has both `tcp` and `command`: a check has exactly one probe",
+            "help: split it into one check per probe",
+        ],
+    );
+}
+
+#[test]
+fn check_without_a_probe() {
+    assert_error_at(
+        &with_checks("\n[[checks]]\nname = \"c\"\nmachine = \"zk-1\"\n"),
+        10,
+        1,
+        &[
+            "check `c` has no probe",
+            "help: add exactly one of `tcp = { port = 2181 }`, `http = { port = 5050, path = \
+             \"/\" }`, `command = { run = ",
+        ],
+    );
+}
+
+#[test]
+fn check_without_a_machine() {
+    assert_error_at(
+        &with_checks("[[checks]]\nname = \"c\"\ntcp = { port = 2181 }\n"),
+        9,
+        1,
+        &[
+            "check `c` has no `machine`",
+            "help: add `machine = \"zk-1\"`",
+        ],
+    );
+}
+
+#[test]
+fn check_field_with_the_wrong_type() {
+    assert_error_at(
+        &with_checks("[[checks]]\nname = \"c\"\nmachine = \"zk-1\"\ntcp = { port = \"zk\" }\n"),
+        12,
+        16,
+        &[
+            "check `c`: invalid type: string \"zk\", expected u16",
+            "help: a check is a `[[checks]]` table",
+        ],
+    );
+}
+
+#[test]
+fn checks_must_be_tables() {
+    assert_error_at(
+        "name = \"x\"\n\n\nchecks = 3\n[machines.a]\n",
+        4,
+        10,
+        &["`checks` must be an array of tables, not an integer"],
+    );
+    assert_error_at(
+        "name = \"x\"\nchecks = [\"up\"]\n[machines.a]\n",
+        2,
+        11,
+        &["each `checks` entry must be a table, not a string"],
+    );
+}
+
+#[test]
+fn duplicate_check_names_name_both_lines() {
+    assert_error_at(
+        &with_checks(
+            "[[checks]]\nname = \"zk up\"\nmachine = \"zk-1\"\ntcp = { port = 2181 }\n\
+             [[checks]]\nname = \"zk up\"\nmachine = \"master\"\ntcp = { port = 2181 }\n",
+        ),
+        14,
+        8,
+        &[
+            "check name `zk up` is used twice: by the checks at line 10 and line 14",
+            "help: give each check its own name",
+        ],
+    );
+}
+
+#[test]
+fn check_from_a_machine_sharing_no_network() {
+    assert_error_at(
+        &with_checks(
+            "[[checks]]\nname = \"c\"\nmachine = \"zk-1\"\nfrom = \"solo\"\ntcp = { port = 2181 }\n",
+        ),
+        12,
+        8,
+        &[
+            "check `c`: machines `solo` and `zk-1` share no network: they cannot reach each \
+             other over a private network",
+            "help: `solo` is on no network, `zk-1` on network `lan`: give both an address on \
+             one network, or drop `from` to check from `zk-1` itself",
+        ],
+    );
+}
+
+#[test]
+fn check_from_a_machine_on_the_same_network() {
+    let topology = parse_ok(&with_checks(
+        "[[checks]]\nname = \"c\"\nmachine = \"zk-1\"\nfrom = \"master\"\ntcp = { port = 2181 }\n",
+    ));
+    assert_eq!(topology.checks[0].from.as_deref(), Some("master"));
+}
+
+#[test]
+fn check_rejected_by_check_validate_is_located_at_its_table() {
+    assert_error_at(
+        &with_checks(
+            "\n[[checks]]\nname = \"c\"\nmachine = \"zk-1\"\ntcp = { port = 2181 }\ntimeout = \"soon\"\n",
+        ),
+        10,
+        1,
+        &[
+            "check `c`: `timeout` = \"soon\" is not a duration",
+            "help: a check is a `[[checks]]` table",
+        ],
+    );
 }

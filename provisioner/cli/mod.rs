@@ -5,9 +5,11 @@ mod doctor;
 mod halt;
 mod image;
 mod plan;
+mod provision;
 mod ssh;
 mod status;
 mod up;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +24,7 @@ use clap::{Parser, Subcommand};
     long_about = "testbed builds images, boots VMs (qemu by default: no daemon, no root), \
                   injects each machine's identity and gives you SSH to every machine.",
     after_help = "Examples:\n  testbed up topologies/quickstart.toml\n  testbed status\n  \
-                  testbed ssh zk-1 -- hostname\n  testbed halt\n  testbed destroy -f"
+                  testbed verify\n  testbed ssh zk-1 -- hostname\n  testbed halt\n  testbed destroy -f"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -33,6 +35,8 @@ pub struct Cli {
 enum Command {
     Up(up::Args),
     Plan(plan::Args),
+    Verify(verify::Args),
+    Provision(provision::Args),
     Status(status::Args),
     Ssh(ssh::Args),
     SshConfig(ssh::ConfigArgs),
@@ -100,6 +104,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Plan(args) => plan::run(args),
+        Command::Verify(args) => verify::run(args).await,
+        Command::Provision(args) => provision::run(args).await,
         Command::Status(args) => status::run(args),
         Command::Ssh(args) => ssh::run(args),
         Command::SshConfig(args) => ssh::config(args),

@@ -1,8 +1,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::image::{Cache, Recipe};
+use crate::image::Cache;
 use crate::lifecycle::Testbed;
+use crate::provision;
+use crate::topology::{Machine, Topology};
 
 /// Validate a topology and show what `up` would do, touching nothing
 #[derive(clap::Args)]
@@ -29,10 +31,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Vec::new()
     };
     for machine in &topology.machines {
-        let image = match Recipe::find(&machine.image, topology.dir()) {
-            Ok(recipe) if cache.lookup(&recipe).is_some() => format!("{} (cached)", recipe.key()),
-            Ok(recipe) => format!("{} (to build)", recipe.key()),
-            Err(e) => format!("{} ({e})", machine.image),
+        let recipe = testbed.recipe_for(machine)?;
+        let image = if cache.lookup(&recipe).is_some() {
+            format!("{} (cached)", recipe.key())
+        } else {
+            format!("{} (to build)", recipe.key())
         };
         let state = states
             .iter()
@@ -63,6 +66,73 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             if ips.is_empty() { "-".into() } else { ips.join(" ") },
             if forwards.is_empty() { "-".into() } else { forwards.join(" ") },
         );
+        if !machine.depends_on.is_empty() {
+            println!("    starts after: {}", machine.depends_on.join(", "));
+        }
+        print_rendered(topology, machine)?;
     }
+    print_start_order(topology);
+    print_checks(topology);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every file the machine's kits render, in full: what `up` would push.
+fn print_rendered(topology: &Topology, machine: &Machine) -> anyhow::Result<()> {
+    for rendered in provision::render_machine(topology, machine)? {
+        let kit = &rendered.kit;
+        println!(
+            "    daemon {} ({}): service {}, packages {}",
+            kit.name,
+            kit.manifest.description,
+            kit.manifest.service,
+            kit.manifest.packages.join(" ")
+        );
+        for file in &rendered.files {
+            println!(
+                "      file {} (mode {:o}, owner {}):",
+                file.dest, file.mode, file.owner
+            );
+            for line in file.contents.lines() {
+                println!("        | {line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_start_order(topology: &Topology) {
+    let waves = topology.start_waves();
+    if topology.machines.iter().all(|m| m.daemons.is_empty()) {
+        return;
+    }
+    println!("  start order (each wave once the one before is ready; machines within a wave in parallel):");
+    for (index, wave) in waves.iter().enumerate() {
+        println!("    {}. {}", index + 1, wave.join(", "));
+    }
+}
+
+fn print_checks(topology: &Topology) {
+    for check in &topology.checks {
+        let from = check
+            .from
+            .as_deref()
+            .map(|f| format!(" from {f}"))
+            .unwrap_or_default();
+        let probe = if let Some(tcp) = &check.tcp {
+            format!(
+                "tcp {} send {:?} expect {:?}",
+                tcp.port, tcp.send, tcp.expect
+            )
+        } else if let Some(http) = &check.http {
+            format!("http {}{} status {:?}", http.port, http.path, http.status)
+        } else if let Some(command) = &check.command {
+            format!("command {:?}", command.run)
+        } else {
+            "-".into()
+        };
+        println!(
+            "  check \"{}\" on {}{from}: {probe}",
+            check.name, check.machine
+        );
+    }
 }

@@ -40,5 +40,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             report.changed[0]
         );
     }
-    Ok(ExitCode::SUCCESS)
+    for outcome in &report.daemons {
+        let action = format!("{:?}", outcome.action).to_lowercase();
+        println!("{}: {} {action}", outcome.machine, outcome.daemon);
+    }
+    match &report.checks {
+        Some(checks) => super::verify::print_report(checks, name, false, None),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }

@@ -1,0 +1,32 @@
+use std::process::ExitCode;
+
+use crate::lifecycle::Testbed;
+use crate::progress::Progress;
+use crate::provision::Action;
+
+/// Re-render and push kit files; restart what changed, start what is not running
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  testbed provision\n  testbed provision zk-2")]
+pub struct Args {
+    #[command(flatten)]
+    at: super::At,
+    /// Machines to provision (default: all)
+    machines: Vec<String>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref())?;
+    let outcomes = testbed.provision(&args.machines, &Progress::new()).await?;
+    if outcomes.is_empty() {
+        println!("no daemons to provision");
+    }
+    for outcome in outcomes {
+        let what = match outcome.action {
+            Action::Started => "started",
+            Action::Restarted => "restarted (its files changed)",
+            Action::Unchanged => "unchanged, running",
+        };
+        println!("{}: {} {what}", outcome.machine, outcome.daemon);
+    }
+    Ok(ExitCode::SUCCESS)
+}

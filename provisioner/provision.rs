@@ -1,0 +1,461 @@
+//! Pushes each machine's rendered kit files and starts its daemons, in
+//! dependency order: a machine's daemons start once its own SSH is up and
+//! the daemons of every machine it `depends_on` are ready (their readiness
+//! checks pass). Independent chains run in parallel; nothing waits on a
+//! fixed sleep. Also the SSH transport that checks travel through.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Mutex};
+
+use crate::check::{self, BoxedStream, CommandOutput, Transport};
+use crate::kit::{Kit, RenderedFile};
+use crate::lifecycle::console_tail;
+use crate::ssh::{self, Session, SshError, Target};
+use crate::state::StateDir;
+use crate::topology::{Machine, Topology};
+
+/// How long a machine's SSH may take to answer when provisioning.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("{machine}: {source}")]
+    Ssh { machine: String, source: SshError },
+    #[error(transparent)]
+    Kit(#[from] crate::kit::KitError),
+    #[error("{machine}: {daemon} did not become ready: {detail}\n{evidence}")]
+    NotReady {
+        machine: String,
+        daemon: String,
+        detail: String,
+        evidence: String,
+    },
+    #[error("{machine}: not started because {dependency} failed")]
+    DependencyFailed { machine: String, dependency: String },
+    #[error("{machine}: `{command}` failed ({status}): {stderr}")]
+    Command {
+        machine: String,
+        command: String,
+        status: u32,
+        stderr: String,
+    },
+    #[error("{0}: not created yet (run `testbed up`)")]
+    NotCreated(String),
+}
+
+type Result<T> = std::result::Result<T, ProvisionError>;
+
+/// What provisioning did to one daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Started,
+    Restarted,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub machine: String,
+    pub daemon: String,
+    pub action: Action,
+}
+
+/// One SSH connection per machine, opened on first use and shared by every
+/// step of a command (provisioning, readiness, checks, evidence).
+pub struct Machines {
+    state: StateDir,
+    /// Each created machine's SSH port on 127.0.0.1.
+    ports: std::sync::Mutex<BTreeMap<String, u16>>,
+    /// The systemd services of each machine's kits (for evidence).
+    services: BTreeMap<String, Vec<String>>,
+    sessions: Mutex<BTreeMap<String, Session>>,
+}
+
+impl Machines {
+    pub fn new(state: StateDir, topology: &Topology) -> Machines {
+        let services = topology
+            .machines
+            .iter()
+            .map(|m| {
+                let services = m
+                    .daemons
+                    .iter()
+                    .filter_map(|d| Kit::load(d, topology.dir()).ok())
+                    .map(|kit| kit.manifest.service)
+                    .collect();
+                (m.name.clone(), services)
+            })
+            .collect();
+        Machines {
+            state,
+            ports: std::sync::Mutex::new(BTreeMap::new()),
+            services,
+            sessions: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn set_port(&self, machine: &str, port: u16) {
+        self.ports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(machine.to_string(), port);
+    }
+
+    /// Hands over a connection opened elsewhere (by `up`'s boot step).
+    pub async fn adopt(&self, machine: &str, session: Session) {
+        self.sessions
+            .lock()
+            .await
+            .insert(machine.to_string(), session);
+    }
+
+    fn target(&self, machine: &str) -> Result<Target> {
+        let port = self
+            .ports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(machine)
+            .copied()
+            .filter(|port| *port != 0)
+            .ok_or_else(|| ProvisionError::NotCreated(machine.to_string()))?;
+        Ok(Target {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            user: "root".into(),
+            key_path: self.state.user_key(),
+            host_key_path: ssh::public_key_path(
+                &self.state.machine_dir(machine).join("ssh_host_ed25519_key"),
+            ),
+        })
+    }
+
+    /// The machine's session, connecting the first time.
+    pub async fn session(&self, machine: &str) -> Result<Session> {
+        let mut sessions = self.sessions.lock().await;
+        if let Some(session) = sessions.get(machine).filter(|s| !s.is_closed()) {
+            return Ok(session.clone());
+        }
+        let target = self.target(machine)?;
+        let session = Session::connect(&target, CONNECT_TIMEOUT)
+            .await
+            .map_err(|source| ProvisionError::Ssh {
+                machine: machine.to_string(),
+                source,
+            })?;
+        sessions.insert(machine.to_string(), session.clone());
+        Ok(session)
+    }
+
+    pub async fn close(&self) {
+        for session in self.sessions.lock().await.values() {
+            session.close().await;
+        }
+    }
+
+    async fn run(&self, machine: &str, command: &str) -> Result<crate::ssh::ExecOutput> {
+        let session = self.session(machine).await?;
+        let output = session
+            .exec(command)
+            .await
+            .map_err(|source| ProvisionError::Ssh {
+                machine: machine.to_string(),
+                source,
+            })?;
+        Ok(output)
+    }
+
+    async fn run_ok(&self, machine: &str, command: &str) -> Result<()> {
+        let output = self.run(machine, command).await?;
+        if output.success() {
+            return Ok(());
+        }
+        Err(ProvisionError::Command {
+            machine: machine.to_string(),
+            command: command.to_string(),
+            status: output.exit_status,
+            stderr: output.stderr_lossy().trim().to_string(),
+        })
+    }
+
+    fn console(&self, machine: &str) -> PathBuf {
+        self.state.machine_dir(machine).join("console.log")
+    }
+}
+
+fn io_error(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl Transport for Machines {
+    async fn open_tcp(&self, via: &str, host: &str, port: u16) -> std::io::Result<BoxedStream> {
+        let session = self.session(via).await.map_err(io_error)?;
+        let stream = session.open_tcp(host, port).await.map_err(io_error)?;
+        Ok(Box::new(stream))
+    }
+
+    async fn exec(&self, machine: &str, command: &str) -> std::io::Result<CommandOutput> {
+        let output = self.run(machine, command).await.map_err(io_error)?;
+        Ok(CommandOutput {
+            status: output.exit_status as i32,
+            stdout: output.stdout,
+            stderr: output.stderr,
+        })
+    }
+
+    /// The journal of the machine's daemons and the tail of its console.
+    async fn evidence(&self, machine: &str) -> String {
+        let mut evidence = String::new();
+        for service in self.services.get(machine).into_iter().flatten() {
+            let command = format!(
+                "journalctl --no-pager -n 15 -u {}",
+                ssh::shell_quote(service)
+            );
+            if let Ok(output) = self.run(machine, &command).await {
+                evidence.push_str(&format!(
+                    "--- journal of {service} on {machine}:\n{}",
+                    output.stdout_lossy()
+                ));
+            }
+        }
+        evidence.push_str(&format!(
+            "--- console of {machine} (last lines):\n{}\n",
+            console_tail(&self.console(machine), 8)
+        ));
+        evidence
+    }
+}
+
+/// The rendered files of a machine's kits, with a hash per daemon: what
+/// `provision` compares with the record to know what changed.
+pub struct Rendered {
+    pub kit: Kit,
+    pub files: Vec<RenderedFile>,
+    pub hash: String,
+}
+
+/// Renders every kit of `machine` (touching nothing).
+pub fn render_machine(topology: &Topology, machine: &Machine) -> Result<Vec<Rendered>> {
+    machine
+        .daemons
+        .iter()
+        .map(|name| {
+            let kit = Kit::load(name, topology.dir())?;
+            let files = kit.render(topology, machine)?;
+            let hash = files_hash(&kit, &files);
+            Ok(Rendered { kit, files, hash })
+        })
+        .collect()
+}
+
+fn files_hash(kit: &Kit, files: &[RenderedFile]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(kit.manifest.service.as_bytes());
+    for file in files {
+        hasher.update(file.dest.as_bytes());
+        hasher.update(file.mode.to_le_bytes());
+        hasher.update(file.owner.as_bytes());
+        hasher.update(file.contents.as_bytes());
+    }
+    hex::encode(hasher.finalize())[..16].to_string()
+}
+
+/// Readiness of each machine's daemons, shared between the machines'
+/// tasks: `None` while pending, then whether they became ready.
+pub struct Readiness {
+    senders: BTreeMap<String, watch::Sender<Option<bool>>>,
+}
+
+impl Readiness {
+    pub fn new(topology: &Topology) -> Readiness {
+        Readiness {
+            senders: topology
+                .machines
+                .iter()
+                .map(|m| (m.name.clone(), watch::channel(None).0))
+                .collect(),
+        }
+    }
+
+    pub fn set(&self, machine: &str, ready: bool) {
+        if let Some(sender) = self.senders.get(machine) {
+            sender.send_replace(Some(ready));
+        }
+    }
+
+    /// Waits until `machine`'s daemons are ready; false if they failed.
+    pub async fn wait(&self, machine: &str) -> bool {
+        let Some(sender) = self.senders.get(machine) else {
+            return true;
+        };
+        let mut receiver = sender.subscribe();
+        let ready = match receiver.wait_for(Option::is_some).await {
+            Ok(value) => value.unwrap_or(false),
+            Err(_) => false,
+        };
+        ready
+    }
+}
+
+/// Provisions one machine once its dependencies are ready: pushes the
+/// rendered files of each kit, (re)starts what changed or is not running,
+/// waits for readiness. `applied` holds the hashes recorded last time.
+pub async fn provision_machine(
+    topology: &Topology,
+    machine: &Machine,
+    machines: &Machines,
+    readiness: &Readiness,
+    applied: &BTreeMap<String, String>,
+    on_step: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Vec<(Outcome, String)>> {
+    for dependency in &machine.depends_on {
+        on_step(&format!("waiting for {dependency}"));
+        if !readiness.wait(dependency).await {
+            return Err(ProvisionError::DependencyFailed {
+                machine: machine.name.clone(),
+                dependency: dependency.clone(),
+            });
+        }
+    }
+    let mut outcomes = Vec::new();
+    for rendered in render_machine(topology, machine)? {
+        let daemon = rendered.kit.name.clone();
+        let changed = applied.get(&daemon) != Some(&rendered.hash);
+        if changed {
+            on_step(&format!("pushing {daemon} files"));
+            push_files(machines, &machine.name, &rendered).await?;
+        }
+        let service = ssh::shell_quote(&rendered.kit.manifest.service);
+        let active = machines
+            .run(
+                &machine.name,
+                &format!("systemctl is-active --quiet {service}"),
+            )
+            .await?
+            .success();
+        let action = match (changed, active) {
+            (true, true) => Action::Restarted,
+            (_, false) => Action::Started,
+            (false, true) => Action::Unchanged,
+        };
+        match action {
+            Action::Restarted => {
+                on_step(&format!("restarting {daemon}"));
+                let command = format!("systemctl restart {service}");
+                machines.run_ok(&machine.name, &command).await?;
+            }
+            Action::Started => {
+                on_step(&format!("starting {daemon}"));
+                let command = format!("systemctl start {service}");
+                machines.run_ok(&machine.name, &command).await?;
+            }
+            Action::Unchanged => {}
+        }
+        if let Some(check) = rendered.kit.readiness_check(&machine.name) {
+            on_step(&format!("waiting for {daemon} to be ready"));
+            let result = check::run_one(&check, topology, machines).await;
+            if !result.passed {
+                return Err(ProvisionError::NotReady {
+                    machine: machine.name.clone(),
+                    daemon,
+                    detail: result.detail,
+                    evidence: result.evidence.unwrap_or_default(),
+                });
+            }
+        }
+        outcomes.push((
+            Outcome {
+                machine: machine.name.clone(),
+                daemon,
+                action,
+            },
+            rendered.hash,
+        ));
+    }
+    Ok(outcomes)
+}
+
+/// Writes a kit's files on the guest (atomically, with mode and owner) and
+/// reloads systemd when the kit brings its own unit.
+async fn push_files(machines: &Machines, machine: &str, rendered: &Rendered) -> Result<()> {
+    let session = machines.session(machine).await?;
+    for file in &rendered.files {
+        let dest = ssh::shell_quote(&file.dest);
+        let parent = ssh::shell_quote(&parent_dir(&file.dest));
+        machines
+            .run_ok(machine, &format!("mkdir -p {parent}"))
+            .await?;
+        session
+            .upload(file.contents.as_bytes(), &file.dest, file.mode)
+            .await
+            .map_err(|source| ProvisionError::Ssh {
+                machine: machine.to_string(),
+                source,
+            })?;
+        let owner = ssh::shell_quote(&file.owner);
+        machines
+            .run_ok(machine, &format!("chown {owner} {dest}"))
+            .await?;
+    }
+    if rendered.kit.manifest.unit.is_some() {
+        machines.run_ok(machine, "systemctl daemon-reload").await?;
+    }
+    Ok(())
+}
+
+fn parent_dir(path: &str) -> String {
+    match path.rsplit_once('/') {
+        Some(("", _)) | None => "/".to_string(),
+        Some((parent, _)) => parent.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn parent_of_guest_paths() {
+        assert_eq!(
+            parent_dir("/etc/zookeeper/conf/zoo.cfg"),
+            "/etc/zookeeper/conf"
+        );
+        assert_eq!(parent_dir("/myid"), "/");
+    }
+
+    #[tokio::test]
+    async fn readiness_wakes_waiters_with_the_outcome() {
+        let topology = Topology {
+            name: "t".into(),
+            path: "/t.toml".into(),
+            networks: BTreeMap::new(),
+            machines: vec![],
+            checks: vec![],
+        };
+        let mut readiness = Readiness::new(&topology);
+        readiness
+            .senders
+            .insert("zk".into(), watch::channel(None).0);
+        readiness
+            .senders
+            .insert("bad".into(), watch::channel(None).0);
+        let readiness = Arc::new(readiness);
+        let waiter = {
+            let readiness = readiness.clone();
+            tokio::spawn(async move { (readiness.wait("zk").await, readiness.wait("bad").await) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        readiness.set("zk", true);
+        readiness.set("bad", false);
+        assert_eq!(waiter.await.expect("join"), (true, false));
+        assert!(
+            readiness.wait("unknown").await,
+            "no such machine: nothing to wait for"
+        );
+    }
+}

@@ -1,0 +1,71 @@
+//! End to end on real VMs: the zk-ensemble topology comes up with its
+//! checks green; the leader's daemon is stopped by hand; `verify` fails and
+//! names it, with the evidence; `provision` starts it again and says so;
+//! `verify` is green again. One booted ensemble serves the whole scenario.
+
+mod common;
+
+use common::{repo, Bed};
+
+fn ensemble() -> String {
+    std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml")).expect("zk-ensemble.toml")
+}
+
+/// The machine whose ZooKeeper says it leads.
+fn leader(bed: &Bed) -> String {
+    for machine in ["zk-1", "zk-2", "zk-3"] {
+        let out = bed.ok(&["ssh", machine, "--", "echo srvr | nc -w 3 localhost 2181"]);
+        if out.contains("Mode: leader") {
+            return machine.to_string();
+        }
+    }
+    panic!("no machine says it leads");
+}
+
+#[test]
+fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
+    let bed = Bed::new(&ensemble());
+    let up = bed.ok(&["up", "topology.toml"]);
+    assert!(up.contains("PASS"), "up runs the checks last:\n{up}");
+    assert!(!up.contains("FAIL"), "up's checks:\n{up}");
+
+    let verify = bed.ok(&["verify", "--json"]);
+    let results: serde_json::Value = serde_json::from_str(&verify).expect("verify --json");
+    let results = results["checks"].as_array().expect("checks").clone();
+    assert_eq!(
+        results.len(),
+        6,
+        "every check of zk-ensemble.toml runs: {verify}"
+    );
+    assert!(results.iter().all(|r| r["passed"] == true), "{verify}");
+
+    let leader = leader(&bed);
+    bed.ok(&["ssh", &leader, "--", "systemctl stop zookeeper"]);
+
+    let failed = bed.testbed(&["verify"]);
+    let table = String::from_utf8_lossy(&failed.stdout).into_owned();
+    assert_eq!(failed.status.code(), Some(1), "verify must fail:\n{table}");
+    let check = format!("{leader} serves as leader or follower");
+    let line = table
+        .lines()
+        .find(|l| l.contains(&check))
+        .unwrap_or_else(|| panic!("verify names {check}:\n{table}"));
+    assert!(line.contains("FAIL"), "{line}");
+    assert!(
+        table.contains("journal of zookeeper"),
+        "evidence attached:\n{table}"
+    );
+
+    let provision = bed.ok(&["provision"]);
+    assert!(
+        provision.contains(&format!("{leader}: zookeeper started")),
+        "provision says what it started:\n{provision}"
+    );
+    assert!(
+        provision.contains("unchanged"),
+        "and what it left alone:\n{provision}"
+    );
+
+    let healed = bed.ok(&["verify"]);
+    assert!(!healed.contains("FAIL"), "{healed}");
+}
