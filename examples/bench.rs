@@ -48,9 +48,13 @@ struct Bed {
 
 impl Bed {
     fn new(root: &Path, name: &str, machines: usize) -> Bed {
+        Bed::with_text(root, name, &topology(name, machines))
+    }
+
+    fn with_text(root: &Path, name: &str, text: &str) -> Bed {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).expect("bench dir");
-        std::fs::write(dir.join("topology.toml"), topology(name, machines)).expect("topology");
+        std::fs::write(dir.join("topology.toml"), text).expect("topology");
         Bed { dir }
     }
 
@@ -59,6 +63,7 @@ impl Bed {
         let status = Command::new(testbed_binary())
             .current_dir(&self.dir)
             .env("TESTBED_IMAGES", repo().join("images"))
+            .env("TESTBED_DAEMONS", repo().join("daemons"))
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -272,6 +277,259 @@ fn plain_ssh(kit: &BareKit, port: u16) -> bool {
         .unwrap_or(false)
 }
 
+/// The zk-ensemble by hand: bare qemu command lines on one switch, then for
+/// each machine one ssh that writes zoo.cfg, myid and the JVM options and
+/// starts ZooKeeper, then `echo stat | nc` over ssh until all three serve.
+/// The files are the ones testbed renders, so both do the same work.
+struct Ensemble {
+    kernel: String,
+    initrd: String,
+    base: String,
+    user_key: PathBuf,
+    machines: Vec<EnsembleMachine>,
+}
+
+struct EnsembleMachine {
+    name: String,
+    seed: PathBuf,
+    known_hosts: PathBuf,
+    files: Vec<(String, String)>,
+}
+
+impl Ensemble {
+    /// Taken from a testbed-made ensemble (warm image cache, seeds, keys).
+    fn from(bed: &Bed, root: &Path) -> Ensemble {
+        let state = bed.dir.join(".testbed");
+        let kit_dir = root.join("zk-kit");
+        std::fs::create_dir_all(&kit_dir).expect("kit dir");
+        let topology = testbed::topology::load(&bed.dir.join("topology.toml")).expect("topology");
+        let machines = topology
+            .machines
+            .iter()
+            .map(|machine| {
+                let dir = state.join("machines").join(&machine.name);
+                let seed = kit_dir.join(format!("{}.seed.tar", machine.name));
+                std::fs::copy(dir.join("seed.tar"), &seed).expect("seed");
+                let known_hosts = kit_dir.join(format!("{}.known_hosts", machine.name));
+                let key =
+                    std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).expect("key");
+                std::fs::write(&known_hosts, format!("bare {key}")).expect("known_hosts");
+                let files = testbed::provision::render_machine(&topology, machine)
+                    .expect("render")
+                    .into_iter()
+                    .flat_map(|r| r.files)
+                    .map(|f| (f.dest, f.contents))
+                    .collect();
+                EnsembleMachine {
+                    name: machine.name.clone(),
+                    seed,
+                    known_hosts,
+                    files,
+                }
+            })
+            .collect();
+        let user_key = kit_dir.join("id_ed25519");
+        std::fs::copy(state.join("id_ed25519"), &user_key).expect("user key");
+        let args = std::fs::read_to_string(format!(
+            "/proc/{}/cmdline",
+            std::fs::read_to_string(state.join("machines/zk-1/qemu.pid"))
+                .expect("pid")
+                .trim()
+        ))
+        .expect("cmdline");
+        let args: Vec<&str> = args.split('\0').collect();
+        let after =
+            |flag: &str| args[args.iter().position(|a| *a == flag).expect("flag") + 1].to_string();
+        let kernel = after("-kernel");
+        let base = Path::new(&kernel)
+            .with_file_name("disk.qcow2")
+            .to_string_lossy()
+            .into_owned();
+        Ensemble {
+            initrd: after("-initrd"),
+            kernel,
+            base,
+            user_key,
+            machines,
+        }
+    }
+
+    fn ssh(
+        &self,
+        machine: &EnsembleMachine,
+        port: u16,
+        command: &str,
+        stdin: Option<&str>,
+    ) -> Option<String> {
+        use std::io::Write;
+        let mut child = Command::new("ssh")
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=3",
+                "-o",
+                "StrictHostKeyChecking=yes",
+            ])
+            .args([
+                "-o",
+                "HostKeyAlias=bare",
+                "-o",
+                "ControlMaster=no",
+                "-o",
+                "ControlPath=none",
+            ])
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                machine.known_hosts.display()
+            ))
+            .arg("-i")
+            .arg(&self.user_key)
+            .args(["-p", &port.to_string(), "root@127.0.0.1", command])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        if let Some(mut pipe) = child.stdin.take() {
+            let _ = pipe.write_all(stdin.unwrap_or("").as_bytes());
+        }
+        let out = child.wait_with_output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Boot, configure, start and poll, all by hand; the wall time.
+    fn by_hand(&self, root: &Path) -> Duration {
+        let start = Instant::now();
+        let net = root.join("bare-net");
+        let _ = std::fs::remove_dir_all(&net);
+        std::fs::create_dir_all(&net).expect("net dir");
+        let socket = net.join("sw");
+        let mut children = vec![Command::new(testbed_binary())
+            .arg("__switch")
+            .arg(&socket)
+            .spawn()
+            .expect("switch")];
+        while !socket.exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut ports = Vec::new();
+        for machine in &self.machines {
+            let disk = net.join(format!("{}.qcow2", machine.name));
+            let ok = Command::new("qemu-img")
+                .args([
+                    "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &self.base,
+                ])
+                .arg(&disk)
+                .status()
+                .expect("qemu-img")
+                .success();
+            assert!(ok, "qemu-img create");
+            let port = free_port();
+            ports.push(port);
+            children.push(
+                Command::new("qemu-system-x86_64")
+                    .args([
+                        "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m",
+                        "1024M",
+                    ])
+                    .args(["-nodefaults", "-no-user-config", "-display", "none"])
+                    .args(["-kernel", &self.kernel, "-initrd", &self.initrd])
+                    .args(["-append", "root=/dev/vda rw console=ttyS0 quiet"])
+                    .arg("-drive")
+                    .arg(format!(
+                        "file={},if=none,id=root,format=qcow2",
+                        disk.display()
+                    ))
+                    .args(["-device", "virtio-blk-pci,drive=root", "-drive"])
+                    .arg(format!(
+                        "file={},if=none,id=seed,format=raw,readonly=on",
+                        machine.seed.display()
+                    ))
+                    .args([
+                        "-device",
+                        "virtio-blk-pci,drive=seed,serial=testbed-seed",
+                        "-netdev",
+                    ])
+                    .arg(format!("user,id=mgmt,hostfwd=tcp:127.0.0.1:{port}-:22"))
+                    .arg("-device")
+                    .arg(format!(
+                        "virtio-net-pci,netdev=mgmt,mac={}",
+                        testbed::identity::mac_address(
+                            &machine.name,
+                            testbed::identity::MANAGEMENT_NIC
+                        )
+                    ))
+                    .arg("-netdev")
+                    .arg(format!(
+                        "stream,id=lan,server=off,addr.type=unix,addr.path={}",
+                        socket.display()
+                    ))
+                    .arg("-device")
+                    .arg(format!(
+                        "virtio-net-pci,netdev=lan,mac={}",
+                        testbed::identity::mac_address(&machine.name, "lan")
+                    ))
+                    .args(["-device", "virtio-rng-pci", "-serial", "null"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("qemu"),
+            );
+        }
+        std::thread::scope(|scope| {
+            for (machine, port) in self.machines.iter().zip(&ports) {
+                scope.spawn(move || {
+                    while self.ssh(machine, *port, "true", None).is_none() {
+                        assert!(
+                            start.elapsed() < Duration::from_secs(300),
+                            "{} never answered",
+                            machine.name
+                        );
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    let mut script = String::new();
+                    for (dest, contents) in &machine.files {
+                        let newline = if contents.ends_with('\n') { "" } else { "\n" };
+                        script.push_str(&format!(
+                            "cat > {dest} <<'TESTBED_EOF'\n{contents}{newline}TESTBED_EOF\n"
+                        ));
+                    }
+                    script.push_str("systemctl start zookeeper\n");
+                    self.ssh(machine, *port, "sh -s", Some(&script))
+                        .expect("configure and start");
+                    loop {
+                        let stat =
+                            self.ssh(machine, *port, "echo stat | nc -w 3 localhost 2181", None);
+                        if stat.is_some_and(|s| {
+                            s.contains("Mode: leader") || s.contains("Mode: follower")
+                        }) {
+                            break;
+                        }
+                        assert!(
+                            start.elapsed() < Duration::from_secs(600),
+                            "{} never served",
+                            machine.name
+                        );
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                });
+            }
+        });
+        let elapsed = start.elapsed();
+        for mut child in children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&net);
+        elapsed
+    }
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -351,6 +609,25 @@ fn main() {
     one.run(&["ssh", "m0", "--", "true"]); // a ControlMaster is up from here on
     let tb_ssh = repeat(10, || one.run(&["ssh", "m0", "--", "true"]));
     let plain = repeat(5, || time(|| plain_ssh(&kit_for_one, port)));
+    one.run(&["destroy", "-f"]);
+
+    eprintln!("zk-ensemble: warming its image");
+    let zk_text =
+        std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml")).expect("zk-ensemble");
+    let zk = Bed::with_text(root.path(), "bench-zk", &zk_text);
+    zk.run(&["up", "topology.toml"]);
+    let ensemble = Ensemble::from(&zk, root.path());
+    zk.run(&["destroy", "-f"]);
+    let (mut zk_up, mut zk_hand) = (vec![], vec![]);
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}: zk-ensemble", round + 1);
+        zk_hand.push(ensemble.by_hand(root.path()));
+        zk_up.push(zk.run(&["up", "topology.toml"]));
+        if round + 1 < rounds {
+            zk.run(&["destroy", "-f"]);
+        }
+    }
+    let zk_verify = repeat(3, || zk.run(&["verify"]));
 
     println!(
         "\ntestbed benchmark (TCG, warm image cache, medians of {rounds} boot rounds / 10 runs)\n"
@@ -371,6 +648,12 @@ fn main() {
     );
     row("converged up", converged, None);
     row("status", status, None);
+    row(
+        "zk-ensemble: up to all checks green",
+        median(zk_up),
+        Some(("by hand: qemu, ssh, nc stat", median(zk_hand))),
+    );
+    row("zk-ensemble: verify (6 checks)", zk_verify, None);
     row(
         "ssh m0 -- true",
         tb_ssh,
