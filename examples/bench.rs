@@ -558,6 +558,10 @@ fn row(what: &str, testbed: Duration, baseline: Option<(&str, Duration)>) {
 }
 
 fn main() {
+    // The library calls below (topology, kits) look recipes and kits up the
+    // same way the testbed binary does.
+    std::env::set_var("TESTBED_IMAGES", repo().join("images"));
+    std::env::set_var("TESTBED_DAEMONS", repo().join("daemons"));
     let root = tempfile::tempdir().expect("tempdir");
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
