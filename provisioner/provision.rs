@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -74,7 +75,9 @@ pub struct Machines {
     ports: std::sync::Mutex<BTreeMap<String, u16>>,
     /// The systemd services of each machine's kits (for evidence).
     services: BTreeMap<String, Vec<String>>,
-    sessions: Mutex<BTreeMap<String, Session>>,
+    /// A slot per machine, so machines connect in parallel while two steps
+    /// on one machine share a single connection.
+    sessions: std::sync::Mutex<BTreeMap<String, Arc<Mutex<Option<Session>>>>>,
 }
 
 impl Machines {
@@ -96,7 +99,7 @@ impl Machines {
             state,
             ports: std::sync::Mutex::new(BTreeMap::new()),
             services,
-            sessions: Mutex::new(BTreeMap::new()),
+            sessions: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -109,10 +112,16 @@ impl Machines {
 
     /// Hands over a connection opened elsewhere (by `up`'s boot step).
     pub async fn adopt(&self, machine: &str, session: Session) {
+        *self.slot(machine).lock().await = Some(session);
+    }
+
+    fn slot(&self, machine: &str) -> Arc<Mutex<Option<Session>>> {
         self.sessions
             .lock()
-            .await
-            .insert(machine.to_string(), session);
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(machine.to_string())
+            .or_default()
+            .clone()
     }
 
     fn target(&self, machine: &str) -> Result<Target> {
@@ -136,8 +145,9 @@ impl Machines {
 
     /// The machine's session, connecting the first time.
     pub async fn session(&self, machine: &str) -> Result<Session> {
-        let mut sessions = self.sessions.lock().await;
-        if let Some(session) = sessions.get(machine).filter(|s| !s.is_closed()) {
+        let slot = self.slot(machine);
+        let mut slot = slot.lock().await;
+        if let Some(session) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(session.clone());
         }
         let target = self.target(machine)?;
@@ -147,13 +157,22 @@ impl Machines {
                 machine: machine.to_string(),
                 source,
             })?;
-        sessions.insert(machine.to_string(), session.clone());
+        *slot = Some(session.clone());
         Ok(session)
     }
 
     pub async fn close(&self) {
-        for session in self.sessions.lock().await.values() {
-            session.close().await;
+        let slots: Vec<_> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            if let Some(session) = slot.lock().await.take() {
+                session.close().await;
+            }
         }
     }
 
@@ -417,7 +436,6 @@ fn parent_dir(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn parent_of_guest_paths() {

@@ -128,9 +128,23 @@ fn zookeeper_alone_renders_a_standalone_config_with_the_whitelist_and_myid_1() {
         assert!(zoo.lines().any(|l| l == line), "missing `{line}`:\n{zoo}");
     }
     assert_eq!(file(&files, "/etc/zookeeper/conf/myid"), "1\n");
-    assert!(files
-        .iter()
-        .all(|f| f.mode == 0o644 && f.owner == "root:root"));
+    for f in &files {
+        let mode = if f.dest == "/usr/local/bin/zk-probe" {
+            0o755
+        } else {
+            0o644
+        };
+        assert_eq!(
+            (f.mode, f.owner.as_str()),
+            (mode, "root:root"),
+            "{}",
+            f.dest
+        );
+    }
+    assert!(
+        file(&files, "/usr/local/bin/zk-probe").starts_with("#!/usr/bin/python3"),
+        "the JVM-free probe is installed"
+    );
 }
 
 #[test]
