@@ -657,7 +657,7 @@ fn main() {
         median(zk_up),
         Some(("by hand: qemu, ssh, nc stat", median(zk_hand))),
     );
-    row("zk-ensemble: verify (6 checks)", zk_verify, None);
+    row("zk-ensemble: verify, converged (6 checks)", zk_verify, None);
     row(
         "ssh m0 -- true",
         tb_ssh,
