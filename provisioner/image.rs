@@ -6,17 +6,18 @@ use std::path::{Path, PathBuf};
 /// Directories searched for `images/<name>.toml`: `$TESTBED_IMAGES`, then
 /// `images/` in the topology's directory and each of its ancestors.
 pub fn recipe_dirs(start: &Path) -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Some(dir) = std::env::var_os("TESTBED_IMAGES") {
-        dirs.push(PathBuf::from(dir));
-    }
-    for ancestor in start.ancestors() {
-        let candidate = ancestor.join("images");
-        if candidate.is_dir() {
-            dirs.push(candidate);
-        }
-    }
-    dirs
+    search_dirs(start, "TESTBED_IMAGES", "images")
+}
+
+/// `$<env>` when set, then every `<folder>/` found in `start` or above it:
+/// how recipes and kits beside a topology (or the repository's) are found.
+pub fn search_dirs(start: &Path, env: &str, folder: &str) -> Vec<PathBuf> {
+    let from_env = std::env::var_os(env).map(PathBuf::from);
+    let upwards = start
+        .ancestors()
+        .map(|ancestor| ancestor.join(folder))
+        .filter(|candidate| candidate.is_dir());
+    from_env.into_iter().chain(upwards).collect()
 }
 
 /// The names of every recipe visible from `start`, sorted.

@@ -308,17 +308,7 @@ impl Kit {
 /// Directories searched for `daemons/<name>/daemon.toml`: `$TESTBED_DAEMONS`,
 /// then `daemons/` in the topology's directory and each of its ancestors.
 pub fn kit_dirs(start: &Path) -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Some(dir) = std::env::var_os("TESTBED_DAEMONS") {
-        dirs.push(PathBuf::from(dir));
-    }
-    for ancestor in start.ancestors() {
-        let candidate = ancestor.join("daemons");
-        if candidate.is_dir() {
-            dirs.push(candidate);
-        }
-    }
-    dirs
+    crate::image::search_dirs(start, "TESTBED_DAEMONS", "daemons")
 }
 
 /// The names of every kit visible from `start`, sorted.
