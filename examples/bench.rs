@@ -247,34 +247,28 @@ fn management_mac() -> String {
 
 /// One fresh `ssh root@127.0.0.1 true`, host key pinned.
 fn plain_ssh(kit: &BareKit, port: u16) -> bool {
-    Command::new("ssh")
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=3",
-            "-o",
-            "StrictHostKeyChecking=yes",
-        ])
-        .args([
-            "-o",
-            "HostKeyAlias=bare",
-            "-o",
-            "ControlMaster=no",
-            "-o",
-            "ControlPath=none",
-        ])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", kit.known_hosts.display()))
-        .arg("-i")
-        .arg(&kit.user_key)
-        .args(["-p", &port.to_string(), "root@127.0.0.1", "true"])
+    fresh_ssh(&kit.known_hosts, &kit.user_key, port, "true")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
+}
+
+/// `ssh root@127.0.0.1 COMMAND` on a new connection (no multiplexing), the
+/// host key pinned under the alias `bare`, as a person would type it.
+fn fresh_ssh(known_hosts: &Path, key: &Path, port: u16, command: &str) -> Command {
+    let mut ssh = Command::new("ssh");
+    ssh.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=3"])
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=bare"])
+        .args(["-o", "ControlMaster=no", "-o", "ControlPath=none"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &port.to_string(), "root@127.0.0.1", command]);
+    ssh
 }
 
 /// The zk-ensemble by hand: bare qemu command lines on one switch, then for
@@ -362,31 +356,7 @@ impl Ensemble {
         stdin: Option<&str>,
     ) -> Option<String> {
         use std::io::Write;
-        let mut child = Command::new("ssh")
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ConnectTimeout=3",
-                "-o",
-                "StrictHostKeyChecking=yes",
-            ])
-            .args([
-                "-o",
-                "HostKeyAlias=bare",
-                "-o",
-                "ControlMaster=no",
-                "-o",
-                "ControlPath=none",
-            ])
-            .arg("-o")
-            .arg(format!(
-                "UserKnownHostsFile={}",
-                machine.known_hosts.display()
-            ))
-            .arg("-i")
-            .arg(&self.user_key)
-            .args(["-p", &port.to_string(), "root@127.0.0.1", command])
+        let mut child = fresh_ssh(&machine.known_hosts, &self.user_key, port, command)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
