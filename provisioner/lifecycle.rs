@@ -265,16 +265,10 @@ impl Testbed {
                 (name, result)
             }));
         }
-        let mut failures = Vec::new();
-        for task in tasks {
-            match task.await {
-                Ok((name, Ok(outcomes))) => {
-                    report.changed.push(name);
-                    report.daemons.extend(outcomes);
-                }
-                Ok((_, Err(e))) => failures.push(e.to_string()),
-                Err(join) => failures.push(format!("internal error: {join}")),
-            }
+        let (done, failures) = join_machines(tasks).await;
+        for (name, outcomes) in done {
+            report.changed.push(name);
+            report.daemons.extend(outcomes);
         }
         write_ssh_config(&self.state, &self.topology.name, &lock_record(&record))?;
         if failures.is_empty() && !self.topology.checks.is_empty() {
@@ -284,14 +278,7 @@ impl Testbed {
         }
         machines.close().await;
         start_control_masters(&self.state, &report.changed);
-        if failures.is_empty() {
-            Ok(report)
-        } else {
-            Err(Error::Several {
-                count: failures.len(),
-                details: failures.join("\n"),
-            })
-        }
+        all_succeeded(failures).map(|()| report)
     }
 
     /// Each machine's kits rendered, as daemon → hash of its files.
@@ -360,27 +347,16 @@ impl Testbed {
                 } else {
                     "failed"
                 });
-                result
+                (machine.name, result)
             }));
         }
-        let mut outcomes = Vec::new();
-        let mut failures = Vec::new();
-        for task in tasks {
-            match task.await {
-                Ok(Ok(done)) => outcomes.extend(done),
-                Ok(Err(e)) => failures.push(e.to_string()),
-                Err(join) => failures.push(format!("internal error: {join}")),
-            }
-        }
+        let (done, failures) = join_machines(tasks).await;
         machines.close().await;
-        if failures.is_empty() {
-            Ok(outcomes)
-        } else {
-            Err(Error::Several {
-                count: failures.len(),
-                details: failures.join("\n"),
-            })
-        }
+        let outcomes = done
+            .into_iter()
+            .flat_map(|(_, outcomes)| outcomes)
+            .collect();
+        all_succeeded(failures).map(|()| outcomes)
     }
 
     /// The image each machine boots, by machine name: its recipe plus the
@@ -576,26 +552,13 @@ impl Testbed {
             }));
         }
         self.state.save(&record)?;
-        let mut failures = Vec::new();
-        for task in tasks {
-            match task.await {
-                Ok((name, Ok(()))) => halted.push(name),
-                Ok((_, Err(e))) => failures.push(e.to_string()),
-                Err(join) => failures.push(format!("internal error: {join}")),
-            }
-        }
+        let (done, failures) = join_machines(tasks).await;
+        halted.extend(done.into_iter().map(|(name, ())| name));
         if !self.any_running() {
             remove_networks(&self.state, &mut record)?;
             self.state.save(&record)?;
         }
-        if failures.is_empty() {
-            Ok(halted)
-        } else {
-            Err(Error::Several {
-                count: failures.len(),
-                details: failures.join("\n"),
-            })
-        }
+        all_succeeded(failures).map(|()| halted)
     }
 
     fn any_running(&self) -> bool {
@@ -605,6 +568,33 @@ impl Testbed {
                 .unwrap_or(false)
         })
     }
+}
+
+/// Waits for every machine's task: what succeeded, by machine, and a line
+/// per failure (a machine's failure never cuts the others short).
+async fn join_machines<T>(
+    tasks: Vec<tokio::task::JoinHandle<(String, Result<T>)>>,
+) -> (Vec<(String, T)>, Vec<String>) {
+    let mut done = Vec::new();
+    let mut failures = Vec::new();
+    for task in tasks {
+        match task.await {
+            Ok((name, Ok(value))) => done.push((name, value)),
+            Ok((_, Err(e))) => failures.push(e.to_string()),
+            Err(join) => failures.push(format!("internal error: {join}")),
+        }
+    }
+    (done, failures)
+}
+
+fn all_succeeded(failures: Vec<String>) -> Result<()> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Several {
+        count: failures.len(),
+        details: failures.join("\n"),
+    })
 }
 
 /// Takes down every network the record says is up (once no machine runs),
