@@ -308,12 +308,13 @@ impl Ensemble {
                 let key =
                     std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).expect("key");
                 std::fs::write(&known_hosts, format!("bare {key}")).expect("known_hosts");
-                let files = testbed::provision::render_machine(&topology, machine)
-                    .expect("render")
-                    .into_iter()
-                    .flat_map(|r| r.files)
-                    .map(|f| (f.dest, f.contents))
-                    .collect();
+                let files =
+                    testbed::provision::render_machine(&topology, machine, &Default::default())
+                        .expect("render")
+                        .into_iter()
+                        .flat_map(|r| r.files)
+                        .map(|f| (f.dest, f.contents))
+                        .collect();
                 EnsembleMachine {
                     name: machine.name.clone(),
                     seed,

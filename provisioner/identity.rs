@@ -267,6 +267,8 @@ mod tests {
             daemons: vec![],
             vars: BTreeMap::new(),
             depends_on: vec![],
+            packages: vec![],
+            artifacts: vec![],
         };
         Topology {
             name: "pair".into(),
@@ -283,6 +285,8 @@ mod tests {
                 machine("beta", [192, 168, 33, 3]),
             ],
             checks: vec![],
+            build: None,
+            steps: vec![],
         }
     }
 

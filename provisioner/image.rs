@@ -630,3 +630,11 @@ fn run_logged(
         log: log.into(),
     })
 }
+
+/// Whether `name` is a valid Debian package name (policy 5.6.1).
+pub fn is_package_name(name: &str) -> bool {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c);
+    name.len() >= 2
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(allowed)
+}

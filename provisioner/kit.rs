@@ -16,6 +16,10 @@
 //! mode = "0644"                    # default "0644"
 //! owner = "root:root"              # default "root:root"
 //!
+//! artifacts = ["dist/app.tar.gz"]  # optional: build outputs pushed to
+//!                                  # /srv/testbed/dist/ before the start
+//! secrets = ["munge_key"]          # optional: generated once per testbed
+//!
 //! [readiness]                      # optional; the keys of a [[checks]] entry
 //! tcp = { port = 2181, send = "srvr", expect = "/Mode: (standalone|leader|follower)/" }
 //! retry = "500ms"
@@ -24,16 +28,20 @@
 //!
 //! # Template context
 //!
-//! Every template sees four variables (see [`context`]):
+//! Every template sees five variables (see [`context`]):
 //!
 //! - `topology`: `{ name, machines: [MACHINE, …] }`, machines in file order.
 //! - `machine`: the MACHINE being rendered, plus its `vars`.
 //! - `vars`: this machine's `vars = { … }` from the topology (JSON values).
 //! - `daemons`: for each kit any machine runs, by kit name: `{ machines:
-//!   [{ name, ip }, …] }` (every machine running it, file order),
+//!   [MACHINE, …] }` (every machine running it, file order),
 //!   `addresses` (the `ip` of each of those that has one), `count`, and
 //!   `index`: this machine's 1-based position among them, absent when it
 //!   does not run the kit.
+//! - `secrets`: each secret any kit of the topology declares, by name: 64
+//!   hex characters (32 random bytes) that testbed generates once per
+//!   testbed and keeps in `.testbed/secrets.json`, so every machine renders
+//!   the same munge key. `testbed plan` shows `<secret NAME>` instead.
 //!
 //! A MACHINE is `{ name, ip, ips: { NETWORK: IP }, daemons: [KIT, …], cpus,
 //! memory_mib }`, where `ip` is the address on the first network by name,
@@ -51,6 +59,18 @@ use serde_json::{json, Map, Value};
 
 use crate::check::{CheckSpec, CommandProbe, HttpProbe, TcpProbe};
 use crate::topology::{line_col, Machine, Topology};
+
+/// Generated secrets by name (see the module doc).
+pub type Secrets = BTreeMap<String, String>;
+
+/// The secret names `secrets.NAME` stands for in `plan`, which generates
+/// nothing.
+pub fn placeholder_secrets(names: &[String]) -> Secrets {
+    names
+        .iter()
+        .map(|name| (name.clone(), format!("<secret {name}>")))
+        .collect()
+}
 
 /// The manifest's file name inside a kit directory.
 pub const MANIFEST: &str = "daemon.toml";
@@ -87,6 +107,14 @@ pub struct Manifest {
     pub files: Vec<KitFile>,
     #[serde(default)]
     pub readiness: Option<Readiness>,
+    /// Files the build step leaves in `dist/`, pushed to the guest's
+    /// `/srv/testbed/dist/` before the daemon starts.
+    #[serde(default)]
+    pub artifacts: Vec<String>,
+    /// Names of secrets testbed generates once per testbed (shared by every
+    /// machine), available to templates as `secrets.NAME`.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 /// One `[[files]]` entry: a template rendered to a path on the guest.
@@ -246,8 +274,13 @@ impl Kit {
     }
 
     /// Renders the kit's files for `machine`, then its unit when it has one.
-    pub fn render(&self, topology: &Topology, machine: &Machine) -> Result<Vec<RenderedFile>> {
-        let values = context_map(topology, machine);
+    pub fn render(
+        &self,
+        topology: &Topology,
+        machine: &Machine,
+        secrets: &Secrets,
+    ) -> Result<Vec<RenderedFile>> {
+        let values = context_map(topology, machine, secrets);
         let context = tera_context(&values);
         self.targets()?
             .into_iter()
@@ -327,8 +360,8 @@ pub fn kit_names(start: &Path) -> Vec<String> {
 }
 
 /// The template context for `machine` (documented in the module doc).
-pub fn context(topology: &Topology, machine: &Machine) -> tera::Context {
-    tera_context(&context_map(topology, machine))
+pub fn context(topology: &Topology, machine: &Machine, secrets: &Secrets) -> tera::Context {
+    tera_context(&context_map(topology, machine, secrets))
 }
 
 // ---------------------------------------------------------------------------
@@ -369,6 +402,19 @@ impl ManifestChecker<'_> {
         if let Some(readiness) = &manifest.readiness {
             self.check_readiness(readiness)?;
         }
+        for artifact in &manifest.artifacts {
+            crate::topology::check_dist_path(artifact).map_err(|message| {
+                self.error(artifact, format!("artifact `{artifact}` {message}"))
+            })?;
+        }
+        for secret in &manifest.secrets {
+            if !crate::topology::is_identifier(secret) {
+                return Err(self.error(
+                    secret,
+                    format!("secret `{secret}` must be an identifier (letters, digits, `_`), e.g. \"munge_key\""),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -390,11 +436,7 @@ impl ManifestChecker<'_> {
     }
 
     fn check_package(&self, package: &str) -> Result<()> {
-        let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c);
-        let valid = package.len() >= 2
-            && package.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && package.chars().all(allowed);
-        if valid {
+        if crate::image::is_package_name(package) {
             return Ok(());
         }
         Err(self.error(
@@ -529,7 +571,7 @@ fn read(path: &Path) -> Result<String> {
 // Context
 // ---------------------------------------------------------------------------
 
-fn context_map(topology: &Topology, machine: &Machine) -> Map<String, Value> {
+fn context_map(topology: &Topology, machine: &Machine, secrets: &Secrets) -> Map<String, Value> {
     let machines: Vec<Value> = topology.machines.iter().map(machine_value).collect();
     let vars = vars_value(machine);
     let mut this = machine_value(machine);
@@ -544,7 +586,21 @@ fn context_map(topology: &Topology, machine: &Machine) -> Map<String, Value> {
     map.insert("machine".into(), this);
     map.insert("vars".into(), vars);
     map.insert("daemons".into(), daemons_value(topology, machine));
+    map.insert("secrets".into(), json!(secrets));
     map
+}
+
+/// Every secret the kits of `topology` declare, sorted, each once.
+pub fn secret_names(topology: &Topology) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for machine in &topology.machines {
+        for daemon in &machine.daemons {
+            names.extend(Kit::load(daemon, topology.dir())?.manifest.secrets);
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 fn tera_context(values: &Map<String, Value>) -> tera::Context {
@@ -602,10 +658,7 @@ fn daemons_value(topology: &Topology, machine: &Machine) -> Value {
 }
 
 fn daemon_value(members: &[&Machine], machine: &Machine) -> Value {
-    let machines: Vec<Value> = members
-        .iter()
-        .map(|member| json!({ "name": member.name, "ip": first_ip(member) }))
-        .collect();
+    let machines: Vec<Value> = members.iter().map(|member| machine_value(member)).collect();
     let addresses: Vec<String> = members.iter().filter_map(|m| first_ip(m)).collect();
     let mut value = json!({
         "machines": machines,

@@ -1,9 +1,11 @@
 //! testbed: one topology file to a running, verified multi-machine cluster.
 //!
 //! The pipeline of `up`, one module per stage:
-//! topology → image → provider (boot) → identity → ssh, with `state`
-//! recording how far each machine got.
+//! topology → build → image → provider (boot) → identity → ssh → provision
+//! (kits, in dependency order) → check, with `state` recording how far each
+//! machine got.
 
+pub mod build;
 pub mod check;
 pub mod cli;
 pub mod identity;

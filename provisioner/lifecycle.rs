@@ -11,15 +11,17 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::build::{self, BuildOutcome};
 use crate::check;
 use crate::identity::{self, MachineKeys, Seed};
 use crate::image::{BuiltImage, Cache, ImageError, Recipe};
+use crate::kit::Secrets;
 use crate::progress::{Progress, Task};
 use crate::provider::{self, kvm, NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
-use crate::provision::{self, Machines, Outcome, Readiness};
+use crate::provision::{self, Applied, Machines, Outcome, Readiness, BUILD_GATE};
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
-use crate::topology::{self, Machine, Topology, TopologyError};
+use crate::topology::{self, Builder, Machine, Step, Topology, TopologyError};
 
 /// How long a cold boot may take to reach SSH (software emulation is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -42,6 +44,19 @@ pub enum Error {
     Kit(#[from] crate::kit::KitError),
     #[error(transparent)]
     Provision(#[from] crate::provision::ProvisionError),
+    #[error(transparent)]
+    Build(#[from] build::BuildError),
+    #[error("{0} has no [build]\n  help: add a [build] table with `machine`, `run`, `inputs` and `outputs`")]
+    NoBuild(PathBuf),
+    #[error(
+        "machine `{builder}` runs the build and cannot also need its artifacts (it would wait \
+         for itself)\n  help: build on another machine, or drop the artifacts from `{builder}`"
+    )]
+    BuilderNeedsArtifacts { builder: String },
+    #[error("the builder `{0}` is not running\n  help: `testbed up` boots it (and builds)")]
+    BuilderNotRunning(String),
+    #[error("no step named `{name}`{known}")]
+    UnknownStep { name: String, known: String },
     #[error("{machine}: {source}")]
     Ssh { machine: String, source: SshError },
     #[error("{machine}: no SSH: {source}; last console lines ({log}):\n{tail}")]
@@ -96,12 +111,31 @@ pub struct UpReport {
     pub daemons: Vec<Outcome>,
     /// The topology's checks, run last when anything changed.
     pub checks: Option<check::Report>,
+    /// What the build step did, when the topology has one.
+    pub build: Option<BuildOutcome>,
+}
+
+/// What `testbed run STEP` did.
+#[derive(Debug)]
+pub struct StepReport {
+    pub step: Step,
+    pub exit_status: u32,
+    pub seconds: f64,
+    /// The step's checks, run when its command succeeded.
+    pub checks: Option<check::Report>,
+}
+
+impl StepReport {
+    pub fn passed(&self) -> bool {
+        self.exit_status == 0 && self.checks.as_ref().is_none_or(|c| c.passed())
+    }
 }
 
 impl Testbed {
     /// The testbed of a topology file (its `.testbed/` beside it).
     pub fn open(topology_path: &Path) -> Result<Testbed> {
         let topology = topology::load(topology_path)?;
+        check_builder(&topology)?;
         let state = StateDir::beside(topology.dir());
         Ok(Testbed {
             topology,
@@ -203,8 +237,10 @@ impl Testbed {
         let mut record = self.state.load()?;
         record.topology = self.topology.path.clone();
         ensure_user_key(&self.state)?;
+        let secrets = Arc::new(self.secrets()?);
+        let build_current = self.build_current(&record)?;
         // Rendered before anything starts: a template error touches nothing.
-        let rendered = self.rendered_hashes()?;
+        let rendered = self.applied_now(&secrets, build_current)?;
         let images = self.ensure_images(progress)?;
         let plans = self.plan_machines(&record, &images)?;
         for plan in &plans {
@@ -221,16 +257,21 @@ impl Testbed {
         let mut todo = Vec::new();
         for plan in plans {
             let name = plan.machine.name.clone();
-            let daemons_current =
-                record.machines.get(&name).map(|r| &r.daemons) == rendered.get(&name);
-            if plan.converged(&record) && daemons_current {
+            let provisioned = match (record.machines.get(&name), rendered.get(&name)) {
+                (Some(saved), Some(Some(now))) => {
+                    saved.daemons == now.daemons && saved.artifacts == now.artifacts
+                }
+                _ => false,
+            };
+            if plan.converged(&record) && provisioned {
                 readiness.set(&name, true);
                 report.unchanged.push(name);
             } else {
                 todo.push(plan);
             }
         }
-        if todo.is_empty() {
+        if todo.is_empty() && build_current {
+            report.build = self.topology.build.as_ref().map(|_| BuildOutcome::Skipped);
             return Ok(report);
         }
         let kvm = self.accelerator(&images, progress);
@@ -240,19 +281,20 @@ impl Testbed {
         for (name, saved) in &record.machines {
             machines.set_port(name, saved.ssh_port);
         }
-        let record = Arc::new(Mutex::new(record));
-        let topology = Arc::new(self.topology.clone());
+        let ctx = UpContext {
+            state: self.state.clone(),
+            record: Arc::new(Mutex::new(record)),
+            machines: machines.clone(),
+            readiness: readiness.clone(),
+            topology: Arc::new(self.topology.clone()),
+            secrets,
+        };
+        let build_task = spawn_build(&ctx, build_current, progress);
         let mut tasks = Vec::new();
         for mut plan in todo {
             plan.kvm = kvm;
             let task = progress.task(&plan.machine.name);
-            let ctx = UpContext {
-                state: self.state.clone(),
-                record: record.clone(),
-                machines: machines.clone(),
-                readiness: readiness.clone(),
-                topology: topology.clone(),
-            };
+            let ctx = ctx.clone();
             let target = self.ssh_target(&plan.machine.name, 0);
             tasks.push(tokio::spawn(async move {
                 let name = plan.machine.name.clone();
@@ -265,12 +307,20 @@ impl Testbed {
                 (name, result)
             }));
         }
-        let (done, failures) = join_machines(tasks).await;
+        let (done, mut failures) = join_machines(tasks).await;
         for (name, outcomes) in done {
             report.changed.push(name);
             report.daemons.extend(outcomes);
         }
-        write_ssh_config(&self.state, &self.topology.name, &lock_record(&record))?;
+        match build_task {
+            Some(task) => match task.await {
+                Ok(Ok(outcome)) => report.build = Some(outcome),
+                Ok(Err(e)) => failures.push(format!("build: {e}")),
+                Err(e) => failures.push(format!("build: {e}")),
+            },
+            None => report.build = self.topology.build.as_ref().map(|_| BuildOutcome::Skipped),
+        }
+        write_ssh_config(&self.state, &self.topology.name, &lock_record(&ctx.record))?;
         if failures.is_empty() && !self.topology.checks.is_empty() {
             let checks =
                 check::run_all(&self.topology.checks, &self.topology, machines.clone()).await;
@@ -281,19 +331,152 @@ impl Testbed {
         all_succeeded(failures).map(|()| report)
     }
 
-    /// Each machine's kits rendered, as daemon → hash of its files.
-    fn rendered_hashes(&self) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
-        self.topology
+    /// What provisioning each machine now would apply; `None` for a machine
+    /// whose artifacts the pending build is about to change.
+    fn applied_now(
+        &self,
+        secrets: &Secrets,
+        build_current: bool,
+    ) -> Result<BTreeMap<String, Option<Applied>>> {
+        let topology = &self.topology;
+        topology
             .machines
             .iter()
             .map(|machine| {
-                let hashes = provision::render_machine(&self.topology, machine)?
-                    .into_iter()
-                    .map(|r| (r.kit.name, r.hash))
-                    .collect();
-                Ok((machine.name.clone(), hashes))
+                let rendered = provision::render_machine(topology, machine, secrets)?;
+                if !build_current && provision::needs_artifacts(topology, machine)? {
+                    return Ok((machine.name.clone(), None));
+                }
+                let mut applied = Applied::default();
+                for r in &rendered {
+                    let hash = provision::daemon_hash(topology, &machine.name, r)?;
+                    applied.daemons.insert(r.kit.name.clone(), hash);
+                }
+                if !machine.artifacts.is_empty() {
+                    applied.artifacts = Some(provision::artifacts_hash(
+                        topology,
+                        &machine.name,
+                        &machine.artifacts,
+                    )?);
+                }
+                Ok((machine.name.clone(), Some(applied)))
             })
             .collect()
+    }
+
+    /// The testbed's generated secrets that its kits use.
+    fn secrets(&self) -> Result<Secrets> {
+        let names = crate::kit::secret_names(&self.topology)?;
+        Ok(self.state.secrets(&names)?)
+    }
+
+    /// Whether the build step is absent or its recorded result still holds.
+    fn build_current(&self, record: &Record) -> Result<bool> {
+        match &self.topology.build {
+            Some(plan) => Ok(build::is_current(
+                plan,
+                self.topology.dir(),
+                record.build.as_deref(),
+            )?),
+            None => Ok(true),
+        }
+    }
+
+    /// `testbed build`: runs the build step alone (when its inputs changed,
+    /// or always with `force`), on a builder that is already up.
+    pub async fn build(&self, force: bool, progress: &Progress) -> Result<BuildOutcome> {
+        let plan = self
+            .topology
+            .build
+            .as_ref()
+            .ok_or_else(|| Error::NoBuild(self.topology.path.clone()))?;
+        self.state.create()?;
+        let _lock = self.state.lock()?;
+        let mut record = self.state.load()?;
+        if !force && self.build_current(&record)? {
+            return Ok(BuildOutcome::Skipped);
+        }
+        let hash = build::inputs_hash(plan, self.topology.dir())?;
+        let task = progress.task("build");
+        let on_line = |line: &str| task.set(line);
+        let log = self.state.build_log();
+        let outcome = match &plan.builder {
+            Builder::Host => build::run_on_host(plan, &self.topology, &log, &on_line).await,
+            Builder::Machine(name) => {
+                if !record.machines.contains_key(name) {
+                    return Err(Error::BuilderNotRunning(name.clone()));
+                }
+                let machines = self.machines()?;
+                let session = machines
+                    .session(name)
+                    .await
+                    .map_err(|_| Error::BuilderNotRunning(name.clone()))?;
+                let outcome =
+                    build::run_on_machine(plan, &self.topology, &session, &log, &on_line).await;
+                machines.close().await;
+                outcome
+            }
+        };
+        task.finish(&match &outcome {
+            Ok(done) => done.to_string(),
+            Err(_) => "failed".to_string(),
+        });
+        let outcome = outcome?;
+        record.build = Some(hash);
+        self.state.save(&record)?;
+        Ok(outcome)
+    }
+
+    /// `testbed run STEP`: the step's command on its machine (output passed
+    /// to `on_output` as it comes), then its checks when the command succeeded.
+    pub async fn run_step(
+        &self,
+        name: &str,
+        on_output: impl FnMut(ssh::Stream, &[u8]) + Send,
+    ) -> Result<StepReport> {
+        let step = self.step(name)?.clone();
+        let machines = self.machines()?;
+        let started = Instant::now();
+        let session = machines.session(&step.machine).await?;
+        let output = session
+            .exec_streaming(&step.run, on_output)
+            .await
+            .map_err(|source| Error::Ssh {
+                machine: step.machine.clone(),
+                source,
+            })?;
+        let seconds = started.elapsed().as_secs_f64();
+        let checks = if output.success() && !step.checks.is_empty() {
+            Some(check::run_all(&step.checks, &self.topology, machines.clone()).await)
+        } else {
+            None
+        };
+        machines.close().await;
+        Ok(StepReport {
+            step,
+            exit_status: output.exit_status,
+            seconds,
+            checks,
+        })
+    }
+
+    fn step(&self, name: &str) -> Result<&Step> {
+        let steps = &self.topology.steps;
+        steps
+            .iter()
+            .find(|step| step.name == name)
+            .ok_or_else(|| Error::UnknownStep {
+                name: name.to_string(),
+                known: if steps.is_empty() {
+                    format!(
+                        "\n  help: {} has no [[steps]]",
+                        self.topology.path.display()
+                    )
+                } else {
+                    let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+                    format!("\n  help: steps: {}", names.join(", "))
+                },
+            })
     }
 
     /// A session per machine for the checks of `verify`, from the record.
@@ -320,7 +503,7 @@ impl Testbed {
     pub async fn provision(&self, names: &[String], progress: &Progress) -> Result<Vec<Outcome>> {
         let _lock = self.state.lock()?;
         let selected = self.select(names)?;
-        let record = Arc::new(Mutex::new(self.state.load()?));
+        let secrets = Arc::new(self.secrets()?);
         let machines = self.machines()?;
         let readiness = Arc::new(Readiness::new(&self.topology));
         for machine in &self.topology.machines {
@@ -328,16 +511,19 @@ impl Testbed {
                 readiness.set(&machine.name, true);
             }
         }
-        let topology = Arc::new(self.topology.clone());
+        // `provision` pushes `dist/` as it is; `build` or `up` remake it.
+        readiness.set(BUILD_GATE, true);
+        let ctx = UpContext {
+            state: self.state.clone(),
+            record: Arc::new(Mutex::new(self.state.load()?)),
+            machines: machines.clone(),
+            readiness,
+            topology: Arc::new(self.topology.clone()),
+            secrets,
+        };
         let mut tasks = Vec::new();
         for machine in selected {
-            let ctx = UpContext {
-                state: self.state.clone(),
-                record: record.clone(),
-                machines: machines.clone(),
-                readiness: readiness.clone(),
-                topology: topology.clone(),
-            };
+            let ctx = ctx.clone();
             let task = progress.task(&machine.name);
             tasks.push(tokio::spawn(async move {
                 let result = provision_and_record(&machine, &ctx, &task).await;
@@ -385,10 +571,10 @@ impl Testbed {
         Ok(images)
     }
 
-    /// The machine's image recipe, with its kits' packages added.
+    /// The machine's image recipe, with its own and its kits' packages added.
     pub fn recipe_for(&self, machine: &Machine) -> Result<Recipe> {
         let recipe = Recipe::find(&machine.image, self.topology.dir())?;
-        let mut packages = Vec::new();
+        let mut packages = machine.packages.clone();
         for daemon in &machine.daemons {
             let kit = crate::kit::Kit::load(daemon, self.topology.dir())?;
             packages.extend(kit.manifest.packages.iter().cloned());
@@ -668,12 +854,14 @@ fn spec_hash(spec: &VmSpec) -> String {
     hex::encode(Sha256::digest(text))[..16].to_string()
 }
 
+#[derive(Clone)]
 struct UpContext {
     state: StateDir,
     record: Arc<Mutex<Record>>,
     machines: Arc<Machines>,
     readiness: Arc<Readiness>,
     topology: Arc<Topology>,
+    secrets: Arc<Secrets>,
 }
 
 impl UpContext {
@@ -703,6 +891,67 @@ impl UpContext {
     }
 }
 
+/// The builder must not wait for its own build.
+fn check_builder(topology: &Topology) -> Result<()> {
+    let Some(Builder::Machine(name)) = topology.build.as_ref().map(|b| &b.builder) else {
+        return Ok(());
+    };
+    match topology.machine(name) {
+        Some(machine) if provision::needs_artifacts(topology, machine)? => {
+            Err(Error::BuilderNeedsArtifacts {
+                builder: name.clone(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Starts the build step of `up` unless it is current: on the host at once,
+/// on a machine once that machine is up. Opens [`BUILD_GATE`] when done.
+fn spawn_build(
+    ctx: &UpContext,
+    current: bool,
+    progress: &Progress,
+) -> Option<tokio::task::JoinHandle<Result<BuildOutcome>>> {
+    let plan = ctx.topology.build.clone()?;
+    if current {
+        ctx.readiness.set(BUILD_GATE, true);
+        return None;
+    }
+    let task = progress.task("build");
+    let ctx = ctx.clone();
+    Some(tokio::spawn(async move {
+        let result = run_build(&plan, &ctx, &task).await;
+        ctx.readiness.set(BUILD_GATE, result.is_ok());
+        task.finish(&match &result {
+            Ok(outcome) => outcome.to_string(),
+            Err(e) => format!("failed: {}", first_line(&e.to_string())),
+        });
+        result
+    }))
+}
+
+async fn run_build(plan: &topology::Build, ctx: &UpContext, task: &Task) -> Result<BuildOutcome> {
+    let hash = build::inputs_hash(plan, ctx.topology.dir())?;
+    let log = ctx.state.build_log();
+    let on_line = |line: &str| task.set(line);
+    let outcome = match &plan.builder {
+        Builder::Host => build::run_on_host(plan, &ctx.topology, &log, &on_line).await?,
+        Builder::Machine(name) => {
+            task.set(&format!("waiting for {name}"));
+            if !ctx.readiness.wait(name).await {
+                return Err(Error::BuilderNotRunning(name.clone()));
+            }
+            let session = ctx.machines.session(name).await?;
+            build::run_on_machine(plan, &ctx.topology, &session, &log, &on_line).await?
+        }
+    };
+    let mut record = lock_record(&ctx.record);
+    record.build = Some(hash);
+    ctx.state.save(&record)?;
+    Ok(outcome)
+}
+
 fn lock_record(record: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
     record
         .lock()
@@ -730,17 +979,21 @@ async fn provision_and_record(
     ctx: &UpContext,
     task: &Task,
 ) -> Result<Vec<Outcome>> {
-    if machine.daemons.is_empty() {
+    if machine.daemons.is_empty() && machine.artifacts.is_empty() {
         return Ok(Vec::new());
     }
     let applied = lock_record(&ctx.record)
         .machines
         .get(&machine.name)
-        .map(|r| r.daemons.clone())
+        .map(|r| Applied {
+            daemons: r.daemons.clone(),
+            artifacts: r.artifacts.clone(),
+        })
         .unwrap_or_default();
     let on_step = |step: &str| task.set(step);
-    let done = provision::provision_machine(
+    let (outcomes, now) = provision::provision_machine(
         &ctx.topology,
+        &ctx.secrets,
         machine,
         &ctx.machines,
         &ctx.readiness,
@@ -748,12 +1001,11 @@ async fn provision_and_record(
         &on_step,
     )
     .await?;
-    let hashes: BTreeMap<String, String> = done
-        .iter()
-        .map(|(outcome, hash)| (outcome.daemon.clone(), hash.clone()))
-        .collect();
-    ctx.update(&machine.name, |saved| saved.daemons = hashes)?;
-    Ok(done.into_iter().map(|(outcome, _)| outcome).collect())
+    ctx.update(&machine.name, |saved| {
+        saved.daemons = now.daemons;
+        saved.artifacts = now.artifacts;
+    })?;
+    Ok(outcomes)
 }
 
 /// One machine's way through `up`: create, boot, reach SSH, apply identity.
@@ -779,6 +1031,7 @@ async fn bring_up(
                 desired: Desired::Running,
                 identity: None,
                 daemons: BTreeMap::new(),
+                artifacts: None,
             },
         )?;
         if plan.observed == VmState::Absent {
@@ -1158,6 +1411,7 @@ mod tests {
             desired,
             identity: None,
             daemons: BTreeMap::new(),
+            artifacts: None,
         }
     }
 

@@ -14,11 +14,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Mutex};
 
 use crate::check::{self, BoxedStream, CommandOutput, Transport};
-use crate::kit::{Kit, RenderedFile};
+use crate::kit::{Kit, RenderedFile, Secrets};
 use crate::lifecycle::console_tail;
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::StateDir;
-use crate::topology::{Machine, Topology};
+use crate::topology::{Machine, Topology, GUEST_ARTIFACT_ROOT};
 
 /// How long a machine's SSH may take to answer when provisioning.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,6 +38,12 @@ pub enum ProvisionError {
     },
     #[error("{machine}: not started because {dependency} failed")]
     DependencyFailed { machine: String, dependency: String },
+    #[error(
+        "{machine}: artifact {} is missing\n  help: the build step makes it: run `testbed build` \
+         (or `testbed up`), or check `outputs` in [build]",
+        path.display()
+    )]
+    MissingArtifact { machine: String, path: PathBuf },
     #[error("{machine}: `{command}` failed ({status}): {stderr}")]
     Command {
         machine: String,
@@ -257,18 +263,74 @@ pub struct Rendered {
     pub hash: String,
 }
 
-/// Renders every kit of `machine` (touching nothing).
-pub fn render_machine(topology: &Topology, machine: &Machine) -> Result<Vec<Rendered>> {
+/// Renders every kit of `machine` (touching nothing). Each hash covers the
+/// rendered files only; [`daemon_hash`] adds the kit's artifacts.
+pub fn render_machine(
+    topology: &Topology,
+    machine: &Machine,
+    secrets: &Secrets,
+) -> Result<Vec<Rendered>> {
     machine
         .daemons
         .iter()
         .map(|name| {
             let kit = Kit::load(name, topology.dir())?;
-            let files = kit.render(topology, machine)?;
+            let files = kit.render(topology, machine, secrets)?;
             let hash = files_hash(&kit, &files);
             Ok(Rendered { kit, files, hash })
         })
         .collect()
+}
+
+/// What decides whether a daemon must restart: its rendered files and the
+/// contents of its kit's artifacts in `dist/`.
+pub fn daemon_hash(topology: &Topology, machine: &str, rendered: &Rendered) -> Result<String> {
+    let artifacts = &rendered.kit.manifest.artifacts;
+    if artifacts.is_empty() {
+        return Ok(rendered.hash.clone());
+    }
+    Ok(format!(
+        "{}-{}",
+        rendered.hash,
+        artifacts_hash(topology, machine, artifacts)?
+    ))
+}
+
+/// A hash of the contents of `artifacts` (paths under `dist/`).
+pub fn artifacts_hash(topology: &Topology, machine: &str, artifacts: &[String]) -> Result<String> {
+    let mut hasher = Sha256::new();
+    for artifact in artifacts {
+        let path = topology.dir().join(artifact);
+        let bytes = std::fs::read(&path).map_err(|_| ProvisionError::MissingArtifact {
+            machine: machine.to_string(),
+            path: path.clone(),
+        })?;
+        hasher.update(artifact.as_bytes());
+        hasher.update(Sha256::digest(&bytes));
+    }
+    Ok(hex::encode(hasher.finalize())[..16].to_string())
+}
+
+/// Whether `machine` needs anything the build step makes.
+pub fn needs_artifacts(topology: &Topology, machine: &Machine) -> Result<bool> {
+    if !machine.artifacts.is_empty() {
+        return Ok(true);
+    }
+    for daemon in &machine.daemons {
+        if !Kit::load(daemon, topology.dir())?
+            .manifest
+            .artifacts
+            .is_empty()
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The guest path of artifact `dist/X`.
+pub fn guest_artifact_path(artifact: &str) -> String {
+    format!("{GUEST_ARTIFACT_ROOT}/{artifact}")
 }
 
 fn files_hash(kit: &Kit, files: &[RenderedFile]) -> String {
@@ -289,15 +351,21 @@ pub struct Readiness {
     senders: BTreeMap<String, watch::Sender<Option<bool>>>,
 }
 
+/// The readiness entry of the build step: set once its outputs are in
+/// `dist/` (or the build was current), false when it failed.
+pub const BUILD_GATE: &str = "the build";
+
 impl Readiness {
     pub fn new(topology: &Topology) -> Readiness {
-        Readiness {
-            senders: topology
-                .machines
-                .iter()
-                .map(|m| (m.name.clone(), watch::channel(None).0))
-                .collect(),
+        let mut senders: BTreeMap<String, watch::Sender<Option<bool>>> = topology
+            .machines
+            .iter()
+            .map(|m| (m.name.clone(), watch::channel(None).0))
+            .collect();
+        if topology.build.is_some() {
+            senders.insert(BUILD_GATE.to_string(), watch::channel(None).0);
         }
+        Readiness { senders }
     }
 
     pub fn set(&self, machine: &str, ready: bool) {
@@ -320,60 +388,62 @@ impl Readiness {
     }
 }
 
-/// Provisions one machine once its dependencies are ready: pushes the
-/// rendered files of each kit, (re)starts what changed or is not running,
-/// waits for readiness. `applied` holds the hashes recorded last time.
+/// What was last applied to a machine (from its record).
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// Daemon → [`daemon_hash`].
+    pub daemons: BTreeMap<String, String>,
+    /// Hash of the machine's own artifacts.
+    pub artifacts: Option<String>,
+}
+
+/// Provisions one machine once its dependencies (and the build, when it
+/// needs artifacts) are ready: pushes its artifacts and the rendered files
+/// of each kit, (re)starts what changed or is not running, waits for
+/// readiness. Returns what it did and what is now applied.
 pub async fn provision_machine(
     topology: &Topology,
+    secrets: &Secrets,
     machine: &Machine,
     machines: &Machines,
     readiness: &Readiness,
-    applied: &BTreeMap<String, String>,
+    applied: &Applied,
     on_step: &(dyn Fn(&str) + Send + Sync),
-) -> Result<Vec<(Outcome, String)>> {
-    for dependency in &machine.depends_on {
+) -> Result<(Vec<Outcome>, Applied)> {
+    let mut waits: Vec<&str> = machine.depends_on.iter().map(String::as_str).collect();
+    if needs_artifacts(topology, machine)? {
+        waits.push(BUILD_GATE);
+    }
+    for dependency in waits {
         on_step(&format!("waiting for {dependency}"));
         if !readiness.wait(dependency).await {
             return Err(ProvisionError::DependencyFailed {
                 machine: machine.name.clone(),
-                dependency: dependency.clone(),
+                dependency: dependency.to_string(),
             });
         }
     }
+    let mut now = Applied::default();
+    if !machine.artifacts.is_empty() {
+        let hash = artifacts_hash(topology, &machine.name, &machine.artifacts)?;
+        if applied.artifacts.as_ref() != Some(&hash) {
+            on_step("pushing artifacts");
+            push_artifacts(topology, machines, &machine.name, &machine.artifacts).await?;
+        }
+        now.artifacts = Some(hash);
+    }
     let mut outcomes = Vec::new();
-    for rendered in render_machine(topology, machine)? {
+    for rendered in render_machine(topology, machine, secrets)? {
         let daemon = rendered.kit.name.clone();
-        let changed = applied.get(&daemon) != Some(&rendered.hash);
+        let hash = daemon_hash(topology, &machine.name, &rendered)?;
+        let changed = applied.daemons.get(&daemon) != Some(&hash);
         if changed {
             on_step(&format!("pushing {daemon} files"));
+            let artifacts = &rendered.kit.manifest.artifacts;
+            push_artifacts(topology, machines, &machine.name, artifacts).await?;
             push_files(machines, &machine.name, &rendered).await?;
         }
-        let service = ssh::shell_quote(&rendered.kit.manifest.service);
-        let active = machines
-            .run(
-                &machine.name,
-                &format!("systemctl is-active --quiet {service}"),
-            )
-            .await?
-            .success();
-        let action = match (changed, active) {
-            (true, true) => Action::Restarted,
-            (_, false) => Action::Started,
-            (false, true) => Action::Unchanged,
-        };
-        match action {
-            Action::Restarted => {
-                on_step(&format!("restarting {daemon}"));
-                let command = format!("systemctl restart {service}");
-                machines.run_ok(&machine.name, &command).await?;
-            }
-            Action::Started => {
-                on_step(&format!("starting {daemon}"));
-                let command = format!("systemctl start {service}");
-                machines.run_ok(&machine.name, &command).await?;
-            }
-            Action::Unchanged => {}
-        }
+        let action = start_or_restart(machines, &machine.name, &rendered, changed, on_step).await?;
         if let Some(check) = rendered.kit.readiness_check(&machine.name) {
             on_step(&format!("waiting for {daemon} to be ready"));
             let result = check::run_one(&check, topology, machines).await;
@@ -386,16 +456,87 @@ pub async fn provision_machine(
                 });
             }
         }
-        outcomes.push((
-            Outcome {
-                machine: machine.name.clone(),
-                daemon,
-                action,
-            },
-            rendered.hash,
-        ));
+        now.daemons.insert(daemon.clone(), hash);
+        outcomes.push(Outcome {
+            machine: machine.name.clone(),
+            daemon,
+            action,
+        });
     }
-    Ok(outcomes)
+    Ok((outcomes, now))
+}
+
+/// Restarts a running daemon whose files changed, starts one that is not
+/// running, leaves the rest alone.
+async fn start_or_restart(
+    machines: &Machines,
+    machine: &str,
+    rendered: &Rendered,
+    changed: bool,
+    on_step: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Action> {
+    let daemon = &rendered.kit.name;
+    let service = ssh::shell_quote(&rendered.kit.manifest.service);
+    let active = machines
+        .run(machine, &format!("systemctl is-active --quiet {service}"))
+        .await?
+        .success();
+    let action = match (changed, active) {
+        (true, true) => Action::Restarted,
+        (_, false) => Action::Started,
+        (false, true) => Action::Unchanged,
+    };
+    let verb = match action {
+        Action::Restarted => "restart",
+        Action::Started => "start",
+        Action::Unchanged => return Ok(action),
+    };
+    on_step(&format!("{verb}ing {daemon}"));
+    machines
+        .run_ok(machine, &format!("systemctl {verb} {service}"))
+        .await?;
+    Ok(action)
+}
+
+/// Copies `artifacts` (paths under `dist/` beside the topology) to the
+/// same paths below `/srv/testbed/` on the guest, keeping their modes.
+async fn push_artifacts(
+    topology: &Topology,
+    machines: &Machines,
+    machine: &str,
+    artifacts: &[String],
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if artifacts.is_empty() {
+        return Ok(());
+    }
+    let session = machines.session(machine).await?;
+    for artifact in artifacts {
+        let path = topology.dir().join(artifact);
+        let missing = || ProvisionError::MissingArtifact {
+            machine: machine.to_string(),
+            path: path.clone(),
+        };
+        let bytes = std::fs::read(&path).map_err(|_| missing())?;
+        let mode = std::fs::metadata(&path)
+            .map_err(|_| missing())?
+            .permissions()
+            .mode()
+            & 0o777;
+        let dest = guest_artifact_path(artifact);
+        let parent = ssh::shell_quote(&parent_dir(&dest));
+        machines
+            .run_ok(machine, &format!("mkdir -p {parent}"))
+            .await?;
+        session
+            .upload(&bytes, &dest, mode)
+            .await
+            .map_err(|source| ProvisionError::Ssh {
+                machine: machine.to_string(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Writes a kit's files on the guest (atomically, with mode and owner) and
@@ -454,6 +595,8 @@ mod tests {
             networks: BTreeMap::new(),
             machines: vec![],
             checks: vec![],
+            build: None,
+            steps: vec![],
         };
         let mut readiness = Readiness::new(&topology);
         readiness

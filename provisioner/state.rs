@@ -63,6 +63,9 @@ pub struct MachineRecord {
     /// Each daemon's rendered files (hash) last pushed and started.
     #[serde(default)]
     pub daemons: BTreeMap<String, String>,
+    /// Hash of the machine's own `artifacts` last pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -73,6 +76,9 @@ pub struct Record {
     /// The networks that are up, and which provider serves each.
     #[serde(default)]
     pub networks: BTreeMap<String, ProviderKind>,
+    /// The inputs hash of the last build that succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
 }
 
 /// The `.testbed/` directory of one testbed.
@@ -137,6 +143,44 @@ impl StateDir {
         self.root.join("known_hosts")
     }
 
+    /// The whole output of the last build.
+    pub fn build_log(&self) -> PathBuf {
+        self.root.join("build.log")
+    }
+
+    fn secrets_path(&self) -> PathBuf {
+        self.root.join("secrets.json")
+    }
+
+    /// The testbed's secrets named in `names`, generating (and keeping, in
+    /// a file only the owner can read) those it does not have yet.
+    pub fn secrets(&self, names: &[String]) -> Result<BTreeMap<String, String>, StateError> {
+        let path = self.secrets_path();
+        let mut secrets: BTreeMap<String, String> = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: path.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let missing: Vec<&String> = names.iter().filter(|n| !secrets.contains_key(*n)).collect();
+        if !missing.is_empty() {
+            for name in missing {
+                secrets.insert(name.clone(), random_hex(&path)?);
+            }
+            let json =
+                serde_json::to_vec_pretty(&secrets).map_err(|source| StateError::Corrupt {
+                    path: path.clone(),
+                    source,
+                })?;
+            self.create()?;
+            write_atomic(&path, &json, 0o600)?;
+        }
+        secrets.retain(|name, _| names.contains(name));
+        Ok(secrets)
+    }
+
     pub fn load(&self) -> Result<Record, StateError> {
         let path = self.record_path();
         match fs::read(&path) {
@@ -177,6 +221,13 @@ impl StateDir {
             _ => Ok(()),
         }
     }
+}
+
+/// 32 random bytes from the OS, as 64 hex characters.
+fn random_hex(path: &Path) -> Result<String, StateError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| io_err(path)(std::io::Error::other(e.to_string())))?;
+    Ok(hex::encode(bytes))
 }
 
 /// Held while a command changes the testbed; released on drop.
@@ -230,6 +281,7 @@ mod tests {
                 desired: Desired::Running,
                 identity: None,
                 daemons: BTreeMap::new(),
+                artifacts: None,
             },
         );
         state.save(&record).expect("save");
@@ -243,6 +295,26 @@ mod tests {
         state.create().expect("create");
         fs::write(state.record_path(), b"{not json").expect("write");
         assert!(matches!(state.load(), Err(StateError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn secrets_are_generated_once_and_kept_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::beside(dir.path());
+        let names = vec!["munge_key".to_string()];
+        let first = state.secrets(&names).expect("secrets");
+        assert_eq!(first["munge_key"].len(), 64);
+        let both = state
+            .secrets(&["jwt_key".to_string(), "munge_key".to_string()])
+            .expect("secrets");
+        assert_eq!(both["munge_key"], first["munge_key"], "kept across calls");
+        assert_ne!(both["jwt_key"], both["munge_key"]);
+        let mode = fs::metadata(state.secrets_path())
+            .expect("file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

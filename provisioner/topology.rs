@@ -50,6 +50,43 @@ pub struct Topology {
     pub machines: Vec<Machine>,
     /// `[[checks]]`, in file order.
     pub checks: Vec<crate::check::CheckSpec>,
+    /// `[build]`: the step that makes the artifacts in `dist/`.
+    pub build: Option<Build>,
+    /// `[[steps]]`, in file order: commands run on demand (`testbed run`).
+    pub steps: Vec<Step>,
+}
+
+/// `[build]`: a script run on a builder (a machine, or the host) whose
+/// inputs are hashed and whose outputs are collected into `dist/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    pub builder: Builder,
+    /// A shell script (`sh -eu`), run in the build directory.
+    pub run: String,
+    /// Paths relative to the topology's directory, files or directories;
+    /// they may start with `../`.
+    pub inputs: Vec<String>,
+    /// Paths relative to the build directory, each under `dist/`.
+    pub outputs: Vec<String>,
+}
+
+/// Where `[build]` runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Builder {
+    /// On this machine, in the topology's directory.
+    Host,
+    /// On the named machine of the topology.
+    Machine(String),
+}
+
+/// `[[steps]]`: a named command run on a machine, then checks that must
+/// pass after it (the tutorial's `aurora create`, `aurora kill`).
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: String,
+    pub machine: String,
+    pub run: String,
+    pub checks: Vec<crate::check::CheckSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +112,10 @@ pub struct Machine {
     pub vars: BTreeMap<String, serde_json::Value>,
     /// Machines whose daemons must be ready before this one's start.
     pub depends_on: Vec<String>,
+    /// Debian packages baked into this machine's image besides its kits'.
+    pub packages: Vec<String>,
+    /// Files under `dist/` pushed to `/srv/testbed/dist/` on this machine.
+    pub artifacts: Vec<String>,
 }
 
 /// A guest TCP port reachable on the host at 127.0.0.1:`host`.
@@ -181,6 +222,32 @@ fn find_cycle(machines: &[Machine]) -> Option<Vec<&str>> {
         .collect()
 }
 
+/// Why `path` cannot be an artifact: it must name a file under `dist/`.
+pub fn check_dist_path(path: &str) -> std::result::Result<(), String> {
+    let Some(rest) = path.strip_prefix("dist/") else {
+        return Err(format!("must start with `{DIST}/`"));
+    };
+    let clean = !rest.is_empty()
+        && !rest.ends_with('/')
+        && rest
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    if clean {
+        Ok(())
+    } else {
+        Err("must name a file below `dist/`, without `.`, `..` or empty parts".to_owned())
+    }
+}
+
+/// Step names are typed on the command line: letters, digits, `-`, `_`.
+fn is_step_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 fn name_index(machines: &[Machine]) -> HashMap<&str, usize> {
     machines
         .iter()
@@ -222,7 +289,11 @@ pub const PRIVATE_RANGES: [Ipv4Net; 3] = [
 /// a private network overlapping it would make guest routing ambiguous.
 pub const QEMU_USER_NET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 2, 0), 24);
 
-const TOP_KEYS: &[&str] = &["name", "defaults", "networks", "machines", "checks"];
+const TOP_KEYS: &[&str] = &[
+    "name", "defaults", "networks", "machines", "checks", "build", "steps",
+];
+const BUILD_KEYS: &[&str] = &["machine", "run", "inputs", "outputs"];
+const STEP_KEYS: &[&str] = &["name", "machine", "run", "checks"];
 const DEFAULTS_KEYS: &[&str] = &["provider", "image", "cpus", "memory"];
 const NETWORK_KEYS: &[&str] = &["subnet"];
 const MACHINE_KEYS: &[&str] = &[
@@ -236,6 +307,8 @@ const MACHINE_KEYS: &[&str] = &[
     "daemons",
     "vars",
     "depends_on",
+    "packages",
+    "artifacts",
 ];
 const FORWARD_KEYS: &[&str] = &["guest", "host"];
 const CHECK_KEYS: &[&str] = &[
@@ -271,6 +344,19 @@ const CHECK_HELP: &str = "a check is a `[[checks]]` table with `name`, `machine`
 const CHECKS_EXAMPLE: &str = "[{ name = \"zk\", machine = \"zk-1\", tcp = { port = 2181 } }]";
 const DAEMONS_EXAMPLE: &str = "[\"zookeeper\"]";
 const DEPENDS_EXAMPLE: &str = "[\"zk-1\"]";
+const PACKAGES_EXAMPLE: &str = "[\"gcc\", \"libc6-dev\"]";
+const ARTIFACTS_EXAMPLE: &str = "[\"dist/hello_world\"]";
+const BUILD_HELP: &str = "[build] takes `machine` (a machine of the topology, or \"host\"), \
+                          `run` (a shell script), `inputs` (paths beside the topology whose \
+                          contents are hashed) and `outputs` (paths under `dist/`)";
+const STEP_HELP: &str = "a step is a `[[steps]]` table with `name`, `machine`, `run` (a shell \
+                         command) and optionally `checks`, an array of checks that must pass \
+                         after it";
+/// Where artifacts live beside the topology, and on the guests under
+/// [`GUEST_ARTIFACT_ROOT`].
+pub const DIST: &str = "dist";
+/// Artifacts `dist/X` are pushed to `<GUEST_ARTIFACT_ROOT>/dist/X`.
+pub const GUEST_ARTIFACT_ROOT: &str = "/srv/testbed";
 
 // ---------------------------------------------------------------------------
 // Errors
@@ -646,6 +732,14 @@ impl Checker<'_> {
             Some(value) => self.checks(value, &machines)?,
             None => Vec::new(),
         };
+        let build = match root.get("build") {
+            Some(value) => Some(self.build(value, &machines, path.parent())?),
+            None => None,
+        };
+        let steps = match root.get("steps") {
+            Some(value) => self.steps(value, &machines)?,
+            None => Vec::new(),
+        };
         Ok(Topology {
             name,
             path,
@@ -655,6 +749,8 @@ impl Checker<'_> {
                 .collect(),
             machines,
             checks,
+            build,
+            steps,
         })
     }
 
@@ -1096,6 +1192,14 @@ impl Checker<'_> {
             Some(value) => self.string_list(value, "depends_on", DEPENDS_EXAMPLE)?,
             None => Vec::new(),
         };
+        let packages = match table.get("packages") {
+            Some(value) => self.packages(name, value)?,
+            None => Vec::new(),
+        };
+        let artifacts = match table.get("artifacts") {
+            Some(value) => self.artifacts(name, value)?,
+            None => Vec::new(),
+        };
         Ok(Machine {
             name: name.to_owned(),
             provider: own
@@ -1116,6 +1220,51 @@ impl Checker<'_> {
                 .into_iter()
                 .map(|(machine, _)| machine.to_owned())
                 .collect(),
+            packages,
+            artifacts,
+        })
+    }
+
+    /// `packages`: Debian package names, each once.
+    fn packages(&self, machine: &str, value: &Value<'_>) -> Result<Vec<String>> {
+        let list = format!("`packages` of machine `{machine}`");
+        let mut packages: Vec<&str> = Vec::new();
+        for (package, span) in self.string_list(value, "packages", PACKAGES_EXAMPLE)? {
+            if !crate::image::is_package_name(package) {
+                return Err(self
+                    .source
+                    .error(span, format!("`{package}` is not a Debian package name"))
+                    .with_help(
+                        "Debian package names are lowercase letters, digits and `+-.`, e.g. \
+                         `build-essential`",
+                    ));
+            }
+            self.listed_once(package, span, &packages, &list, "package")?;
+            packages.push(package);
+        }
+        Ok(packages.into_iter().map(str::to_owned).collect())
+    }
+
+    /// `artifacts`: paths under `dist/`, each once.
+    fn artifacts(&self, machine: &str, value: &Value<'_>) -> Result<Vec<String>> {
+        let list = format!("`artifacts` of machine `{machine}`");
+        let mut artifacts: Vec<&str> = Vec::new();
+        for (path, span) in self.string_list(value, "artifacts", ARTIFACTS_EXAMPLE)? {
+            self.dist_path(path, span.clone(), "artifact")?;
+            self.listed_once(path, span, &artifacts, &list, "artifact")?;
+            artifacts.push(path);
+        }
+        Ok(artifacts.into_iter().map(str::to_owned).collect())
+    }
+
+    fn dist_path(&self, path: &str, span: Span, what: &str) -> Result<()> {
+        check_dist_path(path).map_err(|message| {
+            self.source
+                .error(span, format!("{what} `{path}`: {message}"))
+                .with_help(format!(
+                    "artifacts are files the build step leaves under `{DIST}/`, e.g. \
+                     `{DIST}/hello_world`"
+                ))
         })
     }
 
@@ -1598,6 +1747,196 @@ impl Checker<'_> {
 impl Checker<'_> {
     // -- checks --------------------------------------------------------------
 
+    // -- build and steps ------------------------------------------------------
+
+    /// `[build]`.
+    fn build(&self, value: &Value<'_>, machines: &[Machine], dir: Option<&Path>) -> Result<Build> {
+        let table = self.table(value, "build", "{ machine = \"devtools\", run = \"make\" }")?;
+        self.check_keys(table, BUILD_KEYS, "in [build]")?;
+        let machine = self.required_string(
+            table,
+            value,
+            "machine",
+            "[build]",
+            "\"devtools\"",
+            BUILD_HELP,
+        )?;
+        let builder = if machine.0 == "host" {
+            if machines.iter().any(|m| m.name == "host") {
+                return Err(self
+                    .source
+                    .error(
+                        machine.1,
+                        "`host` is both a machine and the word for this computer",
+                    )
+                    .with_help("rename the machine `host`, or build elsewhere"));
+            }
+            Builder::Host
+        } else {
+            self.known_machine(machine.0, machine.1, "in `machine` of [build]", machines)?;
+            Builder::Machine(machine.0.to_owned())
+        };
+        let run =
+            self.required_string(table, value, "run", "[build]", "\"make dist\"", BUILD_HELP)?;
+        self.not_blank(run.clone(), "run", "[build]")?;
+        let inputs = match table.get("inputs") {
+            Some(value) => self.inputs(value, dir)?,
+            None => Vec::new(),
+        };
+        let outputs = match table.get("outputs") {
+            Some(value) => {
+                let mut outputs = Vec::new();
+                for (path, span) in self.string_list(value, "outputs", ARTIFACTS_EXAMPLE)? {
+                    self.dist_path(path, span, "output")?;
+                    outputs.push(path.to_owned());
+                }
+                outputs
+            }
+            None => Vec::new(),
+        };
+        if outputs.is_empty() {
+            return Err(self
+                .source
+                .error(
+                    value.span(),
+                    "[build] has no `outputs`: nothing would reach `dist/`",
+                )
+                .with_help(format!("add `outputs = {ARTIFACTS_EXAMPLE}`; {BUILD_HELP}")));
+        }
+        Ok(Build {
+            builder,
+            run: run.0.to_owned(),
+            inputs,
+            outputs,
+        })
+    }
+
+    /// `inputs`: paths relative to the topology file that exist. They may
+    /// climb out of its directory (`../examples/jobs`): a builder machine
+    /// gets them without the leading `../`.
+    fn inputs(&self, value: &Value<'_>, dir: Option<&Path>) -> Result<Vec<String>> {
+        let mut inputs = Vec::new();
+        for (path, span) in self.string_list(value, "inputs", "[\"src\", \"Makefile\"]")? {
+            if crate::build::build_path(path).is_none() {
+                return Err(self
+                    .source
+                    .error(span, format!("input `{path}` must be a relative path below the topology's directory or its ancestors"))
+                    .with_help("write inputs relative to the topology file, e.g. `../examples/jobs/hello_world.c`; `..` only at the start"));
+            }
+            if let Some(dir) = dir {
+                if !dir.join(path).exists() {
+                    return Err(self
+                        .source
+                        .error(span.clone(), format!("input `{path}` does not exist"))
+                        .with_help(format!("inputs are read relative to {}", dir.display())));
+                }
+            }
+            inputs.push(path.to_owned());
+        }
+        Ok(inputs)
+    }
+
+    /// A required string key of `table` (the value and its span).
+    fn required_string<'t>(
+        &self,
+        table: &'t DeTable<'_>,
+        item: &Value<'_>,
+        key: &str,
+        label: &str,
+        example: &str,
+        help: &str,
+    ) -> Result<(&'t str, Span)> {
+        let Some(value) = table.get(key) else {
+            return Err(self
+                .source
+                .error(item.span(), format!("{label} has no `{key}`"))
+                .with_help(format!("add `{key} = {example}`; {help}")));
+        };
+        Ok((self.string(value, key, example)?, value.span()))
+    }
+
+    fn not_blank(&self, value: (&str, Span), key: &str, label: &str) -> Result<()> {
+        if value.0.trim().is_empty() {
+            return Err(self
+                .source
+                .error(value.1, format!("`{key}` of {label} is empty"))
+                .with_help("give the shell command to run"));
+        }
+        Ok(())
+    }
+
+    /// `[[steps]]`, in file order, with unique names.
+    fn steps(&self, value: &Value<'_>, machines: &[Machine]) -> Result<Vec<Step>> {
+        const EXAMPLE: &str = "[{ name = \"submit\", machine = \"ctl\", run = \"sbatch job.sh\" }]";
+        let DeValue::Array(items) = value.get_ref() else {
+            return Err(self.type_error(value, "steps", "an array of tables", EXAMPLE));
+        };
+        let mut steps: Vec<Step> = Vec::new();
+        for item in items {
+            let step = self.step(item, machines)?;
+            if steps.iter().any(|earlier| earlier.name == step.name) {
+                return Err(self
+                    .source
+                    .error(
+                        item.span(),
+                        format!("step name `{}` is used twice", step.name),
+                    )
+                    .with_help("give each step its own name: `testbed run NAME` picks one"));
+            }
+            steps.push(step);
+        }
+        Ok(steps)
+    }
+
+    fn step(&self, item: &Value<'_>, machines: &[Machine]) -> Result<Step> {
+        let Some(table) = item.get_ref().as_table() else {
+            return Err(self
+                .source
+                .error(
+                    item.span(),
+                    format!("each `steps` entry must be a table, not {}", a_type(item)),
+                )
+                .with_help(STEP_HELP));
+        };
+        let label = match table.get("name").and_then(|v| v.get_ref().as_str()) {
+            Some(name) => format!("step `{name}`"),
+            None => "a step".to_owned(),
+        };
+        self.check_keys(table, STEP_KEYS, &format!("in {label}"))?;
+        let name =
+            self.required_string(table, item, "name", &label, "\"submit-hello\"", STEP_HELP)?;
+        if !is_step_name(name.0) {
+            return Err(self
+                .source
+                .error(name.1, format!("invalid step name `{}`", name.0))
+                .with_help(
+                    "step names are typed on the command line (`testbed run NAME`): \
+                            letters, digits, `-` and `_`",
+                ));
+        }
+        let machine =
+            self.required_string(table, item, "machine", &label, "\"zk-1\"", STEP_HELP)?;
+        self.known_machine(
+            machine.0,
+            machine.1,
+            &format!("in `machine` of {label}"),
+            machines,
+        )?;
+        let run =
+            self.required_string(table, item, "run", &label, "\"sbatch job.sh\"", STEP_HELP)?;
+        self.not_blank(run.clone(), "run", &label)?;
+        let checks = match table.get("checks") {
+            Some(value) => self.checks(value, machines)?,
+            None => Vec::new(),
+        };
+        Ok(Step {
+            name: name.0.to_owned(),
+            machine: machine.0.to_owned(),
+            run: run.0.to_owned(),
+            checks,
+        })
+    }
+
     /// `[[checks]]`, in file order.
     fn checks(&self, value: &Value<'_>, machines: &[Machine]) -> Result<Vec<CheckSpec>> {
         let DeValue::Array(items) = value.get_ref() else {
@@ -1813,7 +2152,7 @@ fn networks_of(machine: &Machine) -> String {
 }
 
 /// Whether `name` is a template identifier: `[A-Za-z_][A-Za-z0-9_]*`.
-fn is_identifier(name: &str) -> bool {
+pub fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
     chars
         .next()

@@ -210,6 +210,8 @@ fn machine(name: &str, ips: &[(&str, Ipv4Addr)]) -> Machine {
         daemons: vec!["zookeeper".into()],
         vars: BTreeMap::new(),
         depends_on: Vec::new(),
+        packages: vec![],
+        artifacts: vec![],
     }
 }
 
@@ -230,6 +232,8 @@ fn topology(machines: Vec<Machine>) -> Topology {
         networks,
         machines,
         checks: Vec::new(),
+        build: None,
+        steps: vec![],
     }
 }
 

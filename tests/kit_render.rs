@@ -29,6 +29,8 @@ fn machine(name: &str, ip: Option<[u8; 4]>, daemons: &[&str]) -> Machine {
         daemons: daemons.iter().map(|d| d.to_string()).collect(),
         vars: BTreeMap::new(),
         depends_on: Vec::new(),
+        packages: vec![],
+        artifacts: vec![],
     }
 }
 
@@ -43,6 +45,8 @@ fn topology(dir: &Path, machines: Vec<Machine>) -> Topology {
         networks: BTreeMap::from([("lan".to_owned(), lan)]),
         machines,
         checks: Vec::new(),
+        build: None,
+        steps: vec![],
     }
 }
 
@@ -63,7 +67,7 @@ fn zookeepers(n: u8) -> Topology {
 fn render_zookeeper(topology: &Topology, name: &str) -> Vec<RenderedFile> {
     let kit = Kit::load("zookeeper", repo()).expect("zookeeper kit loads");
     let machine = topology.machine(name).expect("machine");
-    kit.render(topology, machine)
+    kit.render(topology, machine, &Default::default())
         .expect("zookeeper kit renders")
 }
 
@@ -107,7 +111,7 @@ fn render_simple(template: &str, machines: Vec<Machine>) -> Result<Vec<RenderedF
     ]);
     let topology = topology(dir.path(), machines);
     let kit = Kit::load("simple", dir.path())?;
-    kit.render(&topology, &topology.machines[0])
+    kit.render(&topology, &topology.machines[0], &Default::default())
 }
 
 #[test]
@@ -171,7 +175,7 @@ fn zookeeper_ensemble_member_without_an_ip_is_an_error() {
     topology.machines[1].ips.clear();
     let kit = Kit::load("zookeeper", repo()).expect("kit");
     let error = kit
-        .render(&topology, &topology.machines[0])
+        .render(&topology, &topology.machines[0], &Default::default())
         .expect_err("no IP for zk2");
     let message = error.to_string();
     assert!(message.contains("zoo.cfg.tera"), "{message}");
@@ -313,7 +317,7 @@ fn unit_template_renders_to_the_systemd_directory() {
     let topology = topology(dir.path(), vec![machine("a", None, &["unit"])]);
     let kit = Kit::load("unit", dir.path()).expect("kit");
     let files = kit
-        .render(&topology, &topology.machines[0])
+        .render(&topology, &topology.machines[0], &Default::default())
         .expect("renders");
     assert_eq!(files.len(), 1);
     assert_eq!(files[0].dest, "/etc/systemd/system/hello.service");

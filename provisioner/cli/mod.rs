@@ -1,11 +1,13 @@
 //! The `testbed` command line: each verb a thin file over the library.
 
+mod build;
 mod destroy;
 mod doctor;
 mod halt;
 mod image;
 mod plan;
 mod provision;
+mod run;
 mod ssh;
 mod status;
 mod up;
@@ -24,7 +26,7 @@ use clap::{Parser, Subcommand};
     long_about = "testbed builds images, boots VMs (qemu by default: no daemon, no root), \
                   injects each machine's identity and gives you SSH to every machine.",
     after_help = "Examples:\n  testbed up topologies/quickstart.toml\n  testbed status\n  \
-                  testbed verify\n  testbed ssh zk-1 -- hostname\n  testbed halt\n  testbed destroy -f"
+                  testbed verify\n  testbed run submit-hello\n  testbed ssh zk-1 -- hostname\n  testbed halt\n  testbed destroy -f"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -35,7 +37,9 @@ pub struct Cli {
 enum Command {
     Up(up::Args),
     Plan(plan::Args),
+    Build(build::Args),
     Verify(verify::Args),
+    Run(run::Args),
     Provision(provision::Args),
     Status(status::Args),
     Ssh(ssh::Args),
@@ -104,7 +108,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Plan(args) => plan::run(args),
+        Command::Build(args) => build::run(args).await,
         Command::Verify(args) => verify::run(args).await,
+        Command::Run(args) => run::run(args).await,
         Command::Provision(args) => provision::run(args).await,
         Command::Status(args) => status::run(args),
         Command::Ssh(args) => ssh::run(args),

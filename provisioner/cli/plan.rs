@@ -1,14 +1,19 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::check::CheckSpec;
 use crate::image::Cache;
+use crate::kit::{self, Secrets};
 use crate::lifecycle::Testbed;
 use crate::provision;
-use crate::topology::{Machine, Topology};
+use crate::topology::{Builder, Machine, Topology};
 
 /// Validate a topology and show what `up` would do, touching nothing
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  testbed plan topologies/quickstart.toml")]
+#[command(
+    after_help = "Examples:\n  testbed plan topologies/quickstart.toml\n  \
+                        testbed plan topologies/aurora-mesos.toml | less   # every rendered file"
+)]
 pub struct Args {
     /// The topology file
     topology: Option<PathBuf>,
@@ -24,6 +29,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     for (name, network) in &topology.networks {
         println!("  network {name}: {} (private L2 segment)", network.subnet);
     }
+    // Plan generates nothing: secrets show as `<secret NAME>`.
+    let secrets = kit::placeholder_secrets(&kit::secret_names(topology)?);
+    print_build(topology);
     let cache = Cache::default();
     let states = if testbed.state.exists() {
         testbed.status()?
@@ -69,16 +77,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         if !machine.depends_on.is_empty() {
             println!("    starts after: {}", machine.depends_on.join(", "));
         }
-        print_rendered(topology, machine)?;
+        if !machine.packages.is_empty() {
+            println!("    packages: {}", machine.packages.join(" "));
+        }
+        print_artifacts(&machine.artifacts, "    ");
+        print_rendered(topology, machine, &secrets)?;
     }
     print_start_order(topology);
-    print_checks(topology);
+    print_checks(&topology.checks, "  ");
+    print_steps(topology);
     Ok(ExitCode::SUCCESS)
 }
 
 /// Every file the machine's kits render, in full: what `up` would push.
-fn print_rendered(topology: &Topology, machine: &Machine) -> anyhow::Result<()> {
-    for rendered in provision::render_machine(topology, machine)? {
+fn print_rendered(topology: &Topology, machine: &Machine, secrets: &Secrets) -> anyhow::Result<()> {
+    for rendered in provision::render_machine(topology, machine, secrets)? {
         let kit = &rendered.kit;
         println!(
             "    daemon {} ({}): service {}, packages {}",
@@ -87,6 +100,7 @@ fn print_rendered(topology: &Topology, machine: &Machine) -> anyhow::Result<()> 
             kit.manifest.service,
             kit.manifest.packages.join(" ")
         );
+        print_artifacts(&kit.manifest.artifacts, "      ");
         for file in &rendered.files {
             println!(
                 "      file {} (mode {:o}, owner {}):",
@@ -111,8 +125,56 @@ fn print_start_order(topology: &Topology) {
     }
 }
 
-fn print_checks(topology: &Topology) {
-    for check in &topology.checks {
+/// `[build]`: where it runs, what it reads and what it leaves in `dist/`.
+fn print_build(topology: &Topology) {
+    let Some(build) = &topology.build else {
+        return;
+    };
+    let builder = match &build.builder {
+        Builder::Host => "the host, in the topology's directory".to_string(),
+        Builder::Machine(name) => format!("machine {name}, in {}", crate::build::BUILD_DIR),
+    };
+    println!("  build on {builder} (before any daemon that needs its artifacts):");
+    println!("    inputs: {}", list_or_dash(&build.inputs));
+    println!("    outputs: {}", list_or_dash(&build.outputs));
+    for line in build.run.lines() {
+        println!("    $ {line}");
+    }
+}
+
+fn print_artifacts(artifacts: &[String], indent: &str) {
+    for artifact in artifacts {
+        println!(
+            "{indent}artifact {artifact} -> {}",
+            provision::guest_artifact_path(artifact)
+        );
+    }
+}
+
+/// `[[steps]]`: what `testbed run NAME` does.
+fn print_steps(topology: &Topology) {
+    for step in &topology.steps {
+        println!(
+            "  step \"{}\" on {} (testbed run {}):",
+            step.name, step.machine, step.name
+        );
+        for line in step.run.lines() {
+            println!("    $ {line}");
+        }
+        print_checks(&step.checks, "    then ");
+    }
+}
+
+fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(" ")
+    }
+}
+
+fn print_checks(checks: &[CheckSpec], prefix: &str) {
+    for check in checks {
         let from = check
             .from
             .as_deref()
@@ -131,7 +193,7 @@ fn print_checks(topology: &Topology) {
             "-".into()
         };
         println!(
-            "  check \"{}\" on {}{from}: {probe}",
+            "{prefix}check \"{}\" on {}{from}: {probe}",
             check.name, check.machine
         );
     }

@@ -23,6 +23,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let progress = Progress::new();
     let report = testbed.up(&progress).await?;
     let name = &testbed.topology.name;
+    if let Some(build) = &report.build {
+        println!("{build}");
+    }
     if report.changed.is_empty() {
         println!(
             "testbed {name} is up to date: {} machine(s) running, nothing to do",

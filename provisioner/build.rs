@@ -1,0 +1,547 @@
+//! The build step (`[build]`, the tutorial's devtools machine): a script
+//! run on a builder — a machine of the topology, or the host — whose inputs
+//! are hashed so that an unchanged build is skipped, and whose outputs are
+//! collected into `dist/` beside the topology, from where kits and machines
+//! push them as artifacts.
+//!
+//! On a machine, the inputs are copied (a tar over SSH) into [`BUILD_DIR`],
+//! keeping their paths relative to the topology without any leading `../`
+//! (`../examples/jobs/hello.c` arrives as `examples/jobs/hello.c`); the
+//! script runs there with
+//! `sh -eu` after `dist/` is emptied, so a stale output never passes for a
+//! new one; then the outputs come back as a tar. On the host the script runs
+//! in the topology's directory itself.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::ssh::{self, Session, SshError, Stream};
+use crate::topology::{Build, Builder, Topology, DIST};
+
+/// Where a machine builder works; inputs keep their relative paths below it.
+pub const BUILD_DIR: &str = "/srv/testbed/build";
+/// Lines of output shown when a build fails (the whole log is kept).
+const TAIL_LINES: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("build input {}: {error}", path.display())]
+    Input {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("build on {builder}: {source}")]
+    Ssh { builder: String, source: SshError },
+    #[error(
+        "build on {builder} failed ({status}); the last lines of its output:\n{tail}\n  \
+         help: the whole output is in {}; run it again with `testbed build`",
+        log.display()
+    )]
+    Failed {
+        builder: String,
+        status: String,
+        tail: String,
+        log: PathBuf,
+    },
+    #[error(
+        "build on {builder} succeeded but did not produce {missing}\n  help: the script must \
+         leave every path of `outputs` in its working directory"
+    )]
+    MissingOutput { builder: String, missing: String },
+    #[error("writing {}: {error}", path.display())]
+    Output {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, BuildError>;
+
+/// What a build run did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum BuildOutcome {
+    /// Inputs, script and outputs were as recorded: nothing ran.
+    Skipped,
+    Built {
+        outputs: Vec<String>,
+        seconds: f64,
+    },
+}
+
+impl std::fmt::Display for BuildOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildOutcome::Skipped => write!(f, "build: inputs unchanged, skipped"),
+            BuildOutcome::Built { outputs, seconds } => {
+                write!(f, "build: built {} in {seconds:.1} s", outputs.join(", "))
+            }
+        }
+    }
+}
+
+/// The builder's name in messages.
+pub fn builder_name(build: &Build) -> &str {
+    match &build.builder {
+        Builder::Host => "host",
+        Builder::Machine(name) => name,
+    }
+}
+
+/// A hash of everything that decides the build's result: the builder, the
+/// script, the declared outputs and every input file (path, mode, bytes).
+pub fn inputs_hash(build: &Build, topology_dir: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    for part in [builder_name(build), build.run.as_str()] {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    for output in &build.outputs {
+        hasher.update(output.as_bytes());
+        hasher.update([0]);
+    }
+    for input in &build.inputs {
+        for file in input_files(topology_dir, Path::new(input))? {
+            hash_file(&mut hasher, topology_dir, &file)?;
+        }
+    }
+    Ok(hex::encode(hasher.finalize())[..16].to_string())
+}
+
+/// Whether the recorded build is still good: same hash, outputs present.
+pub fn is_current(build: &Build, topology_dir: &Path, recorded: Option<&str>) -> Result<bool> {
+    let outputs_present = build
+        .outputs
+        .iter()
+        .all(|output| topology_dir.join(output).is_file());
+    Ok(outputs_present && recorded == Some(inputs_hash(build, topology_dir)?.as_str()))
+}
+
+/// Where input `input` lands in the build directory: its path without
+/// leading `..` and `.` parts; `None` when it is absolute, climbs anywhere
+/// else, or names nothing.
+pub fn build_path(input: &str) -> Option<PathBuf> {
+    use std::path::Component;
+    let mut parts = Path::new(input)
+        .components()
+        .skip_while(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        .peekable();
+    parts.peek()?;
+    let mut path = PathBuf::new();
+    for part in parts {
+        match part {
+            Component::Normal(name) => path.push(name),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    (!path.as_os_str().is_empty()).then_some(path)
+}
+
+/// Files below `relative` (itself when it is a file), sorted, relative to
+/// `root`. Symlinks are followed only at the top.
+fn input_files(root: &Path, relative: &Path) -> Result<Vec<PathBuf>> {
+    let path = root.join(relative);
+    let metadata = std::fs::metadata(&path).map_err(input_error(&path))?;
+    if !metadata.is_dir() {
+        return Ok(vec![relative.to_path_buf()]);
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(&path)
+        .map_err(input_error(&path))?
+        .collect::<std::io::Result<_>>()
+        .map_err(input_error(&path))?;
+    entries.sort_by_key(|entry| entry.file_name());
+    let mut files = Vec::new();
+    for entry in entries {
+        let child = relative.join(entry.file_name());
+        let kind = entry.file_type().map_err(input_error(&entry.path()))?;
+        if kind.is_dir() {
+            files.extend(input_files(root, &child)?);
+        } else if kind.is_file() {
+            files.push(child);
+        }
+    }
+    Ok(files)
+}
+
+fn hash_file(hasher: &mut Sha256, root: &Path, relative: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = root.join(relative);
+    let mut file = std::fs::File::open(&path).map_err(input_error(&path))?;
+    let mode = file
+        .metadata()
+        .map_err(input_error(&path))?
+        .permissions()
+        .mode();
+    hasher.update(relative.to_string_lossy().as_bytes());
+    hasher.update([0]);
+    hasher.update(mode.to_le_bytes());
+    std::io::copy(&mut file, hasher).map_err(input_error(&path))?;
+    Ok(())
+}
+
+fn input_error(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |error| BuildError::Input {
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+/// The inputs as one tar archive, paths relative to the topology.
+fn inputs_tar(build: &Build, topology_dir: &Path) -> Result<Vec<u8>> {
+    let mut archive = tar::Builder::new(Vec::new());
+    archive.follow_symlinks(true);
+    for input in &build.inputs {
+        let Some(landing) = build_path(input) else {
+            continue;
+        };
+        for file in input_files(topology_dir, Path::new(input))? {
+            let path = topology_dir.join(&file);
+            let name = match file.strip_prefix(input) {
+                Ok(rest) if !rest.as_os_str().is_empty() => landing.join(rest),
+                _ => landing.clone(),
+            };
+            archive
+                .append_path_with_name(&path, &name)
+                .map_err(input_error(&path))?;
+        }
+    }
+    archive.into_inner().map_err(input_error(topology_dir))
+}
+
+/// Runs the build on the host, in the topology's directory.
+pub async fn run_on_host(
+    build: &Build,
+    topology: &Topology,
+    log: &Path,
+    on_line: &(dyn Fn(&str) + Send + Sync),
+) -> Result<BuildOutcome> {
+    let started = Instant::now();
+    let dir = topology.dir();
+    clear_outputs(build, dir)?;
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .arg("-euc")
+        .arg(&build.run)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null());
+    let output = command.output().await.map_err(|error| BuildError::Input {
+        path: dir.to_path_buf(),
+        error,
+    })?;
+    let mut text = output.stdout;
+    text.extend_from_slice(&output.stderr);
+    write_log(log, &text)?;
+    if let Some(last) = String::from_utf8_lossy(&text).lines().last() {
+        on_line(last);
+    }
+    if !output.status.success() {
+        return Err(failed("host", output.status.to_string(), &text, log));
+    }
+    check_outputs(build, dir, "host")?;
+    Ok(built(build, started.elapsed()))
+}
+
+/// Runs the build on `builder` over `session`, then fetches the outputs.
+pub async fn run_on_machine(
+    build: &Build,
+    topology: &Topology,
+    session: &Session,
+    log: &Path,
+    on_line: &(dyn Fn(&str) + Send + Sync),
+) -> Result<BuildOutcome> {
+    let started = Instant::now();
+    let builder = builder_name(build).to_string();
+    let ssh_error = |source| BuildError::Ssh {
+        builder: builder.clone(),
+        source,
+    };
+    let dir = ssh::shell_quote(BUILD_DIR);
+    let tar_path = format!("{BUILD_DIR}.inputs.tar");
+    on_line("copying inputs");
+    exec_ok(session, &builder, &format!("mkdir -p {dir}"), log).await?;
+    session
+        .upload(&inputs_tar(build, topology.dir())?, &tar_path, 0o600)
+        .await
+        .map_err(ssh_error)?;
+    let unpack = format!(
+        "cd {dir} && tar xf {tar} && rm -f {tar} && rm -rf {DIST}",
+        tar = ssh::shell_quote(&tar_path)
+    );
+    exec_ok(session, &builder, &unpack, log).await?;
+    on_line("running the build script");
+    let script = format!("cd {dir} && sh -euc {}", ssh::shell_quote(&build.run));
+    let mut text = Vec::new();
+    let output = session
+        .exec_streaming(&script, |_: Stream, bytes: &[u8]| {
+            text.extend_from_slice(bytes);
+            if let Some(line) = String::from_utf8_lossy(bytes).lines().last() {
+                on_line(line);
+            }
+        })
+        .await
+        .map_err(ssh_error)?;
+    write_log(log, &text)?;
+    if !output.success() {
+        let status = format!("exit status {}", output.exit_status);
+        return Err(failed(&builder, status, &text, log));
+    }
+    on_line("collecting outputs");
+    fetch_outputs(build, topology.dir(), session, &builder).await?;
+    Ok(built(build, started.elapsed()))
+}
+
+async fn exec_ok(session: &Session, builder: &str, command: &str, log: &Path) -> Result<()> {
+    let output = session
+        .exec(command)
+        .await
+        .map_err(|source| BuildError::Ssh {
+            builder: builder.to_string(),
+            source,
+        })?;
+    if output.success() {
+        return Ok(());
+    }
+    let mut text = output.stdout.clone();
+    text.extend_from_slice(&output.stderr);
+    write_log(log, &text)?;
+    Err(failed(
+        builder,
+        format!("`{command}`: exit status {}", output.exit_status),
+        &text,
+        log,
+    ))
+}
+
+/// Copies the outputs from the builder into `dist/` beside the topology.
+async fn fetch_outputs(
+    build: &Build,
+    topology_dir: &Path,
+    session: &Session,
+    builder: &str,
+) -> Result<()> {
+    let mut check = String::new();
+    for output in &build.outputs {
+        let quoted = ssh::shell_quote(output);
+        check.push_str(&format!("[ -f {quoted} ] || echo {quoted}; "));
+    }
+    let dir = ssh::shell_quote(BUILD_DIR);
+    let missing = session
+        .exec(&format!("cd {dir} && {{ {check}}}"))
+        .await
+        .map_err(|source| BuildError::Ssh {
+            builder: builder.to_string(),
+            source,
+        })?;
+    if let Some(first) = missing.stdout_lossy().lines().next() {
+        return Err(BuildError::MissingOutput {
+            builder: builder.to_string(),
+            missing: first.to_string(),
+        });
+    }
+    let paths: Vec<String> = build.outputs.iter().map(|o| ssh::shell_quote(o)).collect();
+    let archive = session
+        .exec(&format!("cd {dir} && tar cf - {}", paths.join(" ")))
+        .await
+        .map_err(|source| BuildError::Ssh {
+            builder: builder.to_string(),
+            source,
+        })?;
+    clear_outputs(build, topology_dir)?;
+    tar::Archive::new(archive.stdout.as_slice())
+        .unpack(topology_dir)
+        .map_err(|error| BuildError::Output {
+            path: topology_dir.join(DIST),
+            error,
+        })
+}
+
+/// Removes the declared outputs from `dist/`, so a failed build never
+/// leaves an old artifact looking current.
+fn clear_outputs(build: &Build, topology_dir: &Path) -> Result<()> {
+    for output in &build.outputs {
+        let path = topology_dir.join(output);
+        match std::fs::remove_file(&path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(BuildError::Output { path, error })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_outputs(build: &Build, topology_dir: &Path, builder: &str) -> Result<()> {
+    match build
+        .outputs
+        .iter()
+        .find(|output| !topology_dir.join(output).is_file())
+    {
+        Some(missing) => Err(BuildError::MissingOutput {
+            builder: builder.to_string(),
+            missing: missing.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn write_log(log: &Path, text: &[u8]) -> Result<()> {
+    std::fs::write(log, text).map_err(|error| BuildError::Output {
+        path: log.to_path_buf(),
+        error,
+    })
+}
+
+fn failed(builder: &str, status: String, text: &[u8], log: &Path) -> BuildError {
+    let text = String::from_utf8_lossy(text);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(TAIL_LINES)..]
+        .iter()
+        .map(|line| format!("    | {line}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    BuildError::Failed {
+        builder: builder.to_string(),
+        status,
+        tail,
+        log: log.to_path_buf(),
+    }
+}
+
+fn built(build: &Build, elapsed: Duration) -> BuildOutcome {
+    BuildOutcome::Built {
+        outputs: build.outputs.clone(),
+        seconds: elapsed.as_secs_f64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(inputs: &[&str]) -> Build {
+        Build {
+            builder: Builder::Host,
+            run: "cc -o dist/hello hello.c".into(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec!["dist/hello".into()],
+        }
+    }
+
+    #[test]
+    fn the_hash_follows_input_contents_not_timestamps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("src")).expect("mkdir");
+        std::fs::write(dir.path().join("src/hello.c"), "int main(){}").expect("write");
+        let plan = build(&["src"]);
+        let first = inputs_hash(&plan, dir.path()).expect("hash");
+        std::fs::write(dir.path().join("src/hello.c"), "int main(){}").expect("rewrite");
+        assert_eq!(first, inputs_hash(&plan, dir.path()).expect("hash"));
+        std::fs::write(dir.path().join("src/hello.c"), "int main(){return 1;}").expect("edit");
+        assert_ne!(first, inputs_hash(&plan, dir.path()).expect("hash"));
+        std::fs::write(dir.path().join("src/extra.h"), "").expect("add");
+        let with_extra = inputs_hash(&plan, dir.path()).expect("hash");
+        assert_ne!(first, with_extra);
+        let mut other_script = plan.clone();
+        other_script.run.push_str(" -O2");
+        assert_ne!(
+            with_extra,
+            inputs_hash(&other_script, dir.path()).expect("hash")
+        );
+    }
+
+    #[test]
+    fn a_build_is_current_only_with_its_outputs_present() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("hello.c"), "x").expect("write");
+        let plan = build(&["hello.c"]);
+        let hash = inputs_hash(&plan, dir.path()).expect("hash");
+        assert!(!is_current(&plan, dir.path(), Some(&hash)).expect("current"));
+        std::fs::create_dir(dir.path().join("dist")).expect("mkdir");
+        std::fs::write(dir.path().join("dist/hello"), "bin").expect("write");
+        assert!(is_current(&plan, dir.path(), Some(&hash)).expect("current"));
+        assert!(!is_current(&plan, dir.path(), Some("other")).expect("current"));
+        assert!(!is_current(&plan, dir.path(), None).expect("current"));
+    }
+
+    #[test]
+    fn the_inputs_archive_keeps_relative_paths() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("examples/jobs")).expect("mkdir");
+        std::fs::write(dir.path().join("examples/jobs/hello.c"), "x").expect("write");
+        let bytes = inputs_tar(&build(&["examples"]), dir.path()).expect("tar");
+        assert_eq!(entry_names(&bytes), vec!["examples/jobs/hello.c"]);
+        // From a topology one level down, `../examples` arrives as `examples`.
+        std::fs::create_dir(dir.path().join("topologies")).expect("mkdir");
+        let below = dir.path().join("topologies");
+        let bytes = inputs_tar(&build(&["../examples/jobs/hello.c"]), &below).expect("tar");
+        assert_eq!(entry_names(&bytes), vec!["examples/jobs/hello.c"]);
+    }
+
+    fn entry_names(bytes: &[u8]) -> Vec<String> {
+        tar::Archive::new(bytes)
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                e.expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn build_paths_drop_leading_parents_only() {
+        assert_eq!(
+            build_path("../examples/a.c"),
+            Some(PathBuf::from("examples/a.c"))
+        );
+        assert_eq!(build_path("./src"), Some(PathBuf::from("src")));
+        assert_eq!(build_path("src/../x"), None);
+        assert_eq!(build_path("/etc/passwd"), None);
+        assert_eq!(build_path(".."), None);
+        assert_eq!(build_path(""), None);
+    }
+
+    #[tokio::test]
+    async fn a_failing_host_build_shows_its_tail_and_leaves_no_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("dist")).expect("mkdir");
+        std::fs::write(dir.path().join("dist/hello"), "old").expect("write");
+        let topology_file = dir.path().join("t.toml");
+        let topology = Topology {
+            name: "t".into(),
+            path: topology_file,
+            networks: Default::default(),
+            machines: vec![],
+            checks: vec![],
+            build: None,
+            steps: vec![],
+        };
+        let mut plan = build(&[]);
+        plan.run = "echo compiling; echo 'hello.c:1: error: oops' >&2; exit 3".into();
+        let log = dir.path().join("build.log");
+        let error = run_on_host(&plan, &topology, &log, &|_| {})
+            .await
+            .expect_err("fails");
+        let message = error.to_string();
+        assert!(message.contains("hello.c:1: error: oops"), "{message}");
+        assert!(message.contains("exit status: 3"), "{message}");
+        assert!(
+            !dir.path().join("dist/hello").exists(),
+            "old output removed"
+        );
+
+        plan.run = "mkdir -p dist && echo new > dist/hello".into();
+        let outcome = run_on_host(&plan, &topology, &log, &|_| {})
+            .await
+            .expect("builds");
+        assert!(matches!(outcome, BuildOutcome::Built { .. }));
+        let built = std::fs::read_to_string(dir.path().join("dist/hello")).expect("output");
+        assert_eq!(built, "new\n");
+    }
+}

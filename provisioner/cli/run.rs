@@ -1,0 +1,68 @@
+use std::io::Write;
+use std::process::ExitCode;
+
+use crate::lifecycle::Testbed;
+use crate::ssh::Stream;
+
+/// Run a step (`[[steps]]`): its command on its machine, then its checks
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  testbed run submit-hello\n  testbed run kill-hello --json\n  \
+                        testbed -f topologies/slurm.toml run submit-hello"
+)]
+pub struct Args {
+    #[command(flatten)]
+    at: super::At,
+    /// The step's name
+    step: String,
+    /// Print the step's result and checks as JSON (the command's output goes to stderr)
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref())?;
+    let json = args.json;
+    // The command's output as it comes; on stderr when stdout carries JSON.
+    let echo = move |stream: Stream, bytes: &[u8]| {
+        let _ = match (stream, json) {
+            (Stream::Stdout, false) => std::io::stdout().write_all(bytes),
+            _ => std::io::stderr().write_all(bytes),
+        };
+    };
+    let report = testbed.run_step(&args.step, echo).await?;
+    let step = &report.step;
+    if json {
+        let value = serde_json::json!({
+            "step": step.name,
+            "machine": step.machine,
+            "exit_status": report.exit_status,
+            "seconds": report.seconds,
+            "passed": report.passed(),
+            "checks": report.checks.as_ref().map(|c| c.json()),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let verdict = if report.exit_status == 0 {
+            "ok"
+        } else {
+            "FAILED"
+        };
+        println!(
+            "step {} on {}: {verdict} (exit status {}, {:.1} s)",
+            step.name, step.machine, report.exit_status, report.seconds
+        );
+        match &report.checks {
+            Some(checks) => print!("{}", checks.table()),
+            None if report.exit_status != 0 && !step.checks.is_empty() => {
+                println!("its checks were not run")
+            }
+            None => {}
+        }
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
