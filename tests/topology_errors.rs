@@ -1763,3 +1763,158 @@ fn check_rejected_by_check_validate_is_located_at_its_table() {
         ],
     );
 }
+
+// ---------------------------------------------------------------------------
+// 12. The build step, steps, packages and artifacts
+// ---------------------------------------------------------------------------
+
+const BUILT: &str = r#"name = "built"
+[machines.devtools]
+packages = ["gcc", "libc6-dev"]
+[machines.node]
+artifacts = ["dist/hello"]
+[build]
+machine = "devtools"
+inputs = ["src"]
+run = "mkdir -p dist && cc -o dist/hello src/hello.c"
+outputs = ["dist/hello"]
+[[steps]]
+name = "say-hello"
+machine = "node"
+run = "/srv/testbed/dist/hello"
+checks = [{ name = "said", machine = "node", command = { run = "true" } }]
+"#;
+
+/// The fixture plus `src/hello.c`, the input BUILT names.
+fn build_fixture() -> TempDir {
+    let dir = fixture();
+    std::fs::create_dir(dir.path().join("src")).expect("mkdir src");
+    std::fs::write(dir.path().join("src/hello.c"), "int main(){}").expect("write");
+    dir
+}
+
+fn assert_build_error_at(text: &str, line: usize, col: usize, phrases: &[&str]) {
+    assert_error_in(&build_fixture(), text, line, col, phrases);
+}
+
+#[test]
+fn build_steps_packages_and_artifacts_are_read() {
+    let topology = parse_ok_in(&build_fixture(), BUILT);
+    let build = topology.build.as_ref().expect("build");
+    assert_eq!(build.builder, topology::Builder::Machine("devtools".into()));
+    assert_eq!(build.inputs, ["src"]);
+    assert_eq!(build.outputs, ["dist/hello"]);
+    assert_eq!(topology.machines[0].packages, ["gcc", "libc6-dev"]);
+    assert_eq!(topology.machines[1].artifacts, ["dist/hello"]);
+    let step = &topology.steps[0];
+    assert_eq!(
+        (step.name.as_str(), step.machine.as_str()),
+        ("say-hello", "node")
+    );
+    assert_eq!(step.checks[0].name, "said");
+}
+
+#[test]
+fn build_on_an_unknown_machine_is_rejected() {
+    let text = BUILT.replace("machine = \"devtools\"", "machine = \"devtool\"");
+    assert_build_error_at(
+        &text,
+        7,
+        11,
+        &["unknown machine `devtool`", "did you mean `devtools`?"],
+    );
+}
+
+#[test]
+fn a_missing_build_input_is_rejected() {
+    let text = BUILT.replace("inputs = [\"src\"]", "inputs = [\"src\", \"Makefile\"]");
+    assert_build_error_at(&text, 8, 18, &["input `Makefile` does not exist"]);
+}
+
+#[test]
+fn inputs_may_climb_only_at_their_start() {
+    let text = BUILT.replace("inputs = [\"src\"]", "inputs = [\"src/../../x\"]");
+    assert_build_error_at(
+        &text,
+        8,
+        11,
+        &["must be a relative path", "`..` only at the start"],
+    );
+}
+
+#[test]
+fn build_outputs_must_be_under_dist() {
+    let text = BUILT.replace("outputs = [\"dist/hello\"]", "outputs = [\"hello\"]");
+    assert_build_error_at(
+        &text,
+        10,
+        12,
+        &["output `hello`", "must start with `dist/`"],
+    );
+}
+
+#[test]
+fn a_build_without_outputs_is_rejected() {
+    let text = BUILT.replace("outputs = [\"dist/hello\"]\n", "");
+    assert_build_error_at(&text, 6, 1, &["[build] has no `outputs`"]);
+}
+
+#[test]
+fn unknown_build_keys_are_rejected() {
+    let text = BUILT.replace("run = \"mkdir", "script = \"mkdir");
+    assert_build_error_at(
+        &text,
+        9,
+        1,
+        &["unknown key `script` in [build]", "valid keys in [build]"],
+    );
+}
+
+#[test]
+fn artifacts_must_be_under_dist_and_listed_once() {
+    let text = BUILT.replace(
+        "artifacts = [\"dist/hello\"]",
+        "artifacts = [\"/srv/hello\"]",
+    );
+    assert_build_error_at(&text, 5, 14, &["artifact `/srv/hello`", "dist/"]);
+    let text = BUILT.replace(
+        "artifacts = [\"dist/hello\"]",
+        "artifacts = [\"dist/hello\", \"dist/hello\"]",
+    );
+    assert_build_error_at(&text, 5, 28, &["listed twice"]);
+}
+
+#[test]
+fn packages_must_be_debian_package_names() {
+    let text = BUILT.replace("\"libc6-dev\"", "\"Libc6_dev\"");
+    assert_build_error_at(&text, 3, 20, &["`Libc6_dev` is not a Debian package name"]);
+}
+
+#[test]
+fn steps_need_unique_names_a_known_machine_and_a_command() {
+    let twice =
+        format!("{BUILT}[[steps]]\nname = \"say-hello\"\nmachine = \"node\"\nrun = \"true\"\n");
+    assert_build_error_at(&twice, 16, 1, &["step name `say-hello` is used twice"]);
+    let text = BUILT.replace("machine = \"node\"\nrun", "machine = \"nod\"\nrun");
+    assert_build_error_at(
+        &text,
+        13,
+        11,
+        &["unknown machine `nod`", "did you mean `node`?"],
+    );
+    let text = BUILT.replace("run = \"/srv/testbed/dist/hello\"", "run = \"  \"");
+    assert_build_error_at(&text, 14, 7, &["`run` of step `say-hello` is empty"]);
+    let text = BUILT.replace("name = \"say-hello\"", "name = \"say hello\"");
+    assert_build_error_at(
+        &text,
+        12,
+        8,
+        &["invalid step name `say hello`", "testbed run NAME"],
+    );
+}
+
+#[test]
+fn a_step_check_is_checked_like_any_other() {
+    let text = BUILT.replace("machine = \"node\", command", "machine = \"gone\", command");
+    assert_build_error_at(&text, 15, 38, &["unknown machine `gone`"]);
+}
