@@ -276,12 +276,10 @@ fn spawn_switch(network: &NetworkSpec) -> Result<(), ProviderError> {
     let socket = switch_socket(&network.dir);
     check_socket_path(&socket)?;
     let _ = fs::remove_file(&socket);
-    let exe = std::env::current_exe().map_err(|source| ProviderError::Io {
-        what: "cannot find the testbed executable".into(),
-        source,
-    })?;
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new(exe)
+    // Our own executable by its inode: still there when the file was
+    // replaced meanwhile (a rebuild during a long `up`).
+    let mut child = Command::new("/proc/self/exe")
         .arg("__switch")
         .arg(&socket)
         .stdin(Stdio::null())
