@@ -71,14 +71,21 @@ pub enum BuildOutcome {
     },
 }
 
-impl std::fmt::Display for BuildOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl BuildOutcome {
+    /// What happened, without the `build:` prefix (for a progress line).
+    pub fn summary(&self) -> String {
         match self {
-            BuildOutcome::Skipped => write!(f, "build: inputs unchanged, skipped"),
+            BuildOutcome::Skipped => "inputs unchanged, skipped".to_string(),
             BuildOutcome::Built { outputs, seconds } => {
-                write!(f, "build: built {} in {seconds:.1} s", outputs.join(", "))
+                format!("built {} in {seconds:.1} s", outputs.join(", "))
             }
         }
+    }
+}
+
+impl std::fmt::Display for BuildOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "build: {}", self.summary())
     }
 }
 

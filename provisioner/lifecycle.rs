@@ -418,7 +418,7 @@ impl Testbed {
             }
         };
         task.finish(&match &outcome {
-            Ok(done) => done.to_string(),
+            Ok(done) => done.summary(),
             Err(_) => "failed".to_string(),
         });
         let outcome = outcome?;
@@ -924,7 +924,7 @@ fn spawn_build(
         let result = run_build(&plan, &ctx, &task).await;
         ctx.readiness.set(BUILD_GATE, result.is_ok());
         task.finish(&match &result {
-            Ok(outcome) => outcome.to_string(),
+            Ok(outcome) => outcome.summary(),
             Err(e) => format!("failed: {}", first_line(&e.to_string())),
         });
         result

@@ -77,6 +77,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         if !machine.depends_on.is_empty() {
             println!("    starts after: {}", machine.depends_on.join(", "));
         }
+        if topology.build.is_some() && provision::needs_artifacts(topology, machine)? {
+            println!("    starts its daemons after the build (needs its artifacts)");
+        }
         if !machine.packages.is_empty() {
             println!("    packages: {}", machine.packages.join(" "));
         }
