@@ -76,7 +76,7 @@ pub fn placeholder_secrets(names: &[String]) -> Secrets {
 pub const MANIFEST: &str = "daemon.toml";
 
 /// The variables every template sees.
-pub const CONTEXT_KEYS: [&str; 4] = ["topology", "machine", "vars", "daemons"];
+pub const CONTEXT_KEYS: [&str; 5] = ["topology", "machine", "vars", "daemons", "secrets"];
 
 /// Where rendered units go: `<UNIT_DIR>/<service>.service`.
 pub const UNIT_DIR: &str = "/etc/systemd/system";
@@ -723,7 +723,8 @@ fn template_error(
     } else if let Some(line) = capture(&tera, r"-->\s*(\d+):\d+") {
         (line.parse().ok(), "syntax error".to_owned())
     } else {
-        let line = named_in_error(error).and_then(|name| line_in_tags(text, &name));
+        let line = thrown_at(text, &messages)
+            .or_else(|| named_in_error(error).and_then(|name| line_in_tags(text, &name)));
         (line, "cannot render".to_owned())
     };
     KitError::Template {
@@ -754,13 +755,28 @@ fn named_in_error(error: &tera::Error) -> Option<String> {
                 tera::ErrorKind::FilterNotFound(name)
                 | tera::ErrorKind::TestNotFound(name)
                 | tera::ErrorKind::FunctionNotFound(name) => return Some(name.clone()),
-                tera::ErrorKind::CallFunction(name) => return Some(format!("{name}(")),
+                tera::ErrorKind::CallFunction(name) => return Some(name.clone()),
                 _ => {}
             }
         }
         current = cause.source();
     }
     None
+}
+
+/// The line of the `throw(…)` whose message the chain ends with: found by
+/// the message's opening words, the part a template usually writes literally.
+fn thrown_at(text: &str, messages: &[String]) -> Option<usize> {
+    if !messages.first()?.contains("throw") {
+        return None;
+    }
+    let thrown = messages.last()?;
+    let literal: String = thrown.chars().take_while(|c| *c != '`').take(40).collect();
+    if literal.trim().len() < 8 {
+        return None;
+    }
+    text.find(literal.as_str())
+        .map(|offset| line_col(text, offset).0)
 }
 
 /// The first capture group of `pattern` in `text`.

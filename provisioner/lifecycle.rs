@@ -53,6 +53,16 @@ pub enum Error {
          for itself)\n  help: build on another machine, or drop the artifacts from `{builder}`"
     )]
     BuilderNeedsArtifacts { builder: String },
+    #[error(
+        "machine `{machine}` needs artifact `{artifact}`, which [build] in {} does not make\n  \
+         help: add it to the build's `outputs` (and make the script write it)",
+        path.display()
+    )]
+    ArtifactNotBuilt {
+        machine: String,
+        artifact: String,
+        path: PathBuf,
+    },
     #[error("the builder `{0}` is not running\n  help: `testbed up` boots it (and builds)")]
     BuilderNotRunning(String),
     #[error("no step named `{name}`{known}")]
@@ -135,7 +145,7 @@ impl Testbed {
     /// The testbed of a topology file (its `.testbed/` beside it).
     pub fn open(topology_path: &Path) -> Result<Testbed> {
         let topology = topology::load(topology_path)?;
-        check_builder(&topology)?;
+        check_build(&topology)?;
         let state = StateDir::beside(topology.dir());
         Ok(Testbed {
             topology,
@@ -891,19 +901,37 @@ impl UpContext {
     }
 }
 
-/// The builder must not wait for its own build.
-fn check_builder(topology: &Topology) -> Result<()> {
-    let Some(Builder::Machine(name)) = topology.build.as_ref().map(|b| &b.builder) else {
+/// The build must be able to run and to feed every artifact: the builder
+/// must not wait for its own build, and each artifact a machine or its kits
+/// name must be one of the build's outputs.
+fn check_build(topology: &Topology) -> Result<()> {
+    let Some(plan) = &topology.build else {
         return Ok(());
     };
-    match topology.machine(name) {
-        Some(machine) if provision::needs_artifacts(topology, machine)? => {
-            Err(Error::BuilderNeedsArtifacts {
-                builder: name.clone(),
-            })
+    for machine in &topology.machines {
+        let mut artifacts = machine.artifacts.clone();
+        for daemon in &machine.daemons {
+            artifacts.extend(
+                crate::kit::Kit::load(daemon, topology.dir())?
+                    .manifest
+                    .artifacts,
+            );
         }
-        _ => Ok(()),
+        if let Some(missing) = artifacts.iter().find(|a| !plan.outputs.contains(a)) {
+            return Err(Error::ArtifactNotBuilt {
+                machine: machine.name.clone(),
+                artifact: missing.clone(),
+                path: topology.path.clone(),
+            });
+        }
+        let builds_here = plan.builder == Builder::Machine(machine.name.clone());
+        if builds_here && !artifacts.is_empty() {
+            return Err(Error::BuilderNeedsArtifacts {
+                builder: machine.name.clone(),
+            });
+        }
     }
+    Ok(())
 }
 
 /// Starts the build step of `up` unless it is current: on the host at once,

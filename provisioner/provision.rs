@@ -446,13 +446,21 @@ pub async fn provision_machine(
         let action = start_or_restart(machines, &machine.name, &rendered, changed, on_step).await?;
         if let Some(check) = rendered.kit.readiness_check(&machine.name) {
             on_step(&format!("waiting for {daemon} to be ready"));
-            let result = check::run_one(&check, topology, machines).await;
-            if !result.passed {
+            let service = &rendered.kit.manifest.service;
+            let failure = tokio::select! {
+                result = check::run_one(&check, topology, machines) => {
+                    (!result.passed).then(|| (result.detail, result.evidence.unwrap_or_default()))
+                }
+                detail = service_failure(machines, &machine.name, service) => {
+                    Some((detail, machines.evidence(&machine.name).await))
+                }
+            };
+            if let Some((detail, evidence)) = failure {
                 return Err(ProvisionError::NotReady {
                     machine: machine.name.clone(),
                     daemon,
-                    detail: result.detail,
-                    evidence: result.evidence.unwrap_or_default(),
+                    detail,
+                    evidence,
                 });
             }
         }
@@ -464,6 +472,29 @@ pub async fn provision_machine(
         });
     }
     Ok((outcomes, now))
+}
+
+/// Returns once `service` has failed (polling), so a daemon that dies at
+/// start is reported at once rather than when its readiness times out;
+/// never returns while it runs or restarts.
+async fn service_failure(machines: &Machines, machine: &str, service: &str) -> String {
+    let service = ssh::shell_quote(service);
+    let failed = format!("systemctl is-failed --quiet {service}");
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Ok(output) = machines.run(machine, &failed).await {
+            if output.success() {
+                let show = format!(
+                    "systemctl show -p Result -p ExecMainStatus --value {service} | paste -sd' '"
+                );
+                let why = match machines.run(machine, &show).await {
+                    Ok(output) => output.stdout_lossy().trim().to_string(),
+                    Err(_) => String::new(),
+                };
+                return format!("the service failed ({why}); see its journal below");
+            }
+        }
+    }
 }
 
 /// Restarts a running daemon whose files changed, starts one that is not

@@ -395,7 +395,11 @@ fn checks_are_the_tutorials() {
     assert_contains_all(
         "the stat check",
         &stat,
-        &["tcp 2181", "stat", "Mode: standalone"],
+        &[
+            "tcp port 2181",
+            "send \"stat\"",
+            "expect \"Mode: standalone\"",
+        ],
     );
     let ls = check_line("zkCli.sh ls / shows mesos and aurora", "zookeeper");
     assert_contains_all(
@@ -410,16 +414,27 @@ fn checks_are_the_tutorials() {
     assert_contains_all(
         "the master check",
         &master,
-        &["http 5050/master/stats.json"],
+        &[
+            "http GET :5050/master/stats.json",
+            "json /activated_slaves == 1",
+            "json /elected == 1",
+        ],
     );
     let slave = check_line("mesos-slave is registered", "mesos-slave");
     assert_contains_all(
         "the slave check",
         &slave,
-        &["http 5051/slave(1)/stats.json"],
+        &[
+            "http GET :5051/slave(1)/stats.json",
+            "json /registered == \"1\"",
+        ],
     );
     let scheduler = check_line("aurora-scheduler registered with mesos", "aurora-scheduler");
-    assert_contains_all("the scheduler check", &scheduler, &["http 8081/vars"]);
+    assert_contains_all(
+        "the scheduler check",
+        &scheduler,
+        &["http GET :8081/vars", "body \"framework_registered 1\""],
+    );
 
     let topology = testbed::topology::load(&aurora_topology()).expect("topology parses");
     let check = |name: &str| {

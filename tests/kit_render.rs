@@ -263,7 +263,7 @@ fn undefined_variable_names_the_file_the_line_and_the_variable() {
     let error = render_simple(template, machines).expect_err("undefined");
     let message = error.to_string();
     assert!(
-        message.contains("conf.tera:3: variable `nope` is not defined (available: topology, machine, vars, daemons)"),
+        message.contains("conf.tera:3: variable `nope` is not defined (available: topology, machine, vars, daemons, secrets)"),
         "{message}"
     );
     assert!(
@@ -271,6 +271,23 @@ fn undefined_variable_names_the_file_the_line_and_the_variable() {
         "tera's chain: {message}"
     );
     assert!(matches!(error, KitError::Template { line: Some(3), .. }));
+}
+
+#[test]
+fn a_throw_names_the_line_of_the_throw_that_fired() {
+    let template = "a\n{% if false %}{{ throw(message=\"never this one\") }}{% endif %}\n\
+                    {{ throw(message=\"needs a zookeeper machine in `\" ~ topology.name ~ \"`\") }}\n";
+    let machines = vec![machine("a", None, &["simple"])];
+    let error = render_simple(template, machines).expect_err("throws");
+    let message = error.to_string();
+    assert!(
+        message.contains("needs a zookeeper machine in `kits`"),
+        "{message}"
+    );
+    assert!(
+        matches!(error, KitError::Template { line: Some(3), .. }),
+        "{message}"
+    );
 }
 
 #[test]

@@ -183,21 +183,50 @@ fn print_checks(checks: &[CheckSpec], prefix: &str) {
             .as_deref()
             .map(|f| format!(" from {f}"))
             .unwrap_or_default();
-        let probe = if let Some(tcp) = &check.tcp {
-            format!(
-                "tcp {} send {:?} expect {:?}",
-                tcp.port, tcp.send, tcp.expect
-            )
-        } else if let Some(http) = &check.http {
-            format!("http {}{} status {:?}", http.port, http.path, http.status)
-        } else if let Some(command) = &check.command {
-            format!("command {:?}", command.run)
-        } else {
-            "-".into()
-        };
         println!(
-            "{prefix}check \"{}\" on {}{from}: {probe}",
-            check.name, check.machine
+            "{prefix}check \"{}\" on {}{from}: {}",
+            check.name,
+            check.machine,
+            describe_probe(check)
         );
     }
+}
+
+/// A probe in words: what it sends or runs and what it expects.
+fn describe_probe(check: &CheckSpec) -> String {
+    let mut words = Vec::new();
+    if let Some(tcp) = &check.tcp {
+        words.push(format!("tcp port {}", tcp.port));
+        if let Some(send) = &tcp.send {
+            words.push(format!("send {send:?}"));
+        }
+        if let Some(expect) = &tcp.expect {
+            words.push(format!("expect {expect:?}"));
+        }
+    } else if let Some(http) = &check.http {
+        words.push(format!("http GET :{}{}", http.port, http.path));
+        if let Some(status) = http.status {
+            words.push(format!("status {status}"));
+        }
+        if let Some(body) = &http.body {
+            words.push(format!("body {body:?}"));
+        }
+        words.extend(json_words(&http.json));
+    } else if let Some(command) = &check.command {
+        words.push(format!("command {:?}", command.run.trim()));
+        if let Some(exit) = command.exit {
+            words.push(format!("exit {exit}"));
+        }
+        if let Some(stdout) = &command.stdout {
+            words.push(format!("stdout {stdout:?}"));
+        }
+        words.extend(json_words(&command.json));
+    }
+    words.join(", ")
+}
+
+fn json_words(json: &std::collections::BTreeMap<String, serde_json::Value>) -> Vec<String> {
+    json.iter()
+        .map(|(pointer, value)| format!("json {pointer} == {value}"))
+        .collect()
 }

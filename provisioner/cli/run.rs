@@ -39,7 +39,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "exit_status": report.exit_status,
             "seconds": report.seconds,
             "passed": report.passed(),
-            "checks": report.checks.as_ref().map(|c| c.json()),
+            "checks": report
+                .checks
+                .as_ref()
+                .map(|c| c.json()["checks"].clone())
+                .unwrap_or_else(|| serde_json::json!([])),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
