@@ -767,7 +767,7 @@ fn named_in_error(error: &tera::Error) -> Option<String> {
 /// The line of the `throw(…)` whose message the chain ends with: found by
 /// the message's opening words, the part a template usually writes literally.
 fn thrown_at(text: &str, messages: &[String]) -> Option<usize> {
-    if !messages.first()?.contains("throw") {
+    if !messages.iter().any(|m| m.contains("'throw'")) {
         return None;
     }
     let thrown = messages.last()?;
