@@ -245,6 +245,7 @@ pub async fn run_on_host(
         on_line(last);
     }
     if !output.status.success() {
+        clear_outputs(build, dir)?;
         return Err(failed("host", output.status.to_string(), &text, log));
     }
     check_outputs(build, dir, "host")?;
@@ -292,6 +293,7 @@ pub async fn run_on_machine(
         .map_err(ssh_error)?;
     write_log(log, &text)?;
     if !output.success() {
+        clear_outputs(build, topology.dir())?;
         let status = format!("exit status {}", output.exit_status);
         return Err(failed(&builder, status, &text, log));
     }
@@ -366,7 +368,7 @@ async fn fetch_outputs(
 }
 
 /// Removes the declared outputs from `dist/`, so a failed build never
-/// leaves an old artifact looking current.
+/// leaves an old or half-made artifact behind to be pushed.
 fn clear_outputs(build: &Build, topology_dir: &Path) -> Result<()> {
     for output in &build.outputs {
         let path = topology_dir.join(output);
