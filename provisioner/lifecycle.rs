@@ -1104,7 +1104,9 @@ async fn bring_up(
     ctx.update(&name, |saved| {
         saved.identity = Some(hash);
         saved.desired = Desired::Running;
-    })
+    })?;
+    // `testbed ssh NAME` works from here on, while the rest of `up` goes on.
+    write_ssh_config(&ctx.state, &ctx.topology.name, &lock_record(&ctx.record))
 }
 
 /// Boots, retrying with another port when the chosen one was taken meanwhile.
