@@ -4,11 +4,18 @@
 //! - `testbed up` to SSH-ready for 1 and 3 machines, beside the same boots
 //!   done by bare `qemu-system-x86_64` command lines with ssh polling;
 //! - a converged `up`, and `status`;
-//! - `testbed ssh NAME -- true` beside plain `ssh` with a fresh connection.
+//! - `testbed ssh NAME -- true` beside plain `ssh` with a fresh connection;
+//! - topologies/slurm.toml from `up` to all checks green (build, four
+//!   machines, five daemons), with where that time goes, read from `up`'s
+//!   own progress lines.
+//!
+//! `BENCH=slurm` runs only the last part.
 //!
 //! It prints a table of medians and ratios. Nothing here asserts: figures
 //! are for people to read and compare.
 
+use std::collections::BTreeMap;
+use std::io::BufRead;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -528,7 +535,130 @@ fn row(what: &str, testbed: Duration, baseline: Option<(&str, Duration)>) {
     }
 }
 
+/// `up`'s progress lines (stderr, `NAME: message` when not a terminal),
+/// each with the time since `up` started.
+fn timed_up(bed: &Bed) -> (Duration, Vec<(Duration, String, String)>) {
+    let start = Instant::now();
+    let mut child = Command::new(testbed_binary())
+        .current_dir(&bed.dir)
+        .env("TESTBED_IMAGES", repo().join("images"))
+        .env("TESTBED_DAEMONS", repo().join("daemons"))
+        .args(["up", "topology.toml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run testbed up");
+    let stderr = child.stderr.take().expect("stderr");
+    let lines = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|line| {
+            let (who, what) = line.split_once(": ")?;
+            Some((start.elapsed(), who.to_string(), what.to_string()))
+        })
+        .collect();
+    assert!(child.wait().expect("wait").success(), "slurm up failed");
+    (start.elapsed(), lines)
+}
+
+/// The time of `who`'s first line starting with `from` and of its first
+/// later line starting with `to`.
+fn span(lines: &[(Duration, String, String)], who: &str, from: &str, to: &str) -> Option<Duration> {
+    let start = lines
+        .iter()
+        .position(|(_, w, what)| w == who && what.starts_with(from))?;
+    let (began, ..) = lines[start];
+    let (ended, ..) = lines[start..]
+        .iter()
+        .find(|(_, w, what)| w == who && what.starts_with(to))?;
+    Some(*ended - began)
+}
+
+/// slurm.toml up → green with a warm cache, and where the time goes.
+fn slurm_breakdown(root: &Path) {
+    let text = std::fs::read_to_string(repo().join("topologies/slurm.toml"))
+        .expect("slurm.toml")
+        .replace(
+            "\"../examples/jobs/hello_world.c\"",
+            "\"examples/jobs/hello_world.c\"",
+        );
+    let bed = Bed::with_text(root, "bench-slurm", &text);
+    let jobs = bed.dir.join("examples/jobs");
+    std::fs::create_dir_all(&jobs).expect("jobs dir");
+    std::fs::copy(
+        repo().join("examples/jobs/hello_world.c"),
+        jobs.join("hello_world.c"),
+    )
+    .expect("job source");
+    eprintln!("slurm: warming its images");
+    bed.run(&["up", "topology.toml"]);
+    bed.run(&["destroy", "-f"]);
+    let _ = std::fs::remove_dir_all(bed.dir.join("dist"));
+    eprintln!("slurm: timed up");
+    let (total, lines) = timed_up(&bed);
+    let converged = repeat(5, || bed.run(&["up"]));
+    let verify = repeat(3, || bed.run(&["verify"]));
+
+    println!("\nslurm.toml (4 machines, build + 5 daemons + 3 checks), warm image cache\n");
+    let share = |d: Duration| 100.0 * d.as_secs_f64() / total.as_secs_f64();
+    println!(
+        "{:<52} {:>8.2} s  100%",
+        "up → all checks green",
+        total.as_secs_f64()
+    );
+    let mut rows: BTreeMap<String, Duration> = BTreeMap::new();
+    for machine in ["devtools", "zookeeper", "slurm-controller", "slurm-compute"] {
+        if let Some(d) = span(&lines, machine, "booting", "applying identity") {
+            rows.insert(format!("{machine}: boot to SSH"), d);
+        }
+    }
+    if let Some(d) = span(&lines, "build", "copying inputs", "built") {
+        rows.insert("build on devtools (copy, gcc, fetch)".into(), d);
+    }
+    for (machine, daemon) in [
+        ("zookeeper", "zookeeper"),
+        ("slurm-controller", "munge"),
+        ("slurm-controller", "slurmctld"),
+        ("slurm-controller", "slurmrestd"),
+        ("slurm-compute", "munge"),
+        ("slurm-compute", "slurmd"),
+    ] {
+        let from = format!("pushing {daemon} files");
+        if let Some(d) = span(&lines, machine, &from, "ready")
+            .or_else(|| span(&lines, machine, &from, "pushing").filter(|d| !d.is_zero()))
+        {
+            rows.insert(format!("{machine}: {daemon} push to ready"), d);
+        }
+    }
+    if let Some((last_ready, ..)) = lines.iter().rev().find(|(_, _, what)| what == "ready") {
+        rows.insert(
+            "checks after the last machine is ready".into(),
+            total - *last_ready,
+        );
+    }
+    for (what, d) in rows {
+        println!("{what:<52} {:>8.2} s  {:>3.0}%", d.as_secs_f64(), share(d));
+    }
+    println!(
+        "{:<52} {:>8.3} s",
+        "converged up (build skipped)",
+        converged.as_secs_f64()
+    );
+    println!(
+        "{:<52} {:>8.3} s",
+        "verify (3 checks)",
+        verify.as_secs_f64()
+    );
+}
+
 fn main() {
+    if std::env::var("BENCH").as_deref() == Ok("slurm") {
+        std::env::set_var("TESTBED_IMAGES", repo().join("images"));
+        std::env::set_var("TESTBED_DAEMONS", repo().join("daemons"));
+        let root = tempfile::tempdir().expect("tempdir");
+        slurm_breakdown(root.path());
+        return;
+    }
     // The library calls below (topology, kits) look recipes and kits up the
     // same way the testbed binary does.
     std::env::set_var("TESTBED_IMAGES", repo().join("images"));
@@ -634,4 +764,6 @@ fn main() {
         tb_ssh,
         Some(("plain ssh, new connection", plain)),
     );
+    drop(zk); // destroys the ensemble: the slurm figures get both cores
+    slurm_breakdown(root.path());
 }
