@@ -14,12 +14,15 @@ BUILD_IMAGE = $(SUDO) env TESTBED_CACHE=$(CACHE) $(1) image build debian-12
 
 # qemu-utils is pinned to qemu-system-x86's version: some machines ship a
 # newer qemu-utils that the distribution's qemu-system-x86 conflicts with.
+# libvirt-dev and pkg-config build the libvirt provider (cargo feature
+# `libvirt`, on by default); libvirt-daemon-system and dnsmasq-base let the
+# tests start a libvirtd of their own.
 deps:
 	$(SUDO) apt-get update -qq
 	QEMU_VERSION=$$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $$2}'); \
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
 		qemu-system-x86 "qemu-utils=$$QEMU_VERSION" mmdebstrap e2fsprogs openssh-client openssh-server \
-		ca-certificates
+		ca-certificates pkg-config libvirt-dev libvirt-daemon-system libvirt-clients dnsmasq-base
 
 build:
 	cargo build --release

@@ -530,6 +530,7 @@ mod tests {
             checks: vec![],
             build: None,
             steps: vec![],
+            libvirt_uri: None,
         };
         let mut plan = build(&[]);
         plan.run = "echo compiling; echo 'hello.c:1: error: oops' >&2; exit 3".into();

@@ -287,6 +287,7 @@ mod tests {
             checks: vec![],
             build: None,
             steps: vec![],
+            libvirt_uri: None,
         }
     }
 

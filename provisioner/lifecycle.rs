@@ -21,7 +21,7 @@ use crate::provider::{self, kvm, NetworkSpec, NicSpec, Provider, ProviderError, 
 use crate::provision::{self, Applied, Machines, Outcome, Readiness, BUILD_GATE};
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
-use crate::topology::{self, Builder, Machine, Step, Topology, TopologyError};
+use crate::topology::{self, Builder, Machine, ProviderKind, Step, Topology, TopologyError};
 
 /// How long a cold boot may take to reach SSH (software emulation is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -65,6 +65,15 @@ pub enum Error {
     },
     #[error("the builder `{0}` is not running\n  help: `testbed up` boots it (and builds)")]
     BuilderNotRunning(String),
+    #[error(
+        "machine `{machine}` exists on the {from} provider, not {to}\n  help: `testbed destroy` \
+         it first, or leave out --provider"
+    )]
+    ProviderChange {
+        machine: String,
+        from: &'static str,
+        to: &'static str,
+    },
     #[error("no step named `{name}`{known}")]
     UnknownStep { name: String, known: String },
     #[error("{machine}: {source}")]
@@ -144,14 +153,43 @@ impl StepReport {
 impl Testbed {
     /// The testbed of a topology file (its `.testbed/` beside it).
     pub fn open(topology_path: &Path) -> Result<Testbed> {
-        let topology = topology::load(topology_path)?;
+        let mut topology = topology::load(topology_path)?;
         check_build(&topology)?;
         let state = StateDir::beside(topology.dir());
+        // A machine that exists stays on the provider it was made by (an
+        // `up --provider` may have chosen it).
+        if state.exists() {
+            let record = state.load()?;
+            for machine in &mut topology.machines {
+                if let Some(saved) = record.machines.get(&machine.name) {
+                    machine.provider = saved.provider;
+                }
+            }
+        }
         Ok(Testbed {
             topology,
             state,
             cache: Cache::default(),
         })
+    }
+
+    /// `up --provider KIND`: every machine on `kind`. A machine that already
+    /// exists on another provider must be destroyed first.
+    pub fn use_provider(&mut self, kind: ProviderKind) -> Result<()> {
+        let record = self.state.load()?;
+        for machine in &mut self.topology.machines {
+            match record.machines.get(&machine.name) {
+                Some(saved) if saved.provider != kind => {
+                    return Err(Error::ProviderChange {
+                        machine: machine.name.clone(),
+                        from: saved.provider.as_str(),
+                        to: kind.as_str(),
+                    })
+                }
+                _ => machine.provider = kind,
+            }
+        }
+        Ok(())
     }
 
     /// `-f FILE` when given, else the `.testbed/` of the current directory.
@@ -169,7 +207,15 @@ impl Testbed {
     }
 
     fn provider_of(&self, machine: &Machine) -> Result<Box<dyn Provider>> {
-        Ok(provider::for_kind(machine.provider)?)
+        Ok(provider::for_kind(
+            machine.provider,
+            &self.provider_settings(),
+        )?)
+    }
+
+    /// Where daemon-backed providers connect, for this topology.
+    fn provider_settings(&self) -> provider::Settings {
+        provider::Settings::new(self.topology.libvirt_uri.as_deref())
     }
 
     fn ssh_target(&self, name: &str, port: u16) -> Target {
@@ -610,15 +656,19 @@ impl Testbed {
         verdict.kvm
     }
 
+    /// Brings up every network the machines to boot are on.
     fn ensure_networks(&self, plans: &[MachinePlan], record: &mut Record) -> Result<()> {
         let mut done = std::collections::BTreeSet::new();
         for plan in plans {
             for nic in &plan.spec.nics {
                 if done.insert(nic.network.name.clone()) {
-                    plan.provider.ensure_network(&nic.network)?;
+                    // Recorded first: a killed `up` leaves nothing `destroy`
+                    // does not know of.
                     record
                         .networks
                         .insert(nic.network.name.clone(), plan.machine.provider);
+                    self.state.save(record)?;
+                    plan.provider.ensure_network(&nic.network)?;
                 }
             }
         }
@@ -805,7 +855,7 @@ fn remove_networks(state: &StateDir, record: &mut Record) -> Result<()> {
         }
     }
     for (name, kind) in networks {
-        provider::for_kind(kind)?.remove_network(&NetworkSpec {
+        provider::for_kind(kind, &provider::Settings::default())?.remove_network(&NetworkSpec {
             dir: state.network_dir(&name),
             name,
         })?;
@@ -1290,7 +1340,7 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
             .get(&name)
             .map(|r| r.provider)
             .unwrap_or_default();
-        let provider = provider::for_kind(kind)?;
+        let provider = provider::for_kind(kind, &provider::Settings::default())?;
         let task = progress.task(&name);
         task.set("destroying");
         stop_control_master(state, &name).await;

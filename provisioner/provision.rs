@@ -628,6 +628,7 @@ mod tests {
             checks: vec![],
             build: None,
             steps: vec![],
+            libvirt_uri: None,
         };
         let mut readiness = Readiness::new(&topology);
         readiness

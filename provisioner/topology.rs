@@ -54,6 +54,8 @@ pub struct Topology {
     pub build: Option<Build>,
     /// `[[steps]]`, in file order: commands run on demand (`testbed run`).
     pub steps: Vec<Step>,
+    /// `[libvirt] uri`: where the libvirt provider connects.
+    pub libvirt_uri: Option<String>,
 }
 
 /// `[build]`: a script run on a builder (a machine, or the host) whose
@@ -290,8 +292,9 @@ pub const PRIVATE_RANGES: [Ipv4Net; 3] = [
 pub const QEMU_USER_NET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 2, 0), 24);
 
 const TOP_KEYS: &[&str] = &[
-    "name", "defaults", "networks", "machines", "checks", "build", "steps",
+    "name", "defaults", "networks", "machines", "checks", "build", "steps", "libvirt",
 ];
+const LIBVIRT_KEYS: &[&str] = &["uri"];
 const BUILD_KEYS: &[&str] = &["machine", "run", "inputs", "outputs"];
 const STEP_KEYS: &[&str] = &["name", "machine", "run", "checks"];
 const DEFAULTS_KEYS: &[&str] = &["provider", "image", "cpus", "memory"];
@@ -740,6 +743,10 @@ impl Checker<'_> {
             Some(value) => self.steps(value, &machines)?,
             None => Vec::new(),
         };
+        let libvirt_uri = match root.get("libvirt") {
+            Some(value) => Some(self.libvirt_uri(value)?),
+            None => None,
+        };
         Ok(Topology {
             name,
             path,
@@ -751,7 +758,33 @@ impl Checker<'_> {
             checks,
             build,
             steps,
+            libvirt_uri,
         })
+    }
+
+    /// `[libvirt]`: `uri`, a libvirt connection URI.
+    fn libvirt_uri(&self, value: &Value<'_>) -> Result<String> {
+        const EXAMPLE: &str = "{ uri = \"qemu:///system\" }";
+        let table = self.table(value, "libvirt", EXAMPLE)?;
+        self.check_keys(table, LIBVIRT_KEYS, "in [libvirt]")?;
+        let Some(uri) = table.get("uri") else {
+            return Err(self
+                .source
+                .error(value.span(), "[libvirt] has no `uri`")
+                .with_help(
+                    "add `uri = \"qemu:///system\"` (or qemu:///session, qemu+ssh://host/system)",
+                ));
+        };
+        let text = self.string(uri, "uri", "\"qemu:///system\"")?;
+        if !text.contains("://") {
+            return Err(self
+                .source
+                .error(uri.span(), format!("`{text}` is not a libvirt URI"))
+                .with_help(
+                    "a libvirt URI looks like `qemu:///system` or `qemu+ssh://host/system`",
+                ));
+        }
+        Ok(text.to_owned())
     }
 
     fn topology_name(&self, root: &DeTable<'_>) -> Result<String> {

@@ -234,6 +234,7 @@ fn topology(machines: Vec<Machine>) -> Topology {
         checks: Vec::new(),
         build: None,
         steps: vec![],
+        libvirt_uri: None,
     }
 }
 

@@ -47,6 +47,7 @@ fn topology(dir: &Path, machines: Vec<Machine>) -> Topology {
         checks: Vec::new(),
         build: None,
         steps: vec![],
+        libvirt_uri: None,
     }
 }
 

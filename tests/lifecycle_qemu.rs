@@ -1,108 +1,14 @@
 //! End to end on real VMs (qemu, TCG here): one two-machine testbed shared by
 //! every assertion of the lifecycle — up, private network, ssh, halt, resume,
 //! converged up, destroy — because each boot costs seconds under emulation.
+//! The same scenario runs on libvirt in `lifecycle_libvirt.rs`.
 
 mod common;
 
-use common::{processes_mentioning, Bed};
-
-const PAIR: &str = r#"
-name = "e2e-pair"
-[defaults]
-memory = "768MiB"
-[networks.lan]
-subnet = "192.168.33.0/24"
-[machines.alpha]
-ip = "192.168.33.2"
-[machines.beta]
-ip = "192.168.33.3"
-"#;
+use common::{scenarios, Bed};
 
 #[test]
 fn two_machines_live_halt_resume_and_leave_nothing_behind() {
-    let bed = Bed::new(PAIR);
-    bed.ok(&["up", "topology.toml"]);
-    assert_eq!(
-        bed.states(),
-        vec![
-            ("alpha".to_string(), "running".to_string()),
-            ("beta".to_string(), "running".to_string())
-        ]
-    );
-
-    // Identity: each machine knows its name.
-    assert_eq!(bed.ok(&["ssh", "alpha", "--", "hostname"]).trim(), "alpha");
-
-    // Each machine reaches the other on its private IP.
-    bed.ok(&[
-        "ssh",
-        "alpha",
-        "--",
-        "nc",
-        "-z",
-        "-w",
-        "5",
-        "192.168.33.3",
-        "22",
-    ]);
-    bed.ok(&[
-        "ssh",
-        "beta",
-        "--",
-        "nc",
-        "-z",
-        "-w",
-        "5",
-        "192.168.33.2",
-        "22",
-    ]);
-
-    // A command's exit status comes back.
-    let failed = bed.testbed(&["ssh", "alpha", "--", "false"]);
-    assert_eq!(failed.status.code(), Some(1), "ssh -- false must exit 1");
-
-    bed.ok(&["ssh", "alpha", "--", "echo kept > /root/marker && sync"]);
-
-    bed.ok(&["halt"]);
-    assert_eq!(
-        bed.states(),
-        vec![
-            ("alpha".to_string(), "stopped".to_string()),
-            ("beta".to_string(), "stopped".to_string())
-        ]
-    );
-    let dir = bed.path().to_string_lossy().into_owned();
-    assert!(
-        processes_mentioning(&dir).is_empty(),
-        "halt left processes behind"
-    );
-
-    bed.ok(&["up"]);
-    assert_eq!(
-        bed.ok(&["ssh", "alpha", "--", "cat", "/root/marker"])
-            .trim(),
-        "kept"
-    );
-    bed.ok(&["ssh", "beta", "--", "nc", "-z", "-w", "5", "alpha", "22"]);
-
-    let again = bed.ok(&["up"]);
-    assert!(
-        again.contains("nothing to do"),
-        "converged up said: {again}"
-    );
-
-    bed.ok(&["destroy", "-f"]);
-    assert!(
-        !bed.path().join(".testbed").exists(),
-        ".testbed/ left behind"
-    );
-    assert!(
-        processes_mentioning(&dir).is_empty(),
-        "destroy left processes behind"
-    );
-    let status = bed.testbed(&["status"]);
-    assert!(
-        !status.status.success(),
-        "status after destroy must say there is no testbed"
-    );
+    let bed = Bed::new(&scenarios::pair("qemu"));
+    scenarios::two_machines_live_halt_resume_and_leave_nothing_behind(&bed);
 }

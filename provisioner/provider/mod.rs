@@ -2,6 +2,8 @@
 //! sees `dyn Provider`; which backend runs a machine is decided here.
 
 pub mod kvm;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod qemu;
 mod qmp;
 pub mod switch;
@@ -35,7 +37,7 @@ pub enum ProviderError {
         what: String,
         source: std::io::Error,
     },
-    #[error("the {0} provider is not available in this build yet; use provider = \"qemu\"")]
+    #[error("the {0} provider is not available in this build; use provider = \"qemu\" (libvirt needs the cargo feature `libvirt`)")]
     Unavailable(&'static str),
     #[error("{0}")]
     Other(String),
@@ -119,11 +121,47 @@ pub trait Provider: Send + Sync {
     fn management(&self, mac: &str) -> Management;
 }
 
+/// Where the providers that talk to a daemon find it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The libvirt connection URI: the topology's `[libvirt] uri`, else
+    /// `$TESTBED_LIBVIRT_URI`, else `qemu:///system`.
+    pub libvirt_uri: String,
+}
+
+impl Settings {
+    /// The settings for a topology that may name a libvirt URI.
+    pub fn new(libvirt_uri: Option<&str>) -> Settings {
+        let from_env = std::env::var("TESTBED_LIBVIRT_URI").ok();
+        Settings {
+            libvirt_uri: libvirt_uri
+                .map(str::to_owned)
+                .or(from_env)
+                .unwrap_or_else(|| "qemu:///system".to_owned()),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::new(None)
+    }
+}
+
 /// The backend for a provider kind.
-pub fn for_kind(kind: ProviderKind) -> Result<Box<dyn Provider>, ProviderError> {
+pub fn for_kind(
+    kind: ProviderKind,
+    settings: &Settings,
+) -> Result<Box<dyn Provider>, ProviderError> {
     match kind {
         ProviderKind::Qemu => Ok(Box::new(qemu::Qemu)),
-        ProviderKind::Libvirt => Err(ProviderError::Unavailable("libvirt")),
+        #[cfg(feature = "libvirt")]
+        ProviderKind::Libvirt => Ok(Box::new(libvirt::Libvirt::new(&settings.libvirt_uri))),
+        #[cfg(not(feature = "libvirt"))]
+        ProviderKind::Libvirt => {
+            let _ = settings;
+            Err(ProviderError::Unavailable("libvirt"))
+        }
         ProviderKind::Virtualbox => Err(ProviderError::Unavailable("virtualbox")),
     }
 }

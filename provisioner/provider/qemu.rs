@@ -116,12 +116,7 @@ impl Provider for Qemu {
     /// qemu's user-mode network: the guest is 10.0.2.15, the host 10.0.2.2,
     /// qemu's DNS forwarder 10.0.2.3.
     fn management(&self, mac: &str) -> Management {
-        Management {
-            mac: mac.to_string(),
-            address: "10.0.2.15/24".into(),
-            gateway: Ipv4Addr::new(10, 0, 2, 2),
-            dns: Ipv4Addr::new(10, 0, 2, 3),
-        }
+        user_net_management(mac)
     }
 }
 
@@ -174,10 +169,7 @@ pub fn qemu_args(vm: &VmSpec) -> Vec<String> {
         "-initrd".into(),
         vm.image.initrd.to_string_lossy().into_owned(),
         "-append".into(),
-        format!(
-            "root=/dev/vda rw console=ttyS0 quiet systemd.machine_id={}",
-            vm.machine_id
-        ),
+        kernel_cmdline(vm),
         "-drive".into(),
         format!(
             "file={},if=none,id=root,format=qcow2,discard=unmap",
@@ -225,8 +217,26 @@ pub fn qemu_args(vm: &VmSpec) -> Vec<String> {
     args
 }
 
+/// The kernel command line of our images (direct kernel boot).
+pub(super) fn kernel_cmdline(vm: &VmSpec) -> String {
+    format!(
+        "root=/dev/vda rw console=ttyS0 quiet systemd.machine_id={}",
+        vm.machine_id
+    )
+}
+
+/// The management NIC as the guest sees it: qemu's user-mode network.
+pub(super) fn user_net_management(mac: &str) -> Management {
+    Management {
+        mac: mac.to_string(),
+        address: "10.0.2.15/24".into(),
+        gateway: Ipv4Addr::new(10, 0, 2, 2),
+        dns: Ipv4Addr::new(10, 0, 2, 3),
+    }
+}
+
 /// User-mode networking: SSH and the topology's forwards, bound on 127.0.0.1.
-fn management_netdev(vm: &VmSpec) -> String {
+pub(super) fn management_netdev(vm: &VmSpec) -> String {
     let mut netdev = format!("user,id=mgmt,hostfwd=tcp:127.0.0.1:{}-:22", vm.ssh_port);
     for forward in &vm.forwards {
         netdev.push_str(&format!(

@@ -2,10 +2,11 @@
 //! drop even when an assertion fails.
 #![allow(dead_code)]
 
+pub mod libvirtd;
+pub mod scenarios;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
-
-use assert_cmd::Command;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -13,6 +14,8 @@ pub fn repo() -> PathBuf {
 
 pub struct Bed {
     dir: tempfile::TempDir,
+    /// Run testbed inside this libvirtd's network namespace, with its URI.
+    libvirtd: Option<(String, String)>,
 }
 
 impl Bed {
@@ -20,7 +23,18 @@ impl Bed {
     pub fn new(topology: &str) -> Bed {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("topology.toml"), topology).expect("write topology");
-        Bed { dir }
+        Bed {
+            dir,
+            libvirtd: None,
+        }
+    }
+
+    /// A testbed whose commands run inside `libvirtd`'s network namespace
+    /// (where its guests' forwarded ports are) and talk to it.
+    pub fn with_libvirtd(topology: &str, libvirtd: &libvirtd::PrivateLibvirtd) -> Bed {
+        let mut bed = Bed::new(topology);
+        bed.libvirtd = Some((libvirtd.netns.clone(), libvirtd.uri.clone()));
+        bed
     }
 
     pub fn path(&self) -> &Path {
@@ -28,14 +42,27 @@ impl Bed {
     }
 
     pub fn testbed(&self, args: &[&str]) -> Output {
-        Command::cargo_bin("testbed")
-            .expect("binary")
+        self.command(args).output().expect("run testbed")
+    }
+
+    /// The command `testbed ARGS` in this bed (not started).
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let binary = assert_cmd::cargo::cargo_bin("testbed");
+        let mut command = match &self.libvirtd {
+            Some((netns, uri)) => {
+                let mut command = std::process::Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(&binary);
+                command.env("TESTBED_LIBVIRT_URI", uri);
+                command
+            }
+            None => std::process::Command::new(&binary),
+        };
+        command
             .current_dir(self.path())
             .env("TESTBED_IMAGES", repo().join("images"))
             .env("TESTBED_DAEMONS", repo().join("daemons"))
-            .args(args)
-            .output()
-            .expect("run testbed")
+            .args(args);
+        command
     }
 
     /// Runs testbed and asserts success, returning stdout.

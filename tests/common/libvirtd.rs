@@ -1,0 +1,86 @@
+//! A real libvirtd of the test's own, inside a network namespace the test
+//! creates (tests/support/libvirtd-netns.sh), stopped and removed on drop.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use super::repo;
+
+pub struct PrivateLibvirtd {
+    pub netns: String,
+    pub uri: String,
+    dir: PathBuf,
+}
+
+impl PrivateLibvirtd {
+    /// Starts one, or says why it cannot start here.
+    pub fn start(name: &str) -> Result<PrivateLibvirtd, String> {
+        // Short: the socket path must fit in 108 bytes.
+        let dir = PathBuf::from(format!("/tmp/tb-{name}-{}", std::process::id()));
+        let netns = format!("tb-{name}-{}", std::process::id());
+        let output = Command::new(script())
+            .args(["start", &netns])
+            .arg(&dir)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
+        let daemon = PrivateLibvirtd {
+            netns,
+            uri: String::from_utf8_lossy(&output.stdout).trim().to_string(),
+            dir,
+        };
+        if !output.status.success() {
+            return Err(format!(
+                "libvirtd-netns.sh start failed ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        Ok(daemon)
+    }
+
+    /// `virsh -c URI ARGS…`, stdout (which must succeed).
+    pub fn virsh(&self, args: &[&str]) -> String {
+        let output = Command::new("virsh")
+            .args(["-q", "-c", &self.uri])
+            .args(args)
+            .output()
+            .expect("run virsh");
+        assert!(
+            output.status.success(),
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// What libvirt holds: every domain, network and volume of the pool.
+    pub fn inventory(&self) -> (String, String, String) {
+        let volumes = if self
+            .virsh(&["pool-list", "--all", "--name"])
+            .contains("testbed")
+        {
+            self.virsh(&["vol-list", "testbed"])
+        } else {
+            String::new()
+        };
+        (
+            self.virsh(&["list", "--all", "--name"]),
+            self.virsh(&["net-list", "--all", "--name"]),
+            volumes,
+        )
+    }
+}
+
+impl Drop for PrivateLibvirtd {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .args(["stop", &self.netns])
+            .arg(&self.dir)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn script() -> PathBuf {
+    repo().join("tests/support/libvirtd-netns.sh")
+}

@@ -1,0 +1,101 @@
+//! End to end on libvirt: a real libvirtd of the test's own, in a network
+//! namespace the test creates. One daemon serves, in turn: the two-machine
+//! lifecycle scenario the qemu provider runs (`scenarios`), the zk-ensemble
+//! checks (`up --provider libvirt`), and an `up` killed with SIGKILL. After
+//! each `destroy`, libvirt's domains, networks and volumes are as before.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::libvirtd::PrivateLibvirtd;
+use common::{processes_mentioning, repo, scenarios, Bed};
+
+#[test]
+fn libvirt_runs_the_lifecycle_the_ensemble_and_survives_a_killed_up() {
+    let libvirtd = match PrivateLibvirtd::start("lv") {
+        Ok(daemon) => daemon,
+        Err(why) => {
+            eprintln!(
+                "\n\n*** SKIPPED: libvirt end-to-end tests: libvirtd cannot start here ***\n{why}\n\
+                 (install libvirt-daemon-system and dnsmasq-base, and run as root)\n"
+            );
+            return;
+        }
+    };
+    let before = libvirtd.inventory();
+
+    let pair = Bed::with_libvirtd(&scenarios::pair("libvirt"), &libvirtd);
+    scenarios::two_machines_live_halt_resume_and_leave_nothing_behind(&pair);
+    assert_eq!(libvirtd.inventory(), before, "destroy restores libvirt");
+
+    ensemble_checks_pass(&libvirtd);
+    assert_eq!(libvirtd.inventory(), before, "destroy restores libvirt");
+
+    killed_up_is_seen_and_destroyed(&libvirtd);
+    assert_eq!(libvirtd.inventory(), before, "destroy restores libvirt");
+}
+
+/// zk-ensemble with every machine moved to libvirt by `--provider`: the
+/// domains show up in virsh, and all six checks pass.
+fn ensemble_checks_pass(libvirtd: &PrivateLibvirtd) {
+    let text = std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml"))
+        .expect("zk-ensemble.toml");
+    let bed = Bed::with_libvirtd(&text, libvirtd);
+    let up = bed.ok(&["up", "--provider", "libvirt", "topology.toml"]);
+    assert!(up.contains("PASS") && !up.contains("FAIL"), "{up}");
+    let domains = libvirtd.virsh(&["list", "--name"]);
+    for machine in ["zk-1", "zk-2", "zk-3"] {
+        assert!(
+            domains.lines().any(|d| d.ends_with(&format!("-{machine}"))),
+            "{machine} runs as a libvirt domain: {domains}"
+        );
+    }
+    let verify: serde_json::Value =
+        serde_json::from_str(&bed.ok(&["verify", "--json"])).expect("verify --json");
+    let checks = verify["checks"].as_array().expect("checks");
+    assert_eq!(checks.len(), 6, "{verify}");
+    assert!(checks.iter().all(|c| c["passed"] == true), "{verify}");
+    bed.ok(&["destroy", "-f"]);
+}
+
+/// SIGKILL during `up`: `status` still tells the truth from libvirt, and
+/// `destroy` removes exactly what was made.
+fn killed_up_is_seen_and_destroyed(libvirtd: &PrivateLibvirtd) {
+    let bed = Bed::with_libvirtd(&scenarios::pair("libvirt"), libvirtd);
+    let mut up = bed
+        .command(&["up", "topology.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start up");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while libvirtd.virsh(&["list", "--name"]).is_empty() {
+        assert!(Instant::now() < deadline, "no domain started within 120 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    up.kill().expect("SIGKILL up");
+    let _ = up.wait();
+
+    let status = bed.ok(&["status", "--json"]);
+    let states: serde_json::Value = serde_json::from_str(&status).expect("status --json");
+    let running = states
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|m| m["state"] == "running")
+        .count();
+    let active = libvirtd.virsh(&["list", "--name"]).lines().count();
+    assert_eq!(running, active, "status agrees with libvirt: {status}");
+
+    // Behind testbed's back: libvirt's word wins.
+    for domain in libvirtd.virsh(&["list", "--name"]).lines() {
+        libvirtd.virsh(&["destroy", domain]);
+    }
+    let status = bed.ok(&["status", "--json"]);
+    assert!(!status.contains("\"running\""), "{status}");
+
+    bed.ok(&["destroy", "-f"]);
+    let dir = bed.path().to_string_lossy().into_owned();
+    assert!(processes_mentioning(&dir).is_empty(), "processes left");
+}
