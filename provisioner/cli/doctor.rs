@@ -49,12 +49,7 @@ pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
             "apt-get install openssh-client",
         ),
         userns_check(),
-        version_check(
-            "libvirt (virsh)",
-            "virsh",
-            &["--version"],
-            "apt-get install libvirt-clients libvirt-daemon-system (provider libvirt)",
-        ),
+        libvirt_check(),
         version_check(
             "VirtualBox",
             "VBoxManage",
@@ -131,6 +126,45 @@ fn kvm_check() -> Check {
         },
         fix: "optional: a host where /dev/kvm boots guests (nested virtualisation enabled)",
     }
+}
+
+/// Whether the libvirt provider can reach libvirtd, and at which URI.
+fn libvirt_check() -> Check {
+    let settings = crate::provider::Settings::default();
+    let uri = settings.libvirt_uri;
+    let (ok, detail) = libvirt_reachable(&uri);
+    Check {
+        name: "libvirt",
+        ok,
+        detail,
+        fix: "apt-get install libvirt-daemon-system, start libvirtd, or set TESTBED_LIBVIRT_URI \
+              (provider libvirt only)",
+    }
+}
+
+#[cfg(feature = "libvirt")]
+fn libvirt_reachable(uri: &str) -> (bool, String) {
+    match crate::provider::libvirt::connect(uri) {
+        Ok(conn) => {
+            let version = conn
+                .lib_version()
+                .map(|v| format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000))
+                .unwrap_or_else(|_| "?".into());
+            (true, format!("reachable at {uri} (libvirt {version})"))
+        }
+        Err(e) => (
+            false,
+            e.to_string().lines().next().unwrap_or_default().to_string(),
+        ),
+    }
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn libvirt_reachable(_uri: &str) -> (bool, String) {
+    (
+        false,
+        "this build has no libvirt provider (cargo feature `libvirt`)".into(),
+    )
 }
 
 fn userns_check() -> Check {
