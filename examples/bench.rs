@@ -9,7 +9,11 @@
 //!   machines, five daemons), with where that time goes, read from `up`'s
 //!   own progress lines.
 //!
-//! `BENCH=slurm` runs only the last part.
+//! - with a private libvirtd (root; tests/support/libvirtd-netns.sh), `up`
+//!   to SSH-ready for 3 machines on the libvirt provider beside the qemu
+//!   provider, interleaved round by round.
+//!
+//! `BENCH=slurm` or `BENCH=libvirt` runs only that part.
 //!
 //! It prints a table of medians and ratios. Nothing here asserts: figures
 //! are for people to read and compare.
@@ -51,6 +55,8 @@ fn topology(name: &str, machines: usize) -> String {
 
 struct Bed {
     dir: PathBuf,
+    /// Run inside this network namespace, against this libvirt URI.
+    libvirt: Option<(String, String)>,
 }
 
 impl Bed {
@@ -62,13 +68,28 @@ impl Bed {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).expect("bench dir");
         std::fs::write(dir.join("topology.toml"), text).expect("topology");
-        Bed { dir }
+        Bed { dir, libvirt: None }
+    }
+
+    /// `testbed ARGS` in this bed (inside the libvirt netns when it has one).
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = match &self.libvirt {
+            Some((netns, uri)) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(testbed_binary());
+                command.env("TESTBED_LIBVIRT_URI", uri);
+                command
+            }
+            None => Command::new(testbed_binary()),
+        };
+        command.current_dir(&self.dir).args(args);
+        command
     }
 
     fn run(&self, args: &[&str]) -> Duration {
         let start = Instant::now();
-        let status = Command::new(testbed_binary())
-            .current_dir(&self.dir)
+        let status = self
+            .command(&[])
             .env("TESTBED_IMAGES", repo().join("images"))
             .env("TESTBED_DAEMONS", repo().join("daemons"))
             .args(args)
@@ -88,9 +109,8 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        let _ = Command::new(testbed_binary())
-            .current_dir(&self.dir)
-            .args(["destroy", "-f"])
+        let _ = self
+            .command(&["destroy", "-f"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -651,7 +671,100 @@ fn slurm_breakdown(root: &Path) {
     );
 }
 
+/// A private libvirtd in a network namespace (tests/support/libvirtd-netns.sh).
+struct Libvirtd {
+    netns: String,
+    dir: PathBuf,
+    uri: String,
+}
+
+impl Libvirtd {
+    fn start() -> Result<Libvirtd, String> {
+        let netns = format!("tb-bench-{}", std::process::id());
+        let dir = PathBuf::from(format!("/tmp/tb-bench-{}", std::process::id()));
+        let output = Command::new(repo().join("tests/support/libvirtd-netns.sh"))
+            .args(["start", &netns])
+            .arg(&dir)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let daemon = Libvirtd {
+            netns,
+            dir,
+            uri: String::from_utf8_lossy(&output.stdout).trim().to_string(),
+        };
+        if output.status.success() {
+            Ok(daemon)
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("tests/support/libvirtd-netns.sh"))
+            .args(["stop", &self.netns])
+            .arg(&self.dir)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `up` to SSH-ready for 3 machines on libvirt and on qemu, interleaved
+/// round by round; `None` when no libvirtd can be started here.
+fn libvirt_beside_qemu(root: &Path, rounds: usize) -> Option<(Duration, Duration)> {
+    let libvirtd = match Libvirtd::start() {
+        Ok(daemon) => daemon,
+        Err(why) => {
+            eprintln!("libvirt: skipped, no private libvirtd here: {why}");
+            return None;
+        }
+    };
+    let text = topology("bench-lv", 3).replace(
+        "[networks.lan]",
+        "[defaults]\nprovider = \"libvirt\"\n[networks.lan]",
+    );
+    let mut on_libvirt = Bed::with_text(root, "bench-lv", &text);
+    on_libvirt.libvirt = Some((libvirtd.netns.clone(), libvirtd.uri.clone()));
+    let on_qemu = Bed::new(root, "bench-qemu3", 3);
+    eprintln!("libvirt: warming (capabilities probe, pool)");
+    on_libvirt.run(&["up", "topology.toml"]);
+    on_libvirt.run(&["destroy", "-f"]);
+    let (mut libvirt, mut qemu) = (vec![], vec![]);
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}: libvirt and qemu, 3 machines", round + 1);
+        libvirt.push(on_libvirt.run(&["up", "topology.toml"]));
+        on_libvirt.run(&["destroy", "-f"]);
+        qemu.push(on_qemu.run(&["up", "topology.toml"]));
+        on_qemu.run(&["destroy", "-f"]);
+    }
+    Some((median(libvirt), median(qemu)))
+}
+
+fn print_libvirt_row(figures: Option<(Duration, Duration)>) {
+    if let Some((libvirt, qemu)) = figures {
+        row(
+            "libvirt: up to SSH-ready, 3 machines",
+            libvirt,
+            Some(("qemu provider, 3 machines", qemu)),
+        );
+    }
+}
+
 fn main() {
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(2);
+    if std::env::var("BENCH").as_deref() == Ok("libvirt") {
+        std::env::set_var("TESTBED_IMAGES", repo().join("images"));
+        std::env::set_var("TESTBED_DAEMONS", repo().join("daemons"));
+        let root = tempfile::tempdir().expect("tempdir");
+        let figures = libvirt_beside_qemu(root.path(), rounds);
+        println!("\ntestbed benchmark: libvirt beside qemu (TCG, warm image cache, medians of {rounds})\n");
+        print_libvirt_row(figures);
+        return;
+    }
     if std::env::var("BENCH").as_deref() == Ok("slurm") {
         std::env::set_var("TESTBED_IMAGES", repo().join("images"));
         std::env::set_var("TESTBED_DAEMONS", repo().join("daemons"));
@@ -664,10 +777,6 @@ fn main() {
     std::env::set_var("TESTBED_IMAGES", repo().join("images"));
     std::env::set_var("TESTBED_DAEMONS", repo().join("daemons"));
     let root = tempfile::tempdir().expect("tempdir");
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(2);
     eprintln!("warming: image cache and KVM probe");
     let one = Bed::new(root.path(), "bench-one", 1);
     one.run(&["up", "topology.toml"]);
@@ -733,6 +842,8 @@ fn main() {
         }
     }
     let zk_verify = repeat(3, || zk.run(&["verify"]));
+    drop(zk); // destroys the ensemble: what follows gets both cores
+    let libvirt = libvirt_beside_qemu(root.path(), rounds);
 
     println!(
         "\ntestbed benchmark (TCG, warm image cache, medians of {rounds} boot rounds / 10 runs)\n"
@@ -764,6 +875,6 @@ fn main() {
         tb_ssh,
         Some(("plain ssh, new connection", plain)),
     );
-    drop(zk); // destroys the ensemble: the slurm figures get both cores
+    print_libvirt_row(libvirt);
     slurm_breakdown(root.path());
 }
