@@ -119,6 +119,8 @@ pub struct MachineStatus {
     /// `host:port` of its SSH, when it has been created.
     pub ssh: Option<String>,
     pub ips: BTreeMap<String, Ipv4Addr>,
+    /// False for a machine that still exists but is no longer in the file.
+    pub in_topology: bool,
 }
 
 /// What `up` did, for the summary line.
@@ -265,9 +267,12 @@ impl Testbed {
     }
 
     /// Every machine's state, from the record and the provider (never the guest).
+    /// Machines that were removed from the topology but still exist come
+    /// last, marked `in_topology: false` (`destroy` removes them).
     pub fn status(&self) -> Result<Vec<MachineStatus>> {
         let record = self.state.load()?;
-        self.topology
+        let mut statuses = self
+            .topology
             .machines
             .iter()
             .map(|machine| {
@@ -280,9 +285,26 @@ impl Testbed {
                     provider: machine.provider.as_str().into(),
                     ssh: saved.map(|r| format!("127.0.0.1:{}", r.ssh_port)),
                     ips: machine.ips.clone(),
+                    in_topology: true,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        for (name, saved) in &record.machines {
+            if self.topology.machine(name).is_some() {
+                continue;
+            }
+            let provider = provider::for_kind(saved.provider, &self.provider_settings())?;
+            let observed = provider.state(&self.state.machine_dir(name));
+            statuses.push(MachineStatus {
+                name: name.clone(),
+                state: state_word(Some(saved), observed),
+                provider: saved.provider.as_str().into(),
+                ssh: Some(format!("127.0.0.1:{}", saved.ssh_port)),
+                ips: BTreeMap::new(),
+                in_topology: false,
+            });
+        }
+        Ok(statuses)
     }
 
     /// Builds missing images, boots what is not running, applies identities

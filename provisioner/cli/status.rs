@@ -10,7 +10,7 @@ use crate::lifecycle::Testbed;
 pub struct Args {
     #[command(flatten)]
     at: super::At,
-    /// Print a JSON array of {name, state, provider, ssh, ips}
+    /// Print a JSON array of {name, state, provider, ssh, ips, in_topology}
     #[arg(long)]
     json: bool,
 }
@@ -25,8 +25,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("Current machine states ({}):\n", testbed.topology.name);
     for machine in &machines {
         let ips: Vec<String> = machine.ips.values().map(|ip| ip.to_string()).collect();
+        let removed = if machine.in_topology {
+            ""
+        } else {
+            "  (no longer in the topology: `testbed destroy` removes it)"
+        };
         println!(
-            "{:<20} {:<12} ({}) {} {}",
+            "{:<20} {:<12} ({}) {} {}{removed}",
             machine.name,
             machine.state,
             machine.provider,
