@@ -69,6 +69,21 @@ pub fn two_machines_live_halt_resume_and_leave_nothing_behind(bed: &Bed) {
         "converged up said: {again}"
     );
 
+    // A machine removed from the file while it runs is still shown.
+    let file = bed.path().join("topology.toml");
+    let text = std::fs::read_to_string(&file).expect("topology");
+    let without_beta = text.replace("[machines.beta]\nip = \"192.168.33.3\"\n", "");
+    std::fs::write(&file, &without_beta).expect("rewrite");
+    let status: serde_json::Value =
+        serde_json::from_str(&bed.ok(&["status", "--json"])).expect("status --json");
+    let beta = status
+        .as_array()
+        .and_then(|all| all.iter().find(|m| m["name"] == "beta"))
+        .unwrap_or_else(|| panic!("beta is still listed: {status}"));
+    assert_eq!(beta["in_topology"], false, "{status}");
+    assert_eq!(beta["state"], "running", "{status}");
+    std::fs::write(&file, text).expect("restore");
+
     bed.ok(&["destroy", "-f"]);
     assert!(
         !bed.path().join(".testbed").exists(),
