@@ -74,6 +74,16 @@ pub enum Error {
         from: &'static str,
         to: &'static str,
     },
+    #[error(
+        "network `{network}` was made by the {made_by} provider, but machine `{machine}` is on \
+         {wanted}\n  help: run `testbed up --provider {made_by}`, or `testbed destroy` first"
+    )]
+    NetworkProvider {
+        network: String,
+        made_by: &'static str,
+        machine: String,
+        wanted: &'static str,
+    },
     #[error("no step named `{name}`{known}")]
     UnknownStep { name: String, known: String },
     #[error("{machine}: {source}")]
@@ -343,6 +353,7 @@ impl Testbed {
             };
             if plan.converged(&record) && provisioned {
                 readiness.set(&name, true);
+                readiness.set(&provision::reachable(&name), true);
                 report.unchanged.push(name);
             } else {
                 todo.push(plan);
@@ -378,6 +389,7 @@ impl Testbed {
                 let name = plan.machine.name.clone();
                 let result = up_machine(plan, target, &ctx, &task).await;
                 ctx.readiness.set(&name, result.is_ok());
+                ctx.readiness.settle(&provision::reachable(&name), false);
                 match &result {
                     Ok(_) => task.finish("ready"),
                     Err(e) => task.finish(&format!("failed: {}", first_line(&e.to_string()))),
@@ -684,6 +696,18 @@ impl Testbed {
         for plan in plans {
             for nic in &plan.spec.nics {
                 if done.insert(nic.network.name.clone()) {
+                    let kind = plan.machine.provider;
+                    match record.networks.get(&nic.network.name) {
+                        Some(made_by) if *made_by != kind => {
+                            return Err(Error::NetworkProvider {
+                                network: nic.network.name.clone(),
+                                made_by: made_by.as_str(),
+                                machine: plan.machine.name.clone(),
+                                wanted: kind.as_str(),
+                            })
+                        }
+                        _ => {}
+                    }
                     // Recorded first: a killed `up` leaves nothing `destroy`
                     // does not know of.
                     record
@@ -876,11 +900,11 @@ fn remove_networks(state: &StateDir, record: &mut Record) -> Result<()> {
             networks.entry(name).or_default();
         }
     }
-    for (name, kind) in networks {
-        provider::for_kind(kind, &provider::Settings::default())?.remove_network(&NetworkSpec {
-            dir: state.network_dir(&name),
-            name,
-        })?;
+    for (name, recorded) in networks {
+        let dir = state.network_dir(&name);
+        let kind = provider::kind_made(&dir).unwrap_or(recorded);
+        provider::for_kind(kind, &provider::Settings::default())?
+            .remove_network(&NetworkSpec { dir, name })?;
     }
     Ok(())
 }
@@ -960,12 +984,13 @@ impl UpContext {
         Ok(())
     }
 
-    /// Records a machine, keeping what its daemons' record says: files
-    /// pushed before a halt are still on its disk.
-    fn record_machine(&self, name: &str, mut saved: MachineRecord) -> Result<()> {
+    /// Records a machine about to boot. What was pushed to its disk is kept,
+    /// unless the disk is new (`fresh_disk`): then everything is pushed again.
+    fn record_machine(&self, name: &str, mut saved: MachineRecord, fresh_disk: bool) -> Result<()> {
         let mut record = lock_record(&self.record);
-        if let Some(previous) = record.machines.get(name) {
+        if let Some(previous) = record.machines.get(name).filter(|_| !fresh_disk) {
             saved.daemons = previous.daemons.clone();
+            saved.artifacts = previous.artifacts.clone();
         }
         record.machines.insert(name.to_string(), saved);
         self.state.save(&record)?;
@@ -1007,7 +1032,8 @@ fn check_build(topology: &Topology) -> Result<()> {
 }
 
 /// Starts the build step of `up` unless it is current: on the host at once,
-/// on a machine once that machine is up. Opens [`BUILD_GATE`] when done.
+/// on a machine as soon as it answers SSH (not waiting for its daemons or
+/// dependencies, which could wait for the build). Opens [`BUILD_GATE`].
 fn spawn_build(
     ctx: &UpContext,
     current: bool,
@@ -1039,7 +1065,7 @@ async fn run_build(plan: &topology::Build, ctx: &UpContext, task: &Task) -> Resu
         Builder::Host => build::run_on_host(plan, &ctx.topology, &log, &on_line).await?,
         Builder::Machine(name) => {
             task.set(&format!("waiting for {name}"));
-            if !ctx.readiness.wait(name).await {
+            if !ctx.readiness.wait(&provision::reachable(name)).await {
                 return Err(Error::BuilderNotRunning(name.clone()));
             }
             let session = ctx.machines.session(name).await?;
@@ -1070,6 +1096,8 @@ async fn up_machine(
     if !plan.converged(&lock_record(&ctx.record)) {
         bring_up(plan, target, ctx, task).await?;
     }
+    ctx.readiness
+        .set(&provision::reachable(&machine.name), true);
     provision_and_record(&machine, ctx, task).await
 }
 
@@ -1080,6 +1108,18 @@ async fn provision_and_record(
     task: &Task,
 ) -> Result<Vec<Outcome>> {
     if machine.daemons.is_empty() && machine.artifacts.is_empty() {
+        // Nothing to push; the record must say so too, or `up` would never
+        // find a machine whose last daemon was removed converged.
+        let stale = lock_record(&ctx.record)
+            .machines
+            .get(&machine.name)
+            .is_some_and(|saved| !saved.daemons.is_empty() || saved.artifacts.is_some());
+        if stale {
+            ctx.update(&machine.name, |saved| {
+                saved.daemons.clear();
+                saved.artifacts = None;
+            })?;
+        }
         return Ok(Vec::new());
     }
     let applied = lock_record(&ctx.record)
@@ -1133,6 +1173,7 @@ async fn bring_up(
                 daemons: BTreeMap::new(),
                 artifacts: None,
             },
+            plan.observed == VmState::Absent,
         )?;
         if plan.observed == VmState::Absent {
             task.set("creating disk");
@@ -1357,16 +1398,13 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
         })
         .unwrap_or_default();
     for name in names {
-        let kind = record
-            .machines
-            .get(&name)
-            .map(|r| r.provider)
-            .unwrap_or_default();
+        let dir = state.machine_dir(&name);
+        let recorded = record.machines.get(&name).map(|r| r.provider);
+        let kind = provider::kind_made(&dir).or(recorded).unwrap_or_default();
         let provider = provider::for_kind(kind, &provider::Settings::default())?;
         let task = progress.task(&name);
         task.set("destroying");
         stop_control_master(state, &name).await;
-        let dir = state.machine_dir(&name);
         blocking(move || provider.destroy(&dir)).await?;
         task.finish("destroyed");
         removed.push(name);

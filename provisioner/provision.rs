@@ -355,28 +355,52 @@ pub struct Readiness {
 /// `dist/` (or the build was current), false when it failed.
 pub const BUILD_GATE: &str = "the build";
 
+/// The readiness entry that opens once `machine` answers SSH with its
+/// identity applied, before its own daemons and dependencies: what the build
+/// step waits for on its builder.
+pub fn reachable(machine: &str) -> String {
+    format!("{machine} (reachable)")
+}
+
 impl Readiness {
+    /// An entry per machine (its daemons are ready), per machine's SSH
+    /// ([`reachable`]) and for the build ([`BUILD_GATE`]).
     pub fn new(topology: &Topology) -> Readiness {
-        let mut senders: BTreeMap<String, watch::Sender<Option<bool>>> = topology
-            .machines
-            .iter()
-            .map(|m| (m.name.clone(), watch::channel(None).0))
-            .collect();
+        let mut senders: BTreeMap<String, watch::Sender<Option<bool>>> = BTreeMap::new();
+        for machine in &topology.machines {
+            senders.insert(machine.name.clone(), watch::channel(None).0);
+            senders.insert(reachable(&machine.name), watch::channel(None).0);
+        }
         if topology.build.is_some() {
             senders.insert(BUILD_GATE.to_string(), watch::channel(None).0);
         }
         Readiness { senders }
     }
 
-    pub fn set(&self, machine: &str, ready: bool) {
-        if let Some(sender) = self.senders.get(machine) {
+    pub fn set(&self, key: &str, ready: bool) {
+        if let Some(sender) = self.senders.get(key) {
             sender.send_replace(Some(ready));
         }
     }
 
-    /// Waits until `machine`'s daemons are ready; false if they failed.
-    pub async fn wait(&self, machine: &str) -> bool {
-        let Some(sender) = self.senders.get(machine) else {
+    /// Sets `key` unless it is set already (a machine that failed after it
+    /// became reachable stays reachable).
+    pub fn settle(&self, key: &str, ready: bool) {
+        if let Some(sender) = self.senders.get(key) {
+            sender.send_if_modified(|value| {
+                let pending = value.is_none();
+                if pending {
+                    *value = Some(ready);
+                }
+                pending
+            });
+        }
+    }
+
+    /// Waits until `key` (a machine's daemons, or another entry) is ready;
+    /// false if it failed.
+    pub async fn wait(&self, key: &str) -> bool {
+        let Some(sender) = self.senders.get(key) else {
             return true;
         };
         let mut receiver = sender.subscribe();

@@ -1172,7 +1172,43 @@ impl Checker<'_> {
             .map(|(key, value)| self.machine(key, value, defaults, networks, &mut claims))
             .collect::<Result<Vec<_>>>()?;
         self.dependencies(table, &machines)?;
+        self.one_provider_per_network(table, &machines)?;
         Ok(machines)
+    }
+
+    /// A network is made by one provider: a qemu switch and a libvirt
+    /// bridge cannot be one L2 segment.
+    fn one_provider_per_network(&self, table: &DeTable<'_>, machines: &[Machine]) -> Result<()> {
+        let mut first: BTreeMap<&str, &Machine> = BTreeMap::new();
+        for machine in machines {
+            for network in machine.ips.keys() {
+                let earlier = *first.entry(network).or_insert(machine);
+                if earlier.provider == machine.provider {
+                    continue;
+                }
+                let span = table
+                    .get_key_value(machine.name.as_str())
+                    .map(|(key, _)| key.span())
+                    .unwrap_or_default();
+                return Err(self
+                    .source
+                    .error(
+                        span,
+                        format!(
+                            "machine `{}` runs on {} but shares network `{network}` with `{}` on \
+                             {}",
+                            machine.name,
+                            machine.provider.as_str(),
+                            earlier.name,
+                            earlier.provider.as_str()
+                        ),
+                    )
+                    .with_help(
+                        "machines on one network need one provider: set `provider` in [defaults]",
+                    ));
+            }
+        }
+        Ok(())
     }
 
     fn check_name(&self, key: &Key<'_>, what: &str) -> Result<()> {

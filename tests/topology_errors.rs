@@ -112,10 +112,10 @@ ip = "192.168.33.2"
 ip = "192.168.33.3"
 memory = "1GiB"
 cpus = 2
-provider = "libvirt"
 image = "debian-13"
 forward = [{ guest = 2181, host = 12181 }, { guest = 22, host = 2222 }]
 [machines.alpha]
+provider = "libvirt"
 "#;
 
 #[test]
@@ -138,7 +138,7 @@ fn valid_topology_applies_defaults_and_keeps_file_order() {
     assert!(zeta.forwards.is_empty());
 
     let beta = topology.machine("beta").expect("beta");
-    assert_eq!(beta.provider, ProviderKind::Libvirt);
+    assert_eq!(beta.provider, ProviderKind::Qemu);
     assert_eq!(beta.image, "debian-13");
     assert_eq!(beta.cpus, 2);
     assert_eq!(beta.memory_mib, 1024);
@@ -158,6 +158,28 @@ fn valid_topology_applies_defaults_and_keeps_file_order() {
 
     let alpha = topology.machine("alpha").expect("alpha");
     assert!(alpha.ips.is_empty(), "a machine may stay off the network");
+    assert_eq!(
+        alpha.provider,
+        ProviderKind::Libvirt,
+        "off the network: any provider"
+    );
+}
+
+#[test]
+fn machines_on_one_network_share_a_provider() {
+    let text = PAIR.replace(
+        "image = \"debian-13\"",
+        "image = \"debian-13\"\nprovider = \"libvirt\"",
+    );
+    assert_error_at(
+        &text,
+        11,
+        11,
+        &[
+            "machine `beta` runs on libvirt but shares network `lan` with `zeta` on qemu",
+            "one provider",
+        ],
+    );
 }
 
 #[test]

@@ -38,7 +38,7 @@ pub const METADATA_NS: &str = "https://testbed.dev/1";
 /// The storage pool holding the machines' volumes.
 pub const POOL: &str = "testbed";
 /// What testbed made for a machine or network, in its folder.
-const MADE: &str = "libvirt.json";
+const MADE: &str = super::LIBVIRT_MADE;
 
 #[derive(Debug, Clone)]
 pub struct Libvirt {

@@ -121,6 +121,18 @@ pub trait Provider: Send + Sync {
     fn management(&self, mac: &str) -> Management;
 }
 
+/// What the libvirt provider writes into a folder before making its objects.
+pub const LIBVIRT_MADE: &str = "libvirt.json";
+
+/// The provider whose files are in a machine's or network's folder, when
+/// they say so: `destroy` must not take a libvirt machine the record lost
+/// for a qemu one (and delete the only pointer to its domain).
+pub fn kind_made(dir: &Path) -> Option<ProviderKind> {
+    dir.join(LIBVIRT_MADE)
+        .exists()
+        .then_some(ProviderKind::Libvirt)
+}
+
 /// Where the providers that talk to a daemon find it.
 #[derive(Debug, Clone)]
 pub struct Settings {
