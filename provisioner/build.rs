@@ -34,6 +34,11 @@ pub enum BuildError {
     },
     #[error("build on {builder}: {source}")]
     Ssh { builder: String, source: SshError },
+    #[error("build on {builder}: cannot start `sh`: {error}")]
+    Start {
+        builder: String,
+        error: std::io::Error,
+    },
     #[error(
         "build on {builder} failed ({status}); the last lines of its output:\n{tail}\n  \
          help: the whole output is in {}; run it again with `testbed build`",
@@ -148,12 +153,16 @@ pub fn build_path(input: &str) -> Option<PathBuf> {
 }
 
 /// Files below `relative` (itself when it is a file), sorted, relative to
-/// `root`. Symlinks are followed only at the top.
+/// `root`. Symlinks are followed only at the top. The testbed's own state
+/// and `dist/` are never inputs: they change with every run (and hold keys).
 fn input_files(root: &Path, relative: &Path) -> Result<Vec<PathBuf>> {
     let path = root.join(relative);
     let metadata = std::fs::metadata(&path).map_err(input_error(&path))?;
     if !metadata.is_dir() {
         return Ok(vec![relative.to_path_buf()]);
+    }
+    if is_own_folder(root, &path) {
+        return Ok(Vec::new());
     }
     let mut entries: Vec<_> = std::fs::read_dir(&path)
         .map_err(input_error(&path))?
@@ -171,6 +180,17 @@ fn input_files(root: &Path, relative: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+/// Whether `dir` is the topology's `.testbed/` or `dist/` (by real path:
+/// `../topologies/dist` is `dist` too).
+fn is_own_folder(root: &Path, dir: &Path) -> bool {
+    let Ok(real) = dir.canonicalize() else {
+        return false;
+    };
+    [crate::state::STATE_DIR, DIST]
+        .iter()
+        .any(|own| root.join(own).canonicalize().is_ok_and(|path| path == real))
 }
 
 fn hash_file(hasher: &mut Sha256, root: &Path, relative: &Path) -> Result<()> {
@@ -234,8 +254,8 @@ pub async fn run_on_host(
         .arg(&build.run)
         .current_dir(dir)
         .stdin(std::process::Stdio::null());
-    let output = command.output().await.map_err(|error| BuildError::Input {
-        path: dir.to_path_buf(),
+    let output = command.output().await.map_err(|error| BuildError::Start {
+        builder: "host".into(),
         error,
     })?;
     let mut text = output.stdout;
@@ -246,7 +266,11 @@ pub async fn run_on_host(
     }
     if !output.status.success() {
         clear_outputs(build, dir)?;
-        return Err(failed("host", output.status.to_string(), &text, log));
+        let status = match output.status.code() {
+            Some(code) => format!("exit status {code}"),
+            None => output.status.to_string(),
+        };
+        return Err(failed("host", status, &text, log));
     }
     check_outputs(build, dir, "host")?;
     Ok(built(build, started.elapsed()))
@@ -269,13 +293,15 @@ pub async fn run_on_machine(
     let dir = ssh::shell_quote(BUILD_DIR);
     let tar_path = format!("{BUILD_DIR}.inputs.tar");
     on_line("copying inputs");
-    exec_ok(session, &builder, &format!("mkdir -p {dir}"), log).await?;
+    // A clean folder each time: a deleted input must not linger there.
+    let fresh = format!("rm -rf {dir} && mkdir -p {dir}");
+    exec_ok(session, &builder, &fresh, log).await?;
     session
         .upload(&inputs_tar(build, topology.dir())?, &tar_path, 0o600)
         .await
         .map_err(ssh_error)?;
     let unpack = format!(
-        "cd {dir} && tar xf {tar} && rm -f {tar} && rm -rf {DIST}",
+        "cd {dir} && tar xf {tar} && rm -f {tar}",
         tar = ssh::shell_quote(&tar_path)
     );
     exec_ok(session, &builder, &unpack, log).await?;
@@ -351,20 +377,51 @@ async fn fetch_outputs(
         });
     }
     let paths: Vec<String> = build.outputs.iter().map(|o| ssh::shell_quote(o)).collect();
+    // -h: an output that is a symlink arrives as the file it points to.
     let archive = session
-        .exec(&format!("cd {dir} && tar cf - {}", paths.join(" ")))
+        .exec(&format!("cd {dir} && tar chf - {}", paths.join(" ")))
         .await
         .map_err(|source| BuildError::Ssh {
             builder: builder.to_string(),
             source,
         })?;
+    if !archive.success() {
+        return Err(BuildError::MissingOutput {
+            builder: builder.to_string(),
+            missing: format!(
+                "its outputs (tar failed: {})",
+                archive.stderr_lossy().trim()
+            ),
+        });
+    }
     clear_outputs(build, topology_dir)?;
-    tar::Archive::new(archive.stdout.as_slice())
-        .unpack(topology_dir)
-        .map_err(|error| BuildError::Output {
-            path: topology_dir.join(DIST),
-            error,
-        })
+    unpack_files(&archive.stdout, topology_dir)?;
+    check_outputs(build, topology_dir, builder)
+}
+
+/// Unpacks the regular files (and their folders) of `archive` below `dir`;
+/// anything else a builder might send (links, devices) is refused.
+fn unpack_files(archive: &[u8], dir: &Path) -> Result<()> {
+    let output_error = |error| BuildError::Output {
+        path: dir.join(DIST),
+        error,
+    };
+    let mut archive = tar::Archive::new(archive);
+    for entry in archive.entries().map_err(output_error)? {
+        let mut entry = entry.map_err(output_error)?;
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            let name = entry
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            return Err(output_error(std::io::Error::other(format!(
+                "{name} is not a regular file"
+            ))));
+        }
+        entry.unpack_in(dir).map_err(output_error)?;
+    }
+    Ok(())
 }
 
 /// Removes the declared outputs from `dist/`, so a failed build never
@@ -504,6 +561,33 @@ mod tests {
     }
 
     #[test]
+    fn outputs_must_be_regular_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut archive = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        archive
+            .append_link(&mut header, "dist/hello", "/etc/shadow")
+            .expect("link");
+        let bytes = archive.into_inner().expect("tar");
+        let error = unpack_files(&bytes, dir.path()).expect_err("a link is refused");
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+        assert!(!dir.path().join("dist/hello").exists());
+    }
+
+    #[test]
+    fn the_testbed_state_and_dist_are_never_inputs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for folder in [".testbed", "dist", "src"] {
+            std::fs::create_dir(dir.path().join(folder)).expect("mkdir");
+            std::fs::write(dir.path().join(folder).join("f"), folder).expect("write");
+        }
+        let files = input_files(dir.path(), Path::new("")).expect("walk");
+        assert_eq!(files, vec![PathBuf::from("src/f")]);
+    }
+
+    #[test]
     fn build_paths_drop_leading_parents_only() {
         assert_eq!(
             build_path("../examples/a.c"),
@@ -540,7 +624,7 @@ mod tests {
             .expect_err("fails");
         let message = error.to_string();
         assert!(message.contains("hello.c:1: error: oops"), "{message}");
-        assert!(message.contains("exit status: 3"), "{message}");
+        assert!(message.contains("exit status 3"), "{message}");
         assert!(
             !dir.path().join("dist/hello").exists(),
             "old output removed"
