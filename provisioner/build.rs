@@ -115,7 +115,7 @@ pub fn inputs_hash(build: &Build, topology_dir: &Path) -> Result<String> {
         hasher.update([0]);
     }
     for input in &build.inputs {
-        for file in input_files(topology_dir, Path::new(input))? {
+        for file in input_files(topology_dir, Path::new(&input.path))? {
             hash_file(&mut hasher, topology_dir, &file)?;
         }
     }
@@ -221,12 +221,12 @@ fn inputs_tar(build: &Build, topology_dir: &Path) -> Result<Vec<u8>> {
     let mut archive = tar::Builder::new(Vec::new());
     archive.follow_symlinks(true);
     for input in &build.inputs {
-        let Some(landing) = build_path(input) else {
+        let Some(landing) = build_path(&input.path) else {
             continue;
         };
-        for file in input_files(topology_dir, Path::new(input))? {
+        for file in input_files(topology_dir, Path::new(&input.path))? {
             let path = topology_dir.join(&file);
-            let name = match file.strip_prefix(input) {
+            let name = match file.strip_prefix(&input.path) {
                 Ok(rest) if !rest.as_os_str().is_empty() => landing.join(rest),
                 _ => landing.clone(),
             };
@@ -491,7 +491,14 @@ mod tests {
         Build {
             builder: Builder::Host,
             run: "cc -o dist/hello hello.c".into(),
-            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            inputs: inputs
+                .iter()
+                .map(|path| crate::topology::Input {
+                    path: path.to_string(),
+                    line: 1,
+                    col: 1,
+                })
+                .collect(),
             outputs: vec!["dist/hello".into()],
         }
     }

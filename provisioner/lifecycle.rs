@@ -166,7 +166,6 @@ impl Testbed {
     /// The testbed of a topology file (its `.testbed/` beside it).
     pub fn open(topology_path: &Path) -> Result<Testbed> {
         let mut topology = topology::load(topology_path)?;
-        check_build(&topology)?;
         let state = StateDir::beside(topology.dir());
         // A machine that exists stays on the provider it was made by (an
         // `up --provider` may have chosen it).
@@ -183,6 +182,17 @@ impl Testbed {
             state,
             cache: Cache::default(),
         })
+    }
+
+    /// What only matters when a build may run (`up`, `build`, `plan`), so
+    /// that a missing input or kit does not stop `status` or `destroy`:
+    /// every input exists, every artifact is built, the builder does not
+    /// wait for itself.
+    pub fn check_build(&self) -> Result<()> {
+        if let Some(missing) = self.topology.missing_input() {
+            return Err(missing.into());
+        }
+        check_build(&self.topology)
     }
 
     /// `up --provider KIND`: every machine on `kind`. A machine that already
@@ -320,6 +330,7 @@ impl Testbed {
     /// Builds missing images, boots what is not running, applies identities
     /// that are not applied yet. A converged testbed is left alone.
     pub async fn up(&self, progress: &Progress) -> Result<UpReport> {
+        self.check_build()?;
         self.state.create()?;
         let _lock = self.state.lock()?;
         let mut record = self.state.load()?;
@@ -480,6 +491,7 @@ impl Testbed {
             .build
             .as_ref()
             .ok_or_else(|| Error::NoBuild(self.topology.path.clone()))?;
+        self.check_build()?;
         self.state.create()?;
         let _lock = self.state.lock()?;
         let mut record = self.state.load()?;

@@ -67,9 +67,40 @@ pub struct Build {
     pub run: String,
     /// Paths relative to the topology's directory, files or directories;
     /// they may start with `../`.
-    pub inputs: Vec<String>,
+    pub inputs: Vec<Input>,
     /// Paths relative to the build directory, each under `dist/`.
     pub outputs: Vec<String>,
+}
+
+/// One of `[build]`'s inputs, with where the file names it: whether it
+/// exists is checked when a build may run (`up`, `build`, `plan`), so a
+/// missing input does not stop `status` or `destroy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    pub path: String,
+    pub line: usize,
+    pub col: usize,
+}
+
+impl Topology {
+    /// The first `[build]` input that does not exist, as a located error.
+    pub fn missing_input(&self) -> Option<TopologyError> {
+        let build = self.build.as_ref()?;
+        let input = build
+            .inputs
+            .iter()
+            .find(|input| !self.dir().join(&input.path).exists())?;
+        Some(TopologyError::At {
+            path: self.path.clone(),
+            line: input.line,
+            col: input.col,
+            message: format!("input `{}` does not exist", input.path),
+            help: Some(format!(
+                "inputs are read relative to {}",
+                self.dir().display()
+            )),
+        })
+    }
 }
 
 /// Where `[build]` runs.
@@ -736,7 +767,7 @@ impl Checker<'_> {
             None => Vec::new(),
         };
         let build = match root.get("build") {
-            Some(value) => Some(self.build(value, &machines, path.parent())?),
+            Some(value) => Some(self.build(value, &machines)?),
             None => None,
         };
         let steps = match root.get("steps") {
@@ -1819,7 +1850,7 @@ impl Checker<'_> {
     // -- build and steps ------------------------------------------------------
 
     /// `[build]`.
-    fn build(&self, value: &Value<'_>, machines: &[Machine], dir: Option<&Path>) -> Result<Build> {
+    fn build(&self, value: &Value<'_>, machines: &[Machine]) -> Result<Build> {
         let table = self.table(value, "build", "{ machine = \"devtools\", run = \"make\" }")?;
         self.check_keys(table, BUILD_KEYS, "in [build]")?;
         let machine = self.required_string(
@@ -1849,17 +1880,18 @@ impl Checker<'_> {
             self.required_string(table, value, "run", "[build]", "\"make dist\"", BUILD_HELP)?;
         self.not_blank(run.clone(), "run", "[build]")?;
         let inputs = match table.get("inputs") {
-            Some(value) => self.inputs(value, dir)?,
+            Some(value) => self.inputs(value)?,
             None => Vec::new(),
         };
         let outputs = match table.get("outputs") {
             Some(value) => {
-                let mut outputs = Vec::new();
+                let mut outputs: Vec<&str> = Vec::new();
                 for (path, span) in self.string_list(value, "outputs", ARTIFACTS_EXAMPLE)? {
-                    self.dist_path(path, span, "output")?;
-                    outputs.push(path.to_owned());
+                    self.dist_path(path, span.clone(), "output")?;
+                    self.listed_once(path, span, &outputs, "`outputs` of [build]", "output")?;
+                    outputs.push(path);
                 }
-                outputs
+                outputs.into_iter().map(str::to_owned).collect::<Vec<_>>()
             }
             None => Vec::new(),
         };
@@ -1883,7 +1915,7 @@ impl Checker<'_> {
     /// `inputs`: paths relative to the topology file that exist. They may
     /// climb out of its directory (`../examples/jobs`): a builder machine
     /// gets them without the leading `../`.
-    fn inputs(&self, value: &Value<'_>, dir: Option<&Path>) -> Result<Vec<String>> {
+    fn inputs(&self, value: &Value<'_>) -> Result<Vec<Input>> {
         let mut inputs = Vec::new();
         for (path, span) in self.string_list(value, "inputs", "[\"src\", \"Makefile\"]")? {
             if crate::build::build_path(path).is_none() {
@@ -1892,15 +1924,12 @@ impl Checker<'_> {
                     .error(span, format!("input `{path}` must be a relative path below the topology's directory or its ancestors"))
                     .with_help("write inputs relative to the topology file, e.g. `../examples/jobs/hello_world.c`; `..` only at the start"));
             }
-            if let Some(dir) = dir {
-                if !dir.join(path).exists() {
-                    return Err(self
-                        .source
-                        .error(span.clone(), format!("input `{path}` does not exist"))
-                        .with_help(format!("inputs are read relative to {}", dir.display())));
-                }
-            }
-            inputs.push(path.to_owned());
+            let (line, col) = line_col(self.source.text, span.start);
+            inputs.push(Input {
+                path: path.to_owned(),
+                line,
+                col,
+            });
         }
         Ok(inputs)
     }

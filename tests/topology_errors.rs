@@ -1824,7 +1824,8 @@ fn build_steps_packages_and_artifacts_are_read() {
     let topology = parse_ok_in(&build_fixture(), BUILT);
     let build = topology.build.as_ref().expect("build");
     assert_eq!(build.builder, topology::Builder::Machine("devtools".into()));
-    assert_eq!(build.inputs, ["src"]);
+    let input = &build.inputs[0];
+    assert_eq!((input.path.as_str(), input.line, input.col), ("src", 8, 11));
     assert_eq!(build.outputs, ["dist/hello"]);
     assert_eq!(topology.machines[0].packages, ["gcc", "libc6-dev"]);
     assert_eq!(topology.machines[1].artifacts, ["dist/hello"]);
@@ -1848,9 +1849,19 @@ fn build_on_an_unknown_machine_is_rejected() {
 }
 
 #[test]
-fn a_missing_build_input_is_rejected() {
+fn a_missing_build_input_is_located_but_only_stops_a_build() {
     let text = BUILT.replace("inputs = [\"src\"]", "inputs = [\"src\", \"Makefile\"]");
-    assert_build_error_at(&text, 8, 18, &["input `Makefile` does not exist"]);
+    let dir = build_fixture();
+    let (path, result) = parse_in(&dir, &text);
+    let topology = result.expect("parses: status and destroy must still work");
+    let error = topology.missing_input().expect("Makefile is missing");
+    assert_message(
+        &error.to_string(),
+        &path,
+        8,
+        18,
+        &["input `Makefile` does not exist"],
+    );
 }
 
 #[test]

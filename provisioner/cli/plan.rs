@@ -24,6 +24,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         anyhow::anyhow!("which topology? e.g. `testbed plan topologies/quickstart.toml`")
     })?;
     let testbed = Testbed::open(&path)?;
+    testbed.check_build()?;
     let topology = &testbed.topology;
     println!("topology {} ({})", topology.name, topology.path.display());
     for (name, network) in &topology.networks {
@@ -138,7 +139,8 @@ fn print_build(topology: &Topology) {
         Builder::Machine(name) => format!("machine {name}, in {}", crate::build::BUILD_DIR),
     };
     println!("  build on {builder} (before any daemon that needs its artifacts):");
-    println!("    inputs: {}", list_or_dash(&build.inputs));
+    let inputs: Vec<String> = build.inputs.iter().map(|i| i.path.clone()).collect();
+    println!("    inputs: {}", list_or_dash(&inputs));
     println!("    outputs: {}", list_or_dash(&build.outputs));
     for line in build.run.lines() {
         println!("    $ {line}");
