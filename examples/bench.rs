@@ -674,17 +674,20 @@ fn slurm_breakdown(root: &Path) {
 /// A private libvirtd in a network namespace (tests/support/libvirtd-netns.sh).
 struct Libvirtd {
     netns: String,
-    dir: PathBuf,
+    dir: tempfile::TempDir,
     uri: String,
 }
 
 impl Libvirtd {
     fn start() -> Result<Libvirtd, String> {
         let netns = format!("tb-bench-{}", std::process::id());
-        let dir = PathBuf::from(format!("/tmp/tb-bench-{}", std::process::id()));
+        let dir = tempfile::Builder::new()
+            .prefix("tb-")
+            .tempdir_in("/tmp")
+            .map_err(|e| e.to_string())?;
         let output = Command::new(repo().join("tests/support/libvirtd-netns.sh"))
             .args(["start", &netns])
-            .arg(&dir)
+            .arg(dir.path())
             .output()
             .map_err(|e| e.to_string())?;
         let daemon = Libvirtd {
@@ -704,9 +707,8 @@ impl Drop for Libvirtd {
     fn drop(&mut self) {
         let _ = Command::new(repo().join("tests/support/libvirtd-netns.sh"))
             .args(["stop", &self.netns])
-            .arg(&self.dir)
+            .arg(self.dir.path())
             .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -110,10 +110,10 @@ fn slurm_cluster_builds_runs_and_kills_the_hello_job() {
     assert!(again.contains("nothing to do"), "{again}");
 
     // An edited input rebuilds, and the new binary reaches the compute node.
+    let before = sha256_hex(&std::fs::read(bed.path().join("dist/hello_world")).expect("dist"));
     let source = bed.path().join("examples/jobs/hello_world.c");
-    let mut text = std::fs::read_to_string(&source).expect("source");
-    text.push_str("/* edited by the test */\n");
-    std::fs::write(&source, text).expect("edit");
+    let text = std::fs::read_to_string(&source).expect("source");
+    std::fs::write(&source, text.replace("sleep(10)", "sleep(9)")).expect("edit");
     let rebuilt = bed.ok(&["up"]);
     assert!(
         rebuilt.contains("build: built dist/hello_world"),
@@ -127,6 +127,7 @@ fn slurm_cluster_builds_runs_and_kills_the_hello_job() {
         "sha256sum /srv/testbed/dist/hello_world",
     ]);
     let digest = sha256_hex(&local);
+    assert_ne!(digest, before, "the edit changed the binary");
     assert!(
         remote.starts_with(&digest),
         "pushed {digest}, found {remote}"

@@ -47,10 +47,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        let verdict = if report.exit_status == 0 {
-            "ok"
-        } else {
-            "FAILED"
+        let verdict = match (report.exit_status, report.passed()) {
+            (0, true) => "ok",
+            (0, false) => "ran, but its checks FAILED",
+            _ => "FAILED",
         };
         println!(
             "step {} on {}: {verdict} (exit status {}, {:.1} s)",

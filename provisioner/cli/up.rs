@@ -35,7 +35,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(build) = &report.build {
         println!("{build}");
     }
-    if report.changed.is_empty() {
+    let built = matches!(report.build, Some(crate::build::BuildOutcome::Built { .. }));
+    if report.changed.is_empty() && built {
+        println!(
+            "testbed {name} is up: the build refreshed dist/, {} machine(s) running unchanged",
+            report.unchanged.len()
+        );
+    } else if report.changed.is_empty() {
         println!(
             "testbed {name} is up to date: {} machine(s) running, nothing to do",
             report.unchanged.len()

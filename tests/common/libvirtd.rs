@@ -9,18 +9,22 @@ use super::repo;
 pub struct PrivateLibvirtd {
     pub netns: String,
     pub uri: String,
-    dir: PathBuf,
+    /// Made by us, 0700, with a random name: no other user can plant links.
+    dir: tempfile::TempDir,
 }
 
 impl PrivateLibvirtd {
     /// Starts one, or says why it cannot start here.
     pub fn start(name: &str) -> Result<PrivateLibvirtd, String> {
         // Short: the socket path must fit in 108 bytes.
-        let dir = PathBuf::from(format!("/tmp/tb-{name}-{}", std::process::id()));
+        let dir = tempfile::Builder::new()
+            .prefix("tb-")
+            .tempdir_in("/tmp")
+            .map_err(|e| format!("cannot make a folder in /tmp: {e}"))?;
         let netns = format!("tb-{name}-{}", std::process::id());
         let output = Command::new(script())
             .args(["start", &netns])
-            .arg(&dir)
+            .arg(dir.path())
             .output()
             .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
         let daemon = PrivateLibvirtd {
@@ -75,9 +79,8 @@ impl Drop for PrivateLibvirtd {
     fn drop(&mut self) {
         let _ = Command::new(script())
             .args(["stop", &self.netns])
-            .arg(&self.dir)
+            .arg(self.dir.path())
             .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -11,8 +11,9 @@
 # /var/cache/libvirt and /var/log/libvirt, so its sockets, state and
 # definitions are private. /dev/kvm is hidden behind an empty read-only file:
 # with no udev here libvirt would otherwise find KVM half-usable and re-probe
-# qemu on every call (DESIGN.md). Keep DIR short: socket paths are limited
-# to 108 bytes.
+# qemu on every call (DESIGN.md). DIR must exist, belong to root and be
+# private (callers make it with mktemp -d); keep it short: socket paths are
+# limited to 108 bytes.
 set -eu
 action=$1 ns=$2 dir=$3
 
@@ -88,7 +89,9 @@ stop() {
             tries=$((tries + 1))
             sleep 0.1
         done
-        kill -9 "$pid" 2>/dev/null || true
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -9 "$pid"
+        fi
     fi
     ip netns del "$ns" 2>/dev/null || true
 }
