@@ -1143,20 +1143,21 @@ async fn provision_and_record(
         })
         .unwrap_or_default();
     let on_step = |step: &str| task.set(step);
-    let (outcomes, now) = provision::provision_machine(
-        &ctx.topology,
-        &ctx.secrets,
-        machine,
-        &ctx.machines,
-        &ctx.readiness,
-        &applied,
-        &on_step,
-    )
-    .await?;
-    ctx.update(&machine.name, |saved| {
-        saved.daemons = now.daemons;
-        saved.artifacts = now.artifacts;
-    })?;
+    let on_applied = |now: &Applied| {
+        ctx.update(&machine.name, |saved| {
+            saved.daemons = now.daemons.clone();
+            saved.artifacts = now.artifacts.clone();
+        })
+        .map_err(|e| e.to_string())
+    };
+    let cluster = provision::Cluster {
+        topology: &ctx.topology,
+        secrets: &ctx.secrets,
+        machines: &ctx.machines,
+        readiness: &ctx.readiness,
+    };
+    let outcomes =
+        provision::provision_machine(&cluster, machine, &applied, &on_step, &on_applied).await?;
     Ok(outcomes)
 }
 

@@ -51,6 +51,8 @@ pub enum ProvisionError {
         status: u32,
         stderr: String,
     },
+    #[error("{machine}: cannot record what was provisioned: {reason}")]
+    Record { machine: String, reason: String },
     #[error("{0}: not created yet (run `testbed up`)")]
     NotCreated(String),
 }
@@ -412,6 +414,15 @@ impl Readiness {
     }
 }
 
+/// What provisioning a machine works with besides the machine itself.
+#[derive(Clone, Copy)]
+pub struct Cluster<'a> {
+    pub topology: &'a Topology,
+    pub secrets: &'a Secrets,
+    pub machines: &'a Machines,
+    pub readiness: &'a Readiness,
+}
+
 /// What was last applied to a machine (from its record).
 #[derive(Debug, Clone, Default)]
 pub struct Applied {
@@ -426,14 +437,18 @@ pub struct Applied {
 /// of each kit, (re)starts what changed or is not running, waits for
 /// readiness. Returns what it did and what is now applied.
 pub async fn provision_machine(
-    topology: &Topology,
-    secrets: &Secrets,
+    cluster: &Cluster<'_>,
     machine: &Machine,
-    machines: &Machines,
-    readiness: &Readiness,
     applied: &Applied,
     on_step: &(dyn Fn(&str) + Send + Sync),
-) -> Result<(Vec<Outcome>, Applied)> {
+    on_applied: &(dyn Fn(&Applied) -> std::result::Result<(), String> + Send + Sync),
+) -> Result<Vec<Outcome>> {
+    let Cluster {
+        topology,
+        secrets,
+        machines,
+        readiness,
+    } = *cluster;
     let mut waits: Vec<&str> = machine.depends_on.iter().map(String::as_str).collect();
     if needs_artifacts(topology, machine)? {
         waits.push(BUILD_GATE);
@@ -447,8 +462,23 @@ pub async fn provision_machine(
             });
         }
     }
-    let mut now = Applied::default();
-    if !machine.artifacts.is_empty() {
+    // What is on the machine, recorded after each step that changes it, so
+    // a failure part-way leaves a record that matches the guest.
+    let mut now = Applied {
+        daemons: applied.daemons.clone(),
+        artifacts: applied.artifacts.clone(),
+    };
+    now.daemons
+        .retain(|daemon, _| machine.daemons.contains(daemon));
+    let record = |now: &Applied| {
+        on_applied(now).map_err(|reason| ProvisionError::Record {
+            machine: machine.name.clone(),
+            reason,
+        })
+    };
+    if machine.artifacts.is_empty() {
+        now.artifacts = None;
+    } else {
         let hash = artifacts_hash(topology, &machine.name, &machine.artifacts)?;
         if applied.artifacts.as_ref() != Some(&hash) {
             on_step("pushing artifacts");
@@ -456,6 +486,7 @@ pub async fn provision_machine(
         }
         now.artifacts = Some(hash);
     }
+    record(&now)?;
     let mut outcomes = Vec::new();
     for rendered in render_machine(topology, machine, secrets)? {
         let daemon = rendered.kit.name.clone();
@@ -489,13 +520,14 @@ pub async fn provision_machine(
             }
         }
         now.daemons.insert(daemon.clone(), hash);
+        record(&now)?;
         outcomes.push(Outcome {
             machine: machine.name.clone(),
             daemon,
             action,
         });
     }
-    Ok((outcomes, now))
+    Ok(outcomes)
 }
 
 /// Returns once `service` has failed (polling), so a daemon that dies at
