@@ -1284,6 +1284,16 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ProviderError::Other(format!("internal error: {e}")))?
 }
 
+/// `provider.state(dir)` off the async threads: a daemon-backed provider
+/// asks over a socket. An internal failure counts as still running, so it
+/// is never taken for a crash.
+async fn observe(provider: Arc<dyn Provider>, dir: &Path) -> VmState {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || provider.state(&dir))
+        .await
+        .unwrap_or(VmState::Running)
+}
+
 /// Connects to the machine's SSH, failing fast (with the console's tail)
 /// when the VM process dies before SSH answers.
 async fn connect_while_running(
@@ -1306,7 +1316,7 @@ async fn connect_while_running(
                 });
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if provider.state(dir) != VmState::Running {
+                if observe(provider.clone(), dir).await != VmState::Running {
                     return Err(Error::Crashed {
                         machine: name.to_string(),
                         log: console.to_path_buf(),
@@ -1367,12 +1377,14 @@ fn ensure_user_key(state: &StateDir) -> Result<()> {
 /// Asks the guest to power off over SSH; stops the VM when it has not gone
 /// within the timeout, or at once when SSH does not answer.
 async fn power_off(provider: Box<dyn Provider>, dir: PathBuf, target: Target) -> Result<()> {
+    let provider: Arc<dyn Provider> = Arc::from(provider);
     if let Ok(session) = Session::connect(&target, Duration::from_secs(10)).await {
         // The connection drops as the guest goes down: the result is moot.
         let _ = session.exec("systemctl poweroff --no-block").await;
         session.close().await;
         let deadline = Instant::now() + HALT_TIMEOUT;
-        while Instant::now() < deadline && provider.state(&dir) == VmState::Running {
+        while Instant::now() < deadline && observe(provider.clone(), &dir).await == VmState::Running
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
