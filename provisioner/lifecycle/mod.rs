@@ -1,0 +1,413 @@
+//! The machine lifecycle over any provider: `up` (image → boot → identity),
+//! `status`, `halt` and `destroy`. Each machine moves through `up` on its
+//! own task; the state record says how far each got, so an interrupted `up`
+//! continues from there and a converged one does nothing.
+
+mod destroy;
+mod halt;
+mod ssh_config;
+mod steps;
+mod up;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::build;
+use crate::identity;
+use crate::image::{Cache, ImageError};
+use crate::provider::{self, Provider, ProviderError, VmState};
+use crate::provision::Machines;
+use crate::ssh::{self, SshError, Target};
+use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
+use crate::topology::{self, Machine, ProviderKind, Topology, TopologyError};
+
+pub use destroy::destroy;
+pub use ssh_config::{control_path, wait_for_control_master, write_ssh_config};
+pub use steps::StepReport;
+pub use up::UpReport;
+
+use steps::check_build;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Kit(#[from] crate::kit::KitError),
+    #[error(transparent)]
+    Provision(#[from] crate::provision::ProvisionError),
+    #[error(transparent)]
+    Build(#[from] build::BuildError),
+    #[error("{0} has no [build]\n  help: add a [build] table with `machine`, `run`, `inputs` and `outputs`")]
+    NoBuild(PathBuf),
+    #[error(
+        "machine `{builder}` runs the build and cannot also need its artifacts (it would wait \
+         for itself)\n  help: build on another machine, or drop the artifacts from `{builder}`"
+    )]
+    BuilderNeedsArtifacts { builder: String },
+    #[error(
+        "machine `{machine}` needs artifact `{artifact}`, which [build] in {} does not make\n  \
+         help: add it to the build's `outputs` (and make the script write it)",
+        path.display()
+    )]
+    ArtifactNotBuilt {
+        machine: String,
+        artifact: String,
+        path: PathBuf,
+    },
+    #[error("the builder `{0}` is not running\n  help: `testbed up` boots it (and builds)")]
+    BuilderNotRunning(String),
+    #[error(
+        "machine `{machine}` exists on the {from} provider, not {to}\n  help: `testbed destroy` \
+         it first, or leave out --provider"
+    )]
+    ProviderChange {
+        machine: String,
+        from: &'static str,
+        to: &'static str,
+    },
+    #[error(
+        "network `{network}` was made by the {made_by} provider, but machine `{machine}` is on \
+         {wanted}\n  help: run `testbed up --provider {made_by}`, or `testbed destroy` first"
+    )]
+    NetworkProvider {
+        network: String,
+        made_by: &'static str,
+        machine: String,
+        wanted: &'static str,
+    },
+    #[error("no step named `{name}`{known}")]
+    UnknownStep { name: String, known: String },
+    #[error("{machine}: {source}")]
+    Ssh { machine: String, source: SshError },
+    #[error("{machine}: no SSH: {source}; last console lines ({log}):\n{tail}")]
+    NoSsh {
+        machine: String,
+        source: Box<SshError>,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("{machine}: the VM stopped while booting; last console lines ({log}):\n{tail}")]
+    Crashed {
+        machine: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("{machine}: its disk is based on image {image}, which is no longer in the image cache; `testbed destroy` and `up` start over")]
+    BaseImageGone { machine: String, image: String },
+    #[error("{machine} runs, but this testbed has no record of it (an `up` was killed?); `testbed destroy` and `up` start over")]
+    Untracked { machine: String },
+    #[error("no machine named `{name}` in this testbed; machines: {known}")]
+    UnknownMachine { name: String, known: String },
+    #[error("{count} machine(s) failed:\n{details}")]
+    Several { count: usize, details: String },
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// One testbed: its topology and its `.testbed/` folder.
+pub struct Testbed {
+    pub topology: Topology,
+    pub state: StateDir,
+    pub cache: Cache,
+}
+
+/// A machine as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineStatus {
+    pub name: String,
+    pub state: &'static str,
+    pub provider: String,
+    /// `host:port` of its SSH, when it has been created.
+    pub ssh: Option<String>,
+    pub ips: BTreeMap<String, Ipv4Addr>,
+    /// False for a machine that still exists but is no longer in the file.
+    pub in_topology: bool,
+}
+
+impl Testbed {
+    /// The testbed of a topology file (its `.testbed/` beside it).
+    pub fn open(topology_path: &Path) -> Result<Testbed> {
+        let mut topology = topology::load(topology_path)?;
+        let state = StateDir::beside(topology.dir());
+        // A machine that exists stays on the provider it was made by (an
+        // `up --provider` may have chosen it).
+        if state.exists() {
+            let record = state.load()?;
+            for machine in &mut topology.machines {
+                if let Some(saved) = record.machines.get(&machine.name) {
+                    machine.provider = saved.provider;
+                }
+            }
+        }
+        Ok(Testbed {
+            topology,
+            state,
+            cache: Cache::default(),
+        })
+    }
+
+    /// What only matters when a build may run (`up`, `build`, `plan`), so
+    /// that a missing input or kit does not stop `status` or `destroy`:
+    /// every input exists, every artifact is built, the builder does not
+    /// wait for itself.
+    pub fn check_build(&self) -> Result<()> {
+        if let Some(missing) = self.topology.missing_input() {
+            return Err(missing.into());
+        }
+        check_build(&self.topology)
+    }
+
+    /// `up --provider KIND`: every machine on `kind`. A machine that already
+    /// exists on another provider must be destroyed first.
+    pub fn use_provider(&mut self, kind: ProviderKind) -> Result<()> {
+        let record = self.state.load()?;
+        for machine in &mut self.topology.machines {
+            match record.machines.get(&machine.name) {
+                Some(saved) if saved.provider != kind => {
+                    return Err(Error::ProviderChange {
+                        machine: machine.name.clone(),
+                        from: saved.provider.as_str(),
+                        to: kind.as_str(),
+                    })
+                }
+                _ => machine.provider = kind,
+            }
+        }
+        Ok(())
+    }
+
+    /// `-f FILE` when given, else the `.testbed/` of the current directory.
+    pub fn locate(file: Option<&Path>) -> Result<Testbed> {
+        if let Some(file) = file {
+            return Testbed::open(file);
+        }
+        let cwd = std::env::current_dir().map_err(|source| StateError::Io {
+            path: PathBuf::from("."),
+            source,
+        })?;
+        let state = StateDir::find(&cwd)?;
+        let record = state.load()?;
+        Testbed::open(&record.topology)
+    }
+
+    fn provider_of(&self, machine: &Machine) -> Result<Box<dyn Provider>> {
+        Ok(provider::for_kind(
+            machine.provider,
+            &self.provider_settings(),
+        )?)
+    }
+
+    /// Where daemon-backed providers connect, for this topology.
+    fn provider_settings(&self) -> provider::Settings {
+        provider::Settings::new(self.topology.libvirt_uri.as_deref())
+    }
+
+    fn ssh_target(&self, name: &str, port: u16) -> Target {
+        Target {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            user: "root".into(),
+            key_path: self.state.user_key(),
+            host_key_path: ssh::public_key_path(
+                &self.state.machine_dir(name).join("ssh_host_ed25519_key"),
+            ),
+        }
+    }
+
+    /// Machines named on the command line, or all of them.
+    pub fn select(&self, names: &[String]) -> Result<Vec<Machine>> {
+        if names.is_empty() {
+            return Ok(self.topology.machines.clone());
+        }
+        names
+            .iter()
+            .map(|name| {
+                self.topology
+                    .machine(name)
+                    .cloned()
+                    .ok_or_else(|| Error::UnknownMachine {
+                        name: name.clone(),
+                        known: self.machine_names(),
+                    })
+            })
+            .collect()
+    }
+
+    fn machine_names(&self) -> String {
+        self.topology
+            .machines
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Every machine's state, from the record and the provider (never the guest).
+    /// Machines that were removed from the topology but still exist come
+    /// last, marked `in_topology: false` (`destroy` removes them).
+    pub fn status(&self) -> Result<Vec<MachineStatus>> {
+        let record = self.state.load()?;
+        let mut statuses = self
+            .topology
+            .machines
+            .iter()
+            .map(|machine| {
+                let provider = self.provider_of(machine)?;
+                let saved = record.machines.get(&machine.name);
+                let observed = provider.state(&self.state.machine_dir(&machine.name));
+                Ok(MachineStatus {
+                    name: machine.name.clone(),
+                    state: state_word(saved, observed),
+                    provider: machine.provider.as_str().into(),
+                    ssh: saved.map(|r| format!("127.0.0.1:{}", r.ssh_port)),
+                    ips: machine.ips.clone(),
+                    in_topology: true,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (name, saved) in &record.machines {
+            if self.topology.machine(name).is_some() {
+                continue;
+            }
+            let provider = provider::for_kind(saved.provider, &self.provider_settings())?;
+            let observed = provider.state(&self.state.machine_dir(name));
+            statuses.push(MachineStatus {
+                name: name.clone(),
+                state: state_word(Some(saved), observed),
+                provider: saved.provider.as_str().into(),
+                ssh: Some(format!("127.0.0.1:{}", saved.ssh_port)),
+                ips: BTreeMap::new(),
+                in_topology: false,
+            });
+        }
+        Ok(statuses)
+    }
+
+    /// A session per machine for the checks of `verify`, from the record.
+    fn machines(&self) -> Result<Arc<Machines>> {
+        let record = self.state.load()?;
+        let machines = Machines::new(self.state.clone(), &self.topology);
+        for (name, saved) in &record.machines {
+            machines.set_port(name, saved.ssh_port);
+        }
+        Ok(Arc::new(machines))
+    }
+}
+
+/// Waits for every machine's task: what succeeded, by machine, and a line
+/// per failure (a machine's failure never cuts the others short).
+async fn join_machines<T>(
+    tasks: Vec<tokio::task::JoinHandle<(String, Result<T>)>>,
+) -> (Vec<(String, T)>, Vec<String>) {
+    let mut done = Vec::new();
+    let mut failures = Vec::new();
+    for task in tasks {
+        match task.await {
+            Ok((name, Ok(value))) => done.push((name, value)),
+            Ok((_, Err(e))) => failures.push(e.to_string()),
+            Err(join) => failures.push(format!("internal error: {join}")),
+        }
+    }
+    (done, failures)
+}
+
+fn all_succeeded(failures: Vec<String>) -> Result<()> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Several {
+        count: failures.len(),
+        details: failures.join("\n"),
+    })
+}
+
+fn lock_record(record: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
+    record
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::result::Result<T, ProviderError> + Send + 'static,
+) -> std::result::Result<T, ProviderError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ProviderError::Other(format!("internal error: {e}")))?
+}
+
+/// `provider.state(dir)` off the async threads: a daemon-backed provider
+/// asks over a socket. An internal failure counts as still running, so it
+/// is never taken for a crash.
+async fn observe(provider: Arc<dyn Provider>, dir: &Path) -> VmState {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || provider.state(&dir))
+        .await
+        .unwrap_or(VmState::Running)
+}
+
+/// The last `lines` lines of a console log, or a note that there is none.
+pub fn console_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(no console log: {e})"),
+    }
+}
+
+/// `status` words: not-created, running, stopped, crashed.
+fn state_word(saved: Option<&MachineRecord>, observed: VmState) -> &'static str {
+    match (saved, observed) {
+        (_, VmState::Running) => "running",
+        (None, _) | (_, VmState::Absent) => "not-created",
+        (Some(saved), VmState::Stopped) if saved.desired == Desired::Running => "crashed",
+        (Some(_), VmState::Stopped) => "stopped",
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn record(desired: Desired) -> MachineRecord {
+        MachineRecord {
+            provider: crate::topology::ProviderKind::Qemu,
+            image: "debian-12-h".into(),
+            spec: "s".into(),
+            ssh_port: 2222,
+            desired,
+            identity: None,
+            daemons: BTreeMap::new(),
+            artifacts: None,
+        }
+    }
+
+    #[test]
+    fn status_words_follow_record_and_observation() {
+        let running = record(Desired::Running);
+        let halted = record(Desired::Stopped);
+        assert_eq!(state_word(None, VmState::Absent), "not-created");
+        assert_eq!(state_word(Some(&running), VmState::Running), "running");
+        assert_eq!(state_word(Some(&running), VmState::Stopped), "crashed");
+        assert_eq!(state_word(Some(&halted), VmState::Stopped), "stopped");
+        assert_eq!(state_word(Some(&halted), VmState::Absent), "not-created");
+    }
+}
