@@ -248,27 +248,36 @@ pub async fn run_on_host(
     let started = Instant::now();
     let dir = topology.dir();
     clear_outputs(build, dir)?;
-    let mut command = tokio::process::Command::new("sh");
-    command
-        .arg("-euc")
-        .arg(&build.run)
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null());
-    let output = command.output().await.map_err(|error| BuildError::Start {
+    let start_error = |error| BuildError::Start {
         builder: "host".into(),
         error,
-    })?;
-    let mut text = output.stdout;
-    text.extend_from_slice(&output.stderr);
-    write_log(log, &text)?;
-    if let Some(last) = String::from_utf8_lossy(&text).lines().last() {
-        on_line(last);
+    };
+    // stderr into stdout, as on a terminal: one stream, in order.
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-euc")
+        .arg(format!("exec 2>&1\n{}", build.run))
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(start_error)?;
+    let mut text = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            on_line(&line);
+            text.extend_from_slice(line.as_bytes());
+            text.push(b'\n');
+        }
     }
-    if !output.status.success() {
+    let status = child.wait().await.map_err(start_error)?;
+    write_log(log, &text)?;
+    if !status.success() {
         clear_outputs(build, dir)?;
-        let status = match output.status.code() {
+        let status = match status.code() {
             Some(code) => format!("exit status {code}"),
-            None => output.status.to_string(),
+            None => status.to_string(),
         };
         return Err(failed("host", status, &text, log));
     }
@@ -626,9 +635,17 @@ mod tests {
         let mut plan = build(&[]);
         plan.run = "echo compiling; echo 'hello.c:1: error: oops' >&2; exit 3".into();
         let log = dir.path().join("build.log");
-        let error = run_on_host(&plan, &topology, &log, &|_| {})
+        let seen = std::sync::Mutex::new(Vec::new());
+        let on_line = |line: &str| {
+            if let Ok(mut seen) = seen.lock() {
+                seen.push(line.to_string());
+            }
+        };
+        let error = run_on_host(&plan, &topology, &log, &on_line)
             .await
             .expect_err("fails");
+        let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+        assert_eq!(seen, ["compiling", "hello.c:1: error: oops"], "lines as they come");
         let message = error.to_string();
         assert!(message.contains("hello.c:1: error: oops"), "{message}");
         assert!(message.contains("exit status 3"), "{message}");

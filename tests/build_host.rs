@@ -86,7 +86,7 @@ fn an_artifact_no_build_makes_is_an_error() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("machine `node` needs artifact `dist/other`, which [build]"),
+        stderr.contains("machine `node` needs artifact `dist/other` (`artifacts` of [machines.node]), which [build]"),
         "{stderr}"
     );
 }

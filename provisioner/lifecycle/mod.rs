@@ -58,13 +58,15 @@ pub enum Error {
     )]
     BuilderNeedsArtifacts { builder: String },
     #[error(
-        "machine `{machine}` needs artifact `{artifact}`, which [build] in {} does not make\n  \
-         help: add it to the build's `outputs` (and make the script write it)",
+        "machine `{machine}` needs artifact `{artifact}` ({wanted_by}), which [build] in {} \
+         does not make\n  help: add it to the build's `outputs` (and make the script write it)",
         path.display()
     )]
     ArtifactNotBuilt {
         machine: String,
         artifact: String,
+        /// Where the artifact is asked for: the topology or a kit's manifest.
+        wanted_by: String,
         path: PathBuf,
     },
     #[error("the builder `{0}` is not running\n  help: `testbed up` boots it (and builds)")]

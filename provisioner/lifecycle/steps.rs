@@ -157,18 +157,35 @@ pub(super) fn check_build(topology: &Topology) -> Result<()> {
         return Ok(());
     };
     for machine in &topology.machines {
-        let mut artifacts = machine.artifacts.clone();
+        // Each artifact with where it is asked for.
+        let mut artifacts: Vec<(String, String)> = machine
+            .artifacts
+            .iter()
+            .map(|a| {
+                (
+                    a.clone(),
+                    format!("`artifacts` of [machines.{}]", machine.name),
+                )
+            })
+            .collect();
         for daemon in &machine.daemons {
+            let kit = crate::kit::Kit::load(daemon, topology.dir())?;
+            let manifest = kit.manifest_path().display().to_string();
             artifacts.extend(
-                crate::kit::Kit::load(daemon, topology.dir())?
-                    .manifest
-                    .artifacts,
+                kit.manifest
+                    .artifacts
+                    .iter()
+                    .map(|a| (a.clone(), format!("`artifacts` in {manifest}"))),
             );
         }
-        if let Some(missing) = artifacts.iter().find(|a| !plan.outputs.contains(a)) {
+        if let Some((missing, wanted_by)) = artifacts
+            .iter()
+            .find(|(artifact, _)| !plan.outputs.contains(artifact))
+        {
             return Err(Error::ArtifactNotBuilt {
                 machine: machine.name.clone(),
                 artifact: missing.clone(),
+                wanted_by: wanted_by.clone(),
                 path: topology.path.clone(),
             });
         }
