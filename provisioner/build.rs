@@ -645,7 +645,11 @@ mod tests {
             .await
             .expect_err("fails");
         let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
-        assert_eq!(seen, ["compiling", "hello.c:1: error: oops"], "lines as they come");
+        assert_eq!(
+            seen,
+            ["compiling", "hello.c:1: error: oops"],
+            "lines as they come"
+        );
         let message = error.to_string();
         assert!(message.contains("hello.c:1: error: oops"), "{message}");
         assert!(message.contains("exit status 3"), "{message}");
