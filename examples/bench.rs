@@ -82,17 +82,18 @@ impl Bed {
             }
             None => Command::new(testbed_binary()),
         };
-        command.current_dir(&self.dir).args(args);
+        command
+            .current_dir(&self.dir)
+            .env("TESTBED_IMAGES", repo().join("images"))
+            .env("TESTBED_DAEMONS", repo().join("daemons"))
+            .args(args);
         command
     }
 
     fn run(&self, args: &[&str]) -> Duration {
         let start = Instant::now();
         let status = self
-            .command(&[])
-            .env("TESTBED_IMAGES", repo().join("images"))
-            .env("TESTBED_DAEMONS", repo().join("daemons"))
-            .args(args)
+            .command(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -559,11 +560,8 @@ fn row(what: &str, testbed: Duration, baseline: Option<(&str, Duration)>) {
 /// each with the time since `up` started.
 fn timed_up(bed: &Bed) -> (Duration, Vec<(Duration, String, String)>) {
     let start = Instant::now();
-    let mut child = Command::new(testbed_binary())
-        .current_dir(&bed.dir)
-        .env("TESTBED_IMAGES", repo().join("images"))
-        .env("TESTBED_DAEMONS", repo().join("daemons"))
-        .args(["up", "topology.toml"])
+    let mut child = bed
+        .command(&["up", "topology.toml"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -758,27 +756,26 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(2);
-    if std::env::var("BENCH").as_deref() == Ok("libvirt") {
-        std::env::set_var("TESTBED_IMAGES", repo().join("images"));
-        std::env::set_var("TESTBED_DAEMONS", repo().join("daemons"));
-        let root = tempfile::tempdir().expect("tempdir");
-        let figures = libvirt_beside_qemu(root.path(), rounds);
-        println!("\ntestbed benchmark: libvirt beside qemu (TCG, warm image cache, medians of {rounds})\n");
-        print_libvirt_row(figures);
-        return;
-    }
-    if std::env::var("BENCH").as_deref() == Ok("slurm") {
-        std::env::set_var("TESTBED_IMAGES", repo().join("images"));
-        std::env::set_var("TESTBED_DAEMONS", repo().join("daemons"));
-        let root = tempfile::tempdir().expect("tempdir");
-        slurm_breakdown(root.path());
-        return;
-    }
     // The library calls below (topology, kits) look recipes and kits up the
     // same way the testbed binary does.
     std::env::set_var("TESTBED_IMAGES", repo().join("images"));
     std::env::set_var("TESTBED_DAEMONS", repo().join("daemons"));
     let root = tempfile::tempdir().expect("tempdir");
+    match std::env::var("BENCH").as_deref() {
+        Ok("libvirt") => {
+            let figures = libvirt_beside_qemu(root.path(), rounds);
+            println!(
+                "\ntestbed benchmark: libvirt beside qemu (TCG, warm image cache, medians of {rounds})\n"
+            );
+            print_libvirt_row(figures);
+            return;
+        }
+        Ok("slurm") => {
+            slurm_breakdown(root.path());
+            return;
+        }
+        _ => {}
+    }
     eprintln!("warming: image cache and KVM probe");
     let one = Bed::new(root.path(), "bench-one", 1);
     one.run(&["up", "topology.toml"]);

@@ -209,6 +209,13 @@ fn hash_file(hasher: &mut Sha256, root: &Path, relative: &Path) -> Result<()> {
     Ok(())
 }
 
+fn ssh_error(builder: &str) -> impl FnOnce(SshError) -> BuildError + '_ {
+    move |source| BuildError::Ssh {
+        builder: builder.to_string(),
+        source,
+    }
+}
+
 fn input_error(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
     move |error| BuildError::Input {
         path: path.to_path_buf(),
@@ -295,10 +302,6 @@ pub async fn run_on_machine(
 ) -> Result<BuildOutcome> {
     let started = Instant::now();
     let builder = builder_name(build).to_string();
-    let ssh_error = |source| BuildError::Ssh {
-        builder: builder.clone(),
-        source,
-    };
     let dir = ssh::shell_quote(BUILD_DIR);
     let tar_path = format!("{BUILD_DIR}.inputs.tar");
     on_line("copying inputs");
@@ -308,7 +311,7 @@ pub async fn run_on_machine(
     session
         .upload(&inputs_tar(build, topology.dir())?, &tar_path, 0o600)
         .await
-        .map_err(ssh_error)?;
+        .map_err(ssh_error(&builder))?;
     let unpack = format!(
         "cd {dir} && tar xf {tar} && rm -f {tar}",
         tar = ssh::shell_quote(&tar_path)
@@ -325,7 +328,7 @@ pub async fn run_on_machine(
             }
         })
         .await
-        .map_err(ssh_error)?;
+        .map_err(ssh_error(&builder))?;
     write_log(log, &text)?;
     if !output.success() {
         clear_outputs(build, topology.dir())?;
@@ -338,13 +341,7 @@ pub async fn run_on_machine(
 }
 
 async fn exec_ok(session: &Session, builder: &str, command: &str, log: &Path) -> Result<()> {
-    let output = session
-        .exec(command)
-        .await
-        .map_err(|source| BuildError::Ssh {
-            builder: builder.to_string(),
-            source,
-        })?;
+    let output = session.exec(command).await.map_err(ssh_error(builder))?;
     if output.success() {
         return Ok(());
     }
@@ -375,10 +372,7 @@ async fn fetch_outputs(
     let missing = session
         .exec(&format!("cd {dir} && {{ {check}}}"))
         .await
-        .map_err(|source| BuildError::Ssh {
-            builder: builder.to_string(),
-            source,
-        })?;
+        .map_err(ssh_error(builder))?;
     if let Some(first) = missing.stdout_lossy().lines().next() {
         return Err(BuildError::MissingOutput {
             builder: builder.to_string(),
@@ -390,10 +384,7 @@ async fn fetch_outputs(
     let archive = session
         .exec(&format!("cd {dir} && tar chf - {}", paths.join(" ")))
         .await
-        .map_err(|source| BuildError::Ssh {
-            builder: builder.to_string(),
-            source,
-        })?;
+        .map_err(ssh_error(builder))?;
     if !archive.success() {
         return Err(BuildError::MissingOutput {
             builder: builder.to_string(),
