@@ -325,6 +325,7 @@ impl Ensemble {
         let kit_dir = root.join("zk-kit");
         std::fs::create_dir_all(&kit_dir).expect("kit dir");
         let topology = testbed::topology::load(&bed.dir.join("topology.toml")).expect("topology");
+        let kits = testbed::kit::Kits::load(&topology).expect("kits");
         let machines = topology
             .machines
             .iter()
@@ -336,13 +337,14 @@ impl Ensemble {
                 let key =
                     std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).expect("key");
                 std::fs::write(&known_hosts, format!("bare {key}")).expect("known_hosts");
-                let files =
-                    testbed::provision::render_machine(&topology, machine, &Default::default())
-                        .expect("render")
-                        .into_iter()
-                        .flat_map(|r| r.files)
-                        .map(|f| (f.dest, f.contents))
-                        .collect();
+                let files = kits
+                    .of(machine)
+                    .flat_map(|kit| {
+                        kit.render(&topology, machine, &Default::default())
+                            .expect("render")
+                    })
+                    .map(|f| (f.dest, f.contents))
+                    .collect();
                 EnsembleMachine {
                     name: machine.name.clone(),
                     seed,

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::model::{Build, Builder, Topology, DIST};
 use crate::ssh::{self, Session, SshError, Stream};
-use crate::topology::{Build, Builder, Topology, DIST};
 
 /// Where a machine builder works; inputs keep their relative paths below it.
 pub const BUILD_DIR: &str = "/srv/testbed/build";
@@ -493,7 +493,7 @@ mod tests {
             run: "cc -o dist/hello hello.c".into(),
             inputs: inputs
                 .iter()
-                .map(|path| crate::topology::Input {
+                .map(|path| crate::model::Input {
                     path: path.to_string(),
                     line: 1,
                     col: 1,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::topology::{Machine, Topology};
+use crate::model::{Machine, Topology};
 
 /// The guest-side program that applies a seed (installed by the image).
 pub const GUEST_APPLY: &str = "/usr/local/sbin/testbed-identity";
@@ -53,6 +53,7 @@ pub struct StaticNic {
 }
 
 /// The seed of one machine, built in memory; `hash` keys "already applied".
+#[derive(Clone)]
 pub struct Seed {
     pub bytes: Vec<u8>,
     pub hash: String,
@@ -98,6 +99,18 @@ pub struct MachineKeys {
 }
 
 impl MachineKeys {
+    /// The machine's keys when they exist already (nothing is generated).
+    pub fn load(dir: &Path) -> Option<MachineKeys> {
+        let host_key = dir.join("ssh_host_ed25519_key");
+        let host_public = std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).ok()?;
+        let machine_id = std::fs::read_to_string(dir.join("machine-id")).ok()?;
+        host_key.is_file().then(|| MachineKeys {
+            host_key,
+            host_public: host_public.trim().to_string(),
+            machine_id: machine_id.trim().to_string(),
+        })
+    }
+
     /// Loads the machine's host key and machine-id, generating them the first time.
     pub fn ensure(dir: &Path, machine: &str) -> Result<MachineKeys, IdentityError> {
         let host_key = dir.join("ssh_host_ed25519_key");
@@ -258,7 +271,7 @@ mod tests {
     fn topology() -> Topology {
         let machine = |name: &str, ip: [u8; 4]| Machine {
             name: name.into(),
-            provider: crate::topology::ProviderKind::Qemu,
+            provider: crate::model::ProviderKind::Qemu,
             image: "debian-12".into(),
             cpus: 1,
             memory_mib: 768,
@@ -275,7 +288,7 @@ mod tests {
             path: "/tmp/pair.toml".into(),
             networks: BTreeMap::from([(
                 "lan".to_string(),
-                crate::topology::Network {
+                crate::model::Network {
                     name: "lan".into(),
                     subnet: "192.168.33.0/24".parse().expect("subnet"),
                 },

@@ -58,7 +58,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::check::{CheckSpec, CommandProbe, HttpProbe, TcpProbe};
-use crate::topology::{line_col, Machine, Topology};
+use crate::model::{line_col, Machine, Topology};
 
 /// Generated secrets by name (see the module doc).
 pub type Secrets = BTreeMap<String, String>;
@@ -81,13 +81,88 @@ pub const CONTEXT_KEYS: [&str; 5] = ["topology", "machine", "vars", "daemons", "
 /// Where rendered units go: `<UNIT_DIR>/<service>.service`.
 pub const UNIT_DIR: &str = "/etc/systemd/system";
 
-/// A loaded, validated kit.
+/// A loaded, validated kit: its manifest and the text of every template,
+/// read from disk once, when it is loaded.
 #[derive(Debug, Clone)]
 pub struct Kit {
     pub name: String,
     /// The kit directory (`…/daemons/<name>`).
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// Each template's text, by its path relative to the kit directory.
+    templates: BTreeMap<PathBuf, String>,
+}
+
+/// Every kit a topology's machines run, each loaded once per command.
+#[derive(Debug, Clone, Default)]
+pub struct Kits {
+    kits: BTreeMap<String, Kit>,
+}
+
+impl Kits {
+    /// Loads each kit named in any machine's `daemons`, once.
+    pub fn load(topology: &Topology) -> Result<Kits> {
+        let mut kits = BTreeMap::new();
+        for machine in &topology.machines {
+            for daemon in &machine.daemons {
+                if !kits.contains_key(daemon) {
+                    kits.insert(daemon.clone(), Kit::load(daemon, topology.dir())?);
+                }
+            }
+        }
+        Ok(Kits { kits })
+    }
+
+    /// Also loads `names` (daemons a record knows that the topology no
+    /// longer names), skipping those that cannot be found any more.
+    pub fn load_also(&mut self, names: impl IntoIterator<Item = String>, start: &Path) {
+        for name in names {
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.kits.entry(name) {
+                if let Ok(kit) = Kit::load(slot.key(), start) {
+                    slot.insert(kit);
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Kit> {
+        self.kits.get(name)
+    }
+
+    /// The kits of `machine`, in its `daemons` order.
+    pub fn of<'k>(&'k self, machine: &'k Machine) -> impl Iterator<Item = &'k Kit> + 'k {
+        machine
+            .daemons
+            .iter()
+            .filter_map(|name| self.kits.get(name))
+    }
+
+    /// Every secret the kits of `topology` declare, sorted, each once.
+    pub fn secret_names(&self, topology: &Topology) -> Vec<String> {
+        let mut names: Vec<String> = topology
+            .machines
+            .iter()
+            .flat_map(|machine| self.of(machine))
+            .flat_map(|kit| kit.manifest.secrets.iter().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The Debian packages `machine`'s kits need, in order.
+    pub fn packages(&self, machine: &Machine) -> Vec<String> {
+        self.of(machine)
+            .flat_map(|kit| kit.manifest.packages.iter().cloned())
+            .collect()
+    }
+
+    /// The systemd service of each of `machine`'s kits.
+    pub fn services(&self, machine: &Machine) -> Vec<String> {
+        self.of(machine)
+            .map(|kit| kit.manifest.service.clone())
+            .collect()
+    }
 }
 
 /// `daemon.toml`.
@@ -261,10 +336,18 @@ impl Kit {
             text: &text,
         };
         checker.check(&manifest)?;
+        let templates = manifest
+            .files
+            .iter()
+            .map(|file| &file.template)
+            .chain(manifest.unit.as_ref())
+            .map(|template| Ok((template.clone(), read(&dir.join(template))?)))
+            .collect::<Result<_>>()?;
         Ok(Kit {
             name: name.to_owned(),
             dir: dir.to_path_buf(),
             manifest,
+            templates,
         })
     }
 
@@ -284,7 +367,7 @@ impl Kit {
         let context = tera_context(&values);
         self.targets()?
             .into_iter()
-            .map(|target| render_target(target, &values, &context))
+            .map(|target| self.render_target(target, &values, &context))
             .collect()
     }
 
@@ -305,14 +388,14 @@ impl Kit {
     }
 
     /// What to render: every `[[files]]` entry, then the unit.
-    fn targets(&self) -> Result<Vec<Target>> {
+    fn targets(&self) -> Result<Vec<Target<'_>>> {
         let mut targets = Vec::new();
         for file in &self.manifest.files {
             let mode = file
                 .mode_bits()
                 .ok_or_else(|| self.mode_error(&file.mode))?;
             targets.push(Target {
-                template: self.dir.join(&file.template),
+                template: &file.template,
                 dest: file.dest.clone(),
                 mode,
                 owner: file.owner.clone(),
@@ -320,7 +403,7 @@ impl Kit {
         }
         if let Some(unit) = &self.manifest.unit {
             targets.push(Target {
-                template: self.dir.join(unit),
+                template: unit,
                 dest: format!("{UNIT_DIR}/{}.service", self.manifest.service),
                 mode: 0o644,
                 owner: "root:root".into(),
@@ -403,12 +486,12 @@ impl ManifestChecker<'_> {
             self.check_readiness(readiness)?;
         }
         for artifact in &manifest.artifacts {
-            crate::topology::check_dist_path(artifact).map_err(|message| {
+            crate::model::check_dist_path(artifact).map_err(|message| {
                 self.error(artifact, format!("artifact `{artifact}` {message}"))
             })?;
         }
         for secret in &manifest.secrets {
-            if !crate::topology::is_identifier(secret) {
+            if !crate::model::is_identifier(secret) {
                 return Err(self.error(
                     secret,
                     format!("secret `{secret}` must be an identifier (letters, digits, `_`), e.g. \"munge_key\""),
@@ -590,19 +673,6 @@ fn context_map(topology: &Topology, machine: &Machine, secrets: &Secrets) -> Map
     map
 }
 
-/// Every secret the kits of `topology` declare, sorted, each once.
-pub fn secret_names(topology: &Topology) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for machine in &topology.machines {
-        for daemon in &machine.daemons {
-            names.extend(Kit::load(daemon, topology.dir())?.manifest.secrets);
-        }
-    }
-    names.sort();
-    names.dedup();
-    Ok(names)
-}
-
 fn tera_context(values: &Map<String, Value>) -> tera::Context {
     let mut context = tera::Context::new();
     for (key, value) in values {
@@ -676,33 +746,44 @@ fn daemon_value(members: &[&Machine], machine: &Machine) -> Value {
 // Rendering
 // ---------------------------------------------------------------------------
 
-/// One template to render and where its output goes.
-struct Target {
-    template: PathBuf,
+/// One template to render (relative to the kit directory) and where its
+/// output goes.
+struct Target<'k> {
+    template: &'k Path,
     dest: String,
     mode: u32,
     owner: String,
 }
 
-fn render_target(
-    target: Target,
-    values: &Map<String, Value>,
-    context: &tera::Context,
-) -> Result<RenderedFile> {
-    let text = read(&target.template)?;
-    let name = shown(&target.template);
-    let mut tera = tera::Tera::default();
-    tera.autoescape_on(Vec::new());
-    let failure = |error: tera::Error| template_error(&target.template, &text, values, &error);
-    tera.add_raw_template(&name, &text).map_err(failure)?;
-    let contents = tera.render(&name, context).map_err(failure)?;
-    Ok(RenderedFile {
-        dest: target.dest,
-        mode: target.mode,
-        owner: target.owner,
-        contents,
-        template: target.template,
-    })
+impl Kit {
+    fn render_target(
+        &self,
+        target: Target<'_>,
+        values: &Map<String, Value>,
+        context: &tera::Context,
+    ) -> Result<RenderedFile> {
+        let path = self.dir.join(target.template);
+        let text = self
+            .templates
+            .get(target.template)
+            .ok_or_else(|| KitError::Io {
+                path: path.clone(),
+                error: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })?;
+        let name = shown(&path);
+        let mut tera = tera::Tera::default();
+        tera.autoescape_on(Vec::new());
+        let failure = |error: tera::Error| template_error(&path, text, values, &error);
+        tera.add_raw_template(&name, text).map_err(failure)?;
+        let contents = tera.render(&name, context).map_err(failure)?;
+        Ok(RenderedFile {
+            dest: target.dest,
+            mode: target.mode,
+            owner: target.owner,
+            contents,
+            template: path,
+        })
+    }
 }
 
 /// Turns a tera error into one naming the file, the line and the cause.

@@ -12,6 +12,8 @@ pub mod identity;
 pub mod image;
 pub mod kit;
 pub mod lifecycle;
+pub mod model;
+pub mod plan;
 pub mod progress;
 pub mod provider;
 pub mod provision;

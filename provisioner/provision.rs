@@ -10,15 +10,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Mutex};
 
 use crate::check::{self, BoxedStream, CommandOutput, Transport};
-use crate::kit::{Kit, RenderedFile, Secrets};
-use crate::lifecycle::console_tail;
+use crate::model::Topology;
+use crate::plan::{
+    artifacts_hash, daemon_hash, guest_artifact_path, Applied, DaemonAction, DaemonPlan,
+    MachinePlan, PlanError, Rendered,
+};
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::StateDir;
-use crate::topology::{Machine, Topology, GUEST_ARTIFACT_ROOT};
 
 /// How long a machine's SSH may take to answer when provisioning.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,7 +29,7 @@ pub enum ProvisionError {
     #[error("{machine}: {source}")]
     Ssh { machine: String, source: SshError },
     #[error(transparent)]
-    Kit(#[from] crate::kit::KitError),
+    Plan(#[from] PlanError),
     #[error("{machine}: {daemon} did not become ready: {detail}\n{evidence}")]
     NotReady {
         machine: String,
@@ -37,7 +38,7 @@ pub enum ProvisionError {
         evidence: String,
     },
     #[error("{machine}: not started because {dependency} failed")]
-    DependencyFailed { machine: String, dependency: String },
+    DependencyFailed { machine: String, dependency: Gate },
     #[error(
         "{machine}: artifact {} is missing\n  help: the build step makes it: run `testbed build` \
          (or `testbed up`), or check `outputs` in [build]",
@@ -51,8 +52,11 @@ pub enum ProvisionError {
         status: u32,
         stderr: String,
     },
-    #[error("{machine}: cannot record what was provisioned: {reason}")]
-    Record { machine: String, reason: String },
+    #[error("{machine}: cannot record what was provisioned: {source}")]
+    Record {
+        machine: String,
+        source: crate::state::StateError,
+    },
     #[error("{0}: not created yet (run `testbed up`)")]
     NotCreated(String),
 }
@@ -60,19 +64,11 @@ pub enum ProvisionError {
 type Result<T> = std::result::Result<T, ProvisionError>;
 
 /// What provisioning did to one daemon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Started,
-    Restarted,
-    Unchanged,
-}
-
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
     pub machine: String,
     pub daemon: String,
-    pub action: Action,
+    pub action: DaemonAction,
 }
 
 /// One SSH connection per machine, opened on first use and shared by every
@@ -89,20 +85,9 @@ pub struct Machines {
 }
 
 impl Machines {
-    pub fn new(state: StateDir, topology: &Topology) -> Machines {
-        let services = topology
-            .machines
-            .iter()
-            .map(|m| {
-                let services = m
-                    .daemons
-                    .iter()
-                    .filter_map(|d| Kit::load(d, topology.dir()).ok())
-                    .map(|kit| kit.manifest.service)
-                    .collect();
-                (m.name.clone(), services)
-            })
-            .collect();
+    /// `services`: each machine's daemon units, whose journals are the
+    /// evidence of a failed check.
+    pub fn new(state: StateDir, services: BTreeMap<String, Vec<String>>) -> Machines {
         Machines {
             state,
             ports: std::sync::Mutex::new(BTreeMap::new()),
@@ -208,10 +193,6 @@ impl Machines {
             stderr: output.stderr_lossy().trim().to_string(),
         })
     }
-
-    fn console(&self, machine: &str) -> PathBuf {
-        self.state.machine_dir(machine).join("console.log")
-    }
 }
 
 fn io_error(e: impl std::fmt::Display) -> std::io::Error {
@@ -251,144 +232,67 @@ impl Transport for Machines {
         }
         evidence.push_str(&format!(
             "--- console of {machine} (last lines):\n{}\n",
-            console_tail(&self.console(machine), 8)
+            self.state.machine(machine).console_tail(8)
         ));
         evidence
     }
 }
 
-/// The rendered files of a machine's kits, with a hash per daemon: what
-/// `provision` compares with the record to know what changed.
-pub struct Rendered {
-    pub kit: Kit,
-    pub files: Vec<RenderedFile>,
-    pub hash: String,
+/// What a machine's provisioning may wait for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Gate {
+    /// Every daemon of the machine is ready.
+    Daemons(String),
+    /// The machine answers SSH with its identity applied (before its own
+    /// daemons and dependencies): what the build waits for on its builder.
+    Reachable(String),
+    /// The build's outputs are in `dist/` (or the build was current).
+    Build,
 }
 
-/// Renders every kit of `machine` (touching nothing). Each hash covers the
-/// rendered files only; [`daemon_hash`] adds the kit's artifacts.
-pub fn render_machine(
-    topology: &Topology,
-    machine: &Machine,
-    secrets: &Secrets,
-) -> Result<Vec<Rendered>> {
-    machine
-        .daemons
-        .iter()
-        .map(|name| {
-            let kit = Kit::load(name, topology.dir())?;
-            let files = kit.render(topology, machine, secrets)?;
-            let hash = files_hash(&kit, &files);
-            Ok(Rendered { kit, files, hash })
-        })
-        .collect()
-}
-
-/// What decides whether a daemon must restart: its rendered files and the
-/// contents of its kit's artifacts in `dist/`.
-pub fn daemon_hash(topology: &Topology, machine: &str, rendered: &Rendered) -> Result<String> {
-    let artifacts = &rendered.kit.manifest.artifacts;
-    if artifacts.is_empty() {
-        return Ok(rendered.hash.clone());
-    }
-    Ok(format!(
-        "{}-{}",
-        rendered.hash,
-        artifacts_hash(topology, machine, artifacts)?
-    ))
-}
-
-/// A hash of the contents of `artifacts` (paths under `dist/`).
-pub fn artifacts_hash(topology: &Topology, machine: &str, artifacts: &[String]) -> Result<String> {
-    let mut hasher = Sha256::new();
-    for artifact in artifacts {
-        let path = topology.dir().join(artifact);
-        let bytes = std::fs::read(&path).map_err(|_| ProvisionError::MissingArtifact {
-            machine: machine.to_string(),
-            path: path.clone(),
-        })?;
-        hasher.update(artifact.as_bytes());
-        hasher.update(Sha256::digest(&bytes));
-    }
-    Ok(hex::encode(hasher.finalize())[..16].to_string())
-}
-
-/// Whether `machine` needs anything the build step makes.
-pub fn needs_artifacts(topology: &Topology, machine: &Machine) -> Result<bool> {
-    if !machine.artifacts.is_empty() {
-        return Ok(true);
-    }
-    for daemon in &machine.daemons {
-        if !Kit::load(daemon, topology.dir())?
-            .manifest
-            .artifacts
-            .is_empty()
-        {
-            return Ok(true);
+impl std::fmt::Display for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Gate::Daemons(machine) => f.write_str(machine),
+            Gate::Reachable(machine) => write!(f, "{machine} (reachable)"),
+            Gate::Build => f.write_str("the build"),
         }
     }
-    Ok(false)
 }
 
-/// The guest path of artifact `dist/X`.
-pub fn guest_artifact_path(artifact: &str) -> String {
-    format!("{GUEST_ARTIFACT_ROOT}/{artifact}")
-}
-
-fn files_hash(kit: &Kit, files: &[RenderedFile]) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(kit.manifest.service.as_bytes());
-    for file in files {
-        hasher.update(file.dest.as_bytes());
-        hasher.update(file.mode.to_le_bytes());
-        hasher.update(file.owner.as_bytes());
-        hasher.update(file.contents.as_bytes());
-    }
-    hex::encode(hasher.finalize())[..16].to_string()
-}
-
-/// Readiness of each machine's daemons, shared between the machines'
-/// tasks: `None` while pending, then whether they became ready.
+/// Readiness of each [`Gate`], shared between the machines' tasks: `None`
+/// while pending, then whether it opened.
 pub struct Readiness {
-    senders: BTreeMap<String, watch::Sender<Option<bool>>>,
-}
-
-/// The readiness entry of the build step: set once its outputs are in
-/// `dist/` (or the build was current), false when it failed.
-pub const BUILD_GATE: &str = "the build";
-
-/// The readiness entry that opens once `machine` answers SSH with its
-/// identity applied, before its own daemons and dependencies: what the build
-/// step waits for on its builder.
-pub fn reachable(machine: &str) -> String {
-    format!("{machine} (reachable)")
+    senders: BTreeMap<Gate, watch::Sender<Option<bool>>>,
 }
 
 impl Readiness {
-    /// An entry per machine (its daemons are ready), per machine's SSH
-    /// ([`reachable`]) and for the build ([`BUILD_GATE`]).
+    /// A gate per machine's daemons, per machine's SSH, and for the build.
     pub fn new(topology: &Topology) -> Readiness {
-        let mut senders: BTreeMap<String, watch::Sender<Option<bool>>> = BTreeMap::new();
+        let mut senders = BTreeMap::new();
         for machine in &topology.machines {
-            senders.insert(machine.name.clone(), watch::channel(None).0);
-            senders.insert(reachable(&machine.name), watch::channel(None).0);
+            senders.insert(Gate::Daemons(machine.name.clone()), watch::channel(None).0);
+            senders.insert(
+                Gate::Reachable(machine.name.clone()),
+                watch::channel(None).0,
+            );
         }
         if topology.build.is_some() {
-            senders.insert(BUILD_GATE.to_string(), watch::channel(None).0);
+            senders.insert(Gate::Build, watch::channel(None).0);
         }
         Readiness { senders }
     }
 
-    pub fn set(&self, key: &str, ready: bool) {
-        if let Some(sender) = self.senders.get(key) {
+    pub fn set(&self, gate: &Gate, ready: bool) {
+        if let Some(sender) = self.senders.get(gate) {
             sender.send_replace(Some(ready));
         }
     }
 
-    /// Sets `key` unless it is set already (a machine that failed after it
+    /// Sets `gate` unless it is set already (a machine that failed after it
     /// became reachable stays reachable).
-    pub fn settle(&self, key: &str, ready: bool) {
-        if let Some(sender) = self.senders.get(key) {
+    pub fn settle(&self, gate: &Gate, ready: bool) {
+        if let Some(sender) = self.senders.get(gate) {
             sender.send_if_modified(|value| {
                 let pending = value.is_none();
                 if pending {
@@ -399,10 +303,9 @@ impl Readiness {
         }
     }
 
-    /// Waits until `key` (a machine's daemons, or another entry) is ready;
-    /// false if it failed.
-    pub async fn wait(&self, key: &str) -> bool {
-        let Some(sender) = self.senders.get(key) else {
+    /// Waits until `gate` opens; false if it failed.
+    pub async fn wait(&self, gate: &Gate) -> bool {
+        let Some(sender) = self.senders.get(gate) else {
             return true;
         };
         let mut receiver = sender.subscribe();
@@ -418,68 +321,83 @@ impl Readiness {
 #[derive(Clone, Copy)]
 pub struct Cluster<'a> {
     pub topology: &'a Topology,
-    pub secrets: &'a Secrets,
     pub machines: &'a Machines,
     pub readiness: &'a Readiness,
 }
 
-/// What was last applied to a machine (from its record).
-#[derive(Debug, Clone, Default)]
-pub struct Applied {
-    /// Daemon → [`daemon_hash`].
-    pub daemons: BTreeMap<String, String>,
-    /// Hash of the machine's own artifacts.
-    pub artifacts: Option<String>,
-}
-
-/// Provisions one machine once its dependencies (and the build, when it
-/// needs artifacts) are ready: pushes its artifacts and the rendered files
-/// of each kit, (re)starts what changed or is not running, waits for
-/// readiness. Returns what it did and what is now applied.
+/// Provisions one machine as its plan says, once its dependencies (and the
+/// build, when it needs artifacts) are ready: stops the daemons it no
+/// longer runs, pushes its artifacts and the rendered files of each kit
+/// that changed, (re)starts what changed or is not running, waits for
+/// readiness. `applied` is what the record says is on the machine;
+/// `on_applied` records each step as it is done.
 pub async fn provision_machine(
     cluster: &Cluster<'_>,
-    machine: &Machine,
+    plan: &MachinePlan,
     applied: &Applied,
     on_step: &(dyn Fn(&str) + Send + Sync),
-    on_applied: &(dyn Fn(&Applied) -> std::result::Result<(), String> + Send + Sync),
+    on_applied: &(dyn Fn(&Applied) -> std::result::Result<(), crate::state::StateError>
+          + Send
+          + Sync),
 ) -> Result<Vec<Outcome>> {
     let Cluster {
         topology,
-        secrets,
         machines,
         readiness,
     } = *cluster;
-    let mut waits: Vec<&str> = machine.depends_on.iter().map(String::as_str).collect();
-    if needs_artifacts(topology, machine)? {
-        waits.push(BUILD_GATE);
+    let machine = &plan.machine;
+    let mut waits: Vec<Gate> = machine
+        .depends_on
+        .iter()
+        .map(|name| Gate::Daemons(name.clone()))
+        .collect();
+    if plan.needs_build {
+        waits.push(Gate::Build);
     }
-    for dependency in waits {
-        on_step(&format!("waiting for {dependency}"));
-        if !readiness.wait(dependency).await {
+    for gate in waits {
+        on_step(&format!("waiting for {gate}"));
+        if !readiness.wait(&gate).await {
             return Err(ProvisionError::DependencyFailed {
                 machine: machine.name.clone(),
-                dependency: dependency.to_string(),
+                dependency: gate,
             });
         }
     }
     // What is on the machine, recorded after each step that changes it, so
     // a failure part-way leaves a record that matches the guest.
-    let mut now = Applied {
-        daemons: applied.daemons.clone(),
-        artifacts: applied.artifacts.clone(),
-    };
-    now.daemons
-        .retain(|daemon, _| machine.daemons.contains(daemon));
+    let mut now = applied.clone();
     let record = |now: &Applied| {
-        on_applied(now).map_err(|reason| ProvisionError::Record {
+        on_applied(now).map_err(|source| ProvisionError::Record {
             machine: machine.name.clone(),
-            reason,
+            source,
         })
     };
+    let mut outcomes = Vec::new();
+    for daemon in plan
+        .daemons
+        .iter()
+        .filter(|d| d.action == DaemonAction::Stop)
+    {
+        on_step(&format!("stopping {}", daemon.name));
+        stop_daemon(machines, &machine.name, daemon).await?;
+        now.daemons.remove(&daemon.name);
+        record(&now)?;
+        outcomes.push(Outcome {
+            machine: machine.name.clone(),
+            daemon: daemon.name.clone(),
+            action: DaemonAction::Stop,
+        });
+    }
+    now.daemons
+        .retain(|daemon, _| machine.daemons.contains(daemon));
     if machine.artifacts.is_empty() {
         now.artifacts = None;
     } else {
-        let hash = artifacts_hash(topology, &machine.name, &machine.artifacts)?;
+        // Known from the plan, or (after a build it waited for) now.
+        let hash = match &plan.artifacts {
+            Some(hash) => hash.clone(),
+            None => artifacts_hash(topology, &machine.name, &machine.artifacts)?,
+        };
         if applied.artifacts.as_ref() != Some(&hash) {
             on_step("pushing artifacts");
             push_artifacts(topology, machines, &machine.name, &machine.artifacts).await?;
@@ -487,47 +405,80 @@ pub async fn provision_machine(
         now.artifacts = Some(hash);
     }
     record(&now)?;
-    let mut outcomes = Vec::new();
-    for rendered in render_machine(topology, machine, secrets)? {
-        let daemon = rendered.kit.name.clone();
-        let hash = daemon_hash(topology, &machine.name, &rendered)?;
-        let changed = applied.daemons.get(&daemon) != Some(&hash);
+    for daemon in plan
+        .daemons
+        .iter()
+        .filter(|d| d.action != DaemonAction::Stop)
+    {
+        let Some(rendered) = &daemon.rendered else {
+            continue;
+        };
+        let hash = match &daemon.hash {
+            Some(hash) => hash.clone(),
+            None => daemon_hash(topology, &machine.name, rendered)?,
+        };
+        let changed = applied.differs(&daemon.name, &hash);
         if changed {
-            on_step(&format!("pushing {daemon} files"));
+            on_step(&format!("pushing {} files", daemon.name));
             let artifacts = &rendered.kit.manifest.artifacts;
             push_artifacts(topology, machines, &machine.name, artifacts).await?;
-            push_files(machines, &machine.name, &rendered).await?;
+            push_files(machines, &machine.name, rendered).await?;
         }
-        let action = start_or_restart(machines, &machine.name, &rendered, changed, on_step).await?;
-        if let Some(check) = rendered.kit.readiness_check(&machine.name) {
-            on_step(&format!("waiting for {daemon} to be ready"));
-            let service = &rendered.kit.manifest.service;
-            let failure = tokio::select! {
-                result = check::run_one(&check, topology, machines) => {
-                    (!result.passed).then(|| (result.detail, result.evidence.unwrap_or_default()))
-                }
-                detail = service_failure(machines, &machine.name, service) => {
-                    Some((detail, machines.evidence(&machine.name).await))
-                }
-            };
-            if let Some((detail, evidence)) = failure {
-                return Err(ProvisionError::NotReady {
-                    machine: machine.name.clone(),
-                    daemon,
-                    detail,
-                    evidence,
-                });
-            }
-        }
-        now.daemons.insert(daemon.clone(), hash);
+        let action = start_or_restart(machines, &machine.name, rendered, changed, on_step).await?;
+        wait_ready(cluster, &machine.name, rendered, on_step).await?;
+        now.daemons.insert(daemon.name.clone(), hash);
         record(&now)?;
         outcomes.push(Outcome {
             machine: machine.name.clone(),
-            daemon,
+            daemon: daemon.name.clone(),
             action,
         });
     }
     Ok(outcomes)
+}
+
+/// Waits for the kit's readiness probe, failing at once when its service fails.
+async fn wait_ready(
+    cluster: &Cluster<'_>,
+    machine: &str,
+    rendered: &Rendered,
+    on_step: &(dyn Fn(&str) + Send + Sync),
+) -> Result<()> {
+    let Some(check) = rendered.kit.readiness_check(machine) else {
+        return Ok(());
+    };
+    let daemon = &rendered.kit.name;
+    let machines = cluster.machines;
+    on_step(&format!("waiting for {daemon} to be ready"));
+    let service = &rendered.kit.manifest.service;
+    let failure = tokio::select! {
+        result = check::run_one(&check, cluster.topology, machines) => {
+            (!result.passed).then(|| (result.detail, result.evidence.unwrap_or_default()))
+        }
+        detail = service_failure(machines, machine, service) => {
+            Some((detail, machines.evidence(machine).await))
+        }
+    };
+    match failure {
+        Some((detail, evidence)) => Err(ProvisionError::NotReady {
+            machine: machine.to_string(),
+            daemon: daemon.clone(),
+            detail,
+            evidence,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Stops a daemon the machine no longer runs and keeps it from starting at boot.
+async fn stop_daemon(machines: &Machines, machine: &str, daemon: &DaemonPlan) -> Result<()> {
+    let service = ssh::shell_quote(&daemon.service);
+    machines
+        .run_ok(
+            machine,
+            &format!("systemctl stop {service} && {{ systemctl disable -q {service} 2>/dev/null || true; }}"),
+        )
+        .await
 }
 
 /// Returns once `service` has failed (polling), so a daemon that dies at
@@ -561,7 +512,7 @@ async fn start_or_restart(
     rendered: &Rendered,
     changed: bool,
     on_step: &(dyn Fn(&str) + Send + Sync),
-) -> Result<Action> {
+) -> Result<DaemonAction> {
     let daemon = &rendered.kit.name;
     let service = ssh::shell_quote(&rendered.kit.manifest.service);
     let active = machines
@@ -569,14 +520,14 @@ async fn start_or_restart(
         .await?
         .success();
     let action = match (changed, active) {
-        (true, true) => Action::Restarted,
-        (_, false) => Action::Started,
-        (false, true) => Action::Unchanged,
+        (true, true) => DaemonAction::Restart,
+        (_, false) => DaemonAction::Start,
+        (false, true) => DaemonAction::Nothing,
     };
     let verb = match action {
-        Action::Restarted => "restart",
-        Action::Started => "start",
-        Action::Unchanged => return Ok(action),
+        DaemonAction::Restart => "restart",
+        DaemonAction::Start => "start",
+        DaemonAction::Stop | DaemonAction::Nothing => return Ok(action),
     };
     on_step(&format!("{verb}ing {daemon}"));
     machines
@@ -689,21 +640,26 @@ mod tests {
         let mut readiness = Readiness::new(&topology);
         readiness
             .senders
-            .insert("zk".into(), watch::channel(None).0);
+            .insert(Gate::Daemons("zk".into()), watch::channel(None).0);
         readiness
             .senders
-            .insert("bad".into(), watch::channel(None).0);
+            .insert(Gate::Build, watch::channel(None).0);
         let readiness = Arc::new(readiness);
         let waiter = {
             let readiness = readiness.clone();
-            tokio::spawn(async move { (readiness.wait("zk").await, readiness.wait("bad").await) })
+            tokio::spawn(async move {
+                (
+                    readiness.wait(&Gate::Daemons("zk".into())).await,
+                    readiness.wait(&Gate::Build).await,
+                )
+            })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        readiness.set("zk", true);
-        readiness.set("bad", false);
+        readiness.set(&Gate::Daemons("zk".into()), true);
+        readiness.set(&Gate::Build, false);
         assert_eq!(waiter.await.expect("join"), (true, false));
         assert!(
-            readiness.wait("unknown").await,
+            readiness.wait(&Gate::Daemons("unknown".into())).await,
             "no such machine: nothing to wait for"
         );
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::topology::ProviderKind;
+use crate::model::ProviderKind;
 
 pub const STATE_DIR: &str = ".testbed";
 
@@ -127,6 +127,13 @@ impl StateDir {
         self.root.join("machines").join(name)
     }
 
+    /// The folder of machine `name`, with the names of what testbed keeps there.
+    pub fn machine(&self, name: &str) -> MachineDir {
+        MachineDir {
+            path: self.machine_dir(name),
+        }
+    }
+
     pub fn network_dir(&self, name: &str) -> PathBuf {
         self.root.join("networks").join(name)
     }
@@ -152,18 +159,35 @@ impl StateDir {
         self.root.join("secrets.json")
     }
 
+    /// The testbed's secrets named in `names` that exist already (nothing
+    /// is generated).
+    pub fn existing_secrets(
+        &self,
+        names: &[String],
+    ) -> Result<BTreeMap<String, String>, StateError> {
+        let mut secrets = self.read_secrets()?;
+        secrets.retain(|name, _| names.contains(name));
+        Ok(secrets)
+    }
+
+    /// Every secret in `secrets.json`.
+    fn read_secrets(&self) -> Result<BTreeMap<String, String>, StateError> {
+        let path = self.secrets_path();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: path.clone(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
     /// The testbed's secrets named in `names`, generating (and keeping, in
     /// a file only the owner can read) those it does not have yet.
     pub fn secrets(&self, names: &[String]) -> Result<BTreeMap<String, String>, StateError> {
         let path = self.secrets_path();
-        let mut secrets: BTreeMap<String, String> = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-                path: path.clone(),
-                source,
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(io_err(&path)(e)),
-        };
+        let mut secrets = self.read_secrets()?;
         let missing: Vec<&String> = names.iter().filter(|n| !secrets.contains_key(*n)).collect();
         if !missing.is_empty() {
             for name in missing {
@@ -219,6 +243,65 @@ impl StateDir {
         match fs::remove_dir_all(&self.root) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&self.root)(e)),
             _ => Ok(()),
+        }
+    }
+}
+
+/// `.testbed/machines/NAME/`: one machine's files. Providers keep their own
+/// files here too (disk, sockets, pid), under names of their choosing.
+#[derive(Debug, Clone)]
+pub struct MachineDir {
+    path: PathBuf,
+}
+
+impl MachineDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The serial console, as the provider writes it.
+    pub fn console_log(&self) -> PathBuf {
+        self.path.join("console.log")
+    }
+
+    /// The identity seed the guest reads at boot (see `identity`).
+    pub fn seed(&self) -> PathBuf {
+        self.path.join("seed.tar")
+    }
+
+    /// The machine's SSH host key (private); `.pub` beside it.
+    pub fn host_key(&self) -> PathBuf {
+        self.path.join("ssh_host_ed25519_key")
+    }
+
+    pub fn host_public_key(&self) -> PathBuf {
+        self.path.join("ssh_host_ed25519_key.pub")
+    }
+
+    pub fn machine_id(&self) -> PathBuf {
+        self.path.join("machine-id")
+    }
+
+    /// The socket of the OpenSSH ControlMaster `testbed ssh` shares.
+    pub fn control_socket(&self) -> PathBuf {
+        self.path.join("ssh.ctl")
+    }
+
+    /// The pid of the ControlMaster `up` starts.
+    pub fn control_master_pid(&self) -> PathBuf {
+        self.path.join("ssh-master.pid")
+    }
+
+    /// The last `lines` lines of the console log, or a note that there is none.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let path = self.console_log();
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let all: Vec<&str> = text.lines().collect();
+                all[all.len().saturating_sub(lines)..].join("\n")
+            }
+            Err(e) => format!("(no console log: {e})"),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The topology file: parsed, validated, and turned into the model the rest
 //! of testbed works from. Every error names file:line:col and what is valid.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -11,265 +11,29 @@ use serde::Deserialize;
 use toml::de::{DeString, DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
-use crate::check::CheckSpec;
+use crate::model::{
+    check_dist_path, find_cycle, is_identifier, line_col, Build, Builder, CheckSpec, Forward,
+    Input, Machine, Network, ProviderKind, Step, Topology, DIST,
+};
 
-/// Which VM backend runs a machine.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// The embedded default: no daemon, no root.
-    #[default]
-    Qemu,
-    Libvirt,
-    Virtualbox,
-}
-
-impl ProviderKind {
-    pub const ALL: [&'static str; 3] = ["qemu", "libvirt", "virtualbox"];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Qemu => "qemu",
-            ProviderKind::Libvirt => "libvirt",
-            ProviderKind::Virtualbox => "virtualbox",
-        }
-    }
-}
-
-/// A validated topology.
-#[derive(Debug, Clone)]
-pub struct Topology {
-    pub name: String,
-    /// The topology file, canonicalised.
-    pub path: PathBuf,
-    /// `networks`, by name.
-    pub networks: BTreeMap<String, Network>,
-    /// `machines`, in file order.
-    pub machines: Vec<Machine>,
-    /// `[[checks]]`, in file order.
-    pub checks: Vec<crate::check::CheckSpec>,
-    /// `[build]`: the step that makes the artifacts in `dist/`.
-    pub build: Option<Build>,
-    /// `[[steps]]`, in file order: commands run on demand (`testbed run`).
-    pub steps: Vec<Step>,
-    /// `[libvirt] uri`: where the libvirt provider connects.
-    pub libvirt_uri: Option<String>,
-}
-
-/// `[build]`: a script run on a builder (a machine, or the host) whose
-/// inputs are hashed and whose outputs are collected into `dist/`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Build {
-    pub builder: Builder,
-    /// A shell script (`sh -eu`), run in the build directory.
-    pub run: String,
-    /// Paths relative to the topology's directory, files or directories;
-    /// they may start with `../`.
-    pub inputs: Vec<Input>,
-    /// Paths relative to the build directory, each under `dist/`.
-    pub outputs: Vec<String>,
-}
-
-/// One of `[build]`'s inputs, with where the file names it: whether it
-/// exists is checked when a build may run (`up`, `build`, `plan`), so a
-/// missing input does not stop `status` or `destroy`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Input {
-    pub path: String,
-    pub line: usize,
-    pub col: usize,
-}
-
-impl Topology {
-    /// The first `[build]` input that does not exist, as a located error.
-    pub fn missing_input(&self) -> Option<TopologyError> {
-        let build = self.build.as_ref()?;
-        let input = build
-            .inputs
-            .iter()
-            .find(|input| !self.dir().join(&input.path).exists())?;
-        Some(TopologyError::At {
-            path: self.path.clone(),
-            line: input.line,
-            col: input.col,
-            message: format!("input `{}` does not exist", input.path),
-            help: Some(format!(
-                "inputs are read relative to {}",
-                self.dir().display()
-            )),
-        })
-    }
-}
-
-/// Where `[build]` runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Builder {
-    /// On this machine, in the topology's directory.
-    Host,
-    /// On the named machine of the topology.
-    Machine(String),
-}
-
-/// `[[steps]]`: a named command run on a machine, then checks that must
-/// pass after it (the tutorial's `aurora create`, `aurora kill`).
-#[derive(Debug, Clone)]
-pub struct Step {
-    pub name: String,
-    pub machine: String,
-    pub run: String,
-    pub checks: Vec<crate::check::CheckSpec>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Network {
-    pub name: String,
-    pub subnet: Ipv4Net,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Machine {
-    pub name: String,
-    pub provider: ProviderKind,
-    /// Name of a recipe in `images/` (`images/<image>.toml`).
-    pub image: String,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    /// Static address per network name.
-    pub ips: BTreeMap<String, Ipv4Addr>,
-    pub forwards: Vec<Forward>,
-    /// Kits (`daemons/<name>/`) this machine runs, in the order given.
-    pub daemons: Vec<String>,
-    /// Per-machine template variables (`vars = { … }`).
-    pub vars: BTreeMap<String, serde_json::Value>,
-    /// Machines whose daemons must be ready before this one's start.
-    pub depends_on: Vec<String>,
-    /// Debian packages baked into this machine's image besides its kits'.
-    pub packages: Vec<String>,
-    /// Files under `dist/` pushed to `/srv/testbed/dist/` on this machine.
-    pub artifacts: Vec<String>,
-}
-
-/// A guest TCP port reachable on the host at 127.0.0.1:`host`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Forward {
-    pub guest: u16,
-    pub host: u16,
-}
-
-impl Topology {
-    /// The directory holding the topology file; `.testbed/` lives here.
-    pub fn dir(&self) -> &Path {
-        self.path.parent().unwrap_or_else(|| Path::new("."))
-    }
-
-    pub fn machine(&self, name: &str) -> Option<&Machine> {
-        self.machines.iter().find(|m| m.name == name)
-    }
-
-    /// Machine names in start order: wave 0 holds the machines without
-    /// `depends_on`, wave n those whose dependencies all start in earlier
-    /// waves; file order inside a wave. A validated topology places every
-    /// machine; one in a cycle or depending on an unknown name is left out.
-    pub fn start_waves(&self) -> Vec<Vec<String>> {
-        wave_indices(&self.machines)
-            .into_iter()
-            .map(|wave| {
-                wave.into_iter()
-                    .filter_map(|index| self.machines.get(index))
-                    .map(|machine| machine.name.clone())
-                    .collect()
-            })
-            .collect()
-    }
-
-    /// The machines whose `daemons` include `daemon`, in file order.
-    pub fn machines_running(&self, daemon: &str) -> Vec<&Machine> {
-        self.machines
-            .iter()
-            .filter(|machine| machine.daemons.iter().any(|name| name == daemon))
-            .collect()
-    }
-}
-
-/// Indices into `machines` by start wave (see [`Topology::start_waves`]).
-fn wave_indices(machines: &[Machine]) -> Vec<Vec<usize>> {
-    let index = name_index(machines);
-    let mut placed = vec![false; machines.len()];
-    let mut waves: Vec<Vec<usize>> = Vec::new();
-    loop {
-        let ready = |(position, machine): &(usize, &Machine)| {
-            !placed[*position]
-                && machine.depends_on.iter().all(|dependency| {
-                    index
-                        .get(dependency.as_str())
-                        .is_some_and(|&other| placed[other])
-                })
-        };
-        let wave: Vec<usize> = machines
-            .iter()
-            .enumerate()
-            .filter(ready)
-            .map(|(position, _)| position)
-            .collect();
-        if wave.is_empty() {
-            return waves;
-        }
-        for &position in &wave {
-            placed[position] = true;
-        }
-        waves.push(wave);
-    }
-}
-
-/// A dependency cycle, as machine names starting with the one earliest in
-/// file order (each depends on the next, the last on the first); `None` when
-/// every machine can start.
-fn find_cycle(machines: &[Machine]) -> Option<Vec<&str>> {
-    let placed: HashSet<usize> = wave_indices(machines).into_iter().flatten().collect();
-    let index = name_index(machines);
-    // Every unplaced machine waits on another unplaced machine; following
-    // those waits from any of them must come back round.
-    let waits_on = |position: usize| {
-        machines
-            .get(position)?
-            .depends_on
-            .iter()
-            .filter_map(|dependency| index.get(dependency.as_str()).copied())
-            .find(|other| !placed.contains(other))
-    };
-    let mut current = (0..machines.len()).find(|position| !placed.contains(position))?;
-    let mut path = Vec::new();
-    while !path.contains(&current) {
-        path.push(current);
-        current = waits_on(current)?;
-    }
-    let start = path.iter().position(|&position| position == current)?;
-    let mut cycle = path.split_off(start);
-    let earliest = (0..cycle.len()).min_by_key(|&at| cycle.get(at))?;
-    cycle.rotate_left(earliest);
-    cycle
-        .into_iter()
-        .map(|position| machines.get(position).map(|m| m.name.as_str()))
-        .collect()
-}
-
-/// Why `path` cannot be an artifact: it must name a file under `dist/`.
-pub fn check_dist_path(path: &str) -> std::result::Result<(), String> {
-    let Some(rest) = path.strip_prefix("dist/") else {
-        return Err(format!("must start with `{DIST}/`"));
-    };
-    let clean = !rest.is_empty()
-        && !rest.ends_with('/')
-        && rest
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..");
-    if clean {
-        Ok(())
-    } else {
-        Err("must name a file below `dist/`, without `.`, `..` or empty parts".to_owned())
-    }
+/// The first `[build]` input of `topology` that does not exist, as a
+/// located error.
+pub fn missing_input(topology: &Topology) -> Option<TopologyError> {
+    let build = topology.build.as_ref()?;
+    let input = build
+        .inputs
+        .iter()
+        .find(|input| !topology.dir().join(&input.path).exists())?;
+    Some(TopologyError::At {
+        path: topology.path.clone(),
+        line: input.line,
+        col: input.col,
+        message: format!("input `{}` does not exist", input.path),
+        help: Some(format!(
+            "inputs are read relative to {}",
+            topology.dir().display()
+        )),
+    })
 }
 
 /// Step names are typed on the command line: letters, digits, `-`, `_`.
@@ -279,14 +43,6 @@ fn is_step_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
-fn name_index(machines: &[Machine]) -> HashMap<&str, usize> {
-    machines
-        .iter()
-        .enumerate()
-        .map(|(position, machine)| (machine.name.as_str(), position))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -386,11 +142,6 @@ const BUILD_HELP: &str = "[build] takes `machine` (a machine of the topology, or
 const STEP_HELP: &str = "a step is a `[[steps]]` table with `name`, `machine`, `run` (a shell \
                          command) and optionally `checks`, an array of checks that must pass \
                          after it";
-/// Where artifacts live beside the topology, and on the guests under
-/// [`GUEST_ARTIFACT_ROOT`].
-pub const DIST: &str = "dist";
-/// Artifacts `dist/X` are pushed to `<GUEST_ARTIFACT_ROOT>/dist/X`.
-pub const GUEST_ARTIFACT_ROOT: &str = "/srv/testbed";
 
 // ---------------------------------------------------------------------------
 // Errors
@@ -488,21 +239,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Topology> {
         kits: crate::kit::kit_names(dir),
     };
     checker.topology(root.get_ref(), file)
-}
-
-/// 1-based (line, column) of `byte_offset` in `text`; the column counts
-/// characters, not bytes. Offsets past the end or inside a character are
-/// clamped to the previous character boundary.
-pub fn line_col(text: &str, byte_offset: usize) -> (usize, usize) {
-    let mut end = byte_offset.min(text.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let before = text.get(..end).unwrap_or_default();
-    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
-    let line = before.bytes().filter(|&byte| byte == b'\n').count() + 1;
-    let col = before.get(line_start..).unwrap_or_default().chars().count() + 1;
-    (line, col)
 }
 
 /// Whether `name` can be a machine or topology name: a valid hostname label
@@ -2247,15 +1983,6 @@ fn networks_of(machine: &Machine) -> String {
         [one] => format!("network `{one}`"),
         _ => format!("networks {}", names.join(", ")),
     }
-}
-
-/// Whether `name` is a template identifier: `[A-Za-z_][A-Za-z0-9_]*`.
-pub fn is_identifier(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// `; did you mean `x`?` with other characters as `_`, or nothing.

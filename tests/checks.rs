@@ -15,7 +15,7 @@ use testbed::check::{
     self, BoxedStream, CheckSpec, CommandOutput, CommandProbe, HttpProbe, Report, TcpProbe,
     Transport,
 };
-use testbed::topology::{Machine, Network, ProviderKind, Topology};
+use testbed::model::{Machine, Network, ProviderKind, Topology};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 

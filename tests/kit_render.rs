@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use testbed::kit::{Kit, KitError, RenderedFile};
-use testbed::topology::{Machine, Network, ProviderKind, Topology};
+use testbed::model::{Machine, Network, ProviderKind, Topology};
 
 /// The repository root: its `daemons/` holds the shipped kits.
 fn repo() -> &'static Path {

@@ -8,7 +8,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
-use testbed::topology::{self, Forward, ProviderKind, Topology, TopologyError};
+use testbed::model::{self, Forward, ProviderKind, Topology};
+use testbed::topology::{self, TopologyError};
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -259,15 +260,15 @@ fn shipped_topologies_are_valid() {
 #[test]
 fn line_col_is_one_based_and_counts_characters() {
     let text = "ab\ncé d\n";
-    assert_eq!(topology::line_col(text, 0), (1, 1));
-    assert_eq!(topology::line_col(text, 1), (1, 2));
-    assert_eq!(topology::line_col(text, 3), (2, 1));
+    assert_eq!(model::line_col(text, 0), (1, 1));
+    assert_eq!(model::line_col(text, 1), (1, 2));
+    assert_eq!(model::line_col(text, 3), (2, 1));
     // `é` is two bytes; `d` is the fourth character of line 2.
-    assert_eq!(topology::line_col(text, 7), (2, 4));
+    assert_eq!(model::line_col(text, 7), (2, 4));
     // Inside a character: clamped to its start.
-    assert_eq!(topology::line_col(text, 5), (2, 2));
+    assert_eq!(model::line_col(text, 5), (2, 2));
     // Past the end: clamped to the end.
-    assert_eq!(topology::line_col(text, 1000), (3, 1));
+    assert_eq!(model::line_col(text, 1000), (3, 1));
 }
 
 #[test]
@@ -1823,7 +1824,7 @@ fn assert_build_error_at(text: &str, line: usize, col: usize, phrases: &[&str]) 
 fn build_steps_packages_and_artifacts_are_read() {
     let topology = parse_ok_in(&build_fixture(), BUILT);
     let build = topology.build.as_ref().expect("build");
-    assert_eq!(build.builder, topology::Builder::Machine("devtools".into()));
+    assert_eq!(build.builder, model::Builder::Machine("devtools".into()));
     let input = &build.inputs[0];
     assert_eq!((input.path.as_str(), input.line, input.col), ("src", 8, 11));
     assert_eq!(build.outputs, ["dist/hello"]);
@@ -1854,7 +1855,7 @@ fn a_missing_build_input_is_located_but_only_stops_a_build() {
     let dir = build_fixture();
     let (path, result) = parse_in(&dir, &text);
     let topology = result.expect("parses: status and destroy must still work");
-    let error = topology.missing_input().expect("Makefile is missing");
+    let error = topology::missing_input(&topology).expect("Makefile is missing");
     assert_message(
         &error.to_string(),
         &path,

@@ -2,21 +2,24 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::check::CheckSpec;
-use crate::image::Cache;
-use crate::kit::{self, Secrets};
+use crate::kit::Secrets;
 use crate::lifecycle::Testbed;
-use crate::provision;
-use crate::topology::{Builder, Machine, Topology};
+use crate::model::{Builder, Topology};
+use crate::plan::{self, DaemonAction, MachinePlan, Plan};
 
-/// Validate a topology and show what `up` would do, touching nothing
+/// Validate a topology and show what `up` would do and why, touching nothing
 #[derive(clap::Args)]
 #[command(
     after_help = "Examples:\n  testbed plan topologies/quickstart.toml\n  \
-                        testbed plan topologies/aurora-mesos.toml | less   # every rendered file"
+                        testbed plan topologies/aurora-mesos.toml | less   # every rendered file\n  \
+                        testbed plan --json topologies/zk-ensemble.toml | jq '.machines[].action'"
 )]
 pub struct Args {
     /// The topology file
     topology: Option<PathBuf>,
+    /// Print the plan as JSON: {machines: [{name, action, why, daemons: [{name, action, why}]}], build, warnings}
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -24,98 +27,125 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         anyhow::anyhow!("which topology? e.g. `testbed plan topologies/quickstart.toml`")
     })?;
     let testbed = Testbed::open(&path)?;
-    testbed.check_build()?;
+    let (plan, secrets) = testbed.plan()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let topology = &testbed.topology;
     println!("topology {} ({})", topology.name, topology.path.display());
     for (name, network) in &topology.networks {
         println!("  network {name}: {} (private L2 segment)", network.subnet);
     }
-    // Plan generates nothing: secrets show as `<secret NAME>`.
-    let secrets = kit::placeholder_secrets(&kit::secret_names(topology)?);
-    print_build(topology);
-    let cache = Cache::default();
-    let states = if testbed.state.exists() {
-        testbed.status()?
-    } else {
-        Vec::new()
-    };
-    for machine in &topology.machines {
-        let recipe = testbed.recipe_for(machine)?;
-        let image = if cache.lookup(&recipe).is_some() {
-            format!("{} (cached)", recipe.key())
-        } else {
-            format!("{} (to build)", recipe.key())
-        };
-        let state = states
-            .iter()
-            .find(|s| s.name == machine.name)
-            .map(|s| s.state)
-            .unwrap_or("not-created");
-        let action = match state {
-            "running" => "keep running (identity re-applied if it changed)",
-            "stopped" | "crashed" => "boot from its disk",
-            _ => "create disk, boot, apply identity",
-        };
-        let ips: Vec<String> = machine
-            .ips
-            .iter()
-            .map(|(net, ip)| format!("{net}={ip}"))
-            .collect();
-        let forwards: Vec<String> = machine
-            .forwards
-            .iter()
-            .map(|f| format!("127.0.0.1:{}->{}", f.host, f.guest))
-            .collect();
-        println!(
-            "  machine {}: {} cpu, {} MiB, {}, image {image}\n    ips: {}  forwards: {}\n    now {state}: up would {action}",
-            machine.name,
-            machine.cpus,
-            machine.memory_mib,
-            machine.provider.as_str(),
-            if ips.is_empty() { "-".into() } else { ips.join(" ") },
-            if forwards.is_empty() { "-".into() } else { forwards.join(" ") },
-        );
-        if !machine.depends_on.is_empty() {
-            println!("    starts after: {}", machine.depends_on.join(", "));
-        }
-        if topology.build.is_some() && provision::needs_artifacts(topology, machine)? {
-            println!("    starts its daemons after the build (needs its artifacts)");
-        }
-        if !machine.packages.is_empty() {
-            println!("    packages: {}", machine.packages.join(" "));
-        }
-        print_artifacts(&machine.artifacts, "    ");
-        print_rendered(topology, machine, &secrets)?;
+    print_build(topology, &plan);
+    for machine in &plan.machines {
+        print_machine(&testbed, machine, &secrets);
     }
     print_start_order(topology);
     print_checks(&topology.checks, "  ");
     print_steps(topology);
+    for warning in &plan.warnings {
+        println!("  warning: {warning}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Every file the machine's kits render, in full: what `up` would push.
-fn print_rendered(topology: &Topology, machine: &Machine, secrets: &Secrets) -> anyhow::Result<()> {
-    for rendered in provision::render_machine(topology, machine, secrets)? {
-        let kit = &rendered.kit;
+fn print_machine(testbed: &Testbed, planned: &MachinePlan, secrets: &Secrets) {
+    let machine = &planned.machine;
+    let key = planned.recipe.key();
+    let image = if testbed.cache.lookup(&planned.recipe).is_some() {
+        format!("{key} (cached)")
+    } else {
+        format!("{key} (to build)")
+    };
+    let ips: Vec<String> = machine
+        .ips
+        .iter()
+        .map(|(net, ip)| format!("{net}={ip}"))
+        .collect();
+    let forwards: Vec<String> = machine
+        .forwards
+        .iter()
+        .map(|f| format!("127.0.0.1:{}->{}", f.host, f.guest))
+        .collect();
+    println!(
+        "  machine {}: {} cpu, {} MiB, {}, image {image}\n    ips: {}  forwards: {}\n    up would {}: {}",
+        machine.name,
+        machine.cpus,
+        machine.memory_mib,
+        machine.provider.as_str(),
+        list_or_dash(&ips),
+        list_or_dash(&forwards),
+        action_word(planned),
+        planned.why,
+    );
+    if !machine.depends_on.is_empty() {
+        println!("    starts after: {}", machine.depends_on.join(", "));
+    }
+    if planned.needs_build {
+        println!("    starts its daemons after the build (needs its artifacts)");
+    }
+    if !machine.packages.is_empty() {
+        println!("    packages: {}", machine.packages.join(" "));
+    }
+    print_artifacts(&machine.artifacts, "    ");
+    for daemon in &planned.daemons {
+        print_daemon(daemon, secrets);
+    }
+}
+
+fn action_word(planned: &MachinePlan) -> String {
+    serde_json::to_value(planned.action)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// A daemon's action, then every file its kit renders, in full: what `up`
+/// would push. Secret values never show: each is `<secret NAME>`.
+fn print_daemon(daemon: &plan::DaemonPlan, secrets: &Secrets) {
+    let action = match daemon.action {
+        DaemonAction::Start => "start",
+        DaemonAction::Restart => "restart",
+        DaemonAction::Stop => "stop",
+        DaemonAction::Nothing => "nothing",
+    };
+    let Some(rendered) = &daemon.rendered else {
         println!(
-            "    daemon {} ({}): service {}, packages {}",
-            kit.name,
-            kit.manifest.description,
-            kit.manifest.service,
-            kit.manifest.packages.join(" ")
+            "    daemon {}: up would {action}: {}",
+            daemon.name, daemon.why
         );
-        print_artifacts(&kit.manifest.artifacts, "      ");
-        for file in &rendered.files {
-            println!(
-                "      file {} (mode {:o}, owner {}):",
-                file.dest, file.mode, file.owner
-            );
-            for line in file.contents.lines() {
-                println!("        | {line}");
-            }
+        return;
+    };
+    let kit = &rendered.kit;
+    println!(
+        "    daemon {} ({}): service {}, packages {}\n      up would {action}: {}",
+        kit.name,
+        kit.manifest.description,
+        kit.manifest.service,
+        kit.manifest.packages.join(" "),
+        daemon.why,
+    );
+    print_artifacts(&kit.manifest.artifacts, "      ");
+    for file in &rendered.files {
+        println!(
+            "      file {} (mode {:o}, owner {}):",
+            file.dest, file.mode, file.owner
+        );
+        for line in masked(&file.contents, secrets).lines() {
+            println!("        | {line}");
         }
     }
-    Ok(())
+}
+
+/// `text` with every secret value shown as `<secret NAME>`.
+fn masked(text: &str, secrets: &Secrets) -> String {
+    secrets
+        .iter()
+        .filter(|(_, value)| !value.is_empty())
+        .fold(text.to_string(), |text, (name, value)| {
+            text.replace(value.as_str(), &format!("<secret {name}>"))
+        })
 }
 
 fn print_start_order(topology: &Topology) {
@@ -130,7 +160,7 @@ fn print_start_order(topology: &Topology) {
 }
 
 /// `[build]`: where it runs, what it reads and what it leaves in `dist/`.
-fn print_build(topology: &Topology) {
+fn print_build(topology: &Topology, plan: &Plan) {
     let Some(build) = &topology.build else {
         return;
     };
@@ -145,13 +175,20 @@ fn print_build(topology: &Topology) {
     for line in build.run.lines() {
         println!("    $ {line}");
     }
+    if let Some(planned) = &plan.build {
+        let action = match planned.action {
+            plan::BuildAction::Run => "run",
+            plan::BuildAction::Skip => "skip",
+        };
+        println!("    up would {action} it: {}", planned.why);
+    }
 }
 
 fn print_artifacts(artifacts: &[String], indent: &str) {
     for artifact in artifacts {
         println!(
             "{indent}artifact {artifact} -> {}",
-            provision::guest_artifact_path(artifact)
+            plan::guest_artifact_path(artifact)
         );
     }
 }

@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
 use crate::lifecycle::Testbed;
+use crate::plan::DaemonAction;
 use crate::progress::Progress;
-use crate::provision::Action;
 
 /// Re-render and push kit files; restart what changed, start what is not running
 #[derive(clap::Args)]
@@ -22,9 +22,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     for outcome in outcomes {
         let what = match outcome.action {
-            Action::Started => "started",
-            Action::Restarted => "restarted (its files changed)",
-            Action::Unchanged => "unchanged, running",
+            DaemonAction::Start => "started",
+            DaemonAction::Restart => "restarted (its files changed)",
+            DaemonAction::Stop => "stopped and disabled (no longer in its daemons)",
+            DaemonAction::Nothing => "unchanged, running",
         };
         println!("{}: {} {what}", outcome.machine, outcome.daemon);
     }

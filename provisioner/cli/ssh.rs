@@ -1,6 +1,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
+use crate::lifecycle::MachineState;
 use crate::lifecycle::{self, Testbed};
 
 /// Open a shell on a machine, or run one command there
@@ -40,9 +41,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .into_iter()
         .find(|m| m.name == args.machine)
         .map(|m| m.state)
-        .unwrap_or("not-created");
-    if state != "running" {
-        anyhow::bail!("{} is {state}: run `testbed up` first", args.machine);
+        .unwrap_or(MachineState::NotCreated);
+    if state != MachineState::Running {
+        anyhow::bail!(
+            "{} is {}: run `testbed up` first",
+            args.machine,
+            state.as_str()
+        );
     }
     lifecycle::wait_for_control_master(&testbed.state, &args.machine);
     let config = testbed.state.ssh_config();

@@ -33,7 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!(
             "{:<20} {:<12} ({}) {} {}{removed}",
             machine.name,
-            machine.state,
+            machine.state.as_str(),
             machine.provider,
             machine
                 .ssh

@@ -1,15 +1,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::lifecycle::Testbed;
+use crate::lifecycle::{Testbed, UpReport};
+use crate::model::ProviderKind;
 use crate::progress::Progress;
-use crate::topology::ProviderKind;
 
 /// Build images, boot the machines and give each its identity
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  testbed up topologies/quickstart.toml\n  \
                         testbed up            # again: resumes halted machines, or does nothing\n  \
-                        testbed up --provider libvirt topologies/zk-ensemble.toml")]
+                        testbed up --provider libvirt topologies/zk-ensemble.toml\n  \
+                        testbed up --json | jq '.machines[] | {name, action}'")]
 pub struct Args {
     #[command(flatten)]
     at: super::At,
@@ -18,6 +19,10 @@ pub struct Args {
     /// Run every machine on this provider, whatever the topology says
     #[arg(long, value_parser = ["qemu", "libvirt", "virtualbox"])]
     provider: Option<String>,
+    /// Print what was done as JSON: the shape of `plan --json` with each
+    /// daemon's action as carried out, and the checks' results
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -31,39 +36,60 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let progress = Progress::new();
     let report = testbed.up(&progress).await?;
+    if args.json {
+        return print_json(&report);
+    }
     let name = &testbed.topology.name;
+    let changed = report.changed();
+    let unchanged = report.unchanged();
     if let Some(build) = &report.build {
         println!("{build}");
     }
     let built = matches!(report.build, Some(crate::build::BuildOutcome::Built { .. }));
-    if report.changed.is_empty() && built {
+    if changed.is_empty() && built {
         println!(
             "testbed {name} is up: the build refreshed dist/, {} machine(s) running unchanged",
-            report.unchanged.len()
+            unchanged.len()
         );
-    } else if report.changed.is_empty() {
+    } else if changed.is_empty() {
         println!(
             "testbed {name} is up to date: {} machine(s) running, nothing to do",
-            report.unchanged.len()
+            unchanged.len()
         );
     } else {
         println!(
             "testbed {name} is up: {} machine(s) brought up ({}), {} already running",
-            report.changed.len(),
-            report.changed.join(", "),
-            report.unchanged.len()
+            changed.len(),
+            changed.join(", "),
+            unchanged.len()
         );
         println!(
             "next: testbed status | testbed ssh {} | testbed halt",
-            report.changed[0]
+            changed[0]
         );
     }
     for outcome in &report.daemons {
-        let action = format!("{:?}", outcome.action).to_lowercase();
+        let action = outcome.action.past_tense();
         println!("{}: {} {action}", outcome.machine, outcome.daemon);
     }
     match &report.checks {
         Some(checks) => super::verify::print_report(checks, name, false, None),
         None => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// `up --json`: what was done, in `plan --json`'s shape, with the checks.
+fn print_json(report: &UpReport) -> anyhow::Result<ExitCode> {
+    let mut done = report.done();
+    done["checks"] = match &report.checks {
+        Some(checks) => checks.json(),
+        None => serde_json::Value::Null,
+    };
+    println!("{}", serde_json::to_string_pretty(&done)?);
+    let passed = report.checks.as_ref().is_none_or(|c| c.passed());
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

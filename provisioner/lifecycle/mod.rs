@@ -19,11 +19,14 @@ use serde::Serialize;
 use crate::build;
 use crate::identity;
 use crate::image::{Cache, ImageError};
+use crate::kit::{Kits, Secrets};
+use crate::model::{Machine, ProviderKind, Topology};
+use crate::plan::{Inputs, Plan, PlanError};
 use crate::provider::{self, Provider, ProviderError, VmState};
 use crate::provision::Machines;
 use crate::ssh::{self, SshError, Target};
 use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
-use crate::topology::{self, Machine, ProviderKind, Topology, TopologyError};
+use crate::topology::{self, TopologyError};
 
 pub use destroy::destroy;
 pub use ssh_config::{control_path, wait_for_control_master, write_ssh_config};
@@ -48,6 +51,10 @@ pub enum Error {
     Kit(#[from] crate::kit::KitError),
     #[error(transparent)]
     Provision(#[from] crate::provision::ProvisionError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Build(#[from] build::BuildError),
     #[error("{0} has no [build]\n  help: add a [build] table with `machine`, `run`, `inputs` and `outputs`")]
@@ -113,8 +120,44 @@ pub enum Error {
     Untracked { machine: String },
     #[error("no machine named `{name}` in this testbed; machines: {known}")]
     UnknownMachine { name: String, known: String },
-    #[error("{count} machine(s) failed:\n{details}")]
-    Several { count: usize, details: String },
+    #[error("{} machine(s) failed:\n{}", .0.len(), failure_lines(.0))]
+    Several(Vec<MachineFailure>),
+}
+
+/// One machine's (or the build's) failure in a command that acts on several.
+#[derive(Debug)]
+pub struct MachineFailure {
+    /// The machine, or `build` for the build step.
+    pub machine: String,
+    pub error: Error,
+}
+
+impl MachineFailure {
+    fn build(error: Error) -> MachineFailure {
+        MachineFailure {
+            machine: "build".into(),
+            error,
+        }
+    }
+}
+
+impl std::fmt::Display for MachineFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Machine errors name their machine already; the build's does not.
+        if self.machine == "build" {
+            write!(f, "build: {}", self.error)
+        } else {
+            write!(f, "{}", self.error)
+        }
+    }
+}
+
+fn failure_lines(failures: &[MachineFailure]) -> String {
+    failures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -126,11 +169,33 @@ pub struct Testbed {
     pub cache: Cache,
 }
 
+/// What `status` says of a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MachineState {
+    NotCreated,
+    Running,
+    Stopped,
+    /// Should run (the last command was `up`), but no VM process runs.
+    Crashed,
+}
+
+impl MachineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineState::NotCreated => "not-created",
+            MachineState::Running => "running",
+            MachineState::Stopped => "stopped",
+            MachineState::Crashed => "crashed",
+        }
+    }
+}
+
 /// A machine as `status` reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct MachineStatus {
     pub name: String,
-    pub state: &'static str,
+    pub state: MachineState,
     pub provider: String,
     /// `host:port` of its SSH, when it has been created.
     pub ssh: Option<String>,
@@ -165,11 +230,62 @@ impl Testbed {
     /// that a missing input or kit does not stop `status` or `destroy`:
     /// every input exists, every artifact is built, the builder does not
     /// wait for itself.
-    pub fn check_build(&self) -> Result<()> {
-        if let Some(missing) = self.topology.missing_input() {
+    pub fn check_build(&self, kits: &Kits) -> Result<()> {
+        if let Some(missing) = topology::missing_input(&self.topology) {
             return Err(missing.into());
         }
-        check_build(&self.topology)
+        check_build(&self.topology, kits)
+    }
+
+    /// Every kit the topology's machines run, each loaded once.
+    pub fn kits(&self) -> Result<Kits> {
+        Ok(Kits::load(&self.topology)?)
+    }
+
+    /// The plan: what `up` would do now, and why (reads, changes nothing).
+    pub fn resolve(&self, record: &Record, kits: &Kits, secrets: &Secrets) -> Result<Plan> {
+        let mut kits = kits.clone();
+        // A daemon the record has and the topology dropped is stopped by
+        // its kit's unit, when the kit can still be found.
+        let recorded = record
+            .machines
+            .values()
+            .flat_map(|saved| saved.daemons.keys().cloned());
+        kits.load_also(recorded, self.topology.dir());
+        let settings = self.provider_settings();
+        Ok(Plan::resolve(&Inputs {
+            topology: &self.topology,
+            record,
+            state: &self.state,
+            kits: &kits,
+            secrets,
+            providers: &settings,
+        })?)
+    }
+
+    /// `testbed plan`: the plan from what exists, generating nothing (the
+    /// secrets not generated yet stand as `<secret NAME>`).
+    pub fn plan(&self) -> Result<(Plan, Secrets)> {
+        let kits = self.kits()?;
+        self.check_build(&kits)?;
+        let record = self.state.load()?;
+        let names = kits.secret_names(&self.topology);
+        let mut secrets = self.state.existing_secrets(&names)?;
+        for (name, placeholder) in crate::kit::placeholder_secrets(&names) {
+            secrets.entry(name).or_insert(placeholder);
+        }
+        let plan = self.resolve(&record, &kits, &secrets)?;
+        Ok((plan, secrets))
+    }
+
+    /// Each machine's daemon units (the journals a failed check shows),
+    /// from the kits that can be found.
+    fn services(&self, kits: &Kits) -> BTreeMap<String, Vec<String>> {
+        self.topology
+            .machines
+            .iter()
+            .map(|machine| (machine.name.clone(), kits.services(machine)))
+            .collect()
     }
 
     /// `up --provider KIND`: every machine on `kind`. A machine that already
@@ -297,14 +413,27 @@ impl Testbed {
         Ok(statuses)
     }
 
-    /// A session per machine for the checks of `verify`, from the record.
-    fn machines(&self) -> Result<Arc<Machines>> {
+    /// A session per machine for the checks of `verify` or a step, from
+    /// the record; the kits, when they can be found, name the journals
+    /// that a failed check shows.
+    fn sessions(&self) -> Result<Arc<Machines>> {
         let record = self.state.load()?;
-        let machines = Machines::new(self.state.clone(), &self.topology);
+        let mut kits = Kits::default();
+        let daemons = self
+            .topology
+            .machines
+            .iter()
+            .flat_map(|m| m.daemons.clone());
+        kits.load_also(daemons, self.topology.dir());
+        Ok(self.machines(&record, &kits))
+    }
+
+    fn machines(&self, record: &Record, kits: &Kits) -> Arc<Machines> {
+        let machines = Machines::new(self.state.clone(), self.services(kits));
         for (name, saved) in &record.machines {
             machines.set_port(name, saved.ssh_port);
         }
-        Ok(Arc::new(machines))
+        Arc::new(machines)
     }
 }
 
@@ -312,27 +441,27 @@ impl Testbed {
 /// per failure (a machine's failure never cuts the others short).
 async fn join_machines<T>(
     tasks: Vec<tokio::task::JoinHandle<(String, Result<T>)>>,
-) -> (Vec<(String, T)>, Vec<String>) {
+) -> (Vec<(String, T)>, Vec<MachineFailure>) {
     let mut done = Vec::new();
     let mut failures = Vec::new();
     for task in tasks {
         match task.await {
             Ok((name, Ok(value))) => done.push((name, value)),
-            Ok((_, Err(e))) => failures.push(e.to_string()),
-            Err(join) => failures.push(format!("internal error: {join}")),
+            Ok((machine, Err(error))) => failures.push(MachineFailure { machine, error }),
+            Err(join) => failures.push(MachineFailure {
+                machine: "(a task)".into(),
+                error: Error::Internal(join.to_string()),
+            }),
         }
     }
     (done, failures)
 }
 
-fn all_succeeded(failures: Vec<String>) -> Result<()> {
+fn all_succeeded(failures: Vec<MachineFailure>) -> Result<()> {
     if failures.is_empty() {
         return Ok(());
     }
-    Err(Error::Several {
-        count: failures.len(),
-        details: failures.join("\n"),
-    })
+    Err(Error::Several(failures))
 }
 
 fn lock_record(record: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
@@ -359,25 +488,15 @@ async fn observe(provider: Arc<dyn Provider>, dir: &Path) -> VmState {
         .unwrap_or(VmState::Running)
 }
 
-/// The last `lines` lines of a console log, or a note that there is none.
-pub fn console_tail(path: &Path, lines: usize) -> String {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(e) => format!("(no console log: {e})"),
-    }
-}
-
-/// `status` words: not-created, running, stopped, crashed.
-fn state_word(saved: Option<&MachineRecord>, observed: VmState) -> &'static str {
+/// What `status` says from the record and what the provider sees.
+fn state_word(saved: Option<&MachineRecord>, observed: VmState) -> MachineState {
     match (saved, observed) {
-        (_, VmState::Running) => "running",
-        (None, _) | (_, VmState::Absent) => "not-created",
-        (Some(saved), VmState::Stopped) if saved.desired == Desired::Running => "crashed",
-        (Some(_), VmState::Stopped) => "stopped",
+        (_, VmState::Running) => MachineState::Running,
+        (None, _) | (_, VmState::Absent) => MachineState::NotCreated,
+        (Some(saved), VmState::Stopped) if saved.desired == Desired::Running => {
+            MachineState::Crashed
+        }
+        (Some(_), VmState::Stopped) => MachineState::Stopped,
     }
 }
 
@@ -391,7 +510,7 @@ mod tests {
 
     pub(super) fn record(desired: Desired) -> MachineRecord {
         MachineRecord {
-            provider: crate::topology::ProviderKind::Qemu,
+            provider: crate::model::ProviderKind::Qemu,
             image: "debian-12-h".into(),
             spec: "s".into(),
             ssh_port: 2222,
@@ -406,10 +525,11 @@ mod tests {
     fn status_words_follow_record_and_observation() {
         let running = record(Desired::Running);
         let halted = record(Desired::Stopped);
-        assert_eq!(state_word(None, VmState::Absent), "not-created");
-        assert_eq!(state_word(Some(&running), VmState::Running), "running");
-        assert_eq!(state_word(Some(&running), VmState::Stopped), "crashed");
-        assert_eq!(state_word(Some(&halted), VmState::Stopped), "stopped");
-        assert_eq!(state_word(Some(&halted), VmState::Absent), "not-created");
+        use MachineState::*;
+        assert_eq!(state_word(None, VmState::Absent), NotCreated);
+        assert_eq!(state_word(Some(&running), VmState::Running), Running);
+        assert_eq!(state_word(Some(&running), VmState::Stopped), Crashed);
+        assert_eq!(state_word(Some(&halted), VmState::Stopped), Stopped);
+        assert_eq!(state_word(Some(&halted), VmState::Absent), NotCreated);
     }
 }

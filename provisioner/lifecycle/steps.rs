@@ -4,11 +4,12 @@ use std::time::Instant;
 
 use crate::build::{self, BuildOutcome};
 use crate::check;
+use crate::kit::Kits;
+use crate::model::{self, Builder, Step, Topology};
 use crate::progress::{Progress, Task};
-use crate::provision::{self, BUILD_GATE};
+use crate::provision::Gate;
 use crate::ssh;
 use crate::state::Record;
-use crate::topology::{self, Builder, Step, Topology};
 
 use super::up::UpContext;
 use super::{first_line, lock_record, Error, Result, Testbed};
@@ -50,7 +51,7 @@ impl Testbed {
             .build
             .as_ref()
             .ok_or_else(|| Error::NoBuild(self.topology.path.clone()))?;
-        self.check_build()?;
+        self.check_build(&self.kits()?)?;
         self.state.create()?;
         let _lock = self.state.lock()?;
         let mut record = self.state.load()?;
@@ -67,7 +68,7 @@ impl Testbed {
                 if !record.machines.contains_key(name) {
                     return Err(Error::BuilderNotRunning(name.clone()));
                 }
-                let machines = self.machines()?;
+                let machines = self.sessions()?;
                 let session = machines
                     .session(name)
                     .await
@@ -96,7 +97,7 @@ impl Testbed {
         on_output: impl FnMut(ssh::Stream, &[u8]) + Send,
     ) -> Result<StepReport> {
         let step = self.step(name)?.clone();
-        let machines = self.machines()?;
+        let machines = self.sessions()?;
         let started = Instant::now();
         let session = machines.session(&step.machine).await?;
         let output = session
@@ -142,7 +143,7 @@ impl Testbed {
 
     /// Runs the topology's checks alone.
     pub async fn verify(&self) -> Result<check::Report> {
-        let machines = self.machines()?;
+        let machines = self.sessions()?;
         let report = check::run_all(&self.topology.checks, &self.topology, machines.clone()).await;
         machines.close().await;
         Ok(report)
@@ -152,7 +153,7 @@ impl Testbed {
 /// The build must be able to run and to feed every artifact: the builder
 /// must not wait for its own build, and each artifact a machine or its kits
 /// name must be one of the build's outputs.
-pub(super) fn check_build(topology: &Topology) -> Result<()> {
+pub(super) fn check_build(topology: &Topology, kits: &Kits) -> Result<()> {
     let Some(plan) = &topology.build else {
         return Ok(());
     };
@@ -168,8 +169,7 @@ pub(super) fn check_build(topology: &Topology) -> Result<()> {
                 )
             })
             .collect();
-        for daemon in &machine.daemons {
-            let kit = crate::kit::Kit::load(daemon, topology.dir())?;
+        for kit in kits.of(machine) {
             let manifest = kit.manifest_path().display().to_string();
             artifacts.extend(
                 kit.manifest
@@ -201,7 +201,7 @@ pub(super) fn check_build(topology: &Topology) -> Result<()> {
 
 /// Starts the build step of `up` unless it is current: on the host at once,
 /// on a machine as soon as it answers SSH (not waiting for its daemons or
-/// dependencies, which could wait for the build). Opens [`BUILD_GATE`].
+/// dependencies, which could wait for the build). Opens [`Gate::Build`].
 pub(super) fn spawn_build(
     ctx: &UpContext,
     current: bool,
@@ -209,14 +209,14 @@ pub(super) fn spawn_build(
 ) -> Option<tokio::task::JoinHandle<Result<BuildOutcome>>> {
     let plan = ctx.topology.build.clone()?;
     if current {
-        ctx.readiness.set(BUILD_GATE, true);
+        ctx.readiness.set(&Gate::Build, true);
         return None;
     }
     let task = progress.task("build");
     let ctx = ctx.clone();
     Some(tokio::spawn(async move {
         let result = run_build(&plan, &ctx, &task).await;
-        ctx.readiness.set(BUILD_GATE, result.is_ok());
+        ctx.readiness.set(&Gate::Build, result.is_ok());
         task.finish(&match &result {
             Ok(outcome) => outcome.summary(),
             Err(e) => format!("failed: {}", first_line(&e.to_string())),
@@ -225,7 +225,7 @@ pub(super) fn spawn_build(
     }))
 }
 
-async fn run_build(plan: &topology::Build, ctx: &UpContext, task: &Task) -> Result<BuildOutcome> {
+async fn run_build(plan: &model::Build, ctx: &UpContext, task: &Task) -> Result<BuildOutcome> {
     let hash = build::inputs_hash(plan, ctx.topology.dir())?;
     let log = ctx.state.build_log();
     let on_line = |line: &str| task.set(line);
@@ -233,7 +233,7 @@ async fn run_build(plan: &topology::Build, ctx: &UpContext, task: &Task) -> Resu
         Builder::Host => build::run_on_host(plan, &ctx.topology, &log, &on_line).await?,
         Builder::Machine(name) => {
             task.set(&format!("waiting for {name}"));
-            if !ctx.readiness.wait(&provision::reachable(name)).await {
+            if !ctx.readiness.wait(&Gate::Reachable(name.clone())).await {
                 return Err(Error::BuilderNotRunning(name.clone()));
             }
             let session = ctx.machines.session(name).await?;

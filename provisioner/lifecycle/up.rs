@@ -9,30 +9,28 @@ use std::time::Duration;
 use crate::build::BuildOutcome;
 use crate::check;
 use crate::identity::{self, MachineKeys, Seed};
-use crate::image::{BuiltImage, ImageError, Recipe};
-use crate::kit::Secrets;
+use crate::image::BuiltImage;
+use crate::model::Topology;
+use crate::plan::{self, Applied, BuildAction, DaemonAction, MachineAction, MachinePlan, Plan};
 use crate::progress::{Progress, Task};
 use crate::provider::{kvm, NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
-use crate::provision::{self, Applied, Machines, Outcome, Readiness, BUILD_GATE};
+use crate::provision::{self, Gate, Machines, Outcome, Readiness};
 use crate::ssh::{self, Session, SshError, Target};
-use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
-use crate::topology::{Machine, Topology};
+use crate::state::{Desired, MachineDir, MachineRecord, Record, StateDir, StateError};
 
 use super::ssh_config::{start_control_masters, write_ssh_config};
 use super::steps::spawn_build;
 use super::{
-    all_succeeded, blocking, console_tail, first_line, join_machines, lock_record, observe, Error,
-    Result, Testbed,
+    all_succeeded, blocking, first_line, join_machines, lock_record, observe, Error,
+    MachineFailure, Result, Testbed,
 };
 
 /// How long a cold boot may take to reach SSH (software emulation is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// What `up` did, for the summary line.
-#[derive(Debug, Default)]
+/// What `up` did: the plan it carried out, with each daemon's action as done.
 pub struct UpReport {
-    pub changed: Vec<String>,
-    pub unchanged: Vec<String>,
+    pub plan: Arc<Plan>,
     /// What happened to each daemon that was provisioned.
     pub daemons: Vec<Outcome>,
     /// The topology's checks, run last when anything changed.
@@ -41,81 +39,135 @@ pub struct UpReport {
     pub build: Option<BuildOutcome>,
 }
 
+impl UpReport {
+    /// Machines `up` acted on, in file order.
+    pub fn changed(&self) -> Vec<String> {
+        self.machines_where(|action| action != MachineAction::Nothing)
+    }
+
+    /// Machines that were converged already.
+    pub fn unchanged(&self) -> Vec<String> {
+        self.machines_where(|action| action == MachineAction::Nothing)
+    }
+
+    fn machines_where(&self, keep: impl Fn(MachineAction) -> bool) -> Vec<String> {
+        self.plan
+            .machines
+            .iter()
+            .filter(|m| keep(m.action))
+            .map(|m| m.name.clone())
+            .collect()
+    }
+
+    /// The plan's shape (`plan --json`) with each daemon's action as it was
+    /// carried out.
+    pub fn done(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(&*self.plan).unwrap_or_default();
+        if let Some(build) = &self.build {
+            let action = match build {
+                BuildOutcome::Skipped => BuildAction::Skip,
+                BuildOutcome::Built { .. } => BuildAction::Run,
+            };
+            value["build"]["action"] = serde_json::json!(action);
+        }
+        let Some(machines) = value["machines"].as_array_mut() else {
+            return value;
+        };
+        for machine in machines {
+            let name = machine["name"].as_str().unwrap_or_default().to_string();
+            let Some(daemons) = machine["daemons"].as_array_mut() else {
+                continue;
+            };
+            for daemon in daemons {
+                let done = self
+                    .daemons
+                    .iter()
+                    .find(|o| o.machine == name && daemon["name"] == o.daemon.as_str())
+                    .map(|o| o.action)
+                    .unwrap_or(DaemonAction::Nothing);
+                daemon["action"] = serde_json::json!(done);
+            }
+        }
+        value
+    }
+}
+
 impl Testbed {
-    /// Builds missing images, boots what is not running, applies identities
-    /// that are not applied yet. A converged testbed is left alone.
+    /// Carries out the plan: builds missing images, boots what is not
+    /// running, applies identities, provisions daemons. A converged testbed
+    /// is left alone.
     pub async fn up(&self, progress: &Progress) -> Result<UpReport> {
-        self.check_build()?;
+        let kits = self.kits()?;
+        self.check_build(&kits)?;
         self.state.create()?;
         let _lock = self.state.lock()?;
         let mut record = self.state.load()?;
         record.topology = self.topology.path.clone();
         ensure_user_key(&self.state)?;
-        let secrets = Arc::new(self.secrets()?);
-        let build_current = self.build_current(&record)?;
-        // Rendered before anything starts: a template error touches nothing.
-        let rendered = self.applied_now(&secrets, build_current)?;
-        let images = self.ensure_images(progress)?;
-        let plans = self.plan_machines(&record, &images)?;
-        for plan in &plans {
-            let current = images
-                .get(&plan.machine.name)
-                .map(BuiltImage::key)
-                .unwrap_or_default();
-            if let Some(warning) = plan.drift(&record, &current) {
-                progress.println(&format!("warning: {warning}"));
-            }
+        let secrets = self.state.secrets(&kits.secret_names(&self.topology))?;
+        let plan = Arc::new(self.resolve(&record, &kits, &secrets)?);
+        for warning in &plan.warnings {
+            progress.println(&format!("warning: {warning}"));
         }
-        let mut report = UpReport::default();
-        let readiness = Arc::new(Readiness::new(&self.topology));
-        let mut todo = Vec::new();
-        for plan in plans {
-            let name = plan.machine.name.clone();
-            let provisioned = match (record.machines.get(&name), rendered.get(&name)) {
-                (Some(saved), Some(Some(now))) => {
-                    saved.daemons == now.daemons && saved.artifacts == now.artifacts
-                }
-                _ => false,
-            };
-            if plan.converged(&record) && provisioned {
-                readiness.set(&name, true);
-                readiness.set(&provision::reachable(&name), true);
-                report.unchanged.push(name);
-            } else {
-                todo.push(plan);
-            }
-        }
-        if todo.is_empty() && build_current {
+        let mut report = UpReport {
+            plan: plan.clone(),
+            daemons: Vec::new(),
+            checks: None,
+            build: None,
+        };
+        let build_current = plan
+            .build
+            .as_ref()
+            .is_none_or(|b| b.action == BuildAction::Skip);
+        if plan.converged() {
             report.build = self.topology.build.as_ref().map(|_| BuildOutcome::Skipped);
             return Ok(report);
         }
+        let images = self.ensure_images(&plan, &record, progress)?;
         let kvm = self.accelerator(&images, progress);
-        self.ensure_networks(&todo, &mut record)?;
+        self.ensure_networks(&plan, &mut record)?;
         self.state.save(&record)?;
-        let machines = Arc::new(Machines::new(self.state.clone(), &self.topology));
+        let machines = Arc::new(Machines::new(self.state.clone(), self.services(&kits)));
         for (name, saved) in &record.machines {
             machines.set_port(name, saved.ssh_port);
+        }
+        let readiness = Arc::new(Readiness::new(&self.topology));
+        for converged in plan
+            .machines
+            .iter()
+            .filter(|m| m.action == MachineAction::Nothing)
+        {
+            readiness.set(&Gate::Daemons(converged.name.clone()), true);
+            readiness.set(&Gate::Reachable(converged.name.clone()), true);
         }
         let ctx = UpContext {
             state: self.state.clone(),
             record: Arc::new(Mutex::new(record)),
             machines: machines.clone(),
-            readiness: readiness.clone(),
+            readiness,
             topology: Arc::new(self.topology.clone()),
-            secrets,
         };
         let build_task = spawn_build(&ctx, build_current, progress);
         let mut tasks = Vec::new();
-        for mut plan in todo {
-            plan.kvm = kvm;
-            let task = progress.task(&plan.machine.name);
+        for (index, machine) in plan.machines.iter().enumerate() {
+            if machine.action == MachineAction::Nothing {
+                continue;
+            }
+            let boot = match images.get(&machine.name) {
+                Some(image) => Some(self.vm_spec(machine, image.clone(), &ctx, kvm)?),
+                None => None,
+            };
+            let task = progress.task(&machine.name);
             let ctx = ctx.clone();
-            let target = self.ssh_target(&plan.machine.name, 0);
+            let target = self.ssh_target(&machine.name, 0);
+            let plan = plan.clone();
             tasks.push(tokio::spawn(async move {
-                let name = plan.machine.name.clone();
-                let result = up_machine(plan, target, &ctx, &task).await;
-                ctx.readiness.set(&name, result.is_ok());
-                ctx.readiness.settle(&provision::reachable(&name), false);
+                let machine = &plan.machines[index];
+                let name = machine.name.clone();
+                let result = up_machine(machine, boot, target, &ctx, &task).await;
+                ctx.readiness
+                    .set(&Gate::Daemons(name.clone()), result.is_ok());
+                ctx.readiness.settle(&Gate::Reachable(name.clone()), false);
                 match &result {
                     Ok(_) => task.finish("ready"),
                     Err(e) => task.finish(&format!("failed: {}", first_line(&e.to_string()))),
@@ -124,15 +176,14 @@ impl Testbed {
             }));
         }
         let (done, mut failures) = join_machines(tasks).await;
-        for (name, outcomes) in done {
-            report.changed.push(name);
+        for (_, outcomes) in done {
             report.daemons.extend(outcomes);
         }
         match build_task {
             Some(task) => match task.await {
                 Ok(Ok(outcome)) => report.build = Some(outcome),
-                Ok(Err(e)) => failures.push(format!("build: {e}")),
-                Err(e) => failures.push(format!("build: {e}")),
+                Ok(Err(e)) => failures.push(MachineFailure::build(e)),
+                Err(e) => failures.push(MachineFailure::build(Error::Internal(e.to_string()))),
             },
             None => report.build = self.topology.build.as_ref().map(|_| BuildOutcome::Skipped),
         }
@@ -143,80 +194,48 @@ impl Testbed {
             report.checks = Some(checks);
         }
         machines.close().await;
-        start_control_masters(&self.state, &report.changed);
+        start_control_masters(&self.state, &report.changed());
         all_succeeded(failures).map(|()| report)
     }
 
-    /// What provisioning each machine now would apply; `None` for a machine
-    /// whose artifacts the pending build is about to change.
-    fn applied_now(
-        &self,
-        secrets: &Secrets,
-        build_current: bool,
-    ) -> Result<BTreeMap<String, Option<Applied>>> {
-        let topology = &self.topology;
-        topology
-            .machines
-            .iter()
-            .map(|machine| {
-                let rendered = provision::render_machine(topology, machine, secrets)?;
-                if !build_current && provision::needs_artifacts(topology, machine)? {
-                    return Ok((machine.name.clone(), None));
-                }
-                let mut applied = Applied::default();
-                for r in &rendered {
-                    let hash = provision::daemon_hash(topology, &machine.name, r)?;
-                    applied.daemons.insert(r.kit.name.clone(), hash);
-                }
-                if !machine.artifacts.is_empty() {
-                    applied.artifacts = Some(provision::artifacts_hash(
-                        topology,
-                        &machine.name,
-                        &machine.artifacts,
-                    )?);
-                }
-                Ok((machine.name.clone(), Some(applied)))
-            })
-            .collect()
-    }
-
-    /// The testbed's generated secrets that its kits use.
-    fn secrets(&self) -> Result<Secrets> {
-        let names = crate::kit::secret_names(&self.topology)?;
-        Ok(self.state.secrets(&names)?)
-    }
-
-    /// Re-renders and pushes the kits of `names` (or all machines): restarts
-    /// the daemons whose files changed, starts those not running, leaves the
-    /// rest alone.
+    /// Re-renders and pushes the kits of `names` (or all machines), as the
+    /// plan says: restarts the daemons whose files changed, starts those not
+    /// running, stops those removed, leaves the rest alone.
     pub async fn provision(&self, names: &[String], progress: &Progress) -> Result<Vec<Outcome>> {
         let _lock = self.state.lock()?;
         let selected = self.select(names)?;
-        let secrets = Arc::new(self.secrets()?);
-        let machines = self.machines()?;
+        let kits = self.kits()?;
+        let record = self.state.load()?;
+        let secrets = self.state.secrets(&kits.secret_names(&self.topology))?;
+        let plan = Arc::new(self.resolve(&record, &kits, &secrets)?);
+        let machines = self.machines(&record, &kits);
         let readiness = Arc::new(Readiness::new(&self.topology));
         for machine in &self.topology.machines {
             if !selected.iter().any(|m| m.name == machine.name) {
-                readiness.set(&machine.name, true);
+                readiness.set(&Gate::Daemons(machine.name.clone()), true);
             }
         }
         // `provision` pushes `dist/` as it is; `build` or `up` remake it.
-        readiness.set(BUILD_GATE, true);
+        readiness.set(&Gate::Build, true);
         let ctx = UpContext {
             state: self.state.clone(),
-            record: Arc::new(Mutex::new(self.state.load()?)),
+            record: Arc::new(Mutex::new(record)),
             machines: machines.clone(),
             readiness,
             topology: Arc::new(self.topology.clone()),
-            secrets,
         };
         let mut tasks = Vec::new();
         for machine in selected {
+            let Some(index) = plan.machines.iter().position(|m| m.name == machine.name) else {
+                continue;
+            };
             let ctx = ctx.clone();
             let task = progress.task(&machine.name);
+            let plan = plan.clone();
             tasks.push(tokio::spawn(async move {
-                let result = provision_and_record(&machine, &ctx, &task).await;
-                ctx.readiness.set(&machine.name, result.is_ok());
+                let result = provision_and_record(&plan.machines[index], &ctx, &task).await;
+                ctx.readiness
+                    .set(&Gate::Daemons(machine.name.clone()), result.is_ok());
                 task.finish(if result.is_ok() {
                     "provisioned"
                 } else {
@@ -234,22 +253,42 @@ impl Testbed {
         all_succeeded(failures).map(|()| outcomes)
     }
 
-    /// The image each machine boots, by machine name: its recipe plus the
-    /// packages its kits need, built once per distinct package set.
-    fn ensure_images(&self, progress: &Progress) -> Result<BTreeMap<String, BuiltImage>> {
+    /// The image each booting machine boots, by machine name: a new disk's
+    /// from its recipe (built once per distinct recipe), a resumed disk's
+    /// the one it was made from (an overlay must keep its base).
+    fn ensure_images(
+        &self,
+        plan: &Plan,
+        record: &Record,
+        progress: &Progress,
+    ) -> Result<BTreeMap<String, BuiltImage>> {
         let mut built: BTreeMap<String, BuiltImage> = BTreeMap::new();
         let mut images = BTreeMap::new();
-        for machine in &self.topology.machines {
-            let recipe = self.recipe_for(machine)?;
+        for machine in plan.machines.iter().filter(|m| m.boots()) {
+            let recipe = &machine.recipe;
+            let saved = record.machines.get(&machine.name);
+            if let Some(saved) =
+                saved.filter(|s| machine.observed != VmState::Absent && s.image != recipe.key())
+            {
+                let image =
+                    self.cache
+                        .lookup_key(&saved.image)
+                        .ok_or_else(|| Error::BaseImageGone {
+                            machine: machine.name.clone(),
+                            image: saved.image.clone(),
+                        })?;
+                images.insert(machine.name.clone(), image);
+                continue;
+            }
             let image = match built
                 .get(&recipe.key())
                 .cloned()
-                .or_else(|| self.cache.lookup(&recipe))
+                .or_else(|| self.cache.lookup(recipe))
             {
                 Some(image) => image,
                 None => {
                     let task = progress.task(&format!("image {}", recipe.key()));
-                    let image = self.cache.ensure(&recipe, &mut |line| task.set(line))?;
+                    let image = self.cache.ensure(recipe, &mut |line| task.set(line))?;
                     task.finish("built");
                     image
                 }
@@ -258,17 +297,6 @@ impl Testbed {
             images.insert(machine.name.clone(), image);
         }
         Ok(images)
-    }
-
-    /// The machine's image recipe, with its own and its kits' packages added.
-    pub fn recipe_for(&self, machine: &Machine) -> Result<Recipe> {
-        let recipe = Recipe::find(&machine.image, self.topology.dir())?;
-        let mut packages = machine.packages.clone();
-        for daemon in &machine.daemons {
-            let kit = crate::kit::Kit::load(daemon, self.topology.dir())?;
-            packages.extend(kit.manifest.packages.iter().cloned());
-        }
-        Ok(recipe.with_packages(&packages))
     }
 
     /// KVM when the bounded probe showed it boots a kernel here, else TCG;
@@ -289,120 +317,84 @@ impl Testbed {
         verdict.kvm
     }
 
-    /// Brings up every network the machines to boot are on.
-    fn ensure_networks(&self, plans: &[MachinePlan], record: &mut Record) -> Result<()> {
+    /// Brings up every network of the machines `up` acts on.
+    fn ensure_networks(&self, plan: &Plan, record: &mut Record) -> Result<()> {
         let mut done = std::collections::BTreeSet::new();
-        for plan in plans {
-            for nic in &plan.spec.nics {
-                if done.insert(nic.network.name.clone()) {
-                    let kind = plan.machine.provider;
-                    match record.networks.get(&nic.network.name) {
-                        Some(made_by) if *made_by != kind => {
-                            return Err(Error::NetworkProvider {
-                                network: nic.network.name.clone(),
-                                made_by: made_by.as_str(),
-                                machine: plan.machine.name.clone(),
-                                wanted: kind.as_str(),
-                            })
-                        }
-                        _ => {}
-                    }
-                    // Recorded first: a killed `up` leaves nothing `destroy`
-                    // does not know of.
-                    record
-                        .networks
-                        .insert(nic.network.name.clone(), plan.machine.provider);
-                    self.state.save(record)?;
-                    plan.provider.ensure_network(&nic.network)?;
+        for machine in plan
+            .machines
+            .iter()
+            .filter(|m| m.action != MachineAction::Nothing)
+        {
+            for network in machine.machine.ips.keys() {
+                if !done.insert(network.clone()) {
+                    continue;
                 }
+                let kind = machine.machine.provider;
+                match record.networks.get(network) {
+                    Some(made_by) if *made_by != kind => {
+                        return Err(Error::NetworkProvider {
+                            network: network.clone(),
+                            made_by: made_by.as_str(),
+                            machine: machine.name.clone(),
+                            wanted: kind.as_str(),
+                        })
+                    }
+                    _ => {}
+                }
+                // Recorded first: a killed `up` leaves nothing `destroy`
+                // does not know of.
+                record.networks.insert(network.clone(), kind);
+                self.state.save(record)?;
+                machine
+                    .provider
+                    .ensure_network(&self.network_spec(network))?;
             }
         }
         Ok(())
     }
 
-    fn plan_machines(
+    /// What the provider needs to create and boot a machine of the plan.
+    fn vm_spec(
         &self,
-        record: &Record,
-        images: &BTreeMap<String, BuiltImage>,
-    ) -> Result<Vec<MachinePlan>> {
-        let authorized = std::fs::read_to_string(ssh::public_key_path(&self.state.user_key()))
-            .map_err(|source| StateError::Io {
-                path: self.state.user_key(),
-                source,
-            })?;
-        self.topology
-            .machines
-            .iter()
-            .map(|machine| {
-                let provider = self.provider_of(machine)?;
-                let dir = self.state.machine_dir(&machine.name);
-                crate::state::create_private_dir(&dir)?;
-                let keys = MachineKeys::ensure(&dir, &machine.name)?;
-                let management = provider.management(&identity::mac_address(
-                    &machine.name,
-                    identity::MANAGEMENT_NIC,
-                ));
-                let seed =
-                    identity::build_seed(&self.topology, machine, &keys, &authorized, &management)?;
-                let saved = record.machines.get(&machine.name);
-                let observed = provider.state(&dir);
-                let image = self.image_for(machine, saved, observed, images)?;
-                let nics = identity::static_nics(&self.topology, machine)
-                    .into_iter()
-                    .map(|(network, nic)| NicSpec {
-                        network: self.network_spec(&network),
-                        mac: nic.mac,
-                    })
-                    .collect();
-                let spec = VmSpec {
-                    name: machine.name.clone(),
-                    dir: dir.clone(),
-                    image,
-                    cpus: machine.cpus,
-                    memory_mib: machine.memory_mib,
-                    seed: dir.join("seed.tar"),
-                    machine_id: keys.machine_id.clone(),
-                    management_mac: management.mac.clone(),
-                    ssh_port: saved.map(|r| r.ssh_port).unwrap_or(0),
-                    forwards: machine.forwards.clone(),
-                    nics,
-                    kvm: false,
-                };
-                Ok(MachinePlan {
-                    machine: machine.clone(),
-                    provider,
-                    spec,
-                    seed,
-                    observed,
-                    kvm: false,
-                })
+        machine: &MachinePlan,
+        image: BuiltImage,
+        ctx: &UpContext,
+        kvm: bool,
+    ) -> Result<VmSpec> {
+        let layout = self.state.machine(&machine.name);
+        let dir = layout.path().to_path_buf();
+        crate::state::create_private_dir(&dir)?;
+        let keys = MachineKeys::ensure(&dir, &machine.name)?;
+        let management = machine.provider.management(&identity::mac_address(
+            &machine.name,
+            identity::MANAGEMENT_NIC,
+        ));
+        let nics = identity::static_nics(&self.topology, &machine.machine)
+            .into_iter()
+            .map(|(network, nic)| NicSpec {
+                network: self.network_spec(&network),
+                mac: nic.mac,
             })
-            .collect()
-    }
-
-    /// The image a machine boots: the one its disk was made from when it has
-    /// a disk (an overlay must keep its base), else the recipe's current one.
-    fn image_for(
-        &self,
-        machine: &Machine,
-        saved: Option<&MachineRecord>,
-        observed: VmState,
-        images: &BTreeMap<String, BuiltImage>,
-    ) -> Result<BuiltImage> {
-        let current = images
+            .collect();
+        let ssh_port = lock_record(&ctx.record)
+            .machines
             .get(&machine.name)
-            .cloned()
-            .ok_or_else(|| ImageError::NotCached(machine.image.clone()))?;
-        match saved {
-            Some(saved) if observed != VmState::Absent && saved.image != current.key() => self
-                .cache
-                .lookup_key(&saved.image)
-                .ok_or_else(|| Error::BaseImageGone {
-                    machine: machine.name.clone(),
-                    image: saved.image.clone(),
-                }),
-            _ => Ok(current),
-        }
+            .map(|r| r.ssh_port)
+            .unwrap_or(0);
+        Ok(VmSpec {
+            name: machine.name.clone(),
+            dir,
+            image,
+            cpus: machine.machine.cpus,
+            memory_mib: machine.machine.memory_mib,
+            seed: layout.seed(),
+            machine_id: keys.machine_id.clone(),
+            management_mac: management.mac.clone(),
+            ssh_port,
+            forwards: machine.machine.forwards.clone(),
+            nics,
+            kvm,
+        })
     }
 
     fn network_spec(&self, name: &str) -> NetworkSpec {
@@ -413,55 +405,14 @@ impl Testbed {
     }
 }
 
-/// Everything `up` knows about one machine before touching it.
-struct MachinePlan {
-    machine: Machine,
-    provider: Box<dyn Provider>,
-    spec: VmSpec,
-    seed: Seed,
-    observed: VmState,
-    kvm: bool,
-}
-
-impl MachinePlan {
-    fn converged(&self, record: &Record) -> bool {
-        let Some(saved) = record.machines.get(&self.machine.name) else {
-            return false;
-        };
-        self.observed == VmState::Running
-            && saved.desired == Desired::Running
-            && saved.identity.as_deref() == Some(self.seed.hash.as_str())
-    }
-
-    /// What a running machine does not have yet because it needs a reboot
-    /// or a rebuild, in a user's words.
-    fn drift(&self, record: &Record, current_image: &str) -> Option<String> {
-        let saved = record.machines.get(&self.machine.name)?;
-        let name = &self.machine.name;
-        if self.observed == VmState::Running && saved.spec != spec_hash(&self.spec) {
-            return Some(format!(
-                "{name}: cpus, memory, networks or forwards changed; `testbed halt {name}` then `testbed up` applies them"
-            ));
-        }
-        (saved.image != current_image).then(|| {
-            format!("{name}: keeps image {} (the recipe now builds {current_image}); `testbed destroy` and `up` to use it", saved.image)
-        })
-    }
-}
-
-/// The VM hardware that needs a reboot to change: cpus, memory, NICs, forwards.
+/// The VM hardware that needs a reboot to change, as booted.
 fn spec_hash(spec: &VmSpec) -> String {
-    use sha2::{Digest, Sha256};
-    let nics: Vec<(&str, &str)> = spec
+    let nics: Vec<(String, String)> = spec
         .nics
         .iter()
-        .map(|nic| (nic.network.name.as_str(), nic.mac.as_str()))
+        .map(|nic| (nic.network.name.clone(), nic.mac.clone()))
         .collect();
-    let text = format!(
-        "{}|{}|{:?}|{:?}",
-        spec.cpus, spec.memory_mib, nics, spec.forwards
-    );
-    hex::encode(Sha256::digest(text))[..16].to_string()
+    plan::hardware_hash_of(spec.cpus, spec.memory_mib, &nics, &spec.forwards)
 }
 
 #[derive(Clone)]
@@ -471,7 +422,6 @@ pub(super) struct UpContext {
     pub(super) machines: Arc<Machines>,
     pub(super) readiness: Arc<Readiness>,
     pub(super) topology: Arc<Topology>,
-    pub(super) secrets: Arc<Secrets>,
 }
 
 impl UpContext {
@@ -502,63 +452,48 @@ impl UpContext {
     }
 }
 
-/// One machine's way through `up`: boot and identity when needed, then its
-/// daemons once its dependencies are ready.
+/// One machine's way through `up`: boot and identity when the plan says,
+/// then its daemons once its dependencies are ready.
 async fn up_machine(
-    plan: MachinePlan,
+    machine: &MachinePlan,
+    boot: Option<VmSpec>,
     target: Target,
     ctx: &UpContext,
     task: &Task,
 ) -> Result<Vec<Outcome>> {
-    let machine = plan.machine.clone();
-    if !plan.converged(&lock_record(&ctx.record)) {
-        bring_up(plan, target, ctx, task).await?;
+    if machine.apply_identity {
+        bring_up(machine, boot, target, ctx, task).await?;
     }
     ctx.readiness
-        .set(&provision::reachable(&machine.name), true);
-    provision_and_record(&machine, ctx, task).await
+        .set(&Gate::Reachable(machine.name.clone()), true);
+    provision_and_record(machine, ctx, task).await
 }
 
-/// Provisions a machine's daemons and records what was pushed.
+/// Provisions a machine's daemons as planned and records what was pushed.
 async fn provision_and_record(
-    machine: &Machine,
+    machine: &MachinePlan,
     ctx: &UpContext,
     task: &Task,
 ) -> Result<Vec<Outcome>> {
-    if machine.daemons.is_empty() && machine.artifacts.is_empty() {
-        // Nothing to push; the record must say so too, or `up` would never
-        // find a machine whose last daemon was removed converged.
-        let stale = lock_record(&ctx.record)
-            .machines
-            .get(&machine.name)
-            .is_some_and(|saved| !saved.daemons.is_empty() || saved.artifacts.is_some());
-        if stale {
-            ctx.update(&machine.name, |saved| {
-                saved.daemons.clear();
-                saved.artifacts = None;
-            })?;
+    let applied = Applied::of(lock_record(&ctx.record).machines.get(&machine.name));
+    if machine.daemons.is_empty() && machine.machine.artifacts.is_empty() {
+        // Nothing to push; the record must say so too.
+        if applied.artifacts.is_some() {
+            ctx.update(&machine.name, |saved| saved.artifacts = None)?;
         }
         return Ok(Vec::new());
     }
-    let applied = lock_record(&ctx.record)
-        .machines
-        .get(&machine.name)
-        .map(|r| Applied {
-            daemons: r.daemons.clone(),
-            artifacts: r.artifacts.clone(),
-        })
-        .unwrap_or_default();
     let on_step = |step: &str| task.set(step);
     let on_applied = |now: &Applied| {
-        ctx.update(&machine.name, |saved| {
+        let mut record = lock_record(&ctx.record);
+        if let Some(saved) = record.machines.get_mut(&machine.name) {
             saved.daemons = now.daemons.clone();
             saved.artifacts = now.artifacts.clone();
-        })
-        .map_err(|e| e.to_string())
+        }
+        ctx.state.save(&record)
     };
     let cluster = provision::Cluster {
         topology: &ctx.topology,
-        secrets: &ctx.secrets,
         machines: &ctx.machines,
         readiness: &ctx.readiness,
     };
@@ -567,42 +502,46 @@ async fn provision_and_record(
     Ok(outcomes)
 }
 
-/// One machine's way through `up`: create, boot, reach SSH, apply identity.
-/// The record is written before each step that starts something, so a
-/// killed `up` leaves a state that `status`, `up` and `destroy` can read.
+/// Boots the machine when `boot` is given (create its disk first when it
+/// has none), reaches SSH, applies identity. The record is written before
+/// each step that starts something, so a killed `up` leaves a state that
+/// `status`, `up` and `destroy` can read.
 async fn bring_up(
-    mut plan: MachinePlan,
+    machine: &MachinePlan,
+    boot: Option<VmSpec>,
     mut target: Target,
     ctx: &UpContext,
     task: &Task,
 ) -> Result<()> {
-    let name = plan.machine.name.clone();
-    let provider: Arc<dyn Provider> = Arc::from(plan.provider);
-    if plan.observed != VmState::Running {
-        write_seed(&plan.spec.seed, &plan.seed)?;
+    let name = machine.name.clone();
+    let provider = machine.provider.clone();
+    let seed = machine_seed(machine, ctx)?;
+    let layout = ctx.state.machine(&name);
+    if let Some(mut spec) = boot {
+        write_seed(&spec.seed, &seed)?;
+        let fresh_disk = machine.action == MachineAction::Create;
         ctx.record_machine(
             &name,
             MachineRecord {
-                provider: plan.machine.provider,
-                image: plan.spec.image.key(),
-                spec: spec_hash(&plan.spec),
-                ssh_port: plan.spec.ssh_port,
+                provider: machine.machine.provider,
+                image: spec.image.key(),
+                spec: spec_hash(&spec),
+                ssh_port: spec.ssh_port,
                 desired: Desired::Running,
                 identity: None,
                 daemons: BTreeMap::new(),
                 artifacts: None,
             },
-            plan.observed == VmState::Absent,
+            fresh_disk,
         )?;
-        if plan.observed == VmState::Absent {
+        if fresh_disk {
             task.set("creating disk");
-            let spec = plan.spec.clone();
+            let spec = spec.clone();
             let p = provider.clone();
             blocking(move || p.create(&spec)).await?;
         }
-        plan.spec.kvm = plan.kvm;
         task.set("booting");
-        boot_with_free_port(provider.clone(), &mut plan.spec, ctx).await?;
+        boot_with_free_port(provider.clone(), &mut spec, ctx).await?;
     }
     let port = lock_record(&ctx.record)
         .machines
@@ -615,16 +554,10 @@ async fn bring_up(
     target.addr.set_port(port);
     ctx.machines.set_port(&name, port);
     task.set("waiting for SSH");
-    let session = connect_while_running(
-        &name,
-        &target,
-        provider.clone(),
-        &plan.spec.dir,
-        &plan.spec.console_log(),
-    )
-    .await?;
+    let session =
+        connect_while_running(&name, &target, provider.clone(), layout.path(), &layout).await?;
     task.set("applying identity");
-    apply_identity(&session, &plan.seed)
+    apply_identity(&session, &seed)
         .await
         .map_err(|source| Error::Ssh {
             machine: name.clone(),
@@ -632,13 +565,41 @@ async fn bring_up(
         })?;
     // The same connection serves the daemons' steps and the checks.
     ctx.machines.adopt(&name, session).await;
-    let hash = plan.seed.hash.clone();
+    let hash = seed.hash.clone();
     ctx.update(&name, |saved| {
         saved.identity = Some(hash);
         saved.desired = Desired::Running;
     })?;
     // `testbed ssh NAME` works from here on, while the rest of `up` goes on.
     write_ssh_config(&ctx.state, &ctx.topology.name, &lock_record(&ctx.record))
+}
+
+/// The plan's seed, or for a machine whose keys were made by this `up`,
+/// the seed built from them now (`vm_spec` made them).
+fn machine_seed(machine: &MachinePlan, ctx: &UpContext) -> Result<Seed> {
+    if let Some(seed) = &machine.seed {
+        return Ok(seed.clone());
+    }
+    let dir = ctx.state.machine_dir(&machine.name);
+    let keys = MachineKeys::load(&dir).ok_or_else(|| Error::Untracked {
+        machine: machine.name.clone(),
+    })?;
+    let user_key = ssh::public_key_path(&ctx.state.user_key());
+    let authorized = std::fs::read_to_string(&user_key).map_err(|source| StateError::Io {
+        path: user_key,
+        source,
+    })?;
+    let management = machine.provider.management(&identity::mac_address(
+        &machine.name,
+        identity::MANAGEMENT_NIC,
+    ));
+    Ok(identity::build_seed(
+        &ctx.topology,
+        &machine.machine,
+        &keys,
+        &authorized,
+        &management,
+    )?)
 }
 
 /// Boots, retrying with another port when the chosen one was taken meanwhile.
@@ -689,7 +650,7 @@ async fn connect_while_running(
     target: &Target,
     provider: Arc<dyn Provider>,
     dir: &Path,
-    console: &Path,
+    layout: &MachineDir,
 ) -> Result<Session> {
     let connecting = Session::connect(target, BOOT_TIMEOUT);
     tokio::pin!(connecting);
@@ -699,16 +660,16 @@ async fn connect_while_running(
                 return session.map_err(|source| Error::NoSsh {
                     machine: name.to_string(),
                     source: Box::new(source),
-                    log: console.to_path_buf(),
-                    tail: console_tail(console, 20),
+                    log: layout.console_log(),
+                    tail: layout.console_tail(20),
                 });
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if observe(provider.clone(), dir).await != VmState::Running {
                     return Err(Error::Crashed {
                         machine: name.to_string(),
-                        log: console.to_path_buf(),
-                        tail: console_tail(console, 20),
+                        log: layout.console_log(),
+                        tail: layout.console_tail(20),
                     });
                 }
             }

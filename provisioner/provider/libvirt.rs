@@ -466,7 +466,7 @@ mod tests {
             machine_id: "0123456789abcdef0123456789abcdef".into(),
             management_mac: "52:54:00:00:01:01".into(),
             ssh_port: 40022,
-            forwards: vec![crate::topology::Forward {
+            forwards: vec![crate::model::Forward {
                 guest: 2181,
                 host: 12181,
             }],

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::identity::Management;
 use crate::image::BuiltImage;
-use crate::topology::{Forward, ProviderKind};
+use crate::model::{Forward, ProviderKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {

@@ -402,8 +402,8 @@ pub fn serve_switch(socket: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::image::BuiltImage;
+    use crate::model::Forward;
     use crate::provider::NicSpec;
-    use crate::topology::Forward;
 
     fn spec(kvm: bool) -> VmSpec {
         VmSpec {

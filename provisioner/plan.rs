@@ -1,0 +1,647 @@
+//! The plan: what `up` will do to each machine, each daemon and the build,
+//! and why, resolved once from the topology, the record, what the providers
+//! see, the kits (each loaded and rendered once) and the image cache.
+//! `testbed plan` prints it; `up` and `provision` carry it out and decide
+//! nothing of their own (cargo's resolve-then-compile shape).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::build;
+use crate::identity::{self, MachineKeys, Seed};
+use crate::image::{ImageError, Recipe};
+use crate::kit::{Kit, KitError, Kits, RenderedFile, Secrets};
+use crate::model::{Forward, Machine, Topology, GUEST_ARTIFACT_ROOT};
+use crate::provider::{self, Provider, ProviderError, VmState};
+use crate::ssh;
+use crate::state::{Desired, MachineRecord, Record, StateDir};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Kit(#[from] KitError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Build(#[from] build::BuildError),
+    #[error(
+        "{machine}: artifact {} is missing\n  help: the build step makes it: run `testbed build` \
+         (or `testbed up`), or check `outputs` in [build]",
+        path.display()
+    )]
+    MissingArtifact {
+        machine: String,
+        path: std::path::PathBuf,
+    },
+}
+
+type Result<T> = std::result::Result<T, PlanError>;
+
+/// What `up` does to a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineAction {
+    /// No VM: a disk from the image, boot, identity, daemons.
+    Create,
+    /// Stopped or crashed: boot from its disk.
+    Start,
+    /// Running, with something to push, restart, start or stop.
+    Provision,
+    Nothing,
+}
+
+/// What `up` or `provision` does to a daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DaemonAction {
+    Start,
+    Restart,
+    /// Removed from the machine's `daemons`: its unit is stopped and disabled.
+    Stop,
+    Nothing,
+}
+
+impl DaemonAction {
+    /// The word for a line of output: "started", "restarted", …
+    pub fn past_tense(self) -> &'static str {
+        match self {
+            DaemonAction::Start => "started",
+            DaemonAction::Restart => "restarted",
+            DaemonAction::Stop => "stopped",
+            DaemonAction::Nothing => "unchanged",
+        }
+    }
+}
+
+/// Whether the build step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildAction {
+    Run,
+    Skip,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildPlan {
+    pub action: BuildAction,
+    pub why: String,
+}
+
+/// The whole plan; its JSON is the contract of `plan --json`.
+#[derive(Serialize)]
+pub struct Plan {
+    pub machines: Vec<MachinePlan>,
+    pub build: Option<BuildPlan>,
+    pub warnings: Vec<String>,
+}
+
+/// One machine's part of the plan, with what carrying it out needs.
+#[derive(Serialize)]
+pub struct MachinePlan {
+    pub name: String,
+    pub action: MachineAction,
+    pub why: String,
+    pub daemons: Vec<DaemonPlan>,
+    #[serde(skip)]
+    pub machine: Machine,
+    #[serde(skip)]
+    pub provider: Arc<dyn Provider>,
+    #[serde(skip)]
+    pub observed: VmState,
+    /// The image a new disk is made from (its recipe, with every package).
+    #[serde(skip)]
+    pub recipe: Recipe,
+    /// The identity seed, when the machine's keys exist already.
+    #[serde(skip)]
+    pub seed: Option<Seed>,
+    /// Whether identity is (re)applied over SSH.
+    #[serde(skip)]
+    pub apply_identity: bool,
+    /// Hash of the machine's own artifacts; `None` while the build that
+    /// makes them is still to run.
+    #[serde(skip)]
+    pub artifacts: Option<String>,
+    /// Whether it waits for the build (it or its kits need artifacts).
+    #[serde(skip)]
+    pub needs_build: bool,
+}
+
+/// One daemon's part of the plan.
+#[derive(Serialize)]
+pub struct DaemonPlan {
+    pub name: String,
+    pub action: DaemonAction,
+    pub why: String,
+    /// The systemd unit (re)started or stopped.
+    #[serde(skip)]
+    pub service: String,
+    /// The kit's files rendered for this machine (empty for `stop`).
+    #[serde(skip)]
+    pub rendered: Option<Rendered>,
+    /// What the record will hold once it is applied; `None` until the
+    /// pending build has made its artifacts.
+    #[serde(skip)]
+    pub hash: Option<String>,
+}
+
+/// A kit rendered for one machine, with the hash of its files.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub kit: Kit,
+    pub files: Vec<RenderedFile>,
+    pub hash: String,
+}
+
+/// What was last applied to a machine (from its record).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Daemon → [`daemon_hash`].
+    pub daemons: BTreeMap<String, String>,
+    /// Hash of the machine's own artifacts.
+    pub artifacts: Option<String>,
+}
+
+impl Applied {
+    pub fn of(saved: Option<&MachineRecord>) -> Applied {
+        saved
+            .map(|saved| Applied {
+                daemons: saved.daemons.clone(),
+                artifacts: saved.artifacts.clone(),
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether a daemon whose files now hash to `hash` must be pushed again.
+    pub fn differs(&self, daemon: &str, hash: &str) -> bool {
+        self.daemons.get(daemon).map(String::as_str) != Some(hash)
+    }
+}
+
+/// Everything the plan is resolved from.
+pub struct Inputs<'a> {
+    pub topology: &'a Topology,
+    pub record: &'a Record,
+    pub state: &'a StateDir,
+    pub kits: &'a Kits,
+    pub secrets: &'a Secrets,
+    pub providers: &'a provider::Settings,
+}
+
+impl Plan {
+    /// Resolves the plan; reads, never changes anything.
+    pub fn resolve(inputs: &Inputs<'_>) -> Result<Plan> {
+        let build = build_plan(inputs)?;
+        let build_pending = build
+            .as_ref()
+            .is_some_and(|plan| plan.action == BuildAction::Run);
+        let authorized = std::fs::read_to_string(ssh::public_key_path(&inputs.state.user_key()))
+            .ok()
+            .map(|key| key.trim().to_string());
+        let mut recipes: BTreeMap<String, Recipe> = BTreeMap::new();
+        let mut providers: BTreeMap<&'static str, Arc<dyn Provider>> = BTreeMap::new();
+        let mut warnings = Vec::new();
+        let mut machines = Vec::new();
+        for machine in &inputs.topology.machines {
+            let provider = match providers.get(machine.provider.as_str()) {
+                Some(provider) => provider.clone(),
+                None => {
+                    let made: Arc<dyn Provider> =
+                        Arc::from(provider::for_kind(machine.provider, inputs.providers)?);
+                    providers.insert(machine.provider.as_str(), made.clone());
+                    made
+                }
+            };
+            let base = match recipes.get(&machine.image) {
+                Some(recipe) => recipe.clone(),
+                None => {
+                    let recipe = Recipe::find(&machine.image, inputs.topology.dir())?;
+                    recipes.insert(machine.image.clone(), recipe.clone());
+                    recipe
+                }
+            };
+            let mut packages = machine.packages.clone();
+            packages.extend(inputs.kits.packages(machine));
+            let resolver = MachineResolver {
+                inputs,
+                machine,
+                provider,
+                recipe: base.with_packages(&packages),
+                build_pending,
+                authorized: authorized.as_deref(),
+            };
+            let plan = resolver.resolve()?;
+            warnings.extend(resolver.drift(&plan));
+            machines.push(plan);
+        }
+        Ok(Plan {
+            machines,
+            build,
+            warnings,
+        })
+    }
+
+    /// Whether `up` has nothing to do.
+    pub fn converged(&self) -> bool {
+        self.machines
+            .iter()
+            .all(|m| m.action == MachineAction::Nothing)
+            && self
+                .build
+                .as_ref()
+                .is_none_or(|b| b.action == BuildAction::Skip)
+    }
+
+    pub fn machine(&self, name: &str) -> Option<&MachinePlan> {
+        self.machines.iter().find(|m| m.name == name)
+    }
+}
+
+impl MachinePlan {
+    /// Whether `up` boots it (from a new disk or its own).
+    pub fn boots(&self) -> bool {
+        matches!(self.action, MachineAction::Create | MachineAction::Start)
+    }
+}
+
+/// The plan of one machine.
+struct MachineResolver<'a> {
+    inputs: &'a Inputs<'a>,
+    machine: &'a Machine,
+    provider: Arc<dyn Provider>,
+    recipe: Recipe,
+    build_pending: bool,
+    authorized: Option<&'a str>,
+}
+
+impl MachineResolver<'_> {
+    fn saved(&self) -> Option<&MachineRecord> {
+        self.inputs.record.machines.get(&self.machine.name)
+    }
+
+    fn resolve(&self) -> Result<MachinePlan> {
+        let machine = self.machine;
+        let dir = self.inputs.state.machine_dir(&machine.name);
+        let observed = self.provider.state(&dir);
+        let seed = self.seed(&dir)?;
+        let needs_build = self.inputs.topology.build.is_some()
+            && (!machine.artifacts.is_empty()
+                || self
+                    .inputs
+                    .kits
+                    .of(machine)
+                    .any(|kit| !kit.manifest.artifacts.is_empty()));
+        let hashes_known = !(self.build_pending && needs_build);
+        let artifacts = if machine.artifacts.is_empty() || !hashes_known {
+            None
+        } else {
+            Some(artifacts_hash(
+                self.inputs.topology,
+                &machine.name,
+                &machine.artifacts,
+            )?)
+        };
+        let (action, why, apply_identity) = self.machine_action(observed, seed.as_ref());
+        // A new disk has nothing on it yet, whatever the record says.
+        let applied = match action {
+            MachineAction::Create => Applied::default(),
+            _ => Applied::of(self.saved()),
+        };
+        let mut daemons = self.stops(action, &applied);
+        for kit in self.inputs.kits.of(machine) {
+            daemons.push(self.daemon_plan(kit, action, &applied, hashes_known)?);
+        }
+        let mut plan = MachinePlan {
+            name: machine.name.clone(),
+            action,
+            why,
+            daemons,
+            machine: machine.clone(),
+            provider: self.provider.clone(),
+            observed,
+            recipe: self.recipe.clone(),
+            seed,
+            apply_identity,
+            artifacts,
+            needs_build,
+        };
+        if plan.action == MachineAction::Nothing {
+            if let Some(why) = self.provisioning_needed(&plan, &applied) {
+                plan.action = MachineAction::Provision;
+                plan.why = why;
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The seed when the machine's keys and the user key exist; a machine
+    /// without them has never been created.
+    fn seed(&self, dir: &Path) -> Result<Option<Seed>> {
+        let (Some(keys), Some(authorized)) = (MachineKeys::load(dir), self.authorized) else {
+            return Ok(None);
+        };
+        let management = self.provider.management(&identity::mac_address(
+            &self.machine.name,
+            identity::MANAGEMENT_NIC,
+        ));
+        let seed = identity::build_seed(
+            self.inputs.topology,
+            self.machine,
+            &keys,
+            authorized,
+            &management,
+        )?;
+        Ok(Some(seed))
+    }
+
+    /// The machine's action from what the provider sees and the record says;
+    /// `Nothing` here may still become `Provision` for its daemons.
+    fn machine_action(
+        &self,
+        observed: VmState,
+        seed: Option<&Seed>,
+    ) -> (MachineAction, String, bool) {
+        let saved = self.saved();
+        match (saved, observed) {
+            (Some(_), VmState::Absent) => (
+                MachineAction::Create,
+                "its VM is gone: a new disk, boot, identity".into(),
+                true,
+            ),
+            (None, VmState::Absent) => (
+                MachineAction::Create,
+                "no VM yet: a new disk, boot, identity".into(),
+                true,
+            ),
+            (Some(saved), VmState::Stopped) if saved.desired == Desired::Running => (
+                MachineAction::Start,
+                "crashed (no VM process runs): boots from its disk".into(),
+                true,
+            ),
+            (_, VmState::Stopped) => (
+                MachineAction::Start,
+                "stopped: boots from its disk".into(),
+                true,
+            ),
+            (None, VmState::Running) => (
+                MachineAction::Provision,
+                "runs, but this testbed has no record of it".into(),
+                true,
+            ),
+            (Some(saved), VmState::Running) => {
+                let current = seed.map(|s| s.hash.as_str());
+                if saved.identity.is_none() {
+                    (
+                        MachineAction::Provision,
+                        "running, identity not applied yet (an earlier up stopped)".into(),
+                        true,
+                    )
+                } else if saved.identity.as_deref() != current {
+                    (
+                        MachineAction::Provision,
+                        "running, identity changed (hostname, hosts, addresses or keys): \
+                         re-applied over SSH"
+                            .into(),
+                        true,
+                    )
+                } else if saved.desired != Desired::Running {
+                    (
+                        MachineAction::Provision,
+                        "running, though last halted".into(),
+                        true,
+                    )
+                } else {
+                    (MachineAction::Nothing, "running, converged".into(), false)
+                }
+            }
+        }
+    }
+
+    /// Daemons the record has that the machine no longer runs.
+    fn stops(&self, action: MachineAction, applied: &Applied) -> Vec<DaemonPlan> {
+        if action == MachineAction::Create {
+            return Vec::new();
+        }
+        applied
+            .daemons
+            .keys()
+            .filter(|daemon| !self.machine.daemons.contains(daemon))
+            .map(|daemon| DaemonPlan {
+                name: daemon.clone(),
+                action: DaemonAction::Stop,
+                why: "removed from the machine's daemons: stopped and disabled".into(),
+                service: self
+                    .inputs
+                    .kits
+                    .get(daemon)
+                    .map(|kit| kit.manifest.service.clone())
+                    .unwrap_or_else(|| daemon.clone()),
+                rendered: None,
+                hash: None,
+            })
+            .collect()
+    }
+
+    fn daemon_plan(
+        &self,
+        kit: &Kit,
+        action: MachineAction,
+        applied: &Applied,
+        hashes_known: bool,
+    ) -> Result<DaemonPlan> {
+        let files = kit.render(self.inputs.topology, self.machine, self.inputs.secrets)?;
+        let rendered = Rendered {
+            hash: files_hash(kit, &files),
+            kit: kit.clone(),
+            files,
+        };
+        let needs_artifacts = !kit.manifest.artifacts.is_empty();
+        let hash = if needs_artifacts && !hashes_known {
+            None
+        } else {
+            Some(daemon_hash(
+                self.inputs.topology,
+                &self.machine.name,
+                &rendered,
+            )?)
+        };
+        let recorded = applied.daemons.contains_key(&kit.name);
+        let differs = hash
+            .as_deref()
+            .is_none_or(|hash| applied.differs(&kit.name, hash));
+        let (daemon_action, why) = match action {
+            MachineAction::Create => (DaemonAction::Start, "on the new machine"),
+            MachineAction::Start => (DaemonAction::Start, "starts again with the machine"),
+            _ if hash.is_none() && recorded => (
+                DaemonAction::Restart,
+                "the build runs first: restarted if its artifacts change",
+            ),
+            _ if !recorded => (DaemonAction::Start, "added to the machine"),
+            _ if differs => (
+                DaemonAction::Restart,
+                "its rendered files or artifacts changed",
+            ),
+            _ => (DaemonAction::Nothing, "unchanged"),
+        };
+        Ok(DaemonPlan {
+            name: kit.name.clone(),
+            action: daemon_action,
+            why: why.into(),
+            service: kit.manifest.service.clone(),
+            rendered: Some(rendered),
+            hash,
+        })
+    }
+
+    /// Why a running, converged machine still needs provisioning, if it does.
+    fn provisioning_needed(&self, plan: &MachinePlan, applied: &Applied) -> Option<String> {
+        let changed: Vec<String> = plan
+            .daemons
+            .iter()
+            .filter(|daemon| daemon.action != DaemonAction::Nothing)
+            .map(|daemon| format!("{} {}", daemon.name, verb(daemon.action)))
+            .collect();
+        if !changed.is_empty() {
+            return Some(format!("running; daemons: {}", changed.join(", ")));
+        }
+        let artifacts_current = plan.machine.artifacts.is_empty()
+            || (plan.artifacts.is_some() && plan.artifacts == applied.artifacts);
+        if !artifacts_current {
+            return Some("running; its artifacts changed: pushed again".into());
+        }
+        let stale = plan.machine.artifacts.is_empty() && applied.artifacts.is_some();
+        stale.then(|| "running; its artifacts were dropped from the record".into())
+    }
+
+    /// What a running machine does not get without a reboot or a rebuild,
+    /// in a user's words.
+    fn drift(&self, plan: &MachinePlan) -> Vec<String> {
+        let Some(saved) = self.saved() else {
+            return Vec::new();
+        };
+        let name = &self.machine.name;
+        let mut warnings = Vec::new();
+        if plan.observed == VmState::Running
+            && saved.spec != hardware_hash(self.inputs.topology, self.machine)
+        {
+            warnings.push(format!(
+                "{name}: cpus, memory, networks or forwards changed; `testbed halt {name}` then `testbed up` applies them"
+            ));
+        }
+        let current = self.recipe.key();
+        if plan.observed != VmState::Absent && saved.image != current {
+            warnings.push(format!(
+                "{name}: keeps image {} (the recipe now builds {current}); `testbed destroy` and `up` to use it",
+                saved.image
+            ));
+        }
+        warnings
+    }
+}
+
+fn verb(action: DaemonAction) -> &'static str {
+    match action {
+        DaemonAction::Start => "start",
+        DaemonAction::Restart => "restart",
+        DaemonAction::Stop => "stop",
+        DaemonAction::Nothing => "nothing",
+    }
+}
+
+fn build_plan(inputs: &Inputs<'_>) -> Result<Option<BuildPlan>> {
+    let Some(build) = &inputs.topology.build else {
+        return Ok(None);
+    };
+    let recorded = inputs.record.build.as_deref();
+    let current = build::is_current(build, inputs.topology.dir(), recorded)?;
+    let (action, why) = match (current, recorded) {
+        (true, _) => (BuildAction::Skip, "inputs unchanged since the last build"),
+        (false, None) => (BuildAction::Run, "not built yet"),
+        (false, Some(_)) => (
+            BuildAction::Run,
+            "inputs changed, or outputs missing, since the last build",
+        ),
+    };
+    Ok(Some(BuildPlan {
+        action,
+        why: why.into(),
+    }))
+}
+
+/// The VM hardware that needs a reboot to change: cpus, memory, NICs,
+/// forwards. Recorded at boot; a running machine whose hash differs drifts.
+pub fn hardware_hash(topology: &Topology, machine: &Machine) -> String {
+    let nics: Vec<(String, String)> = identity::static_nics(topology, machine)
+        .into_iter()
+        .map(|(network, nic)| (network, nic.mac))
+        .collect();
+    hardware_hash_of(machine.cpus, machine.memory_mib, &nics, &machine.forwards)
+}
+
+/// [`hardware_hash`] from its parts (what a booting VM is given).
+pub fn hardware_hash_of(
+    cpus: u32,
+    memory_mib: u64,
+    nics: &[(String, String)],
+    forwards: &[Forward],
+) -> String {
+    let nics: Vec<(&str, &str)> = nics
+        .iter()
+        .map(|(network, mac)| (network.as_str(), mac.as_str()))
+        .collect();
+    let text = format!("{cpus}|{memory_mib}|{nics:?}|{forwards:?}");
+    hex::encode(Sha256::digest(text))[..16].to_string()
+}
+
+/// What decides whether a daemon must restart: its rendered files and the
+/// contents of its kit's artifacts in `dist/`.
+pub fn daemon_hash(topology: &Topology, machine: &str, rendered: &Rendered) -> Result<String> {
+    let artifacts = &rendered.kit.manifest.artifacts;
+    if artifacts.is_empty() {
+        return Ok(rendered.hash.clone());
+    }
+    Ok(format!(
+        "{}-{}",
+        rendered.hash,
+        artifacts_hash(topology, machine, artifacts)?
+    ))
+}
+
+/// A hash of the contents of `artifacts` (paths under `dist/`).
+pub fn artifacts_hash(topology: &Topology, machine: &str, artifacts: &[String]) -> Result<String> {
+    let mut hasher = Sha256::new();
+    for artifact in artifacts {
+        let path = topology.dir().join(artifact);
+        let bytes = std::fs::read(&path).map_err(|_| PlanError::MissingArtifact {
+            machine: machine.to_string(),
+            path: path.clone(),
+        })?;
+        hasher.update(artifact.as_bytes());
+        hasher.update(Sha256::digest(&bytes));
+    }
+    Ok(hex::encode(hasher.finalize())[..16].to_string())
+}
+
+/// The guest path of artifact `dist/X`.
+pub fn guest_artifact_path(artifact: &str) -> String {
+    format!("{GUEST_ARTIFACT_ROOT}/{artifact}")
+}
+
+fn files_hash(kit: &Kit, files: &[RenderedFile]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(kit.manifest.service.as_bytes());
+    for file in files {
+        hasher.update(file.dest.as_bytes());
+        hasher.update(file.mode.to_le_bytes());
+        hasher.update(file.owner.as_bytes());
+        hasher.update(file.contents.as_bytes());
+    }
+    hex::encode(hasher.finalize())[..16].to_string()
+}
