@@ -12,6 +12,7 @@ pub mod identity;
 pub mod image;
 pub mod kit;
 pub mod lifecycle;
+pub mod process;
 pub mod progress;
 pub mod provider;
 pub mod provision;

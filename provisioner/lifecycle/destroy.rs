@@ -64,18 +64,7 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
 /// Closes the OpenSSH ControlMaster that `testbed ssh` keeps per machine,
 /// and the one `up` started if it is still authenticating.
 pub(super) async fn stop_control_master(state: &StateDir, name: &str) {
-    let pid_file = master_pid_path(state, name);
-    if provider::qemu::process_alive(&pid_file, CONTROL_MASTER_MARKER) {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    }
+    crate::process::request_stop(&master_pid_path(state, name), CONTROL_MASTER_MARKER);
     let config = state.ssh_config();
     if !config.is_file() {
         return;

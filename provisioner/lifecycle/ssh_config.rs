@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::provider;
+use crate::process;
 use crate::state::{Record, StateDir};
 
 use super::Result;
@@ -47,9 +47,7 @@ pub(super) fn master_pid_path(state: &StateDir, name: &str) -> PathBuf {
 pub fn wait_for_control_master(state: &StateDir, name: &str) {
     let pid_file = master_pid_path(state, name);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while provider::qemu::process_alive(&pid_file, CONTROL_MASTER_MARKER)
-        && Instant::now() < deadline
-    {
+    while process::process_alive(&pid_file, CONTROL_MASTER_MARKER) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }

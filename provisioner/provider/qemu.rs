@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::identity::Management;
+use crate::process::{process_alive, terminate, wait_until_dead};
 
 use super::{qmp, switch, NetworkSpec, Provider, ProviderError, VmSpec, VmState};
 
@@ -321,63 +322,6 @@ fn spawn_switch(network: &NetworkSpec) -> Result<(), ProviderError> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
-}
-
-fn read_pid(pid_file: &Path) -> Option<i32> {
-    fs::read_to_string(pid_file).ok()?.trim().parse().ok()
-}
-
-/// Whether the process in `pid_file` lives and its command line mentions
-/// `marker` (so a recycled pid is not mistaken for ours).
-pub fn process_alive(pid_file: &Path, marker: &str) -> bool {
-    let Some(pid) = read_pid(pid_file) else {
-        return false;
-    };
-    match fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            cmdline.contains(marker) && !is_zombie(pid)
-        }
-        Err(_) => false,
-    }
-}
-
-fn is_zombie(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let after_name = stat.rsplit_once(')')?.1.trim_start().to_owned();
-            after_name.chars().next()
-        })
-        .is_some_and(|state| state == 'Z')
-}
-
-fn wait_until_dead(pid_file: &Path, marker: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while process_alive(pid_file, marker) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
-}
-
-/// SIGTERM, then SIGKILL after a grace period.
-fn terminate(pid_file: &Path, marker: &str) {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    let Some(pid) = read_pid(pid_file) else {
-        return;
-    };
-    if !process_alive(pid_file, marker) {
-        return;
-    }
-    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    if !wait_until_dead(pid_file, marker, Duration::from_secs(3)) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        wait_until_dead(pid_file, marker, Duration::from_secs(3));
-    }
 }
 
 fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
