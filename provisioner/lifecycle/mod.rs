@@ -346,7 +346,10 @@ async fn blocking<T: Send + 'static>(
 ) -> std::result::Result<T, ProviderError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| ProviderError::Other(format!("internal error: {e}")))?
+        .map_err(|e| ProviderError::Internal {
+            what: "a blocking provider call",
+            detail: e.to_string(),
+        })?
 }
 
 /// `provider.state(dir)` off the async threads: a daemon-backed provider

@@ -663,9 +663,7 @@ async fn boot_with_free_port(
             Err(e) => return Err(e.into()),
         }
     }
-    Err(last
-        .unwrap_or_else(|| ProviderError::Other("no free port".into()))
-        .into())
+    Err(last.unwrap_or(ProviderError::NoFreePort).into())
 }
 
 fn free_port() -> std::result::Result<u16, ProviderError> {

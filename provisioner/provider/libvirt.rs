@@ -66,18 +66,18 @@ impl Libvirt {
 pub fn connect(uri: &str) -> Result<Connect, ProviderError> {
     // Errors come back as values; libvirt must not also print them.
     virt::error::clear_error_callback();
-    Connect::open(Some(uri)).map_err(|e| {
-        ProviderError::Other(format!(
-            "cannot reach libvirt at {uri}: {}\n  help: is libvirtd running (`systemctl status \
-             libvirtd`)? Point testbed elsewhere with `[libvirt] uri = \"…\"` in the topology or \
-             {URI_ENV}",
-            e.message()
-        ))
+    Connect::open(Some(uri)).map_err(|e| ProviderError::LibvirtUnreachable {
+        uri: uri.to_string(),
+        message: e.message().to_string(),
+        env: URI_ENV,
     })
 }
 
 fn libvirt_error(what: impl std::fmt::Display, e: virt::error::Error) -> ProviderError {
-    ProviderError::Other(format!("libvirt: {what}: {}", e.message()))
+    ProviderError::Libvirt {
+        what: what.to_string(),
+        message: e.message().to_string(),
+    }
 }
 
 /// `tb-<id>-<name>`: `<id>` tells testbeds apart, `<name>` tells people what
@@ -105,10 +105,12 @@ fn read_made(dir: &Path) -> Option<Made> {
 }
 
 fn write_made(dir: &Path, made: &Made) -> Result<(), ProviderError> {
-    crate::state::create_private_dir(dir).map_err(|e| ProviderError::Other(e.to_string()))?;
-    let json = serde_json::to_vec_pretty(made).map_err(|e| ProviderError::Other(e.to_string()))?;
-    crate::state::write_atomic(&dir.join(MADE), &json, 0o644)
-        .map_err(|e| ProviderError::Other(e.to_string()))
+    crate::state::create_private_dir(dir)?;
+    let json = serde_json::to_vec_pretty(made).map_err(|e| ProviderError::Internal {
+        what: "encoding libvirt.json",
+        detail: e.to_string(),
+    })?;
+    Ok(crate::state::write_atomic(&dir.join(MADE), &json, 0o644)?)
 }
 
 /// `text` safe inside XML text and attribute values.
@@ -343,8 +345,10 @@ impl Provider for Libvirt {
     /// Defines the domain from the current spec (its SSH port may have
     /// changed since the last boot), then starts it.
     fn start(&self, vm: &VmSpec) -> Result<(), ProviderError> {
-        let made = read_made(&vm.dir)
-            .ok_or_else(|| ProviderError::Other(format!("{}: not created (no {MADE})", vm.name)))?;
+        let made = read_made(&vm.dir).ok_or_else(|| ProviderError::NotCreated {
+            machine: vm.name.clone(),
+            missing: MADE,
+        })?;
         let volume = made.volume.clone().unwrap_or_default();
         let conn = connect(&made.uri)?;
         let mut xml = domain_xml(vm, &made.name, &volume);

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::identity::Management;
 use crate::image::BuiltImage;
+use crate::state::StateError;
 use crate::topology::{Forward, ProviderKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +40,47 @@ pub enum ProviderError {
     },
     #[error("the {0} provider is not available in this build; use provider = \"qemu\" (libvirt needs the cargo feature `libvirt`)")]
     Unavailable(&'static str),
-    #[error("{0}")]
-    Other(String),
+    /// A provider's own folder or file in `.testbed/` could not be written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(
+        "{} is {length} bytes long, too long for a Unix socket (at most {max}): move the \
+         topology to a shorter path",
+        path.display()
+    )]
+    SocketPathTooLong {
+        path: PathBuf,
+        length: usize,
+        max: usize,
+    },
+    #[error("the switch of network {network} did not come up")]
+    SwitchDidNotStart { network: String },
+    /// Every port tried for a machine's SSH forward was taken.
+    #[error("no free port")]
+    NoFreePort,
+    #[error(
+        "cannot reach libvirt at {uri}: {message}\n  help: is libvirtd running (`systemctl \
+         status libvirtd`)? Point testbed elsewhere with `[libvirt] uri = \"…\"` in the \
+         topology or {env}"
+    )]
+    LibvirtUnreachable {
+        uri: String,
+        message: String,
+        /// The environment variable naming the URI.
+        env: &'static str,
+    },
+    /// A libvirt call failed; `what` says which.
+    #[error("libvirt: {what}: {message}")]
+    Libvirt { what: String, message: String },
+    /// `start` before `create`: the folder lacks the provider's record.
+    #[error("{machine}: not created (no {missing})")]
+    NotCreated {
+        machine: String,
+        missing: &'static str,
+    },
+    /// A bug or a panic in testbed itself, not something the user did.
+    #[error("internal error: {detail} ({what})")]
+    Internal { what: &'static str, detail: String },
 }
 
 /// The machine as observed on the host, without asking the guest.

@@ -33,8 +33,7 @@ impl Provider for Qemu {
         ) {
             return Ok(());
         }
-        crate::state::create_private_dir(&network.dir)
-            .map_err(|e| ProviderError::Other(e.to_string()))?;
+        crate::state::create_private_dir(&network.dir)?;
         spawn_switch(network)
     }
 
@@ -275,10 +274,11 @@ fn check_socket_path(path: &Path) -> Result<(), ProviderError> {
     const MAX: usize = 100;
     let length = path.as_os_str().len();
     if length > MAX {
-        return Err(ProviderError::Other(format!(
-            "{} is {length} bytes long, too long for a Unix socket (at most {MAX}): move the topology to a shorter path",
-            path.display()
-        )));
+        return Err(ProviderError::SocketPathTooLong {
+            path: path.to_path_buf(),
+            length,
+            max: MAX,
+        });
     }
     Ok(())
 }
@@ -314,10 +314,9 @@ fn spawn_switch(network: &NetworkSpec) -> Result<(), ProviderError> {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(ProviderError::Other(format!(
-                "the switch of network {} did not come up",
-                network.name
-            )));
+            return Err(ProviderError::SwitchDidNotStart {
+                network: network.name.clone(),
+            });
         }
         std::thread::sleep(Duration::from_millis(5));
     }
