@@ -18,11 +18,11 @@ pub(super) fn remove_networks(state: &StateDir, record: &mut Record) -> Result<(
             networks.entry(name).or_default();
         }
     }
+    let settings = provider::Settings::default();
     for (name, recorded) in networks {
         let dir = state.network_dir(&name);
-        let kind = provider::kind_made(&dir).unwrap_or(recorded);
-        provider::for_kind(kind, &provider::Settings::default())?
-            .remove_network(&NetworkSpec { dir, name })?;
+        let kind = provider::which_made(&dir, &settings).unwrap_or(recorded);
+        provider::for_kind(kind, &settings)?.remove_network(&NetworkSpec { dir, name })?;
     }
     Ok(())
 }
@@ -43,11 +43,14 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
                 .collect()
         })
         .unwrap_or_default();
+    let settings = provider::Settings::default();
     for name in names {
         let dir = state.machine_dir(&name);
         let recorded = record.machines.get(&name).map(|r| r.provider);
-        let kind = provider::kind_made(&dir).or(recorded).unwrap_or_default();
-        let provider = provider::for_kind(kind, &provider::Settings::default())?;
+        let kind = provider::which_made(&dir, &settings)
+            .or(recorded)
+            .unwrap_or_default();
+        let provider = provider::for_kind(kind, &settings)?;
         let task = progress.task(&name);
         task.set("destroying");
         stop_control_master(state, &name).await;

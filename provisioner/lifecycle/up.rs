@@ -12,7 +12,7 @@ use crate::identity::{self, MachineKeys, Seed};
 use crate::image::{BuiltImage, ImageError, Recipe};
 use crate::kit::Secrets;
 use crate::progress::{Progress, Task};
-use crate::provider::{kvm, NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
+use crate::provider::{NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
 use crate::provision::{self, Applied, Machines, Outcome, Readiness, BUILD_GATE};
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
@@ -89,7 +89,7 @@ impl Testbed {
             report.build = self.topology.build.as_ref().map(|_| BuildOutcome::Skipped);
             return Ok(report);
         }
-        let kvm = self.accelerator(&images, progress);
+        self.accelerator(&todo, progress);
         self.ensure_networks(&todo, &mut record)?;
         self.state.save(&record)?;
         let machines = Arc::new(Machines::new(self.state.clone(), &self.topology));
@@ -106,8 +106,7 @@ impl Testbed {
         };
         let build_task = spawn_build(&ctx, build_current, progress);
         let mut tasks = Vec::new();
-        for mut plan in todo {
-            plan.kvm = kvm;
+        for plan in todo {
             let task = progress.task(&plan.machine.name);
             let ctx = ctx.clone();
             let target = self.ssh_target(&plan.machine.name, 0);
@@ -271,22 +270,19 @@ impl Testbed {
         Ok(recipe.with_packages(&packages))
     }
 
-    /// KVM when the bounded probe showed it boots a kernel here, else TCG;
-    /// said once, when the probe runs.
-    fn accelerator(&self, images: &BTreeMap<String, BuiltImage>, progress: &Progress) -> bool {
-        let Some(image) = images.values().next() else {
-            return false;
+    /// The accelerator the machines will boot with (each provider decides
+    /// at `start`); said once, when the provider's probe runs.
+    fn accelerator(&self, plans: &[MachinePlan], progress: &Progress) {
+        let Some(plan) = plans.first() else {
+            return;
         };
-        let (verdict, fresh) = kvm::verdict(&image.kernel, self.cache.root());
-        if fresh {
-            let engine = if verdict.kvm {
-                "KVM"
-            } else {
-                "TCG (software emulation)"
-            };
-            progress.println(&format!("accelerator: {engine}: {}", verdict.reason));
+        let accelerator = plan.provider.accelerator(&plan.spec.image.kernel);
+        if accelerator.fresh {
+            progress.println(&format!(
+                "accelerator: {}: {}",
+                accelerator.name, accelerator.reason
+            ));
         }
-        verdict.kvm
     }
 
     /// Brings up every network the machines to boot are on.
@@ -366,7 +362,6 @@ impl Testbed {
                     ssh_port: saved.map(|r| r.ssh_port).unwrap_or(0),
                     forwards: machine.forwards.clone(),
                     nics,
-                    kvm: false,
                 };
                 Ok(MachinePlan {
                     machine: machine.clone(),
@@ -374,7 +369,6 @@ impl Testbed {
                     spec,
                     seed,
                     observed,
-                    kvm: false,
                 })
             })
             .collect()
@@ -420,7 +414,6 @@ struct MachinePlan {
     spec: VmSpec,
     seed: Seed,
     observed: VmState,
-    kvm: bool,
 }
 
 impl MachinePlan {
@@ -600,7 +593,6 @@ async fn bring_up(
             let p = provider.clone();
             blocking(move || p.create(&spec)).await?;
         }
-        plan.spec.kvm = plan.kvm;
         task.set("booting");
         boot_with_free_port(provider.clone(), &mut plan.spec, ctx).await?;
     }

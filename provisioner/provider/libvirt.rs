@@ -18,7 +18,7 @@
 //! `destroy` removes exactly those objects, even after testbed was killed.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -27,7 +27,7 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-use super::{qemu, NetworkSpec, Provider, ProviderError, VmSpec, VmState};
+use super::{kvm, qemu, Accelerator, NetworkSpec, Provider, ProviderError, VmSpec, VmState};
 use crate::identity::Management;
 
 /// The environment variable naming the connection URI (see
@@ -43,6 +43,8 @@ const MADE: &str = super::LIBVIRT_MADE;
 #[derive(Debug, Clone)]
 pub struct Libvirt {
     uri: String,
+    /// testbed's cache: the KVM verdict, the storage pool's folder.
+    cache_root: PathBuf,
 }
 
 /// The objects of one machine or network, as written before making them.
@@ -57,8 +59,11 @@ struct Made {
 }
 
 impl Libvirt {
-    pub fn new(uri: impl Into<String>) -> Libvirt {
-        Libvirt { uri: uri.into() }
+    pub fn new(uri: impl Into<String>, cache_root: PathBuf) -> Libvirt {
+        Libvirt {
+            uri: uri.into(),
+            cache_root,
+        }
     }
 }
 
@@ -167,10 +172,11 @@ fn network_xml(name: &str, bridge: &str) -> String {
 
 /// The domain: our kernel booted directly, the volume, the seed disk, the
 /// console log, the management NIC (qemu user networking, passed through)
-/// and one NIC per topology network.
-pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str) -> String {
-    let kind = if vm.kvm { "kvm" } else { "qemu" };
-    let cpu = if vm.kvm {
+/// and one NIC per topology network. `kvm`: a domain of type `kvm` (only
+/// when the KVM probe passed), else `qemu`.
+pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str, kvm: bool) -> String {
+    let kind = if kvm { "kvm" } else { "qemu" };
+    let cpu = if kvm {
         "<cpu mode='host-passthrough' check='none'/>"
     } else {
         "<cpu mode='maximum' check='none'/>"
@@ -235,15 +241,15 @@ pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str) -> String {
 }
 
 /// The pool `testbed`, defined and started when missing. Its folder sits in
-/// testbed's cache, beside the images its volumes are backed by.
-fn ensure_pool(conn: &Connect) -> Result<StoragePool, ProviderError> {
+/// testbed's cache (`cache_root`), beside the images its volumes are backed by.
+fn ensure_pool(conn: &Connect, cache_root: &Path) -> Result<StoragePool, ProviderError> {
     // Machines are created in parallel; one of them defines the pool.
     static DEFINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = DEFINING.lock().unwrap_or_else(|e| e.into_inner());
     let pool = match conn.lookup_storage_pool_by_name(POOL) {
         Ok(pool) => pool,
         Err(_) => {
-            let dir = crate::image::cache_root().join("libvirt-pool");
+            let dir = cache_root.join("libvirt-pool");
             fs::create_dir_all(&dir).map_err(|source| ProviderError::Io {
                 what: format!("cannot create the pool folder {}", dir.display()),
                 source,
@@ -332,7 +338,7 @@ impl Provider for Libvirt {
             },
         )?;
         let conn = connect(&self.uri)?;
-        let pool = ensure_pool(&conn)?;
+        let pool = ensure_pool(&conn, &self.cache_root)?;
         if pool.lookup_storage_vol_by_name(&volume).is_ok() {
             return Ok(());
         }
@@ -351,7 +357,8 @@ impl Provider for Libvirt {
         })?;
         let volume = made.volume.clone().unwrap_or_default();
         let conn = connect(&made.uri)?;
-        let mut xml = domain_xml(vm, &made.name, &volume);
+        let kvm = self.accelerator(&vm.image.kernel).kvm;
+        let mut xml = domain_xml(vm, &made.name, &volume, kvm);
         // Redefining a domain keeps its UUID, or libvirt sees a new one.
         if let Some(uuid) = lookup_domain(&conn, &made.name).and_then(|d| d.uuid_string().ok()) {
             xml = xml.replacen("<name>", &format!("<uuid>{uuid}</uuid><name>"), 1);
@@ -432,6 +439,17 @@ impl Provider for Libvirt {
     fn management(&self, mac: &str) -> Management {
         qemu::user_net_management(mac)
     }
+
+    /// The folder holds what testbed wrote before making libvirt objects.
+    fn made(&self, dir: &Path) -> bool {
+        dir.join(MADE).exists()
+    }
+
+    /// The probe runs here, on the host testbed runs on: right for a local
+    /// libvirtd, a guess for a remote URI.
+    fn accelerator(&self, kernel: &Path) -> Accelerator {
+        kvm::accelerator(kernel, &self.cache_root)
+    }
 }
 
 fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
@@ -452,7 +470,7 @@ mod tests {
     use crate::image::BuiltImage;
     use crate::provider::NicSpec;
 
-    fn spec(kvm: bool) -> VmSpec {
+    fn spec() -> VmSpec {
         let dir = PathBuf::from("/home/u/pair/.testbed/machines/alpha");
         VmSpec {
             name: "alpha".into(),
@@ -481,7 +499,6 @@ mod tests {
                 },
                 mac: "52:54:00:00:02:01".into(),
             }],
-            kvm,
         }
     }
 
@@ -498,7 +515,12 @@ mod tests {
 
     #[test]
     fn the_domain_boots_our_kernel_with_loopback_forwards_and_metadata() {
-        let xml = domain_xml(&spec(false), "tb-1234abcd-alpha", "tb-1234abcd-alpha.qcow2");
+        let xml = domain_xml(
+            &spec(),
+            "tb-1234abcd-alpha",
+            "tb-1234abcd-alpha.qcow2",
+            false,
+        );
         for part in [
             "<domain type='qemu'",
             "<kernel>/cache/images/debian-12-abc/vmlinuz</kernel>",
@@ -514,7 +536,22 @@ mod tests {
             assert!(xml.contains(part), "missing {part} in\n{xml}");
         }
         assert!(!xml.contains("0.0.0.0"));
-        assert!(domain_xml(&spec(true), "d", "v").contains("<domain type='kvm'"));
+        assert!(domain_xml(&spec(), "d", "v", true).contains("<domain type='kvm'"));
+    }
+
+    #[test]
+    fn a_folder_is_libvirts_when_it_holds_libvirt_json() {
+        let libvirt = Libvirt::new("qemu:///system", PathBuf::from("/nonexistent-cache"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join("console.log"), "").expect("log");
+        assert!(!libvirt.made(dir.path()));
+        fs::write(dir.path().join(MADE), "{}").expect("made");
+        assert!(libvirt.made(dir.path()));
+        let settings = crate::provider::Settings::default();
+        assert_eq!(
+            crate::provider::which_made(dir.path(), &settings),
+            Some(crate::topology::ProviderKind::Libvirt)
+        );
     }
 
     #[test]

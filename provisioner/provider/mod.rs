@@ -127,8 +127,6 @@ pub struct VmSpec {
     pub ssh_port: u16,
     pub forwards: Vec<Forward>,
     pub nics: Vec<NicSpec>,
-    /// Use hardware acceleration (only when the KVM probe passed).
-    pub kvm: bool,
 }
 
 impl VmSpec {
@@ -137,9 +135,26 @@ impl VmSpec {
     }
 }
 
+/// Which accelerator a provider will boot machines with, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accelerator {
+    /// In a user's words: "KVM", "TCG (software emulation)".
+    pub name: &'static str,
+    /// Hardware acceleration (only when the KVM probe passed).
+    pub kvm: bool,
+    /// Why this one, in a user's words.
+    pub reason: String,
+    /// True when the probe ran just now (say it once).
+    pub fresh: bool,
+}
+
 /// A VM backend. `create`, `start`, `kill` and `destroy` may block for
 /// seconds (they spawn and wait for processes) and run on blocking threads;
 /// `state` must be cheap, it is called while polling.
+///
+/// Everything that differs between backends is asked here, so the
+/// orchestration never asks which backend it has: what a folder holds, the
+/// accelerator.
 pub trait Provider: Send + Sync {
     fn name(&self) -> &'static str;
     /// Makes sure the network exists and is up (idempotent).
@@ -148,7 +163,8 @@ pub trait Provider: Send + Sync {
     fn remove_network(&self, network: &NetworkSpec) -> Result<(), ProviderError>;
     /// Creates the machine's disk (copy-on-write over the base image).
     fn create(&self, vm: &VmSpec) -> Result<(), ProviderError>;
-    /// Boots a created machine; returns once the VM process runs.
+    /// Boots a created machine with [`Provider::accelerator`]; returns once
+    /// the VM process runs.
     fn start(&self, vm: &VmSpec) -> Result<(), ProviderError>;
     /// What runs of the machine whose folder is `dir`. The calls below take
     /// only the folder, so `status` and `destroy` work from the state alone.
@@ -159,30 +175,53 @@ pub trait Provider: Send + Sync {
     fn destroy(&self, dir: &Path) -> Result<(), ProviderError>;
     /// How guests reach the host on their management NIC.
     fn management(&self, mac: &str) -> Management;
+    /// Whether this folder (a machine's or a network's) holds something
+    /// this provider made, whatever the record says.
+    fn made(&self, dir: &Path) -> bool;
+    /// Which accelerator this provider will boot machines with, and why.
+    /// `kernel` is one the probe may boot; the verdict is cached.
+    fn accelerator(&self, kernel: &Path) -> Accelerator;
 }
 
-/// What the libvirt provider writes into a folder before making its objects.
-pub const LIBVIRT_MADE: &str = "libvirt.json";
+/// The file the libvirt provider writes into a folder before making its
+/// objects (the only pointer to them). Known here too so that a build
+/// without libvirt still does not take such a folder for another's.
+const LIBVIRT_MADE: &str = "libvirt.json";
+
+/// The providers to ask what made a folder, libvirt first: both put a
+/// console log (and lifecycle a seed) in a machine's folder, and a libvirt
+/// folder taken for a qemu one would lose the only pointer to its domain,
+/// so libvirt's marker is the evidence that wins.
+const MAKERS: [ProviderKind; 2] = [ProviderKind::Libvirt, ProviderKind::Qemu];
 
 /// The provider whose files are in a machine's or network's folder, when
 /// they say so: `destroy` must not take a libvirt machine the record lost
 /// for a qemu one (and delete the only pointer to its domain).
-pub fn kind_made(dir: &Path) -> Option<ProviderKind> {
-    dir.join(LIBVIRT_MADE)
-        .exists()
-        .then_some(ProviderKind::Libvirt)
+pub fn which_made(dir: &Path, settings: &Settings) -> Option<ProviderKind> {
+    MAKERS
+        .into_iter()
+        .find(|kind| match for_kind(*kind, settings) {
+            Ok(provider) => provider.made(dir),
+            // This build cannot ask it; libvirt's marker is still known.
+            Err(_) => *kind == ProviderKind::Libvirt && dir.join(LIBVIRT_MADE).exists(),
+        })
 }
 
-/// Where the providers that talk to a daemon find it.
+/// Where the providers find what they need of the host: the daemon they
+/// talk to, the cache for their verdicts and volumes.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The libvirt connection URI: the topology's `[libvirt] uri`, else
     /// `$TESTBED_LIBVIRT_URI`, else `qemu:///system`.
     pub libvirt_uri: String,
+    /// testbed's cache (the images' root): the KVM probe's cached verdict,
+    /// libvirt's storage pool folder.
+    pub cache_root: PathBuf,
 }
 
 impl Settings {
-    /// The settings for a topology that may name a libvirt URI.
+    /// The settings for a topology that may name a libvirt URI, with the
+    /// user's cache.
     pub fn new(libvirt_uri: Option<&str>) -> Settings {
         let from_env = std::env::var("TESTBED_LIBVIRT_URI").ok();
         Settings {
@@ -190,7 +229,13 @@ impl Settings {
                 .map(str::to_owned)
                 .or(from_env)
                 .unwrap_or_else(|| "qemu:///system".to_owned()),
+            cache_root: crate::image::cache_root(),
         }
+    }
+
+    /// The same settings with another cache (the one a `Cache` was opened at).
+    pub fn with_cache_root(self, cache_root: PathBuf) -> Settings {
+        Settings { cache_root, ..self }
     }
 }
 
@@ -206,14 +251,33 @@ pub fn for_kind(
     settings: &Settings,
 ) -> Result<Box<dyn Provider>, ProviderError> {
     match kind {
-        ProviderKind::Qemu => Ok(Box::new(qemu::Qemu)),
+        ProviderKind::Qemu => Ok(Box::new(qemu::Qemu::new(settings.cache_root.clone()))),
         #[cfg(feature = "libvirt")]
-        ProviderKind::Libvirt => Ok(Box::new(libvirt::Libvirt::new(&settings.libvirt_uri))),
+        ProviderKind::Libvirt => Ok(Box::new(libvirt::Libvirt::new(
+            &settings.libvirt_uri,
+            settings.cache_root.clone(),
+        ))),
         #[cfg(not(feature = "libvirt"))]
-        ProviderKind::Libvirt => {
-            let _ = settings;
-            Err(ProviderError::Unavailable("libvirt"))
-        }
+        ProviderKind::Libvirt => Err(ProviderError::Unavailable("libvirt")),
         ProviderKind::Virtualbox => Err(ProviderError::Unavailable("virtualbox")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_says_which_provider_made_it_libvirt_first() {
+        let settings = Settings::default().with_cache_root("/nonexistent-cache".into());
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(which_made(dir.path(), &settings), None);
+        std::fs::write(dir.path().join("disk.qcow2"), "").expect("disk");
+        assert_eq!(which_made(dir.path(), &settings), Some(ProviderKind::Qemu));
+        std::fs::write(dir.path().join(LIBVIRT_MADE), "{}").expect("made");
+        assert_eq!(
+            which_made(dir.path(), &settings),
+            Some(ProviderKind::Libvirt)
+        );
     }
 }

@@ -13,13 +13,22 @@ use std::time::{Duration, Instant};
 use crate::identity::Management;
 use crate::process::{process_alive, terminate, wait_until_dead};
 
-use super::{qmp, switch, NetworkSpec, Provider, ProviderError, VmSpec, VmState};
+use super::{kvm, qmp, switch, Accelerator, NetworkSpec, Provider, ProviderError, VmSpec, VmState};
 
 pub const QEMU: &str = "qemu-system-x86_64";
 const QEMU_HINT: &str = "apt-get install --no-install-recommends qemu-system-x86 qemu-utils";
 
-#[derive(Debug, Default)]
-pub struct Qemu;
+#[derive(Debug)]
+pub struct Qemu {
+    /// Where the KVM probe's verdict is cached (testbed's cache).
+    cache_root: PathBuf,
+}
+
+impl Qemu {
+    pub fn new(cache_root: PathBuf) -> Qemu {
+        Qemu { cache_root }
+    }
+}
 
 impl Provider for Qemu {
     fn name(&self) -> &'static str {
@@ -50,7 +59,7 @@ impl Provider for Qemu {
         if disk.exists() {
             return Ok(());
         }
-        let partial = vm.dir.join("disk.qcow2.partial");
+        let partial = partial_disk_path(&vm.dir);
         let backing = vm.image.disk.to_string_lossy().into_owned();
         run_tool(
             "qemu-img",
@@ -69,8 +78,9 @@ impl Provider for Qemu {
     fn start(&self, vm: &VmSpec) -> Result<(), ProviderError> {
         check_socket_path(&qmp_path(&vm.dir))?;
         let _ = fs::remove_file(qmp_path(&vm.dir));
+        let kvm = self.accelerator(&vm.image.kernel).kvm;
         let mut command = Command::new(QEMU);
-        command.args(qemu_args(vm));
+        command.args(qemu_args(vm, kvm));
         run_tool(QEMU, &vm.name, &mut command).map_err(|e| match e {
             ProviderError::Start {
                 machine, message, ..
@@ -118,10 +128,32 @@ impl Provider for Qemu {
     fn management(&self, mac: &str) -> Management {
         user_net_management(mac)
     }
+
+    /// A machine's disk (or the one being made) or its pid file; a
+    /// network's switch.
+    fn made(&self, dir: &Path) -> bool {
+        [
+            disk_path(dir),
+            partial_disk_path(dir),
+            pid_path(dir),
+            switch_pid_path(dir),
+            switch_socket(dir),
+        ]
+        .iter()
+        .any(|path| path.exists())
+    }
+
+    fn accelerator(&self, kernel: &Path) -> Accelerator {
+        kvm::accelerator(kernel, &self.cache_root)
+    }
 }
 
 fn disk_path(dir: &Path) -> PathBuf {
     dir.join("disk.qcow2")
+}
+
+fn partial_disk_path(dir: &Path) -> PathBuf {
+    dir.join("disk.qcow2.partial")
 }
 
 fn pid_path(dir: &Path) -> PathBuf {
@@ -145,17 +177,18 @@ fn opt_path(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
-/// The whole qemu command line for a machine.
-pub fn qemu_args(vm: &VmSpec) -> Vec<String> {
+/// The whole qemu command line for a machine; `kvm`: hardware acceleration
+/// (only when the KVM probe passed).
+pub fn qemu_args(vm: &VmSpec, kvm: bool) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "-name".into(),
         format!("testbed-{},process=testbed-{}", vm.name, vm.name),
         "-machine".into(),
         "pc".into(),
         "-accel".into(),
-        if vm.kvm { "kvm" } else { "tcg" }.into(),
+        if kvm { "kvm" } else { "tcg" }.into(),
         "-cpu".into(),
-        if vm.kvm { "host" } else { "max" }.into(),
+        if kvm { "host" } else { "max" }.into(),
         "-smp".into(),
         vm.cpus.to_string(),
         "-m".into(),
@@ -348,7 +381,7 @@ mod tests {
     use crate::provider::NicSpec;
     use crate::topology::Forward;
 
-    fn spec(kvm: bool) -> VmSpec {
+    fn spec() -> VmSpec {
         VmSpec {
             name: "alpha".into(),
             dir: PathBuf::from("/t/.testbed/machines/alpha"),
@@ -376,7 +409,6 @@ mod tests {
                 },
                 mac: "52:54:00:00:01:01".into(),
             }],
-            kvm,
         }
     }
 
@@ -389,7 +421,7 @@ mod tests {
 
     #[test]
     fn forwards_bind_loopback_only_and_networks_use_the_private_switch() {
-        let args = qemu_args(&spec(false));
+        let args = qemu_args(&spec(), false);
         let netdevs = after(&args, "-netdev");
         assert_eq!(
             netdevs[0],
@@ -408,7 +440,24 @@ mod tests {
 
     #[test]
     fn kvm_only_when_the_probe_said_so() {
-        assert_eq!(after(&qemu_args(&spec(true)), "-accel"), ["kvm"]);
+        let args = qemu_args(&spec(), true);
+        assert_eq!(after(&args, "-accel"), ["kvm"]);
+        assert_eq!(after(&args, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn a_folder_is_qemus_when_it_holds_a_disk_a_pid_file_or_a_switch() {
+        let qemu = Qemu::new(PathBuf::from("/nonexistent-cache"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(!qemu.made(dir.path()));
+        fs::write(dir.path().join("console.log"), "").expect("log");
+        fs::write(dir.path().join("seed.tar"), "").expect("seed");
+        assert!(!qemu.made(dir.path()), "libvirt writes these too");
+        for file in ["disk.qcow2", "qemu.pid", "switch.pid"] {
+            let one = tempfile::tempdir().expect("tempdir");
+            fs::write(one.path().join(file), "").expect("file");
+            assert!(qemu.made(one.path()), "{file}");
+        }
     }
 
     #[test]
