@@ -1,7 +1,6 @@
 //! `up` and `provision`: images, networks, boot, identity, then each machine's daemons.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -642,9 +641,7 @@ async fn boot_with_free_port(
 ) -> Result<()> {
     let mut last = None;
     for attempt in 0..3 {
-        if attempt > 0 || spec.ssh_port == 0 || !port_is_free(spec.ssh_port) {
-            spec.ssh_port = free_port()?;
-        }
+        spec.ssh_port = provider.ssh_port(spec.ssh_port, attempt > 0)?;
         let port = spec.ssh_port;
         ctx.update(&spec.name, |saved| saved.ssh_port = port)?;
         let p = provider.clone();
@@ -656,20 +653,6 @@ async fn boot_with_free_port(
         }
     }
     Err(last.unwrap_or(ProviderError::NoFreePort).into())
-}
-
-fn free_port() -> std::result::Result<u16, ProviderError> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(|source| ProviderError::Io {
-            what: "cannot find a free port on 127.0.0.1".into(),
-            source,
-        })
-}
-
-fn port_is_free(port: u16) -> bool {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
 }
 
 /// Connects to the machine's SSH, failing fast (with the console's tail)

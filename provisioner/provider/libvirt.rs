@@ -18,6 +18,7 @@
 //! `destroy` removes exactly those objects, even after testbed was killed.
 
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,9 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-use super::{kvm, qemu, Accelerator, NetworkSpec, Provider, ProviderError, VmSpec, VmState};
+use super::{
+    kvm, loopback, qemu, Accelerator, NetworkSpec, Provider, ProviderError, VmSpec, VmState,
+};
 use crate::identity::Management;
 
 /// The environment variable naming the connection URI (see
@@ -449,6 +452,16 @@ impl Provider for Libvirt {
     /// libvirtd, a guess for a remote URI.
     fn accelerator(&self, kernel: &Path) -> Accelerator {
         kvm::accelerator(kernel, &self.cache_root)
+    }
+
+    /// SSH is forwarded on 127.0.0.1 by qemu's user-mode network, passed
+    /// through to the domain.
+    fn ssh_address(&self, port: u16) -> SocketAddr {
+        loopback::ssh_address(port)
+    }
+
+    fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError> {
+        loopback::ssh_port(previous, retry)
     }
 }
 

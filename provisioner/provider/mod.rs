@@ -4,10 +4,12 @@
 pub mod kvm;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+mod loopback;
 pub mod qemu;
 mod qmp;
 pub mod switch;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::identity::Management;
@@ -123,7 +125,8 @@ pub struct VmSpec {
     /// the seed is applied.
     pub machine_id: String,
     pub management_mac: String,
-    /// Host port on 127.0.0.1 forwarded to the guest's SSH port.
+    /// Host port forwarded to the guest's SSH port (see
+    /// [`Provider::ssh_port`] and [`Provider::ssh_address`]).
     pub ssh_port: u16,
     pub forwards: Vec<Forward>,
     pub nics: Vec<NicSpec>,
@@ -154,7 +157,7 @@ pub struct Accelerator {
 ///
 /// Everything that differs between backends is asked here, so the
 /// orchestration never asks which backend it has: what a folder holds, the
-/// accelerator.
+/// accelerator, how the host reaches a machine's SSH.
 pub trait Provider: Send + Sync {
     fn name(&self) -> &'static str;
     /// Makes sure the network exists and is up (idempotent).
@@ -181,6 +184,13 @@ pub trait Provider: Send + Sync {
     /// Which accelerator this provider will boot machines with, and why.
     /// `kernel` is one the probe may boot; the verdict is cached.
     fn accelerator(&self, kernel: &Path) -> Accelerator;
+    /// Where the host reaches the SSH of a machine booted with host port
+    /// `port`.
+    fn ssh_address(&self, port: u16) -> SocketAddr;
+    /// A host port for the machine's SSH forward: `previous` when it is
+    /// still free, else a new free one (`retry` = the last start found it
+    /// taken).
+    fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError>;
 }
 
 /// The file the libvirt provider writes into a folder before making its

@@ -5,7 +5,7 @@
 //! serial console log, all inside the machine's folder.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use crate::identity::Management;
 use crate::process::{process_alive, terminate, wait_until_dead};
 
-use super::{kvm, qmp, switch, Accelerator, NetworkSpec, Provider, ProviderError, VmSpec, VmState};
+use super::{
+    kvm, loopback, qmp, switch, Accelerator, NetworkSpec, Provider, ProviderError, VmSpec, VmState,
+};
 
 pub const QEMU: &str = "qemu-system-x86_64";
 const QEMU_HINT: &str = "apt-get install --no-install-recommends qemu-system-x86 qemu-utils";
@@ -146,6 +148,15 @@ impl Provider for Qemu {
     fn accelerator(&self, kernel: &Path) -> Accelerator {
         kvm::accelerator(kernel, &self.cache_root)
     }
+
+    /// SSH is forwarded on 127.0.0.1 by the user-mode network.
+    fn ssh_address(&self, port: u16) -> SocketAddr {
+        loopback::ssh_address(port)
+    }
+
+    fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError> {
+        loopback::ssh_port(previous, retry)
+    }
 }
 
 fn disk_path(dir: &Path) -> PathBuf {
@@ -270,10 +281,11 @@ pub(super) fn user_net_management(mac: &str) -> Management {
 
 /// User-mode networking: SSH and the topology's forwards, bound on 127.0.0.1.
 pub(super) fn management_netdev(vm: &VmSpec) -> String {
-    let mut netdev = format!("user,id=mgmt,hostfwd=tcp:127.0.0.1:{}-:22", vm.ssh_port);
+    let host = loopback::HOST;
+    let mut netdev = format!("user,id=mgmt,hostfwd=tcp:{host}:{}-:22", vm.ssh_port);
     for forward in &vm.forwards {
         netdev.push_str(&format!(
-            ",hostfwd=tcp:127.0.0.1:{}-:{}",
+            ",hostfwd=tcp:{host}:{}-:{}",
             forward.host, forward.guest
         ));
     }
