@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::qemu::QEMU;
-use super::Accelerator;
+use super::{Accelerator, DoctorLine};
+use crate::image::Cache;
 
 /// A working KVM gets a kernel this far in well under a second.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,5 +174,37 @@ pub fn probe(kernel: &Path) -> Verdict {
                 PROBE_TIMEOUT.as_secs()
             ),
         }
+    }
+}
+
+/// `doctor`'s KVM line: a fresh probe (never the cached verdict: the host
+/// may have changed) with the kernel of any cached image.
+pub(super) fn doctor_line(cache_root: &Path) -> DoctorLine {
+    let kernel = Cache::at(cache_root.to_path_buf())
+        .list()
+        .into_iter()
+        .next()
+        .map(|image| image.image.kernel);
+    let (ok, detail) = match kernel {
+        Some(kernel) => {
+            let verdict = probe(&kernel);
+            (verdict.kvm, verdict.reason)
+        }
+        None => (
+            false,
+            "not probed yet: no image is built (the probe boots an image's kernel); `up` probes it"
+                .into(),
+        ),
+    };
+    DoctorLine {
+        name: "KVM".into(),
+        ok,
+        detail: if ok {
+            detail
+        } else {
+            format!("{detail}; testbed uses TCG (slower, works)")
+        },
+        fix: "optional: a host where /dev/kvm boots guests (nested virtualisation enabled)".into(),
+        required: false,
     }
 }

@@ -29,7 +29,8 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
 use super::{
-    kvm, loopback, qemu, Accelerator, NetworkSpec, Provider, ProviderError, VmSpec, VmState,
+    kvm, loopback, qemu, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError, VmSpec,
+    VmState,
 };
 use crate::identity::Management;
 
@@ -42,6 +43,9 @@ pub const METADATA_NS: &str = "https://testbed.dev/1";
 pub const POOL: &str = "testbed";
 /// What testbed made for a machine or network, in its folder.
 const MADE: &str = super::LIBVIRT_MADE;
+/// What `doctor` suggests when libvirtd cannot be reached.
+const DOCTOR_FIX: &str = "apt-get install libvirt-daemon-system, start libvirtd, or set \
+                          TESTBED_LIBVIRT_URI (provider libvirt only)";
 
 #[derive(Debug, Clone)]
 pub struct Libvirt {
@@ -462,6 +466,35 @@ impl Provider for Libvirt {
 
     fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError> {
         loopback::ssh_port(previous, retry)
+    }
+
+    /// Whether libvirtd answers at the URI, and which libvirt it is.
+    fn doctor(&self) -> Vec<DoctorLine> {
+        let (ok, detail) = reachable(&self.uri);
+        vec![DoctorLine {
+            name: "libvirt".into(),
+            ok,
+            detail,
+            fix: DOCTOR_FIX.into(),
+            required: false,
+        }]
+    }
+}
+
+/// Whether libvirtd answers at `uri`: its version, or why not (one line).
+fn reachable(uri: &str) -> (bool, String) {
+    match connect(uri) {
+        Ok(conn) => {
+            let version = conn
+                .lib_version()
+                .map(|v| format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000))
+                .unwrap_or_else(|_| "?".into());
+            (true, format!("reachable at {uri} (libvirt {version})"))
+        }
+        Err(e) => (
+            false,
+            e.to_string().lines().next().unwrap_or_default().to_string(),
+        ),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod switch;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::identity::Management;
 use crate::image::BuiltImage;
@@ -151,13 +152,66 @@ pub struct Accelerator {
     pub fresh: bool,
 }
 
+/// One line of `testbed doctor`: something this host has or lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoctorLine {
+    pub name: String,
+    pub ok: bool,
+    /// What was found (a version, a verdict) or why it is missing.
+    pub detail: String,
+    /// What to do when it is missing.
+    pub fix: String,
+    /// The provider cannot run at all without it (KVM, say, is optional:
+    /// TCG works). `doctor` fails when a required line of the default
+    /// provider is missing.
+    pub required: bool,
+}
+
+impl DoctorLine {
+    /// Runs `program args` and reports its first line of output (its
+    /// version), or that it cannot be run.
+    pub fn version(name: &str, program: &str, args: &[&str], fix: &str) -> DoctorLine {
+        let (ok, detail) = match Command::new(program).args(args).output() {
+            Ok(out) => {
+                let text = if out.stdout.is_empty() {
+                    out.stderr
+                } else {
+                    out.stdout
+                };
+                let first = String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                (true, first)
+            }
+            Err(e) => (false, format!("{program}: {e}")),
+        };
+        DoctorLine {
+            name: name.into(),
+            ok,
+            detail,
+            fix: fix.into(),
+            required: false,
+        }
+    }
+
+    /// The same line, marked as one the provider cannot run without.
+    pub fn required(self) -> DoctorLine {
+        DoctorLine {
+            required: true,
+            ..self
+        }
+    }
+}
+
 /// A VM backend. `create`, `start`, `kill` and `destroy` may block for
 /// seconds (they spawn and wait for processes) and run on blocking threads;
 /// `state` must be cheap, it is called while polling.
 ///
 /// Everything that differs between backends is asked here, so the
 /// orchestration never asks which backend it has: what a folder holds, the
-/// accelerator, how the host reaches a machine's SSH.
+/// accelerator, how the host reaches a machine's SSH, what `doctor` checks.
 pub trait Provider: Send + Sync {
     fn name(&self) -> &'static str;
     /// Makes sure the network exists and is up (idempotent).
@@ -191,6 +245,8 @@ pub trait Provider: Send + Sync {
     /// still free, else a new free one (`retry` = the last start found it
     /// taken).
     fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError>;
+    /// What this provider needs of the host, as `testbed doctor` lines.
+    fn doctor(&self) -> Vec<DoctorLine>;
 }
 
 /// The file the libvirt provider writes into a folder before making its
@@ -217,6 +273,23 @@ pub fn which_made(dir: &Path, settings: &Settings) -> Option<ProviderKind> {
         })
 }
 
+/// A provider's `doctor` lines; for one this build lacks, a line that says so.
+pub fn doctor(kind: ProviderKind, settings: &Settings) -> Vec<DoctorLine> {
+    match for_kind(kind, settings) {
+        Ok(provider) => provider.doctor(),
+        Err(_) => vec![DoctorLine {
+            name: kind.as_str().into(),
+            ok: false,
+            detail: format!(
+                "this build has no {kind} provider (cargo feature `{kind}`)",
+                kind = kind.as_str()
+            ),
+            fix: format!("build testbed with the cargo feature `{}`", kind.as_str()),
+            required: false,
+        }],
+    }
+}
+
 /// Where the providers find what they need of the host: the daemon they
 /// talk to, the cache for their verdicts and volumes.
 #[derive(Debug, Clone)]
@@ -225,7 +298,7 @@ pub struct Settings {
     /// `$TESTBED_LIBVIRT_URI`, else `qemu:///system`.
     pub libvirt_uri: String,
     /// testbed's cache (the images' root): the KVM probe's cached verdict,
-    /// libvirt's storage pool folder.
+    /// libvirt's storage pool folder, the kernels `doctor` probes with.
     pub cache_root: PathBuf,
 }
 

@@ -14,11 +14,13 @@ use crate::identity::Management;
 use crate::process::{process_alive, terminate, wait_until_dead};
 
 use super::{
-    kvm, loopback, qmp, switch, Accelerator, NetworkSpec, Provider, ProviderError, VmSpec, VmState,
+    kvm, loopback, qmp, switch, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError,
+    VmSpec, VmState,
 };
 
 pub const QEMU: &str = "qemu-system-x86_64";
 const QEMU_HINT: &str = "apt-get install --no-install-recommends qemu-system-x86 qemu-utils";
+const QEMU_IMG_HINT: &str = "apt-get install --no-install-recommends qemu-utils";
 
 #[derive(Debug)]
 pub struct Qemu {
@@ -156,6 +158,15 @@ impl Provider for Qemu {
 
     fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError> {
         loopback::ssh_port(previous, retry)
+    }
+
+    /// qemu and qemu-img are needed; KVM only makes it faster.
+    fn doctor(&self) -> Vec<DoctorLine> {
+        vec![
+            DoctorLine::version("qemu", QEMU, &["--version"], QEMU_HINT).required(),
+            DoctorLine::version("qemu-img", "qemu-img", &["--version"], QEMU_IMG_HINT).required(),
+            kvm::doctor_line(&self.cache_root),
+        ]
     }
 }
 
