@@ -14,6 +14,7 @@ pub mod kit;
 pub mod lifecycle;
 pub mod model;
 pub mod plan;
+pub mod process;
 pub mod progress;
 pub mod provider;
 pub mod provision;

@@ -5,7 +5,7 @@
 //! fixed sleep. Also the SSH transport that checks travel through.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,8 +75,8 @@ pub struct Outcome {
 /// step of a command (provisioning, readiness, checks, evidence).
 pub struct Machines {
     state: StateDir,
-    /// Each created machine's SSH port on 127.0.0.1.
-    ports: std::sync::Mutex<BTreeMap<String, u16>>,
+    /// Where each created machine's SSH is reached (its provider says).
+    addresses: std::sync::Mutex<BTreeMap<String, SocketAddr>>,
     /// The systemd services of each machine's kits (for evidence).
     services: BTreeMap<String, Vec<String>>,
     /// A slot per machine, so machines connect in parallel while two steps
@@ -90,17 +90,25 @@ impl Machines {
     pub fn new(state: StateDir, services: BTreeMap<String, Vec<String>>) -> Machines {
         Machines {
             state,
-            ports: std::sync::Mutex::new(BTreeMap::new()),
+            addresses: std::sync::Mutex::new(BTreeMap::new()),
             services,
             sessions: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
-    pub fn set_port(&self, machine: &str, port: u16) {
-        self.ports
+    pub fn set_address(&self, machine: &str, address: SocketAddr) {
+        self.lock_addresses().insert(machine.to_string(), address);
+    }
+
+    /// Where each machine's SSH is reached, by machine.
+    pub fn addresses(&self) -> BTreeMap<String, SocketAddr> {
+        self.lock_addresses().clone()
+    }
+
+    fn lock_addresses(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SocketAddr>> {
+        self.addresses
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(machine.to_string(), port);
     }
 
     /// Hands over a connection opened elsewhere (by `up`'s boot step).
@@ -118,21 +126,18 @@ impl Machines {
     }
 
     fn target(&self, machine: &str) -> Result<Target> {
-        let port = self
-            .ports
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        let addr = self
+            .lock_addresses()
             .get(machine)
             .copied()
-            .filter(|port| *port != 0)
+            .filter(|addr| addr.port() != 0)
             .ok_or_else(|| ProvisionError::NotCreated(machine.to_string()))?;
+        let layout = self.state.machine(machine);
         Ok(Target {
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            addr,
             user: "root".into(),
             key_path: self.state.user_key(),
-            host_key_path: ssh::public_key_path(
-                &self.state.machine_dir(machine).join("ssh_host_ed25519_key"),
-            ),
+            host_key_path: layout.host_public_key(),
         })
     }
 

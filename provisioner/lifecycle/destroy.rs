@@ -18,11 +18,11 @@ pub(super) fn remove_networks(state: &StateDir, record: &mut Record) -> Result<(
             networks.entry(name).or_default();
         }
     }
+    let settings = provider::Settings::default();
     for (name, recorded) in networks {
         let dir = state.network_dir(&name);
-        let kind = provider::kind_made(&dir).unwrap_or(recorded);
-        provider::for_kind(kind, &provider::Settings::default())?
-            .remove_network(&NetworkSpec { dir, name })?;
+        let kind = provider::which_made(&dir, &settings).unwrap_or(recorded);
+        provider::for_kind(kind, &settings)?.remove_network(&NetworkSpec { dir, name })?;
     }
     Ok(())
 }
@@ -43,11 +43,14 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
                 .collect()
         })
         .unwrap_or_default();
+    let settings = provider::Settings::default();
     for name in names {
         let dir = state.machine_dir(&name);
         let recorded = record.machines.get(&name).map(|r| r.provider);
-        let kind = provider::kind_made(&dir).or(recorded).unwrap_or_default();
-        let provider = provider::for_kind(kind, &provider::Settings::default())?;
+        let kind = provider::which_made(&dir, &settings)
+            .or(recorded)
+            .unwrap_or_default();
+        let provider = provider::for_kind(kind, &settings)?;
         let task = progress.task(&name);
         task.set("destroying");
         stop_control_master(state, &name).await;
@@ -64,18 +67,7 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
 /// Closes the OpenSSH ControlMaster that `testbed ssh` keeps per machine,
 /// and the one `up` started if it is still authenticating.
 pub(super) async fn stop_control_master(state: &StateDir, name: &str) {
-    let pid_file = master_pid_path(state, name);
-    if provider::qemu::process_alive(&pid_file, CONTROL_MASTER_MARKER) {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    }
+    crate::process::request_stop(&master_pid_path(state, name), CONTROL_MASTER_MARKER);
     let config = state.ssh_config();
     if !config.is_file() {
         return;

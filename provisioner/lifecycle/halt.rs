@@ -38,7 +38,7 @@ impl Testbed {
                 .get(&machine.name)
                 .map(|r| r.ssh_port)
                 .unwrap_or(0);
-            let target = self.ssh_target(&machine.name, port);
+            let target = self.ssh_target(&machine, port)?;
             let task = progress.task(&machine.name);
             let state = self.state.clone();
             tasks.push(tokio::spawn(async move {

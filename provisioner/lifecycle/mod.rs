@@ -10,7 +10,7 @@ mod steps;
 mod up;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -24,7 +24,7 @@ use crate::model::{Machine, ProviderKind, Topology};
 use crate::plan::{Inputs, Plan, PlanError};
 use crate::provider::{self, Provider, ProviderError, VmState};
 use crate::provision::Machines;
-use crate::ssh::{self, SshError, Target};
+use crate::ssh::{SshError, Target};
 use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
 use crate::topology::{self, TopologyError};
 
@@ -333,15 +333,14 @@ impl Testbed {
         provider::Settings::new(self.topology.libvirt_uri.as_deref())
     }
 
-    fn ssh_target(&self, name: &str, port: u16) -> Target {
-        Target {
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+    /// How to reach `machine`'s SSH on host port `port`.
+    fn ssh_target(&self, machine: &Machine, port: u16) -> Result<Target> {
+        Ok(Target {
+            addr: self.provider_of(machine)?.ssh_address(port),
             user: "root".into(),
             key_path: self.state.user_key(),
-            host_key_path: ssh::public_key_path(
-                &self.state.machine_dir(name).join("ssh_host_ed25519_key"),
-            ),
-        }
+            host_key_path: self.state.machine(&machine.name).host_public_key(),
+        })
     }
 
     /// Machines named on the command line, or all of them.
@@ -389,7 +388,7 @@ impl Testbed {
                     name: machine.name.clone(),
                     state: state_word(saved, observed),
                     provider: machine.provider.as_str().into(),
-                    ssh: saved.map(|r| format!("127.0.0.1:{}", r.ssh_port)),
+                    ssh: saved.map(|r| provider.ssh_address(r.ssh_port).to_string()),
                     ips: machine.ips.clone(),
                     in_topology: true,
                 })
@@ -405,7 +404,7 @@ impl Testbed {
                 name: name.clone(),
                 state: state_word(Some(saved), observed),
                 provider: saved.provider.as_str().into(),
-                ssh: Some(format!("127.0.0.1:{}", saved.ssh_port)),
+                ssh: Some(provider.ssh_address(saved.ssh_port).to_string()),
                 ips: BTreeMap::new(),
                 in_topology: false,
             });
@@ -425,15 +424,18 @@ impl Testbed {
             .iter()
             .flat_map(|m| m.daemons.clone());
         kits.load_also(daemons, self.topology.dir());
-        Ok(self.machines(&record, &kits))
+        self.machines(&record, &kits)
     }
 
-    fn machines(&self, record: &Record, kits: &Kits) -> Arc<Machines> {
+    /// A session pool knowing where each recorded machine's SSH is.
+    fn machines(&self, record: &Record, kits: &Kits) -> Result<Arc<Machines>> {
         let machines = Machines::new(self.state.clone(), self.services(kits));
+        let settings = self.provider_settings();
         for (name, saved) in &record.machines {
-            machines.set_port(name, saved.ssh_port);
+            let provider = provider::for_kind(saved.provider, &settings)?;
+            machines.set_address(name, provider.ssh_address(saved.ssh_port));
         }
-        Arc::new(machines)
+        Ok(Arc::new(machines))
     }
 }
 
@@ -475,7 +477,10 @@ async fn blocking<T: Send + 'static>(
 ) -> std::result::Result<T, ProviderError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| ProviderError::Other(format!("internal error: {e}")))?
+        .map_err(|e| ProviderError::Internal {
+            what: "a blocking provider call",
+            detail: e.to_string(),
+        })?
 }
 
 /// `provider.state(dir)` off the async threads: a daemon-backed provider

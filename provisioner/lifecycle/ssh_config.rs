@@ -1,10 +1,12 @@
 //! The OpenSSH config `testbed ssh` uses, and the ControlMaster kept per machine.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::provider;
-use crate::state::{Record, StateDir};
+use crate::process;
+use crate::state::StateDir;
 
 use super::Result;
 
@@ -47,9 +49,7 @@ pub(super) fn master_pid_path(state: &StateDir, name: &str) -> PathBuf {
 pub fn wait_for_control_master(state: &StateDir, name: &str) {
     let pid_file = master_pid_path(state, name);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while provider::qemu::process_alive(&pid_file, CONTROL_MASTER_MARKER)
-        && Instant::now() < deadline
-    {
+    while process::process_alive(&pid_file, CONTROL_MASTER_MARKER) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -62,10 +62,15 @@ pub fn control_path(state: &StateDir, name: &str) -> PathBuf {
 /// Writes `ssh_config` and `known_hosts` for the system `ssh`: every host key
 /// pinned under an alias (ports change across boots; the key does not), and
 /// a ControlMaster per machine so repeated `testbed ssh` skip the handshake.
-pub fn write_ssh_config(state: &StateDir, topology_name: &str, record: &Record) -> Result<()> {
+/// `addresses`: where each machine's SSH is reached (its provider says).
+pub fn write_ssh_config(
+    state: &StateDir,
+    topology_name: &str,
+    addresses: &BTreeMap<String, SocketAddr>,
+) -> Result<()> {
     let mut config = String::new();
     let mut known_hosts = String::new();
-    for (name, saved) in &record.machines {
+    for (name, address) in addresses {
         let dir = state.machine_dir(name);
         let public =
             std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).unwrap_or_default();
@@ -78,16 +83,17 @@ pub fn write_ssh_config(state: &StateDir, topology_name: &str, record: &Record) 
         {
             known_hosts.push_str(&format!("{alias} {} {}\n", key[0], key[1]));
         }
-        config.push_str(&ssh_config_block(state, name, saved.ssh_port, &alias));
+        config.push_str(&ssh_config_block(state, name, *address, &alias));
     }
     crate::state::write_atomic(&state.known_hosts(), known_hosts.as_bytes(), 0o644)?;
     crate::state::write_atomic(&state.ssh_config(), config.as_bytes(), 0o644)?;
     Ok(())
 }
 
-fn ssh_config_block(state: &StateDir, name: &str, port: u16, alias: &str) -> String {
+fn ssh_config_block(state: &StateDir, name: &str, address: SocketAddr, alias: &str) -> String {
+    let (host, port) = (address.ip(), address.port());
     format!(
-        "Host {name}\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  \
+        "Host {name}\n  HostName {host}\n  Port {port}\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  \
          UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n  HostKeyAlias {alias}\n  \
          ControlMaster auto\n  ControlPath {control}\n  ControlPersist 10m\n  LogLevel ERROR\n\n",
         key = quote_ssh(&state.user_key()),
@@ -104,8 +110,6 @@ fn quote_ssh(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::tests::record;
-    use crate::state::Desired;
 
     #[test]
     fn ssh_config_pins_the_host_key_and_shares_one_connection() {
@@ -118,13 +122,14 @@ mod tests {
             "ssh-ed25519 AAAAC3Nz root@alpha\n",
         )
         .expect("key");
-        let mut rec = Record::default();
-        rec.machines
-            .insert("alpha".into(), record(Desired::Running));
-        write_ssh_config(&state, "pair", &rec).expect("write");
+        let addresses = BTreeMap::from([(
+            "alpha".to_string(),
+            SocketAddr::from(([127, 0, 0, 1], 2222)),
+        )]);
+        write_ssh_config(&state, "pair", &addresses).expect("write");
         let config = std::fs::read_to_string(state.ssh_config()).expect("config");
         assert!(config.contains("Host alpha\n"));
-        assert!(config.contains("Port 2222"));
+        assert!(config.contains("HostName 127.0.0.1\n  Port 2222"));
         assert!(config.contains("StrictHostKeyChecking yes"));
         assert!(config.contains("HostKeyAlias testbed-pair-alpha"));
         assert!(config.contains("ControlMaster auto"));

@@ -1,7 +1,6 @@
 //! `up` and `provision`: images, networks, boot, identity, then each machine's daemons.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +12,7 @@ use crate::image::BuiltImage;
 use crate::model::Topology;
 use crate::plan::{self, Applied, BuildAction, DaemonAction, MachineAction, MachinePlan, Plan};
 use crate::progress::{Progress, Task};
-use crate::provider::{kvm, NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
+use crate::provider::{NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
 use crate::provision::{self, Gate, Machines, Outcome, Readiness};
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::{Desired, MachineDir, MachineRecord, Record, StateDir, StateError};
@@ -124,13 +123,10 @@ impl Testbed {
             return Ok(report);
         }
         let images = self.ensure_images(&plan, &record, progress)?;
-        let kvm = self.accelerator(&images, progress);
+        self.accelerator(&plan, &images, progress);
         self.ensure_networks(&plan, &mut record)?;
         self.state.save(&record)?;
-        let machines = Arc::new(Machines::new(self.state.clone(), self.services(&kits)));
-        for (name, saved) in &record.machines {
-            machines.set_port(name, saved.ssh_port);
-        }
+        let machines = self.machines(&record, &kits)?;
         let readiness = Arc::new(Readiness::new(&self.topology));
         for converged in plan
             .machines
@@ -154,12 +150,12 @@ impl Testbed {
                 continue;
             }
             let boot = match images.get(&machine.name) {
-                Some(image) => Some(self.vm_spec(machine, image.clone(), &ctx, kvm)?),
+                Some(image) => Some(self.vm_spec(machine, image.clone(), &ctx)?),
                 None => None,
             };
             let task = progress.task(&machine.name);
             let ctx = ctx.clone();
-            let target = self.ssh_target(&machine.name, 0);
+            let target = self.ssh_target(&machine.machine, 0)?;
             let plan = plan.clone();
             tasks.push(tokio::spawn(async move {
                 let machine = &plan.machines[index];
@@ -187,7 +183,7 @@ impl Testbed {
             },
             None => report.build = self.topology.build.as_ref().map(|_| BuildOutcome::Skipped),
         }
-        write_ssh_config(&self.state, &self.topology.name, &lock_record(&ctx.record))?;
+        write_ssh_config(&self.state, &self.topology.name, &machines.addresses())?;
         if failures.is_empty() && !self.topology.checks.is_empty() {
             let checks =
                 check::run_all(&self.topology.checks, &self.topology, machines.clone()).await;
@@ -208,7 +204,7 @@ impl Testbed {
         let record = self.state.load()?;
         let secrets = self.state.secrets(&kits.secret_names(&self.topology))?;
         let plan = Arc::new(self.resolve(&record, &kits, &secrets)?);
-        let machines = self.machines(&record, &kits);
+        let machines = self.machines(&record, &kits)?;
         let readiness = Arc::new(Readiness::new(&self.topology));
         for machine in &self.topology.machines {
             if !selected.iter().any(|m| m.name == machine.name) {
@@ -299,22 +295,23 @@ impl Testbed {
         Ok(images)
     }
 
-    /// KVM when the bounded probe showed it boots a kernel here, else TCG;
-    /// said once, when the probe runs.
-    fn accelerator(&self, images: &BTreeMap<String, BuiltImage>, progress: &Progress) -> bool {
-        let Some(image) = images.values().next() else {
-            return false;
+    /// The accelerator the machines will boot with (each provider decides
+    /// at `start`); said once, when the provider's probe runs.
+    fn accelerator(&self, plan: &Plan, images: &BTreeMap<String, BuiltImage>, progress: &Progress) {
+        let Some((machine, image)) = plan
+            .machines
+            .iter()
+            .find_map(|m| images.get(&m.name).map(|image| (m, image)))
+        else {
+            return;
         };
-        let (verdict, fresh) = kvm::verdict(&image.kernel, self.cache.root());
-        if fresh {
-            let engine = if verdict.kvm {
-                "KVM"
-            } else {
-                "TCG (software emulation)"
-            };
-            progress.println(&format!("accelerator: {engine}: {}", verdict.reason));
+        let accelerator = machine.provider.accelerator(&image.kernel);
+        if accelerator.fresh {
+            progress.println(&format!(
+                "accelerator: {}: {}",
+                accelerator.name, accelerator.reason
+            ));
         }
-        verdict.kvm
     }
 
     /// Brings up every network of the machines `up` acts on.
@@ -354,13 +351,7 @@ impl Testbed {
     }
 
     /// What the provider needs to create and boot a machine of the plan.
-    fn vm_spec(
-        &self,
-        machine: &MachinePlan,
-        image: BuiltImage,
-        ctx: &UpContext,
-        kvm: bool,
-    ) -> Result<VmSpec> {
+    fn vm_spec(&self, machine: &MachinePlan, image: BuiltImage, ctx: &UpContext) -> Result<VmSpec> {
         let layout = self.state.machine(&machine.name);
         let dir = layout.path().to_path_buf();
         crate::state::create_private_dir(&dir)?;
@@ -393,7 +384,6 @@ impl Testbed {
             ssh_port,
             forwards: machine.machine.forwards.clone(),
             nics,
-            kvm,
         })
     }
 
@@ -551,8 +541,8 @@ async fn bring_up(
         .ok_or_else(|| Error::Untracked {
             machine: name.clone(),
         })?;
-    target.addr.set_port(port);
-    ctx.machines.set_port(&name, port);
+    target.addr = provider.ssh_address(port);
+    ctx.machines.set_address(&name, target.addr);
     task.set("waiting for SSH");
     let session =
         connect_while_running(&name, &target, provider.clone(), layout.path(), &layout).await?;
@@ -571,7 +561,7 @@ async fn bring_up(
         saved.desired = Desired::Running;
     })?;
     // `testbed ssh NAME` works from here on, while the rest of `up` goes on.
-    write_ssh_config(&ctx.state, &ctx.topology.name, &lock_record(&ctx.record))
+    write_ssh_config(&ctx.state, &ctx.topology.name, &ctx.machines.addresses())
 }
 
 /// The plan's seed, or for a machine whose keys were made by this `up`,
@@ -603,7 +593,8 @@ fn machine_seed(machine: &MachinePlan, ctx: &UpContext) -> Result<Seed> {
 }
 
 /// Boots, retrying with another port when the chosen one was taken meanwhile.
-/// Each port is recorded before qemu gets it, so the record never lags a VM.
+/// Each port is recorded before the provider gets it, so the record never
+/// lags a VM.
 async fn boot_with_free_port(
     provider: Arc<dyn Provider>,
     spec: &mut VmSpec,
@@ -611,9 +602,7 @@ async fn boot_with_free_port(
 ) -> Result<()> {
     let mut last = None;
     for attempt in 0..3 {
-        if attempt > 0 || spec.ssh_port == 0 || !port_is_free(spec.ssh_port) {
-            spec.ssh_port = free_port()?;
-        }
+        spec.ssh_port = provider.ssh_port(spec.ssh_port, attempt > 0)?;
         let port = spec.ssh_port;
         ctx.update(&spec.name, |saved| saved.ssh_port = port)?;
         let p = provider.clone();
@@ -624,23 +613,7 @@ async fn boot_with_free_port(
             Err(e) => return Err(e.into()),
         }
     }
-    Err(last
-        .unwrap_or_else(|| ProviderError::Other("no free port".into()))
-        .into())
-}
-
-fn free_port() -> std::result::Result<u16, ProviderError> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(|source| ProviderError::Io {
-            what: "cannot find a free port on 127.0.0.1".into(),
-            source,
-        })
-}
-
-fn port_is_free(port: u16) -> bool {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+    Err(last.unwrap_or(ProviderError::NoFreePort).into())
 }
 
 /// Connects to the machine's SSH, failing fast (with the console's tail)

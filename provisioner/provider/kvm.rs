@@ -5,14 +5,16 @@
 //! host kernel and qemu binary, so it is paid once.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::qemu::QEMU;
+use super::{Accelerator, DoctorLine};
+use crate::image::Cache;
 
 /// A working KVM gets a kernel this far in well under a second.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,9 +34,41 @@ struct Cached {
     verdict: Verdict,
 }
 
-/// The verdict for this host, from the cache when it is still valid.
-/// `fresh` is true when the probe ran now (the caller says so, once).
+/// The accelerator for machines booted by qemu on this host: KVM when the
+/// probe passed, else TCG.
+pub(super) fn accelerator(kernel: &Path, cache_dir: &Path) -> Accelerator {
+    let (verdict, fresh) = verdict(kernel, cache_dir);
+    Accelerator {
+        name: if verdict.kvm {
+            "KVM"
+        } else {
+            "TCG (software emulation)"
+        },
+        kvm: verdict.kvm,
+        reason: verdict.reason,
+        fresh,
+    }
+}
+
+/// The verdicts this process has already read or probed, by cache folder:
+/// every machine's start asks, and a cache that cannot be written must not
+/// cost a probe each time. Held while probing, so parallel starts probe once.
+static KNOWN: Mutex<Vec<(PathBuf, Verdict)>> = Mutex::new(Vec::new());
+
+/// The verdict for this host, from this process's memory or the cache when
+/// it is still valid. `fresh` is true when the probe ran now (the caller
+/// says so, once).
 pub fn verdict(kernel: &Path, cache_dir: &Path) -> (Verdict, bool) {
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, verdict)) = known.iter().find(|(dir, _)| dir == cache_dir) {
+        return (verdict.clone(), false);
+    }
+    let (verdict, fresh) = cached_or_probed(kernel, cache_dir);
+    known.push((cache_dir.to_path_buf(), verdict.clone()));
+    (verdict, fresh)
+}
+
+fn cached_or_probed(kernel: &Path, cache_dir: &Path) -> (Verdict, bool) {
     let key = cache_key();
     let cache_file = cache_dir.join("kvm-probe.json");
     if let Some(cached) = std::fs::read(&cache_file)
@@ -140,5 +174,37 @@ pub fn probe(kernel: &Path) -> Verdict {
                 PROBE_TIMEOUT.as_secs()
             ),
         }
+    }
+}
+
+/// `doctor`'s KVM line: a fresh probe (never the cached verdict: the host
+/// may have changed) with the kernel of any cached image.
+pub(super) fn doctor_line(cache_root: &Path) -> DoctorLine {
+    let kernel = Cache::at(cache_root.to_path_buf())
+        .list()
+        .into_iter()
+        .next()
+        .map(|image| image.image.kernel);
+    let (ok, detail) = match kernel {
+        Some(kernel) => {
+            let verdict = probe(&kernel);
+            (verdict.kvm, verdict.reason)
+        }
+        None => (
+            false,
+            "not probed yet: no image is built (the probe boots an image's kernel); `up` probes it"
+                .into(),
+        ),
+    };
+    DoctorLine {
+        name: "KVM".into(),
+        ok,
+        detail: if ok {
+            detail
+        } else {
+            format!("{detail}; testbed uses TCG (slower, works)")
+        },
+        fix: "optional: a host where /dev/kvm boots guests (nested virtualisation enabled)".into(),
+        required: false,
     }
 }

@@ -18,7 +18,8 @@
 //! `destroy` removes exactly those objects, even after testbed was killed.
 
 use std::fs;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -27,7 +28,10 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-use super::{qemu, NetworkSpec, Provider, ProviderError, VmSpec, VmState};
+use super::{
+    kvm, loopback, qemu, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError, VmSpec,
+    VmState,
+};
 use crate::identity::Management;
 
 /// The environment variable naming the connection URI (see
@@ -39,10 +43,15 @@ pub const METADATA_NS: &str = "https://testbed.dev/1";
 pub const POOL: &str = "testbed";
 /// What testbed made for a machine or network, in its folder.
 const MADE: &str = super::LIBVIRT_MADE;
+/// What `doctor` suggests when libvirtd cannot be reached.
+const DOCTOR_FIX: &str = "apt-get install libvirt-daemon-system, start libvirtd, or set \
+                          TESTBED_LIBVIRT_URI (provider libvirt only)";
 
 #[derive(Debug, Clone)]
 pub struct Libvirt {
     uri: String,
+    /// testbed's cache: the KVM verdict, the storage pool's folder.
+    cache_root: PathBuf,
 }
 
 /// The objects of one machine or network, as written before making them.
@@ -57,8 +66,11 @@ struct Made {
 }
 
 impl Libvirt {
-    pub fn new(uri: impl Into<String>) -> Libvirt {
-        Libvirt { uri: uri.into() }
+    pub fn new(uri: impl Into<String>, cache_root: PathBuf) -> Libvirt {
+        Libvirt {
+            uri: uri.into(),
+            cache_root,
+        }
     }
 }
 
@@ -66,18 +78,18 @@ impl Libvirt {
 pub fn connect(uri: &str) -> Result<Connect, ProviderError> {
     // Errors come back as values; libvirt must not also print them.
     virt::error::clear_error_callback();
-    Connect::open(Some(uri)).map_err(|e| {
-        ProviderError::Other(format!(
-            "cannot reach libvirt at {uri}: {}\n  help: is libvirtd running (`systemctl status \
-             libvirtd`)? Point testbed elsewhere with `[libvirt] uri = \"…\"` in the topology or \
-             {URI_ENV}",
-            e.message()
-        ))
+    Connect::open(Some(uri)).map_err(|e| ProviderError::LibvirtUnreachable {
+        uri: uri.to_string(),
+        message: e.message().to_string(),
+        env: URI_ENV,
     })
 }
 
 fn libvirt_error(what: impl std::fmt::Display, e: virt::error::Error) -> ProviderError {
-    ProviderError::Other(format!("libvirt: {what}: {}", e.message()))
+    ProviderError::Libvirt {
+        what: what.to_string(),
+        message: e.message().to_string(),
+    }
 }
 
 /// `tb-<id>-<name>`: `<id>` tells testbeds apart, `<name>` tells people what
@@ -105,10 +117,12 @@ fn read_made(dir: &Path) -> Option<Made> {
 }
 
 fn write_made(dir: &Path, made: &Made) -> Result<(), ProviderError> {
-    crate::state::create_private_dir(dir).map_err(|e| ProviderError::Other(e.to_string()))?;
-    let json = serde_json::to_vec_pretty(made).map_err(|e| ProviderError::Other(e.to_string()))?;
-    crate::state::write_atomic(&dir.join(MADE), &json, 0o644)
-        .map_err(|e| ProviderError::Other(e.to_string()))
+    crate::state::create_private_dir(dir)?;
+    let json = serde_json::to_vec_pretty(made).map_err(|e| ProviderError::Internal {
+        what: "encoding libvirt.json",
+        detail: e.to_string(),
+    })?;
+    Ok(crate::state::write_atomic(&dir.join(MADE), &json, 0o644)?)
 }
 
 /// `text` safe inside XML text and attribute values.
@@ -165,10 +179,11 @@ fn network_xml(name: &str, bridge: &str) -> String {
 
 /// The domain: our kernel booted directly, the volume, the seed disk, the
 /// console log, the management NIC (qemu user networking, passed through)
-/// and one NIC per topology network.
-pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str) -> String {
-    let kind = if vm.kvm { "kvm" } else { "qemu" };
-    let cpu = if vm.kvm {
+/// and one NIC per topology network. `kvm`: a domain of type `kvm` (only
+/// when the KVM probe passed), else `qemu`.
+pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str, kvm: bool) -> String {
+    let kind = if kvm { "kvm" } else { "qemu" };
+    let cpu = if kvm {
         "<cpu mode='host-passthrough' check='none'/>"
     } else {
         "<cpu mode='maximum' check='none'/>"
@@ -233,15 +248,15 @@ pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str) -> String {
 }
 
 /// The pool `testbed`, defined and started when missing. Its folder sits in
-/// testbed's cache, beside the images its volumes are backed by.
-fn ensure_pool(conn: &Connect) -> Result<StoragePool, ProviderError> {
+/// testbed's cache (`cache_root`), beside the images its volumes are backed by.
+fn ensure_pool(conn: &Connect, cache_root: &Path) -> Result<StoragePool, ProviderError> {
     // Machines are created in parallel; one of them defines the pool.
     static DEFINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = DEFINING.lock().unwrap_or_else(|e| e.into_inner());
     let pool = match conn.lookup_storage_pool_by_name(POOL) {
         Ok(pool) => pool,
         Err(_) => {
-            let dir = crate::image::cache_root().join("libvirt-pool");
+            let dir = cache_root.join("libvirt-pool");
             fs::create_dir_all(&dir).map_err(|source| ProviderError::Io {
                 what: format!("cannot create the pool folder {}", dir.display()),
                 source,
@@ -330,7 +345,7 @@ impl Provider for Libvirt {
             },
         )?;
         let conn = connect(&self.uri)?;
-        let pool = ensure_pool(&conn)?;
+        let pool = ensure_pool(&conn, &self.cache_root)?;
         if pool.lookup_storage_vol_by_name(&volume).is_ok() {
             return Ok(());
         }
@@ -343,11 +358,14 @@ impl Provider for Libvirt {
     /// Defines the domain from the current spec (its SSH port may have
     /// changed since the last boot), then starts it.
     fn start(&self, vm: &VmSpec) -> Result<(), ProviderError> {
-        let made = read_made(&vm.dir)
-            .ok_or_else(|| ProviderError::Other(format!("{}: not created (no {MADE})", vm.name)))?;
+        let made = read_made(&vm.dir).ok_or_else(|| ProviderError::NotCreated {
+            machine: vm.name.clone(),
+            missing: MADE,
+        })?;
         let volume = made.volume.clone().unwrap_or_default();
         let conn = connect(&made.uri)?;
-        let mut xml = domain_xml(vm, &made.name, &volume);
+        let kvm = self.accelerator(&vm.image.kernel).kvm;
+        let mut xml = domain_xml(vm, &made.name, &volume, kvm);
         // Redefining a domain keeps its UUID, or libvirt sees a new one.
         if let Some(uuid) = lookup_domain(&conn, &made.name).and_then(|d| d.uuid_string().ok()) {
             xml = xml.replacen("<name>", &format!("<uuid>{uuid}</uuid><name>"), 1);
@@ -428,6 +446,56 @@ impl Provider for Libvirt {
     fn management(&self, mac: &str) -> Management {
         qemu::user_net_management(mac)
     }
+
+    /// The folder holds what testbed wrote before making libvirt objects.
+    fn made(&self, dir: &Path) -> bool {
+        dir.join(MADE).exists()
+    }
+
+    /// The probe runs here, on the host testbed runs on: right for a local
+    /// libvirtd, a guess for a remote URI.
+    fn accelerator(&self, kernel: &Path) -> Accelerator {
+        kvm::accelerator(kernel, &self.cache_root)
+    }
+
+    /// SSH is forwarded on 127.0.0.1 by qemu's user-mode network, passed
+    /// through to the domain.
+    fn ssh_address(&self, port: u16) -> SocketAddr {
+        loopback::ssh_address(port)
+    }
+
+    fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError> {
+        loopback::ssh_port(previous, retry)
+    }
+
+    /// Whether libvirtd answers at the URI, and which libvirt it is.
+    fn doctor(&self) -> Vec<DoctorLine> {
+        let (ok, detail) = reachable(&self.uri);
+        vec![DoctorLine {
+            name: "libvirt".into(),
+            ok,
+            detail,
+            fix: DOCTOR_FIX.into(),
+            required: false,
+        }]
+    }
+}
+
+/// Whether libvirtd answers at `uri`: its version, or why not (one line).
+fn reachable(uri: &str) -> (bool, String) {
+    match connect(uri) {
+        Ok(conn) => {
+            let version = conn
+                .lib_version()
+                .map(|v| format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000))
+                .unwrap_or_else(|_| "?".into());
+            (true, format!("reachable at {uri} (libvirt {version})"))
+        }
+        Err(e) => (
+            false,
+            e.to_string().lines().next().unwrap_or_default().to_string(),
+        ),
+    }
 }
 
 fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
@@ -448,7 +516,7 @@ mod tests {
     use crate::image::BuiltImage;
     use crate::provider::NicSpec;
 
-    fn spec(kvm: bool) -> VmSpec {
+    fn spec() -> VmSpec {
         let dir = PathBuf::from("/home/u/pair/.testbed/machines/alpha");
         VmSpec {
             name: "alpha".into(),
@@ -477,7 +545,6 @@ mod tests {
                 },
                 mac: "52:54:00:00:02:01".into(),
             }],
-            kvm,
         }
     }
 
@@ -494,7 +561,12 @@ mod tests {
 
     #[test]
     fn the_domain_boots_our_kernel_with_loopback_forwards_and_metadata() {
-        let xml = domain_xml(&spec(false), "tb-1234abcd-alpha", "tb-1234abcd-alpha.qcow2");
+        let xml = domain_xml(
+            &spec(),
+            "tb-1234abcd-alpha",
+            "tb-1234abcd-alpha.qcow2",
+            false,
+        );
         for part in [
             "<domain type='qemu'",
             "<kernel>/cache/images/debian-12-abc/vmlinuz</kernel>",
@@ -510,7 +582,22 @@ mod tests {
             assert!(xml.contains(part), "missing {part} in\n{xml}");
         }
         assert!(!xml.contains("0.0.0.0"));
-        assert!(domain_xml(&spec(true), "d", "v").contains("<domain type='kvm'"));
+        assert!(domain_xml(&spec(), "d", "v", true).contains("<domain type='kvm'"));
+    }
+
+    #[test]
+    fn a_folder_is_libvirts_when_it_holds_libvirt_json() {
+        let libvirt = Libvirt::new("qemu:///system", PathBuf::from("/nonexistent-cache"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join("console.log"), "").expect("log");
+        assert!(!libvirt.made(dir.path()));
+        fs::write(dir.path().join(MADE), "{}").expect("made");
+        assert!(libvirt.made(dir.path()));
+        let settings = crate::provider::Settings::default();
+        assert_eq!(
+            crate::provider::which_made(dir.path(), &settings),
+            Some(crate::model::ProviderKind::Libvirt)
+        );
     }
 
     #[test]

@@ -4,15 +4,19 @@
 pub mod kvm;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+mod loopback;
 pub mod qemu;
 mod qmp;
 pub mod switch;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::identity::Management;
 use crate::image::BuiltImage;
 use crate::model::{Forward, ProviderKind};
+use crate::state::StateError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -39,8 +43,47 @@ pub enum ProviderError {
     },
     #[error("the {0} provider is not available in this build; use provider = \"qemu\" (libvirt needs the cargo feature `libvirt`)")]
     Unavailable(&'static str),
-    #[error("{0}")]
-    Other(String),
+    /// A provider's own folder or file in `.testbed/` could not be written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(
+        "{} is {length} bytes long, too long for a Unix socket (at most {max}): move the \
+         topology to a shorter path",
+        path.display()
+    )]
+    SocketPathTooLong {
+        path: PathBuf,
+        length: usize,
+        max: usize,
+    },
+    #[error("the switch of network {network} did not come up")]
+    SwitchDidNotStart { network: String },
+    /// Every port tried for a machine's SSH forward was taken.
+    #[error("no free port")]
+    NoFreePort,
+    #[error(
+        "cannot reach libvirt at {uri}: {message}\n  help: is libvirtd running (`systemctl \
+         status libvirtd`)? Point testbed elsewhere with `[libvirt] uri = \"…\"` in the \
+         topology or {env}"
+    )]
+    LibvirtUnreachable {
+        uri: String,
+        message: String,
+        /// The environment variable naming the URI.
+        env: &'static str,
+    },
+    /// A libvirt call failed; `what` says which.
+    #[error("libvirt: {what}: {message}")]
+    Libvirt { what: String, message: String },
+    /// `start` before `create`: the folder lacks the provider's record.
+    #[error("{machine}: not created (no {missing})")]
+    NotCreated {
+        machine: String,
+        missing: &'static str,
+    },
+    /// A bug or a panic in testbed itself, not something the user did.
+    #[error("internal error: {detail} ({what})")]
+    Internal { what: &'static str, detail: String },
 }
 
 /// The machine as observed on the host, without asking the guest.
@@ -83,12 +126,11 @@ pub struct VmSpec {
     /// the seed is applied.
     pub machine_id: String,
     pub management_mac: String,
-    /// Host port on 127.0.0.1 forwarded to the guest's SSH port.
+    /// Host port forwarded to the guest's SSH port (see
+    /// [`Provider::ssh_port`] and [`Provider::ssh_address`]).
     pub ssh_port: u16,
     pub forwards: Vec<Forward>,
     pub nics: Vec<NicSpec>,
-    /// Use hardware acceleration (only when the KVM probe passed).
-    pub kvm: bool,
 }
 
 impl VmSpec {
@@ -97,9 +139,79 @@ impl VmSpec {
     }
 }
 
+/// Which accelerator a provider will boot machines with, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accelerator {
+    /// In a user's words: "KVM", "TCG (software emulation)".
+    pub name: &'static str,
+    /// Hardware acceleration (only when the KVM probe passed).
+    pub kvm: bool,
+    /// Why this one, in a user's words.
+    pub reason: String,
+    /// True when the probe ran just now (say it once).
+    pub fresh: bool,
+}
+
+/// One line of `testbed doctor`: something this host has or lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoctorLine {
+    pub name: String,
+    pub ok: bool,
+    /// What was found (a version, a verdict) or why it is missing.
+    pub detail: String,
+    /// What to do when it is missing.
+    pub fix: String,
+    /// The provider cannot run at all without it (KVM, say, is optional:
+    /// TCG works). `doctor` fails when a required line of the default
+    /// provider is missing.
+    pub required: bool,
+}
+
+impl DoctorLine {
+    /// Runs `program args` and reports its first line of output (its
+    /// version), or that it cannot be run.
+    pub fn version(name: &str, program: &str, args: &[&str], fix: &str) -> DoctorLine {
+        let (ok, detail) = match Command::new(program).args(args).output() {
+            Ok(out) => {
+                let text = if out.stdout.is_empty() {
+                    out.stderr
+                } else {
+                    out.stdout
+                };
+                let first = String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                (true, first)
+            }
+            Err(e) => (false, format!("{program}: {e}")),
+        };
+        DoctorLine {
+            name: name.into(),
+            ok,
+            detail,
+            fix: fix.into(),
+            required: false,
+        }
+    }
+
+    /// The same line, marked as one the provider cannot run without.
+    pub fn required(self) -> DoctorLine {
+        DoctorLine {
+            required: true,
+            ..self
+        }
+    }
+}
+
 /// A VM backend. `create`, `start`, `kill` and `destroy` may block for
 /// seconds (they spawn and wait for processes) and run on blocking threads;
 /// `state` must be cheap, it is called while polling.
+///
+/// Everything that differs between backends is asked here, so the
+/// orchestration never asks which backend it has: what a folder holds, the
+/// accelerator, how the host reaches a machine's SSH, what `doctor` checks.
 pub trait Provider: Send + Sync {
     fn name(&self) -> &'static str;
     /// Makes sure the network exists and is up (idempotent).
@@ -108,7 +220,8 @@ pub trait Provider: Send + Sync {
     fn remove_network(&self, network: &NetworkSpec) -> Result<(), ProviderError>;
     /// Creates the machine's disk (copy-on-write over the base image).
     fn create(&self, vm: &VmSpec) -> Result<(), ProviderError>;
-    /// Boots a created machine; returns once the VM process runs.
+    /// Boots a created machine with [`Provider::accelerator`]; returns once
+    /// the VM process runs.
     fn start(&self, vm: &VmSpec) -> Result<(), ProviderError>;
     /// What runs of the machine whose folder is `dir`. The calls below take
     /// only the folder, so `status` and `destroy` work from the state alone.
@@ -119,30 +232,79 @@ pub trait Provider: Send + Sync {
     fn destroy(&self, dir: &Path) -> Result<(), ProviderError>;
     /// How guests reach the host on their management NIC.
     fn management(&self, mac: &str) -> Management;
+    /// Whether this folder (a machine's or a network's) holds something
+    /// this provider made, whatever the record says.
+    fn made(&self, dir: &Path) -> bool;
+    /// Which accelerator this provider will boot machines with, and why.
+    /// `kernel` is one the probe may boot; the verdict is cached.
+    fn accelerator(&self, kernel: &Path) -> Accelerator;
+    /// Where the host reaches the SSH of a machine booted with host port
+    /// `port`.
+    fn ssh_address(&self, port: u16) -> SocketAddr;
+    /// A host port for the machine's SSH forward: `previous` when it is
+    /// still free, else a new free one (`retry` = the last start found it
+    /// taken).
+    fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError>;
+    /// What this provider needs of the host, as `testbed doctor` lines.
+    fn doctor(&self) -> Vec<DoctorLine>;
 }
 
-/// What the libvirt provider writes into a folder before making its objects.
-pub const LIBVIRT_MADE: &str = "libvirt.json";
+/// The file the libvirt provider writes into a folder before making its
+/// objects (the only pointer to them). Known here too so that a build
+/// without libvirt still does not take such a folder for another's.
+const LIBVIRT_MADE: &str = "libvirt.json";
+
+/// The providers to ask what made a folder, libvirt first: both put a
+/// console log (and lifecycle a seed) in a machine's folder, and a libvirt
+/// folder taken for a qemu one would lose the only pointer to its domain,
+/// so libvirt's marker is the evidence that wins.
+const MAKERS: [ProviderKind; 2] = [ProviderKind::Libvirt, ProviderKind::Qemu];
 
 /// The provider whose files are in a machine's or network's folder, when
 /// they say so: `destroy` must not take a libvirt machine the record lost
 /// for a qemu one (and delete the only pointer to its domain).
-pub fn kind_made(dir: &Path) -> Option<ProviderKind> {
-    dir.join(LIBVIRT_MADE)
-        .exists()
-        .then_some(ProviderKind::Libvirt)
+pub fn which_made(dir: &Path, settings: &Settings) -> Option<ProviderKind> {
+    MAKERS
+        .into_iter()
+        .find(|kind| match for_kind(*kind, settings) {
+            Ok(provider) => provider.made(dir),
+            // This build cannot ask it; libvirt's marker is still known.
+            Err(_) => *kind == ProviderKind::Libvirt && dir.join(LIBVIRT_MADE).exists(),
+        })
 }
 
-/// Where the providers that talk to a daemon find it.
+/// A provider's `doctor` lines; for one this build lacks, a line that says so.
+pub fn doctor(kind: ProviderKind, settings: &Settings) -> Vec<DoctorLine> {
+    match for_kind(kind, settings) {
+        Ok(provider) => provider.doctor(),
+        Err(_) => vec![DoctorLine {
+            name: kind.as_str().into(),
+            ok: false,
+            detail: format!(
+                "this build has no {kind} provider (cargo feature `{kind}`)",
+                kind = kind.as_str()
+            ),
+            fix: format!("build testbed with the cargo feature `{}`", kind.as_str()),
+            required: false,
+        }],
+    }
+}
+
+/// Where the providers find what they need of the host: the daemon they
+/// talk to, the cache for their verdicts and volumes.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The libvirt connection URI: the topology's `[libvirt] uri`, else
     /// `$TESTBED_LIBVIRT_URI`, else `qemu:///system`.
     pub libvirt_uri: String,
+    /// testbed's cache (the images' root): the KVM probe's cached verdict,
+    /// libvirt's storage pool folder, the kernels `doctor` probes with.
+    pub cache_root: PathBuf,
 }
 
 impl Settings {
-    /// The settings for a topology that may name a libvirt URI.
+    /// The settings for a topology that may name a libvirt URI, with the
+    /// user's cache.
     pub fn new(libvirt_uri: Option<&str>) -> Settings {
         let from_env = std::env::var("TESTBED_LIBVIRT_URI").ok();
         Settings {
@@ -150,7 +312,13 @@ impl Settings {
                 .map(str::to_owned)
                 .or(from_env)
                 .unwrap_or_else(|| "qemu:///system".to_owned()),
+            cache_root: crate::image::cache_root(),
         }
+    }
+
+    /// The same settings with another cache (the one a `Cache` was opened at).
+    pub fn with_cache_root(self, cache_root: PathBuf) -> Settings {
+        Settings { cache_root, ..self }
     }
 }
 
@@ -166,14 +334,33 @@ pub fn for_kind(
     settings: &Settings,
 ) -> Result<Box<dyn Provider>, ProviderError> {
     match kind {
-        ProviderKind::Qemu => Ok(Box::new(qemu::Qemu)),
+        ProviderKind::Qemu => Ok(Box::new(qemu::Qemu::new(settings.cache_root.clone()))),
         #[cfg(feature = "libvirt")]
-        ProviderKind::Libvirt => Ok(Box::new(libvirt::Libvirt::new(&settings.libvirt_uri))),
+        ProviderKind::Libvirt => Ok(Box::new(libvirt::Libvirt::new(
+            &settings.libvirt_uri,
+            settings.cache_root.clone(),
+        ))),
         #[cfg(not(feature = "libvirt"))]
-        ProviderKind::Libvirt => {
-            let _ = settings;
-            Err(ProviderError::Unavailable("libvirt"))
-        }
+        ProviderKind::Libvirt => Err(ProviderError::Unavailable("libvirt")),
         ProviderKind::Virtualbox => Err(ProviderError::Unavailable("virtualbox")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_says_which_provider_made_it_libvirt_first() {
+        let settings = Settings::default().with_cache_root("/nonexistent-cache".into());
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(which_made(dir.path(), &settings), None);
+        std::fs::write(dir.path().join("disk.qcow2"), "").expect("disk");
+        assert_eq!(which_made(dir.path(), &settings), Some(ProviderKind::Qemu));
+        std::fs::write(dir.path().join(LIBVIRT_MADE), "{}").expect("made");
+        assert_eq!(
+            which_made(dir.path(), &settings),
+            Some(ProviderKind::Libvirt)
+        );
     }
 }

@@ -5,20 +5,34 @@
 //! serial console log, all inside the machine's folder.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::identity::Management;
+use crate::process::{process_alive, terminate, wait_until_dead};
 
-use super::{qmp, switch, NetworkSpec, Provider, ProviderError, VmSpec, VmState};
+use super::{
+    kvm, loopback, qmp, switch, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError,
+    VmSpec, VmState,
+};
 
 pub const QEMU: &str = "qemu-system-x86_64";
 const QEMU_HINT: &str = "apt-get install --no-install-recommends qemu-system-x86 qemu-utils";
+const QEMU_IMG_HINT: &str = "apt-get install --no-install-recommends qemu-utils";
 
-#[derive(Debug, Default)]
-pub struct Qemu;
+#[derive(Debug)]
+pub struct Qemu {
+    /// Where the KVM probe's verdict is cached (testbed's cache).
+    cache_root: PathBuf,
+}
+
+impl Qemu {
+    pub fn new(cache_root: PathBuf) -> Qemu {
+        Qemu { cache_root }
+    }
+}
 
 impl Provider for Qemu {
     fn name(&self) -> &'static str {
@@ -32,8 +46,7 @@ impl Provider for Qemu {
         ) {
             return Ok(());
         }
-        crate::state::create_private_dir(&network.dir)
-            .map_err(|e| ProviderError::Other(e.to_string()))?;
+        crate::state::create_private_dir(&network.dir)?;
         spawn_switch(network)
     }
 
@@ -50,7 +63,7 @@ impl Provider for Qemu {
         if disk.exists() {
             return Ok(());
         }
-        let partial = vm.dir.join("disk.qcow2.partial");
+        let partial = partial_disk_path(&vm.dir);
         let backing = vm.image.disk.to_string_lossy().into_owned();
         run_tool(
             "qemu-img",
@@ -69,8 +82,9 @@ impl Provider for Qemu {
     fn start(&self, vm: &VmSpec) -> Result<(), ProviderError> {
         check_socket_path(&qmp_path(&vm.dir))?;
         let _ = fs::remove_file(qmp_path(&vm.dir));
+        let kvm = self.accelerator(&vm.image.kernel).kvm;
         let mut command = Command::new(QEMU);
-        command.args(qemu_args(vm));
+        command.args(qemu_args(vm, kvm));
         run_tool(QEMU, &vm.name, &mut command).map_err(|e| match e {
             ProviderError::Start {
                 machine, message, ..
@@ -118,10 +132,50 @@ impl Provider for Qemu {
     fn management(&self, mac: &str) -> Management {
         user_net_management(mac)
     }
+
+    /// A machine's disk (or the one being made) or its pid file; a
+    /// network's switch.
+    fn made(&self, dir: &Path) -> bool {
+        [
+            disk_path(dir),
+            partial_disk_path(dir),
+            pid_path(dir),
+            switch_pid_path(dir),
+            switch_socket(dir),
+        ]
+        .iter()
+        .any(|path| path.exists())
+    }
+
+    fn accelerator(&self, kernel: &Path) -> Accelerator {
+        kvm::accelerator(kernel, &self.cache_root)
+    }
+
+    /// SSH is forwarded on 127.0.0.1 by the user-mode network.
+    fn ssh_address(&self, port: u16) -> SocketAddr {
+        loopback::ssh_address(port)
+    }
+
+    fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError> {
+        loopback::ssh_port(previous, retry)
+    }
+
+    /// qemu and qemu-img are needed; KVM only makes it faster.
+    fn doctor(&self) -> Vec<DoctorLine> {
+        vec![
+            DoctorLine::version("qemu", QEMU, &["--version"], QEMU_HINT).required(),
+            DoctorLine::version("qemu-img", "qemu-img", &["--version"], QEMU_IMG_HINT).required(),
+            kvm::doctor_line(&self.cache_root),
+        ]
+    }
 }
 
 fn disk_path(dir: &Path) -> PathBuf {
     dir.join("disk.qcow2")
+}
+
+fn partial_disk_path(dir: &Path) -> PathBuf {
+    dir.join("disk.qcow2.partial")
 }
 
 fn pid_path(dir: &Path) -> PathBuf {
@@ -145,17 +199,18 @@ fn opt_path(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
-/// The whole qemu command line for a machine.
-pub fn qemu_args(vm: &VmSpec) -> Vec<String> {
+/// The whole qemu command line for a machine; `kvm`: hardware acceleration
+/// (only when the KVM probe passed).
+pub fn qemu_args(vm: &VmSpec, kvm: bool) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "-name".into(),
         format!("testbed-{},process=testbed-{}", vm.name, vm.name),
         "-machine".into(),
         "pc".into(),
         "-accel".into(),
-        if vm.kvm { "kvm" } else { "tcg" }.into(),
+        if kvm { "kvm" } else { "tcg" }.into(),
         "-cpu".into(),
-        if vm.kvm { "host" } else { "max" }.into(),
+        if kvm { "host" } else { "max" }.into(),
         "-smp".into(),
         vm.cpus.to_string(),
         "-m".into(),
@@ -237,10 +292,11 @@ pub(super) fn user_net_management(mac: &str) -> Management {
 
 /// User-mode networking: SSH and the topology's forwards, bound on 127.0.0.1.
 pub(super) fn management_netdev(vm: &VmSpec) -> String {
-    let mut netdev = format!("user,id=mgmt,hostfwd=tcp:127.0.0.1:{}-:22", vm.ssh_port);
+    let host = loopback::HOST;
+    let mut netdev = format!("user,id=mgmt,hostfwd=tcp:{host}:{}-:22", vm.ssh_port);
     for forward in &vm.forwards {
         netdev.push_str(&format!(
-            ",hostfwd=tcp:127.0.0.1:{}-:{}",
+            ",hostfwd=tcp:{host}:{}-:{}",
             forward.host, forward.guest
         ));
     }
@@ -274,10 +330,11 @@ fn check_socket_path(path: &Path) -> Result<(), ProviderError> {
     const MAX: usize = 100;
     let length = path.as_os_str().len();
     if length > MAX {
-        return Err(ProviderError::Other(format!(
-            "{} is {length} bytes long, too long for a Unix socket (at most {MAX}): move the topology to a shorter path",
-            path.display()
-        )));
+        return Err(ProviderError::SocketPathTooLong {
+            path: path.to_path_buf(),
+            length,
+            max: MAX,
+        });
     }
     Ok(())
 }
@@ -313,71 +370,13 @@ fn spawn_switch(network: &NetworkSpec) -> Result<(), ProviderError> {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(ProviderError::Other(format!(
-                "the switch of network {} did not come up",
-                network.name
-            )));
+            return Err(ProviderError::SwitchDidNotStart {
+                network: network.name.clone(),
+            });
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
-}
-
-fn read_pid(pid_file: &Path) -> Option<i32> {
-    fs::read_to_string(pid_file).ok()?.trim().parse().ok()
-}
-
-/// Whether the process in `pid_file` lives and its command line mentions
-/// `marker` (so a recycled pid is not mistaken for ours).
-pub fn process_alive(pid_file: &Path, marker: &str) -> bool {
-    let Some(pid) = read_pid(pid_file) else {
-        return false;
-    };
-    match fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            cmdline.contains(marker) && !is_zombie(pid)
-        }
-        Err(_) => false,
-    }
-}
-
-fn is_zombie(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let after_name = stat.rsplit_once(')')?.1.trim_start().to_owned();
-            after_name.chars().next()
-        })
-        .is_some_and(|state| state == 'Z')
-}
-
-fn wait_until_dead(pid_file: &Path, marker: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while process_alive(pid_file, marker) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
-}
-
-/// SIGTERM, then SIGKILL after a grace period.
-fn terminate(pid_file: &Path, marker: &str) {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    let Some(pid) = read_pid(pid_file) else {
-        return;
-    };
-    if !process_alive(pid_file, marker) {
-        return;
-    }
-    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    if !wait_until_dead(pid_file, marker, Duration::from_secs(3)) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        wait_until_dead(pid_file, marker, Duration::from_secs(3));
-    }
 }
 
 fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
@@ -405,7 +404,7 @@ mod tests {
     use crate::model::Forward;
     use crate::provider::NicSpec;
 
-    fn spec(kvm: bool) -> VmSpec {
+    fn spec() -> VmSpec {
         VmSpec {
             name: "alpha".into(),
             dir: PathBuf::from("/t/.testbed/machines/alpha"),
@@ -433,7 +432,6 @@ mod tests {
                 },
                 mac: "52:54:00:00:01:01".into(),
             }],
-            kvm,
         }
     }
 
@@ -446,7 +444,7 @@ mod tests {
 
     #[test]
     fn forwards_bind_loopback_only_and_networks_use_the_private_switch() {
-        let args = qemu_args(&spec(false));
+        let args = qemu_args(&spec(), false);
         let netdevs = after(&args, "-netdev");
         assert_eq!(
             netdevs[0],
@@ -465,7 +463,24 @@ mod tests {
 
     #[test]
     fn kvm_only_when_the_probe_said_so() {
-        assert_eq!(after(&qemu_args(&spec(true)), "-accel"), ["kvm"]);
+        let args = qemu_args(&spec(), true);
+        assert_eq!(after(&args, "-accel"), ["kvm"]);
+        assert_eq!(after(&args, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn a_folder_is_qemus_when_it_holds_a_disk_a_pid_file_or_a_switch() {
+        let qemu = Qemu::new(PathBuf::from("/nonexistent-cache"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(!qemu.made(dir.path()));
+        fs::write(dir.path().join("console.log"), "").expect("log");
+        fs::write(dir.path().join("seed.tar"), "").expect("seed");
+        assert!(!qemu.made(dir.path()), "libvirt writes these too");
+        for file in ["disk.qcow2", "qemu.pid", "switch.pid"] {
+            let one = tempfile::tempdir().expect("tempdir");
+            fs::write(one.path().join(file), "").expect("file");
+            assert!(qemu.made(one.path()), "{file}");
+        }
     }
 
     #[test]
