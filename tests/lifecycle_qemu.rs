@@ -1,14 +1,247 @@
 //! End to end on real VMs (qemu, TCG here): one two-machine testbed shared by
-//! every assertion of the lifecycle — up, private network, ssh, halt, resume,
-//! converged up, destroy — because each boot costs seconds under emulation.
-//! The same scenario runs on libvirt in `lifecycle_libvirt.rs`.
+//! every assertion — first the plan walked through each situation `up` meets
+//! (`plan --json` beside `up --json`), then the lifecycle — up, private
+//! network, ssh, halt, resume, converged up, destroy — because each boot
+//! costs seconds under emulation. The lifecycle runs on libvirt too, in
+//! `lifecycle_libvirt.rs`.
 
 mod common;
 
 use common::{scenarios, Bed};
+use serde_json::Value;
 
 #[test]
-fn two_machines_live_halt_resume_and_leave_nothing_behind() {
-    let bed = Bed::new(&scenarios::pair("qemu"));
+fn plan_says_what_up_does_then_the_lifecycle_leaves_nothing_behind() {
+    let bed = Bed::new(&walk_topology("hi", false));
+    write_hello_kit(&bed);
+    plan_walk(&bed);
+    std::fs::write(bed.path().join("topology.toml"), scenarios::pair("qemu")).expect("pair");
     scenarios::two_machines_live_halt_resume_and_leave_nothing_behind(&bed);
+}
+
+/// The pair, `alpha` running the test kit `hello` with `greeting`, and
+/// `beta` too when `beta_hello`.
+fn walk_topology(greeting: &str, beta_hello: bool) -> String {
+    let beta_daemons = if beta_hello {
+        "daemons = [\"hello\"]\nvars = { greeting = \"bye\" }\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"name = "e2e-pair"
+[defaults]
+provider = "qemu"
+memory = "768MiB"
+[networks.lan]
+subnet = "192.168.33.0/24"
+[machines.alpha]
+ip = "192.168.33.2"
+daemons = ["hello"]
+vars = {{ greeting = "{greeting}" }}
+[machines.beta]
+ip = "192.168.33.3"
+{beta_daemons}"#
+    )
+}
+
+/// A kit of the topology's own folder: a unit of its own that idles, and a
+/// file rendered from the machine's `greeting`.
+fn write_hello_kit(bed: &Bed) {
+    let kit = bed.path().join("daemons/hello");
+    std::fs::create_dir_all(&kit).expect("kit dir");
+    let files = [
+        (
+            "daemon.toml",
+            r#"description = "an idle daemon for the end-to-end tests"
+packages = []
+service = "hello"
+unit = "hello.service.tera"
+[[files]]
+template = "greeting.tera"
+dest = "/etc/hello/greeting"
+[readiness]
+command = { run = "systemctl is-active --quiet hello" }
+retry = "200ms"
+timeout = "60s"
+"#,
+        ),
+        ("greeting.tera", "{{ vars.greeting }}\n"),
+        (
+            "hello.service.tera",
+            "[Unit]\nDescription=testbed e2e idle daemon\n[Service]\n\
+             ExecStart=/bin/sh -c 'while :; do sleep 3600; done'\n",
+        ),
+    ];
+    for (name, text) in files {
+        std::fs::write(kit.join(name), text).expect("kit file");
+    }
+}
+
+/// (machine, action, [(daemon, action)]) of a `plan --json` or `up --json`.
+type Actions = Vec<(String, String, Vec<(String, String)>)>;
+
+fn actions(json: &Value) -> Actions {
+    let word = |v: &Value| v.as_str().unwrap_or("?").to_string();
+    json["machines"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no machines in {json}"))
+        .iter()
+        .map(|machine| {
+            let daemons = machine["daemons"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|d| (word(&d["name"]), word(&d["action"])))
+                .collect();
+            (word(&machine["name"]), word(&machine["action"]), daemons)
+        })
+        .collect()
+}
+
+fn expect(spec: &[(&str, &str, &[(&str, &str)])]) -> Actions {
+    spec.iter()
+        .map(|(machine, action, daemons)| {
+            let daemons = daemons
+                .iter()
+                .map(|(d, a)| (d.to_string(), a.to_string()))
+                .collect();
+            (machine.to_string(), action.to_string(), daemons)
+        })
+        .collect()
+}
+
+/// `plan --json` must say `wanted`, then `up --json` must do exactly that.
+fn plan_then_up(bed: &Bed, situation: &str, wanted: Actions) {
+    let plan: Value = serde_json::from_str(&bed.ok(&["plan", "--json", "topology.toml"]))
+        .unwrap_or_else(|e| panic!("{situation}: plan --json: {e}"));
+    assert_eq!(actions(&plan), wanted, "{situation}: the plan: {plan:#}");
+    let up: Value = serde_json::from_str(&bed.ok(&["up", "--json", "topology.toml"]))
+        .unwrap_or_else(|e| panic!("{situation}: up --json: {e}"));
+    assert_eq!(actions(&up), wanted, "{situation}: what up did: {up:#}");
+}
+
+fn ssh(bed: &Bed, machine: &str, command: &str) -> String {
+    bed.ok(&["ssh", machine, "--", command]).trim().to_string()
+}
+
+fn plan_walk(bed: &Bed) {
+    let topology = bed.path().join("topology.toml");
+    plan_then_up(
+        bed,
+        "fresh",
+        expect(&[
+            ("alpha", "create", &[("hello", "start")]),
+            ("beta", "create", &[]),
+        ]),
+    );
+    assert_eq!(ssh(bed, "alpha", "cat /etc/hello/greeting"), "hi");
+
+    let converged = expect(&[
+        ("alpha", "nothing", &[("hello", "nothing")]),
+        ("beta", "nothing", &[]),
+    ]);
+    plan_then_up(bed, "converged", converged.clone());
+
+    bed.ok(&["halt", "beta"]);
+    plan_then_up(
+        bed,
+        "beta halted",
+        expect(&[
+            ("alpha", "nothing", &[("hello", "nothing")]),
+            ("beta", "start", &[]),
+        ]),
+    );
+
+    kill_vm(bed, "alpha");
+    plan_then_up(
+        bed,
+        "alpha's VM killed",
+        expect(&[
+            ("alpha", "start", &[("hello", "start")]),
+            ("beta", "nothing", &[]),
+        ]),
+    );
+    assert_eq!(ssh(bed, "alpha", "systemctl is-active hello"), "active");
+
+    std::fs::write(&topology, walk_topology("hello", false)).expect("rewrite");
+    plan_then_up(
+        bed,
+        "a kit variable changed on alpha",
+        expect(&[
+            ("alpha", "provision", &[("hello", "restart")]),
+            ("beta", "nothing", &[]),
+        ]),
+    );
+    assert_eq!(ssh(bed, "alpha", "cat /etc/hello/greeting"), "hello");
+
+    std::fs::write(&topology, walk_topology("hello", true)).expect("rewrite");
+    plan_then_up(
+        bed,
+        "a daemon added to beta",
+        expect(&[
+            ("alpha", "nothing", &[("hello", "nothing")]),
+            ("beta", "provision", &[("hello", "start")]),
+        ]),
+    );
+    assert_eq!(ssh(bed, "beta", "systemctl is-active hello"), "active");
+    assert_eq!(ssh(bed, "beta", "cat /etc/hello/greeting"), "bye");
+
+    let without_alpha_hello = walk_topology("hello", true).replace(
+        "daemons = [\"hello\"]\nvars = { greeting = \"hello\" }\n",
+        "",
+    );
+    std::fs::write(&topology, without_alpha_hello).expect("rewrite");
+    plan_then_up(
+        bed,
+        "a daemon removed from alpha",
+        expect(&[
+            ("alpha", "provision", &[("hello", "stop")]),
+            ("beta", "nothing", &[("hello", "nothing")]),
+        ]),
+    );
+    let stopped = bed.testbed(&["ssh", "alpha", "--", "systemctl is-active hello"]);
+    assert!(
+        !stopped.status.success(),
+        "hello still runs on alpha after `stop`: {}",
+        String::from_utf8_lossy(&stopped.stdout)
+    );
+    plan_then_up(
+        bed,
+        "converged again",
+        expect(&[
+            ("alpha", "nothing", &[]),
+            ("beta", "nothing", &[("hello", "nothing")]),
+        ]),
+    );
+}
+
+/// Kills the machine's qemu like a power failure and waits until `status`
+/// says it crashed.
+fn kill_vm(bed: &Bed, machine: &str) {
+    let pid_file = bed
+        .path()
+        .join(format!(".testbed/machines/{machine}/qemu.pid"));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("qemu.pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        let state = bed
+            .states()
+            .into_iter()
+            .find(|(name, _)| name == machine)
+            .map(|(_, state)| state);
+        if state.as_deref() == Some("crashed") {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("{machine} is not shown as crashed after its VM was killed");
 }

@@ -27,9 +27,12 @@ use super::{
 /// How long a cold boot may take to reach SSH (software emulation is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// What `up` did: the plan it carried out, with each daemon's action as done.
+/// What `up` did: the plan it carried out, and what each machine and
+/// daemon went through.
 pub struct UpReport {
     pub plan: Arc<Plan>,
+    /// What was done to each machine `up` acted on.
+    pub machines: BTreeMap<String, MachineAction>,
     /// What happened to each daemon that was provisioned.
     pub daemons: Vec<Outcome>,
     /// The topology's checks, run last when anything changed.
@@ -53,13 +56,20 @@ impl UpReport {
         self.plan
             .machines
             .iter()
-            .filter(|m| keep(m.action))
+            .filter(|m| keep(self.done_to(&m.name)))
             .map(|m| m.name.clone())
             .collect()
     }
 
-    /// The plan's shape (`plan --json`) with each daemon's action as it was
-    /// carried out.
+    fn done_to(&self, machine: &str) -> MachineAction {
+        self.machines
+            .get(machine)
+            .copied()
+            .unwrap_or(MachineAction::Nothing)
+    }
+
+    /// The plan's shape (`plan --json`) with each machine's and daemon's
+    /// action as it was carried out.
     pub fn done(&self) -> serde_json::Value {
         let mut value = serde_json::to_value(&*self.plan).unwrap_or_default();
         if let Some(build) = &self.build {
@@ -74,6 +84,7 @@ impl UpReport {
         };
         for machine in machines {
             let name = machine["name"].as_str().unwrap_or_default().to_string();
+            machine["action"] = serde_json::json!(self.done_to(&name));
             let Some(daemons) = machine["daemons"].as_array_mut() else {
                 continue;
             };
@@ -110,6 +121,7 @@ impl Testbed {
         }
         let mut report = UpReport {
             plan: plan.clone(),
+            machines: BTreeMap::new(),
             daemons: Vec::new(),
             checks: None,
             build: None,
@@ -172,7 +184,8 @@ impl Testbed {
             }));
         }
         let (done, mut failures) = join_machines(tasks).await;
-        for (_, outcomes) in done {
+        for (name, (action, outcomes)) in done {
+            report.machines.insert(name, action);
             report.daemons.extend(outcomes);
         }
         match build_task {
@@ -443,20 +456,24 @@ impl UpContext {
 }
 
 /// One machine's way through `up`: boot and identity when the plan says,
-/// then its daemons once its dependencies are ready.
+/// then its daemons once its dependencies are ready. Returns what was done
+/// to the machine and to its daemons.
 async fn up_machine(
     machine: &MachinePlan,
     boot: Option<VmSpec>,
     target: Target,
     ctx: &UpContext,
     task: &Task,
-) -> Result<Vec<Outcome>> {
-    if machine.apply_identity {
-        bring_up(machine, boot, target, ctx, task).await?;
-    }
+) -> Result<(MachineAction, Vec<Outcome>)> {
+    let done = if machine.apply_identity {
+        bring_up(machine, boot, target, ctx, task).await?
+    } else {
+        MachineAction::Provision
+    };
     ctx.readiness
         .set(&Gate::Reachable(machine.name.clone()), true);
-    provision_and_record(machine, ctx, task).await
+    let outcomes = provision_and_record(machine, ctx, task).await?;
+    Ok((done, outcomes))
 }
 
 /// Provisions a machine's daemons as planned and records what was pushed.
@@ -493,16 +510,17 @@ async fn provision_and_record(
 }
 
 /// Boots the machine when `boot` is given (create its disk first when it
-/// has none), reaches SSH, applies identity. The record is written before
-/// each step that starts something, so a killed `up` leaves a state that
-/// `status`, `up` and `destroy` can read.
+/// has none), reaches SSH, applies identity; says which of these it did.
+/// The record is written before each step that starts something, so a
+/// killed `up` leaves a state that `status`, `up` and `destroy` can read.
 async fn bring_up(
     machine: &MachinePlan,
     boot: Option<VmSpec>,
     mut target: Target,
     ctx: &UpContext,
     task: &Task,
-) -> Result<()> {
+) -> Result<MachineAction> {
+    let mut done = MachineAction::Provision;
     let name = machine.name.clone();
     let provider = machine.provider.clone();
     let seed = machine_seed(machine, ctx)?;
@@ -524,11 +542,13 @@ async fn bring_up(
             },
             fresh_disk,
         )?;
+        done = MachineAction::Start;
         if fresh_disk {
             task.set("creating disk");
             let spec = spec.clone();
             let p = provider.clone();
             blocking(move || p.create(&spec)).await?;
+            done = MachineAction::Create;
         }
         task.set("booting");
         boot_with_free_port(provider.clone(), &mut spec, ctx).await?;
@@ -561,7 +581,8 @@ async fn bring_up(
         saved.desired = Desired::Running;
     })?;
     // `testbed ssh NAME` works from here on, while the rest of `up` goes on.
-    write_ssh_config(&ctx.state, &ctx.topology.name, &ctx.machines.addresses())
+    write_ssh_config(&ctx.state, &ctx.topology.name, &ctx.machines.addresses())?;
+    Ok(done)
 }
 
 /// The plan's seed, or for a machine whose keys were made by this `up`,
