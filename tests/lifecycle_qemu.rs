@@ -98,7 +98,10 @@ fn actions(json: &Value) -> Actions {
         .collect()
 }
 
-fn expect(spec: &[(&str, &str, &[(&str, &str)])]) -> Actions {
+/// A machine's expected action and its daemons' actions.
+type Expected<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
+fn expect(spec: &[Expected<'_>]) -> Actions {
     spec.iter()
         .map(|(machine, action, daemons)| {
             let daemons = daemons
