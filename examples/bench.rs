@@ -324,8 +324,10 @@ impl Ensemble {
         let state = bed.dir.join(".testbed");
         let kit_dir = root.join("zk-kit");
         std::fs::create_dir_all(&kit_dir).expect("kit dir");
-        let topology = testbed::topology::load(&bed.dir.join("topology.toml")).expect("topology");
-        let kits = testbed::kit::Kits::load(&topology).expect("kits");
+        let search = testbed::settings::Settings::from_env().search;
+        let topology =
+            testbed::topology::load(&bed.dir.join("topology.toml"), &search).expect("topology");
+        let kits = testbed::kit::Kits::load(&topology, &search).expect("kits");
         let machines = topology
             .machines
             .iter()

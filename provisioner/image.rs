@@ -3,26 +3,31 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::settings::Search;
+
 /// Directories searched for `images/<name>.toml`: `$TESTBED_IMAGES`, then
 /// `images/` in the topology's directory and each of its ancestors.
-pub fn recipe_dirs(start: &Path) -> Vec<PathBuf> {
-    search_dirs(start, "TESTBED_IMAGES", "images")
+pub fn recipe_dirs(start: &Path, search: &Search) -> Vec<PathBuf> {
+    search_dirs(start, search.images.as_deref(), "images")
 }
 
-/// `$<env>` when set, then every `<folder>/` found in `start` or above it:
+/// `first` when given, then every `<folder>/` found in `start` or above it:
 /// how recipes and kits beside a topology (or the repository's) are found.
-pub fn search_dirs(start: &Path, env: &str, folder: &str) -> Vec<PathBuf> {
-    let from_env = std::env::var_os(env).map(PathBuf::from);
+pub fn search_dirs(start: &Path, first: Option<&Path>, folder: &str) -> Vec<PathBuf> {
     let upwards = start
         .ancestors()
         .map(|ancestor| ancestor.join(folder))
         .filter(|candidate| candidate.is_dir());
-    from_env.into_iter().chain(upwards).collect()
+    first
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain(upwards)
+        .collect()
 }
 
 /// The names of every recipe visible from `start`, sorted.
-pub fn recipe_names(start: &Path) -> Vec<String> {
-    let mut names: Vec<String> = recipe_dirs(start)
+pub fn recipe_names(start: &Path, search: &Search) -> Vec<String> {
+    let mut names: Vec<String> = recipe_dirs(start, search)
         .iter()
         .filter_map(|dir| std::fs::read_dir(dir).ok())
         .flatten()
@@ -141,8 +146,8 @@ pub struct Recipe {
 
 impl Recipe {
     /// Finds `name` in the recipe directories visible from `start`.
-    pub fn find(name: &str, start: &Path) -> Result<Recipe, ImageError> {
-        let dirs = recipe_dirs(start);
+    pub fn find(name: &str, start: &Path, search: &Search) -> Result<Recipe, ImageError> {
+        let dirs = recipe_dirs(start, search);
         let path = dirs
             .iter()
             .map(|dir| dir.join(format!("{name}.toml")))
@@ -154,7 +159,7 @@ impl Recipe {
                     .map(|d| d.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
-                known: recipe_names(start).join(", "),
+                known: recipe_names(start, search).join(", "),
             })?;
         Recipe::load(name, &path)
     }
@@ -254,28 +259,10 @@ impl BuiltImage {
     }
 }
 
-/// `$TESTBED_CACHE`, else `$XDG_CACHE_HOME/testbed`, else `~/.cache/testbed`.
-pub fn cache_root() -> PathBuf {
-    if let Some(dir) = std::env::var_os("TESTBED_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("testbed")
-}
-
 /// The image cache: `<root>/images/<name>-<hash>/`.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
-}
-
-impl Default for Cache {
-    fn default() -> Self {
-        Cache { root: cache_root() }
-    }
 }
 
 impl Cache {

@@ -59,6 +59,7 @@ use serde_json::{json, Map, Value};
 
 use crate::check::{CheckSpec, CommandProbe, HttpProbe, TcpProbe};
 use crate::model::{line_col, Machine, Topology};
+use crate::settings::Search;
 
 /// Generated secrets by name (see the module doc).
 pub type Secrets = BTreeMap<String, String>;
@@ -101,12 +102,12 @@ pub struct Kits {
 
 impl Kits {
     /// Loads each kit named in any machine's `daemons`, once.
-    pub fn load(topology: &Topology) -> Result<Kits> {
+    pub fn load(topology: &Topology, search: &Search) -> Result<Kits> {
         let mut kits = BTreeMap::new();
         for machine in &topology.machines {
             for daemon in &machine.daemons {
                 if !kits.contains_key(daemon) {
-                    kits.insert(daemon.clone(), Kit::load(daemon, topology.dir())?);
+                    kits.insert(daemon.clone(), Kit::load(daemon, topology.dir(), search)?);
                 }
             }
         }
@@ -115,10 +116,15 @@ impl Kits {
 
     /// Also loads `names` (daemons a record knows that the topology no
     /// longer names), skipping those that cannot be found any more.
-    pub fn load_also(&mut self, names: impl IntoIterator<Item = String>, start: &Path) {
+    pub fn load_also(
+        &mut self,
+        names: impl IntoIterator<Item = String>,
+        start: &Path,
+        search: &Search,
+    ) {
         for name in names {
             if let std::collections::btree_map::Entry::Vacant(slot) = self.kits.entry(name) {
-                if let Ok(kit) = Kit::load(slot.key(), start) {
+                if let Ok(kit) = Kit::load(slot.key(), start, search) {
                     slot.insert(kit);
                 }
             }
@@ -298,8 +304,8 @@ type Result<T> = std::result::Result<T, KitError>;
 impl Kit {
     /// Finds the kit `name` in [`kit_dirs`]`(start)` (the first directory
     /// holding `<name>/daemon.toml` wins) and loads it.
-    pub fn load(name: &str, start: &Path) -> Result<Kit> {
-        let searched = kit_dirs(start);
+    pub fn load(name: &str, start: &Path, search: &Search) -> Result<Kit> {
+        let searched = kit_dirs(start, search);
         let found = if is_plain_name(name) {
             searched
                 .iter()
@@ -312,7 +318,7 @@ impl Kit {
             Some(dir) => Kit::from_dir(name, &dir),
             None => Err(KitError::Unknown {
                 name: name.to_owned(),
-                known: kit_names(start),
+                known: kit_names(start, search),
                 searched,
             }),
         }
@@ -423,13 +429,13 @@ impl Kit {
 
 /// Directories searched for `daemons/<name>/daemon.toml`: `$TESTBED_DAEMONS`,
 /// then `daemons/` in the topology's directory and each of its ancestors.
-pub fn kit_dirs(start: &Path) -> Vec<PathBuf> {
-    crate::image::search_dirs(start, "TESTBED_DAEMONS", "daemons")
+pub fn kit_dirs(start: &Path, search: &Search) -> Vec<PathBuf> {
+    crate::image::search_dirs(start, search.daemons.as_deref(), "daemons")
 }
 
 /// The names of every kit visible from `start`, sorted.
-pub fn kit_names(start: &Path) -> Vec<String> {
-    let mut names: Vec<String> = kit_dirs(start)
+pub fn kit_names(start: &Path, search: &Search) -> Vec<String> {
+    let mut names: Vec<String> = kit_dirs(start, search)
         .iter()
         .filter_map(|dir| std::fs::read_dir(dir).ok())
         .flatten()

@@ -18,6 +18,7 @@ pub mod process;
 pub mod progress;
 pub mod provider;
 pub mod provision;
+pub mod settings;
 pub mod ssh;
 pub mod state;
 pub mod topology;

@@ -17,6 +17,7 @@ use crate::image::{ImageError, Recipe};
 use crate::kit::{Kit, KitError, Kits, RenderedFile, Secrets};
 use crate::model::{Forward, Machine, Topology, GUEST_ARTIFACT_ROOT};
 use crate::provider::{self, Provider, ProviderError, VmState};
+use crate::settings::Search;
 use crate::ssh;
 use crate::state::{Desired, MachineRecord, Record, StateDir};
 
@@ -193,6 +194,7 @@ pub struct Inputs<'a> {
     pub kits: &'a Kits,
     pub secrets: &'a Secrets,
     pub providers: &'a provider::Settings,
+    pub search: &'a Search,
 }
 
 impl Plan {
@@ -222,7 +224,8 @@ impl Plan {
             let base = match recipes.get(&machine.image) {
                 Some(recipe) => recipe.clone(),
                 None => {
-                    let recipe = Recipe::find(&machine.image, inputs.topology.dir())?;
+                    let recipe =
+                        Recipe::find(&machine.image, inputs.topology.dir(), inputs.search)?;
                     recipes.insert(machine.image.clone(), recipe.clone());
                     recipe
                 }

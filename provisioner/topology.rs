@@ -15,6 +15,7 @@ use crate::model::{
     check_dist_path, find_cycle, is_identifier, line_col, Build, Builder, CheckSpec, Forward,
     Input, Machine, Network, ProviderKind, Step, Topology, DIST,
 };
+use crate::settings::Search;
 
 /// The first `[build]` input of `topology` that does not exist, as a
 /// located error.
@@ -214,20 +215,22 @@ type Result<T> = std::result::Result<T, TopologyError>;
 // ---------------------------------------------------------------------------
 
 /// Reads and validates the topology file at `path`.
-pub fn load(path: &Path) -> Result<Topology> {
+/// `search`: the folders searched for recipes and kits besides those
+/// beside the topology (their names are checked here).
+pub fn load(path: &Path, search: &Search) -> Result<Topology> {
     let bytes = std::fs::read(path).map_err(|error| TopologyError::Io {
         path: path.to_path_buf(),
         error,
     })?;
     let text = decode(path, &bytes)?;
-    parse(path, text)
+    parse(path, text, search)
 }
 
 /// Validates `text` as the topology file `path`. `path` is only used in
 /// messages (as given), to canonicalise [`Topology::path`] and to find the
 /// image recipes and daemon kits (`images/` and `daemons/` beside it or in an
 /// ancestor directory).
-pub fn parse(path: &Path, text: &str) -> Result<Topology> {
+pub fn parse(path: &Path, text: &str, search: &Search) -> Result<Topology> {
     let source = Source { path, text };
     source.check_text()?;
     let root = DeTable::parse(text).map_err(|error| source.syntax_error(&error))?;
@@ -235,8 +238,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Topology> {
     let dir = file.parent().unwrap_or_else(|| Path::new("."));
     let checker = Checker {
         source,
-        recipes: crate::image::recipe_names(dir),
-        kits: crate::kit::kit_names(dir),
+        recipes: crate::image::recipe_names(dir, search),
+        kits: crate::kit::kit_names(dir, search),
     };
     checker.topology(root.get_ref(), file)
 }

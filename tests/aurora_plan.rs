@@ -436,7 +436,8 @@ fn checks_are_the_tutorials() {
         &["http GET :8081/vars", "body \"framework_registered 1\""],
     );
 
-    let topology = testbed::topology::load(&aurora_topology()).expect("topology parses");
+    let topology =
+        testbed::topology::load(&aurora_topology(), &Default::default()).expect("topology parses");
     let check = |name: &str| {
         topology
             .checks
@@ -492,7 +493,8 @@ fn steps_launch_and_kill_hello_and_the_build_feeds_every_artifact() {
         ],
     );
 
-    let topology = testbed::topology::load(&aurora_topology()).expect("topology parses");
+    let topology =
+        testbed::topology::load(&aurora_topology(), &Default::default()).expect("topology parses");
     let step = |name: &str| {
         topology
             .steps
@@ -522,7 +524,8 @@ fn steps_launch_and_kill_hello_and_the_build_feeds_every_artifact() {
         .flat_map(|machine| machine.artifacts.clone())
         .collect();
     for kit in KITS {
-        let kit = testbed::kit::Kit::load(kit, topology.dir()).expect("kit loads");
+        let kit =
+            testbed::kit::Kit::load(kit, topology.dir(), &Default::default()).expect("kit loads");
         wanted.extend(kit.manifest.artifacts.clone());
     }
     for artifact in &wanted {
@@ -548,7 +551,8 @@ fn kits_probe_their_ports_and_hard_code_no_address() {
         ("aurora-scheduler", 8081, "/health"),
     ];
     for (name, port, path) in expected {
-        let kit = testbed::kit::Kit::load(name, &common::repo()).expect("kit loads");
+        let kit =
+            testbed::kit::Kit::load(name, &common::repo(), &Default::default()).expect("kit loads");
         let manifest = &kit.manifest;
         assert!(manifest.unit.is_some(), "{name} renders no unit");
         assert!(!manifest.artifacts.is_empty(), "{name} has no artifacts");

@@ -66,7 +66,7 @@ fn zookeepers(n: u8) -> Topology {
 }
 
 fn render_zookeeper(topology: &Topology, name: &str) -> Vec<RenderedFile> {
-    let kit = Kit::load("zookeeper", repo()).expect("zookeeper kit loads");
+    let kit = Kit::load("zookeeper", repo(), &Default::default()).expect("zookeeper kit loads");
     let machine = topology.machine(name).expect("machine");
     kit.render(topology, machine, &Default::default())
         .expect("zookeeper kit renders")
@@ -111,7 +111,7 @@ fn render_simple(template: &str, machines: Vec<Machine>) -> Result<Vec<RenderedF
         ("simple", "conf.tera", template),
     ]);
     let topology = topology(dir.path(), machines);
-    let kit = Kit::load("simple", dir.path())?;
+    let kit = Kit::load("simple", dir.path(), &Default::default())?;
     kit.render(&topology, &topology.machines[0], &Default::default())
 }
 
@@ -174,7 +174,7 @@ fn zookeeper_ensemble_lists_every_server_and_numbers_each_myid() {
 fn zookeeper_ensemble_member_without_an_ip_is_an_error() {
     let mut topology = zookeepers(2);
     topology.machines[1].ips.clear();
-    let kit = Kit::load("zookeeper", repo()).expect("kit");
+    let kit = Kit::load("zookeeper", repo(), &Default::default()).expect("kit");
     let error = kit
         .render(&topology, &topology.machines[0], &Default::default())
         .expect_err("no IP for zk2");
@@ -202,7 +202,7 @@ fn zookeeper_jvm_heap_is_small_and_set_by_vars() {
 
 #[test]
 fn zookeeper_manifest_and_readiness_check() {
-    let kit = Kit::load("zookeeper", repo()).expect("kit");
+    let kit = Kit::load("zookeeper", repo(), &Default::default()).expect("kit");
     assert_eq!(kit.manifest.packages, ["zookeeperd"]);
     assert_eq!(kit.manifest.service, "zookeeper");
     assert_eq!(kit.manifest.unit, None);
@@ -333,7 +333,7 @@ fn unit_template_renders_to_the_systemd_directory() {
         ),
     ]);
     let topology = topology(dir.path(), vec![machine("a", None, &["unit"])]);
-    let kit = Kit::load("unit", dir.path()).expect("kit");
+    let kit = Kit::load("unit", dir.path(), &Default::default()).expect("kit");
     let files = kit
         .render(&topology, &topology.machines[0], &Default::default())
         .expect("renders");
@@ -352,7 +352,7 @@ fn unknown_kit_lists_the_known_ones() {
         ("zookeeper", "daemon.toml", SIMPLE_MANIFEST),
         ("zookeeper", "conf.tera", ""),
     ]);
-    let error = Kit::load("zookeepr", dir.path()).expect_err("unknown");
+    let error = Kit::load("zookeepr", dir.path(), &Default::default()).expect_err("unknown");
     let message = error.to_string();
     assert!(
         message.contains("unknown daemon kit `zookeepr`"),
@@ -363,7 +363,7 @@ fn unknown_kit_lists_the_known_ones() {
         message.contains("known kits: simple, zookeeper"),
         "{message}"
     );
-    assert!(Kit::load("../simple", dir.path()).is_err());
+    assert!(Kit::load("../simple", dir.path(), &Default::default()).is_err());
 }
 
 #[test]
@@ -373,7 +373,7 @@ fn manifest_with_an_unknown_key_names_the_file_and_line() {
         ("simple", "daemon.toml", &manifest),
         ("simple", "conf.tera", ""),
     ]);
-    let message = Kit::load("simple", dir.path())
+    let message = Kit::load("simple", dir.path(), &Default::default())
         .expect_err("unknown key")
         .to_string();
     assert!(message.contains("simple/daemon.toml:1:1: "), "{message}");
@@ -414,7 +414,7 @@ fn manifest_values_are_checked_at_load() {
             ("simple", "daemon.toml", &manifest),
             ("simple", "conf.tera", ""),
         ]);
-        let message = Kit::load("simple", dir.path())
+        let message = Kit::load("simple", dir.path(), &Default::default())
             .expect_err(expected)
             .to_string();
         assert!(message.contains("simple/daemon.toml:"), "{message}");

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 use testbed::model::{self, Forward, ProviderKind, Topology};
+use testbed::settings::Search;
 use testbed::topology::{self, TopologyError};
 
 // ---------------------------------------------------------------------------
@@ -34,7 +35,7 @@ fn fixture() -> TempDir {
 
 fn parse_in(dir: &TempDir, text: &str) -> (PathBuf, Result<Topology, TopologyError>) {
     let path = dir.path().join("cluster.toml");
-    let result = topology::parse(&path, text);
+    let result = topology::parse(&path, text, &Search::default());
     (path, result)
 }
 
@@ -218,7 +219,7 @@ fn load_reads_the_file_and_canonicalises_its_path() {
     let dir = fixture();
     let path = dir.path().join("pair.toml");
     std::fs::write(&path, PAIR).expect("write");
-    let topology = topology::load(&path).expect("valid");
+    let topology = topology::load(&path, &Search::default()).expect("valid");
     let canonical = std::fs::canonicalize(&path).expect("canonicalize");
     assert_eq!(topology.path, canonical);
     assert_eq!(topology.dir(), canonical.parent().expect("parent"));
@@ -244,7 +245,7 @@ fn shipped_topologies_are_valid() {
     for entry in std::fs::read_dir(&dir).expect("topologies/") {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|ext| ext == "toml") {
-            if let Err(error) = topology::load(&path) {
+            if let Err(error) = topology::load(&path, &Search::default()) {
                 panic!("{error}");
             }
             checked += 1;
@@ -1016,7 +1017,9 @@ fn empty_file() {
     let dir = fixture();
     let path = dir.path().join("empty.toml");
     std::fs::write(&path, "").expect("write");
-    let message = topology::load(&path).expect_err("empty").to_string();
+    let message = topology::load(&path, &Search::default())
+        .expect_err("empty")
+        .to_string();
     assert!(
         message.starts_with(&format!("{}: error: the file is empty", path.display())),
         "{message}"
@@ -1043,7 +1046,9 @@ fn binary_file_is_not_utf8() {
     let dir = fixture();
     let path = dir.path().join("image.toml");
     std::fs::write(&path, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR").expect("write");
-    let message = topology::load(&path).expect_err("binary").to_string();
+    let message = topology::load(&path, &Search::default())
+        .expect_err("binary")
+        .to_string();
     assert_message(
         &message,
         &path,
@@ -1061,7 +1066,9 @@ fn invalid_utf8_is_located() {
     let dir = fixture();
     let path = dir.path().join("latin1.toml");
     std::fs::write(&path, b"name = \"x\"\n# caf\xe9\n").expect("write");
-    let message = topology::load(&path).expect_err("latin-1").to_string();
+    let message = topology::load(&path, &Search::default())
+        .expect_err("latin-1")
+        .to_string();
     assert_message(&message, &path, 2, 6, &["not UTF-8 text"]);
 }
 
@@ -1070,7 +1077,9 @@ fn nul_byte_in_loaded_file() {
     let dir = fixture();
     let path = dir.path().join("nul.toml");
     std::fs::write(&path, b"name = \"x\"\nab\x00cd\n").expect("write");
-    let message = topology::load(&path).expect_err("nul").to_string();
+    let message = topology::load(&path, &Search::default())
+        .expect_err("nul")
+        .to_string();
     assert_message(
         &message,
         &path,
@@ -1130,7 +1139,7 @@ fn duplicate_machine_table_is_located() {
 fn unreadable_file() {
     let dir = fixture();
     let path = dir.path().join("missing.toml");
-    let error = topology::load(&path).expect_err("missing");
+    let error = topology::load(&path, &Search::default()).expect_err("missing");
     assert!(matches!(error, TopologyError::Io { .. }));
     let message = error.to_string();
     assert!(
@@ -1141,8 +1150,12 @@ fn unreadable_file() {
 
 #[test]
 fn message_uses_the_path_as_given() {
-    let error = topology::parse(Path::new("topologies/typo.toml"), "nmae = \"x\"\n")
-        .expect_err("unknown key");
+    let error = topology::parse(
+        Path::new("topologies/typo.toml"),
+        "nmae = \"x\"\n",
+        &Search::default(),
+    )
+    .expect_err("unknown key");
     assert!(
         error
             .to_string()

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use crate::lifecycle::Testbed;
 use crate::progress::Progress;
+use crate::settings::Settings;
 
 /// Run the build step alone (`[build]`): skipped when its inputs are unchanged
 #[derive(clap::Args)]
@@ -18,8 +19,8 @@ pub struct Args {
     force: bool,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref())?;
+pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
     let outcome = testbed.build(args.force, &Progress::new()).await?;
     println!("{outcome}");
     Ok(ExitCode::SUCCESS)

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use crate::lifecycle;
 use crate::progress::Progress;
+use crate::settings::Settings;
 use crate::state::StateDir;
 
 /// Remove every VM, disk, network, process and the state of the testbed
@@ -18,7 +19,7 @@ pub struct Args {
     file: Option<std::path::PathBuf>,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     // Works from `.testbed/` alone, so a deleted or broken topology file
     // never leaves VMs behind that nothing can remove.
     let state = match args.file.as_deref() {
@@ -36,7 +37,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("destroy cancelled");
         return Ok(ExitCode::FAILURE);
     }
-    let removed = lifecycle::destroy(&state, &Progress::new()).await?;
+    let removed = lifecycle::destroy(&state, settings, &Progress::new()).await?;
     println!(
         "destroyed {} machine(s); removed {}",
         removed.len(),

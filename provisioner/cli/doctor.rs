@@ -1,15 +1,16 @@
 use std::process::ExitCode;
 
 use crate::model::ProviderKind;
-use crate::provider::{self, DoctorLine, Settings};
+use crate::provider::{self, DoctorLine};
+use crate::settings::Settings;
 
 /// Check what this host can run, and say what to install when something is missing
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  testbed doctor")]
 pub struct Args {}
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    let settings = Settings::default();
+pub fn run(_args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let settings = provider::Settings::new(None, settings);
     // qemu first, the embedded default: without its required lines nothing runs.
     let qemu = provider::doctor(ProviderKind::Qemu, &settings);
     let essentials = qemu.iter().all(|line| line.ok || !line.required);

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use crate::lifecycle::Testbed;
 use crate::progress::Progress;
+use crate::settings::Settings;
 
 /// Power machines off, keeping their disks (`up` resumes them)
 #[derive(clap::Args)]
@@ -13,8 +14,8 @@ pub struct Args {
     machines: Vec<String>,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref())?;
+pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
     let halted = testbed.halt(&args.machines, &Progress::new()).await?;
     if halted.is_empty() {
         println!("nothing to halt: no machine was running");

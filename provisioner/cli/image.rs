@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use crate::image::{Cache, Recipe};
 use crate::progress::Progress;
+use crate::settings::Settings;
 
 /// Build, list and remove cached base images
 #[derive(clap::Subcommand)]
@@ -20,12 +21,12 @@ pub enum Command {
     Rm { names: Vec<String> },
 }
 
-pub fn run(command: Command) -> anyhow::Result<ExitCode> {
-    let cache = Cache::default();
+pub fn run(command: Command, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let cache = Cache::at(settings.cache_root.clone());
     let start = std::env::current_dir()?;
     match command {
         Command::Build { name } => {
-            let recipe = Recipe::find(&name, &start)?;
+            let recipe = Recipe::find(&name, &start, &settings.search)?;
             let task = Progress::new().task(&format!("image {name}"));
             let image = cache.ensure(&recipe, &mut |line| task.set(line))?;
             task.finish("ready");

@@ -18,6 +18,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::settings::Settings;
+
 #[derive(Parser)]
 #[command(
     name = "testbed",
@@ -77,7 +79,9 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    // Every TESTBED_* variable is read here, once.
+    let settings = Settings::from_env();
+    match runtime.block_on(run(cli, &settings)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("{}", render(&e));
@@ -104,21 +108,21 @@ fn render(error: &anyhow::Error) -> String {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(cli: Cli, settings: &Settings) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Up(args) => up::run(args).await,
-        Command::Plan(args) => plan::run(args),
-        Command::Build(args) => build::run(args).await,
-        Command::Verify(args) => verify::run(args).await,
-        Command::Run(args) => run::run(args).await,
-        Command::Provision(args) => provision::run(args).await,
-        Command::Status(args) => status::run(args),
-        Command::Ssh(args) => ssh::run(args),
-        Command::SshConfig(args) => ssh::config(args),
-        Command::Halt(args) => halt::run(args).await,
-        Command::Destroy(args) => destroy::run(args).await,
-        Command::Doctor(args) => doctor::run(args),
-        Command::Image(command) => image::run(command),
+        Command::Up(args) => up::run(args, settings).await,
+        Command::Plan(args) => plan::run(args, settings),
+        Command::Build(args) => build::run(args, settings).await,
+        Command::Verify(args) => verify::run(args, settings).await,
+        Command::Run(args) => run::run(args, settings).await,
+        Command::Provision(args) => provision::run(args, settings).await,
+        Command::Status(args) => status::run(args, settings),
+        Command::Ssh(args) => ssh::run(args, settings),
+        Command::SshConfig(args) => ssh::config(args, settings),
+        Command::Halt(args) => halt::run(args, settings).await,
+        Command::Destroy(args) => destroy::run(args, settings).await,
+        Command::Doctor(args) => doctor::run(args, settings),
+        Command::Image(command) => image::run(command, settings),
         Command::Switch { .. } => Ok(ExitCode::SUCCESS),
     }
 }

@@ -6,6 +6,7 @@ use crate::kit::Secrets;
 use crate::lifecycle::Testbed;
 use crate::model::{Builder, Topology};
 use crate::plan::{self, DaemonAction, MachinePlan, Plan};
+use crate::settings::Settings;
 
 /// Validate a topology and show what `up` would do and why, touching nothing
 #[derive(clap::Args)]
@@ -22,11 +23,11 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let path = args.topology.ok_or_else(|| {
         anyhow::anyhow!("which topology? e.g. `testbed plan topologies/quickstart.toml`")
     })?;
-    let testbed = Testbed::open(&path)?;
+    let testbed = Testbed::open(&path, settings)?;
     let (plan, secrets) = testbed.plan()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use crate::lifecycle::Testbed;
 use crate::plan::DaemonAction;
 use crate::progress::Progress;
+use crate::settings::Settings;
 
 /// Re-render and push kit files; restart what changed, start what is not running
 #[derive(clap::Args)]
@@ -14,8 +15,8 @@ pub struct Args {
     machines: Vec<String>,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref())?;
+pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
     let outcomes = testbed.provision(&args.machines, &Progress::new()).await?;
     if outcomes.is_empty() {
         println!("no daemons to provision");

@@ -2,6 +2,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use crate::lifecycle::Testbed;
+use crate::settings::Settings;
 use crate::ssh::Stream;
 
 /// Run a step (`[[steps]]`): its command on its machine, then its checks
@@ -20,8 +21,8 @@ pub struct Args {
     json: bool,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref())?;
+pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
     let json = args.json;
     // The command's output as it comes; on stderr when stdout carries JSON.
     let echo = move |stream: Stream, bytes: &[u8]| {

@@ -3,6 +3,7 @@ use std::process::{Command, ExitCode};
 
 use crate::lifecycle::MachineState;
 use crate::lifecycle::{self, Testbed};
+use crate::settings::Settings;
 
 /// Open a shell on a machine, or run one command there
 #[derive(clap::Args)]
@@ -33,8 +34,8 @@ pub struct ConfigArgs {
 
 /// Replaces this process with the system `ssh`, so the terminal, agent and
 /// escape keys behave as with plain ssh, and its exit status is the command's.
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref())?;
+pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
     testbed.select(std::slice::from_ref(&args.machine))?;
     let state = testbed
         .status()?
@@ -66,8 +67,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::bail!("cannot run ssh: {error} (install openssh-client)")
 }
 
-pub fn config(args: ConfigArgs) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref())?;
+pub fn config(args: ConfigArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
     let text = std::fs::read_to_string(testbed.state.ssh_config())
         .map_err(|e| anyhow::anyhow!("no SSH config yet ({e}): run `testbed up` first"))?;
     match args.machine {

@@ -1,6 +1,7 @@
 use std::process::ExitCode;
 
 use crate::lifecycle::Testbed;
+use crate::settings::Settings;
 
 /// Show each machine's state, like `vagrant status`
 #[derive(clap::Args)]
@@ -15,8 +16,8 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref())?;
+pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
     let machines = testbed.status()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&machines)?);

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use crate::lifecycle::{Testbed, UpReport};
 use crate::model::ProviderKind;
 use crate::progress::Progress;
+use crate::settings::Settings;
 
 /// Build images, boot the machines and give each its identity
 #[derive(clap::Args)]
@@ -25,10 +26,10 @@ pub struct Args {
     json: bool,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let mut testbed = match args.topology.as_deref().or(args.at.file.as_deref()) {
-        Some(path) => Testbed::open(path)?,
-        None => Testbed::locate(None)?,
+        Some(path) => Testbed::open(path, settings)?,
+        None => Testbed::locate(None, settings)?,
     };
     if let Some(provider) = &args.provider {
         let kind: ProviderKind = serde_json::from_value(serde_json::json!(provider))?;

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use crate::check::Report;
 use crate::lifecycle::Testbed;
+use crate::settings::Settings;
 
 /// Run the topology's checks: a table with pass/fail and durations
 #[derive(clap::Args)]
@@ -21,8 +22,8 @@ pub struct Args {
     junit: Option<PathBuf>,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref())?;
+pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
     if testbed.topology.checks.is_empty() {
         println!(
             "{} has no [[checks]]: nothing to verify",

@@ -2,6 +2,7 @@
 
 use crate::progress::Progress;
 use crate::provider::{self, NetworkSpec};
+use crate::settings::Settings;
 use crate::state::{Record, StateDir};
 
 use super::ssh_config::{master_pid_path, CONTROL_MASTER_MARKER};
@@ -10,7 +11,11 @@ use super::{blocking, Result};
 /// Takes down every network the record says is up (once no machine runs),
 /// and any network folder the record missed (an `up` killed mid-way), with
 /// the default provider.
-pub(super) fn remove_networks(state: &StateDir, record: &mut Record) -> Result<()> {
+pub(super) fn remove_networks(
+    state: &StateDir,
+    record: &mut Record,
+    settings: &provider::Settings,
+) -> Result<()> {
     let mut networks = std::mem::take(&mut record.networks);
     if let Ok(entries) = std::fs::read_dir(state.root().join("networks")) {
         for entry in entries.flatten() {
@@ -18,18 +23,24 @@ pub(super) fn remove_networks(state: &StateDir, record: &mut Record) -> Result<(
             networks.entry(name).or_default();
         }
     }
-    let settings = provider::Settings::default();
     for (name, recorded) in networks {
         let dir = state.network_dir(&name);
-        let kind = provider::which_made(&dir, &settings).unwrap_or(recorded);
-        provider::for_kind(kind, &settings)?.remove_network(&NetworkSpec { dir, name })?;
+        let kind = provider::which_made(&dir, settings).unwrap_or(recorded);
+        provider::for_kind(kind, settings)?.remove_network(&NetworkSpec { dir, name })?;
     }
     Ok(())
 }
 
 /// Removes every machine, network and process of the testbed, from what is
 /// on disk (so it works even when the topology file is gone or broken).
-pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String>> {
+/// `settings`: the command's; destroy needs no topology, so a libvirt
+/// machine is reached at `$TESTBED_LIBVIRT_URI` or the default URI.
+pub async fn destroy(
+    state: &StateDir,
+    settings: &Settings,
+    progress: &Progress,
+) -> Result<Vec<String>> {
+    let settings = provider::Settings::new(None, settings);
     let _lock = state.lock()?;
     // A corrupt record must not stand in the way of removing what is there.
     let mut record = state.load().unwrap_or_default();
@@ -43,7 +54,6 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
                 .collect()
         })
         .unwrap_or_default();
-    let settings = provider::Settings::default();
     for name in names {
         let dir = state.machine_dir(&name);
         let recorded = record.machines.get(&name).map(|r| r.provider);
@@ -58,7 +68,7 @@ pub async fn destroy(state: &StateDir, progress: &Progress) -> Result<Vec<String
         task.finish("destroyed");
         removed.push(name);
     }
-    remove_networks(state, &mut record)?;
+    remove_networks(state, &mut record, &settings)?;
     // Removed while the lock is held (the lock file goes with the folder).
     state.remove()?;
     Ok(removed)

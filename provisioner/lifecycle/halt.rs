@@ -57,7 +57,7 @@ impl Testbed {
         let (done, failures) = join_machines(tasks).await;
         halted.extend(done.into_iter().map(|(name, ())| name));
         if !self.any_running() {
-            remove_networks(&self.state, &mut record)?;
+            remove_networks(&self.state, &mut record, &self.provider_settings())?;
             self.state.save(&record)?;
         }
         all_succeeded(failures).map(|()| halted)

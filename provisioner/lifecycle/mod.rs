@@ -24,6 +24,7 @@ use crate::model::{Machine, ProviderKind, Topology};
 use crate::plan::{Inputs, Plan, PlanError};
 use crate::provider::{self, Provider, ProviderError, VmState};
 use crate::provision::Machines;
+use crate::settings::Settings;
 use crate::ssh::{SshError, Target};
 use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
 use crate::topology::{self, TopologyError};
@@ -167,6 +168,7 @@ pub struct Testbed {
     pub topology: Topology,
     pub state: StateDir,
     pub cache: Cache,
+    pub settings: Settings,
 }
 
 /// What `status` says of a machine.
@@ -206,8 +208,8 @@ pub struct MachineStatus {
 
 impl Testbed {
     /// The testbed of a topology file (its `.testbed/` beside it).
-    pub fn open(topology_path: &Path) -> Result<Testbed> {
-        let mut topology = topology::load(topology_path)?;
+    pub fn open(topology_path: &Path, settings: &Settings) -> Result<Testbed> {
+        let mut topology = topology::load(topology_path, &settings.search)?;
         let state = StateDir::beside(topology.dir());
         // A machine that exists stays on the provider it was made by (an
         // `up --provider` may have chosen it).
@@ -222,7 +224,8 @@ impl Testbed {
         Ok(Testbed {
             topology,
             state,
-            cache: Cache::default(),
+            cache: Cache::at(settings.cache_root.clone()),
+            settings: settings.clone(),
         })
     }
 
@@ -239,7 +242,7 @@ impl Testbed {
 
     /// Every kit the topology's machines run, each loaded once.
     pub fn kits(&self) -> Result<Kits> {
-        Ok(Kits::load(&self.topology)?)
+        Ok(Kits::load(&self.topology, &self.settings.search)?)
     }
 
     /// The plan: what `up` would do now, and why (reads, changes nothing).
@@ -251,7 +254,7 @@ impl Testbed {
             .machines
             .values()
             .flat_map(|saved| saved.daemons.keys().cloned());
-        kits.load_also(recorded, self.topology.dir());
+        kits.load_also(recorded, self.topology.dir(), &self.settings.search);
         let settings = self.provider_settings();
         Ok(Plan::resolve(&Inputs {
             topology: &self.topology,
@@ -260,6 +263,7 @@ impl Testbed {
             kits: &kits,
             secrets,
             providers: &settings,
+            search: &self.settings.search,
         })?)
     }
 
@@ -308,9 +312,9 @@ impl Testbed {
     }
 
     /// `-f FILE` when given, else the `.testbed/` of the current directory.
-    pub fn locate(file: Option<&Path>) -> Result<Testbed> {
+    pub fn locate(file: Option<&Path>, settings: &Settings) -> Result<Testbed> {
         if let Some(file) = file {
-            return Testbed::open(file);
+            return Testbed::open(file, settings);
         }
         let cwd = std::env::current_dir().map_err(|source| StateError::Io {
             path: PathBuf::from("."),
@@ -318,7 +322,7 @@ impl Testbed {
         })?;
         let state = StateDir::find(&cwd)?;
         let record = state.load()?;
-        Testbed::open(&record.topology)
+        Testbed::open(&record.topology, settings)
     }
 
     fn provider_of(&self, machine: &Machine) -> Result<Box<dyn Provider>> {
@@ -330,7 +334,8 @@ impl Testbed {
 
     /// Where daemon-backed providers connect, for this topology.
     fn provider_settings(&self) -> provider::Settings {
-        provider::Settings::new(self.topology.libvirt_uri.as_deref())
+        provider::Settings::new(self.topology.libvirt_uri.as_deref(), &self.settings)
+            .with_cache_root(self.cache.root().to_path_buf())
     }
 
     /// How to reach `machine`'s SSH on host port `port`.
@@ -423,7 +428,7 @@ impl Testbed {
             .machines
             .iter()
             .flat_map(|m| m.daemons.clone());
-        kits.load_also(daemons, self.topology.dir());
+        kits.load_also(daemons, self.topology.dir(), &self.settings.search);
         self.machines(&record, &kits)
     }
 

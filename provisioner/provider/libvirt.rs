@@ -593,7 +593,10 @@ mod tests {
         assert!(!libvirt.made(dir.path()));
         fs::write(dir.path().join(MADE), "{}").expect("made");
         assert!(libvirt.made(dir.path()));
-        let settings = crate::provider::Settings::default();
+        let settings = crate::provider::Settings {
+            libvirt_uri: "qemu:///system".into(),
+            cache_root: "/nonexistent-cache".into(),
+        };
         assert_eq!(
             crate::provider::which_made(dir.path(), &settings),
             Some(crate::model::ProviderKind::Libvirt)

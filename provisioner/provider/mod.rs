@@ -303,28 +303,21 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The settings for a topology that may name a libvirt URI, with the
-    /// user's cache.
-    pub fn new(libvirt_uri: Option<&str>) -> Settings {
-        let from_env = std::env::var("TESTBED_LIBVIRT_URI").ok();
+    /// The settings of a topology that may name a libvirt URI (it wins over
+    /// `$TESTBED_LIBVIRT_URI`), from the command's settings.
+    pub fn new(topology_uri: Option<&str>, settings: &crate::settings::Settings) -> Settings {
         Settings {
-            libvirt_uri: libvirt_uri
-                .map(str::to_owned)
-                .or(from_env)
-                .unwrap_or_else(|| "qemu:///system".to_owned()),
-            cache_root: crate::image::cache_root(),
+            libvirt_uri: topology_uri
+                .or(settings.libvirt_uri.as_deref())
+                .unwrap_or(crate::settings::DEFAULT_LIBVIRT_URI)
+                .to_owned(),
+            cache_root: settings.cache_root.clone(),
         }
     }
 
     /// The same settings with another cache (the one a `Cache` was opened at).
     pub fn with_cache_root(self, cache_root: PathBuf) -> Settings {
         Settings { cache_root, ..self }
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings::new(None)
     }
 }
 
@@ -352,7 +345,10 @@ mod tests {
 
     #[test]
     fn a_folder_says_which_provider_made_it_libvirt_first() {
-        let settings = Settings::default().with_cache_root("/nonexistent-cache".into());
+        let settings = Settings {
+            libvirt_uri: "qemu:///system".into(),
+            cache_root: "/nonexistent-cache".into(),
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(which_made(dir.path(), &settings), None);
         std::fs::write(dir.path().join("disk.qcow2"), "").expect("disk");
