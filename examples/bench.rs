@@ -13,7 +13,11 @@
 //!   to SSH-ready for 3 machines on the libvirt provider beside the qemu
 //!   provider, interleaved round by round.
 //!
-//! `BENCH=slurm` or `BENCH=libvirt` runs only that part.
+//! - the cost of testbed's own work: `plan`, converged `up` and `status` on
+//!   the zk-ensemble, and `plan` of a generated 200-machine topology whose
+//!   every machine runs a kit (`BENCH=plan` runs only this).
+//!
+//! `BENCH=slurm`, `BENCH=libvirt` or `BENCH=plan` runs only that part.
 //!
 //! It prints a table of medians and ratios. Nothing here asserts: figures
 //! are for people to read and compare.
@@ -778,6 +782,16 @@ fn main() {
             slurm_breakdown(root.path());
             return;
         }
+        Ok("plan") => {
+            let zk = zk_bed(root.path());
+            zk.run(&["up", "topology.toml"]);
+            let converged = converged_commands(&zk);
+            drop(zk);
+            let large = large_plan(root.path());
+            println!("\ntestbed benchmark: testbed's own work (medians of 10 runs)\n");
+            print_converged(&converged, large);
+            return;
+        }
         _ => {}
     }
     eprintln!("warming: image cache and KVM probe");
@@ -829,9 +843,7 @@ fn main() {
     one.run(&["destroy", "-f"]);
 
     eprintln!("zk-ensemble: warming its image");
-    let zk_text =
-        std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml")).expect("zk-ensemble");
-    let zk = Bed::with_text(root.path(), "bench-zk", &zk_text);
+    let zk = zk_bed(root.path());
     zk.run(&["up", "topology.toml"]);
     let ensemble = Ensemble::from(&zk, root.path());
     zk.run(&["destroy", "-f"]);
@@ -845,7 +857,9 @@ fn main() {
         }
     }
     let zk_verify = repeat(3, || zk.run(&["verify"]));
+    let converged_zk = converged_commands(&zk);
     drop(zk); // destroys the ensemble: what follows gets both cores
+    let large = large_plan(root.path());
     let libvirt = libvirt_beside_qemu(root.path(), rounds);
 
     println!(
@@ -878,6 +892,48 @@ fn main() {
         tb_ssh,
         Some(("plain ssh, new connection", plain)),
     );
+    print_converged(&converged_zk, large);
     print_libvirt_row(libvirt);
     slurm_breakdown(root.path());
+}
+
+fn zk_bed(root: &Path) -> Bed {
+    let zk_text =
+        std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml")).expect("zk-ensemble");
+    Bed::with_text(root, "bench-zk", &zk_text)
+}
+
+/// `plan`, `up` and `status` on a converged testbed: testbed's own work
+/// (load, resolve, ask the providers) with nothing to do.
+fn converged_commands(bed: &Bed) -> Vec<(&'static str, Duration)> {
+    eprintln!("converged plan, up, status");
+    vec![
+        ("plan", repeat(10, || bed.run(&["plan", "topology.toml"]))),
+        ("up", repeat(10, || bed.run(&["up"]))),
+        ("status", repeat(10, || bed.run(&["status"]))),
+    ]
+}
+
+/// `plan` of a topology of 200 machines, each running the zookeeper kit
+/// (one ensemble, so every machine renders a zoo.cfg naming all 200).
+fn large_plan(root: &Path) -> Duration {
+    eprintln!("plan of 200 machines");
+    let mut text =
+        String::from("name = \"bench-large\"\n[networks.lan]\nsubnet = \"10.20.0.0/16\"\n");
+    for index in 0..200 {
+        text.push_str(&format!(
+            "[machines.m{index}]\nip = \"10.20.{}.{}\"\ndaemons = [\"zookeeper\"]\n",
+            index / 200 + 1,
+            index % 200 + 10
+        ));
+    }
+    let bed = Bed::with_text(root, "bench-large", &text);
+    repeat(10, || bed.run(&["plan", "topology.toml"]))
+}
+
+fn print_converged(converged: &[(&str, Duration)], large: Duration) {
+    for (command, took) in converged {
+        row(&format!("zk-ensemble: converged {command}"), *took, None);
+    }
+    row("plan, 200 machines running a kit", large, None);
 }

@@ -6,11 +6,12 @@
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
 use crate::model::{Machine, Topology};
+use crate::state::MachineDir;
 
 /// The guest-side program that applies a seed (installed by the image).
 pub const GUEST_APPLY: &str = "/usr/local/sbin/testbed-identity";
@@ -100,10 +101,10 @@ pub struct MachineKeys {
 
 impl MachineKeys {
     /// The machine's keys when they exist already (nothing is generated).
-    pub fn load(dir: &Path) -> Option<MachineKeys> {
-        let host_key = dir.join("ssh_host_ed25519_key");
-        let host_public = std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).ok()?;
-        let machine_id = std::fs::read_to_string(dir.join("machine-id")).ok()?;
+    pub fn load(layout: &MachineDir) -> Option<MachineKeys> {
+        let host_key = layout.host_key();
+        let host_public = std::fs::read_to_string(layout.host_public_key()).ok()?;
+        let machine_id = std::fs::read_to_string(layout.machine_id()).ok()?;
         host_key.is_file().then(|| MachineKeys {
             host_key,
             host_public: host_public.trim().to_string(),
@@ -112,16 +113,16 @@ impl MachineKeys {
     }
 
     /// Loads the machine's host key and machine-id, generating them the first time.
-    pub fn ensure(dir: &Path, machine: &str) -> Result<MachineKeys, IdentityError> {
-        let host_key = dir.join("ssh_host_ed25519_key");
-        let public_path = dir.join("ssh_host_ed25519_key.pub");
+    pub fn ensure(layout: &MachineDir, machine: &str) -> Result<MachineKeys, IdentityError> {
+        let host_key = layout.host_key();
+        let public_path = layout.host_public_key();
         let host_public = if public_path.is_file() && host_key.is_file() {
             std::fs::read_to_string(&public_path)
                 .map_err(io_err(format!("cannot read {}", public_path.display())))?
         } else {
             crate::ssh::generate_keypair(&host_key, &format!("root@{machine}"))?
         };
-        let id_path = dir.join("machine-id");
+        let id_path = layout.machine_id();
         let machine_id = match std::fs::read_to_string(&id_path) {
             Ok(id) => id.trim().to_string(),
             Err(_) => {
@@ -332,8 +333,10 @@ mod tests {
     fn seed_is_deterministic_and_carries_the_identity() {
         let dir = tempfile::tempdir().expect("tempdir");
         let topology = topology();
-        let keys = MachineKeys::ensure(dir.path(), "alpha").expect("keys");
-        let again = MachineKeys::ensure(dir.path(), "alpha").expect("keys again");
+        let layout = crate::state::StateDir::beside(dir.path()).machine("alpha");
+        std::fs::create_dir_all(layout.path()).expect("machine dir");
+        let keys = MachineKeys::ensure(&layout, "alpha").expect("keys");
+        let again = MachineKeys::ensure(&layout, "alpha").expect("keys again");
         assert_eq!(keys.host_public, again.host_public, "keys are made once");
         let seed = build_seed(
             &topology,

@@ -5,7 +5,6 @@
 //! nothing of their own (cargo's resolve-then-compile shape).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -19,7 +18,7 @@ use crate::model::{Forward, Machine, Topology, GUEST_ARTIFACT_ROOT};
 use crate::provider::{self, Provider, ProviderError, VmState};
 use crate::settings::Search;
 use crate::ssh;
-use crate::state::{Desired, MachineRecord, Record, StateDir};
+use crate::state::{Desired, MachineDir, MachineRecord, Record, StateDir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -291,9 +290,9 @@ impl MachineResolver<'_> {
 
     fn resolve(&self) -> Result<MachinePlan> {
         let machine = self.machine;
-        let dir = self.inputs.state.machine_dir(&machine.name);
-        let observed = self.provider.state(&dir);
-        let seed = self.seed(&dir)?;
+        let layout = self.inputs.state.machine(&machine.name);
+        let observed = self.provider.state(layout.path());
+        let seed = self.seed(&layout)?;
         let needs_build = self.inputs.topology.build.is_some()
             && (!machine.artifacts.is_empty()
                 || self
@@ -346,8 +345,8 @@ impl MachineResolver<'_> {
 
     /// The seed when the machine's keys and the user key exist; a machine
     /// without them has never been created.
-    fn seed(&self, dir: &Path) -> Result<Option<Seed>> {
-        let (Some(keys), Some(authorized)) = (MachineKeys::load(dir), self.authorized) else {
+    fn seed(&self, layout: &MachineDir) -> Result<Option<Seed>> {
+        let (Some(keys), Some(authorized)) = (MachineKeys::load(layout), self.authorized) else {
             return Ok(None);
         };
         let management = self.provider.management(&identity::mac_address(

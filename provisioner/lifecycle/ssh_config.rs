@@ -41,7 +41,7 @@ pub(super) fn start_control_masters(state: &StateDir, names: &[String]) {
 pub(super) const CONTROL_MASTER_MARKER: &str = "ControlMaster=yes";
 
 pub(super) fn master_pid_path(state: &StateDir, name: &str) -> PathBuf {
-    state.machine_dir(name).join("ssh-master.pid")
+    state.machine(name).control_master_pid()
 }
 
 /// Waits (a few seconds at most) while the ControlMaster that `up` started
@@ -56,7 +56,7 @@ pub fn wait_for_control_master(state: &StateDir, name: &str) {
 
 /// The path of a machine's ControlMaster socket.
 pub fn control_path(state: &StateDir, name: &str) -> PathBuf {
-    state.machine_dir(name).join("ssh.ctl")
+    state.machine(name).control_socket()
 }
 
 /// Writes `ssh_config` and `known_hosts` for the system `ssh`: every host key
@@ -71,9 +71,8 @@ pub fn write_ssh_config(
     let mut config = String::new();
     let mut known_hosts = String::new();
     for (name, address) in addresses {
-        let dir = state.machine_dir(name);
         let public =
-            std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).unwrap_or_default();
+            std::fs::read_to_string(state.machine(name).host_public_key()).unwrap_or_default();
         let alias = format!("testbed-{topology_name}-{name}");
         if let Some(key) = public
             .split_whitespace()

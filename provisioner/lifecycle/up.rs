@@ -368,7 +368,7 @@ impl Testbed {
         let layout = self.state.machine(&machine.name);
         let dir = layout.path().to_path_buf();
         crate::state::create_private_dir(&dir)?;
-        let keys = MachineKeys::ensure(&dir, &machine.name)?;
+        let keys = MachineKeys::ensure(&layout, &machine.name)?;
         let management = machine.provider.management(&identity::mac_address(
             &machine.name,
             identity::MANAGEMENT_NIC,
@@ -591,10 +591,10 @@ fn machine_seed(machine: &MachinePlan, ctx: &UpContext) -> Result<Seed> {
     if let Some(seed) = &machine.seed {
         return Ok(seed.clone());
     }
-    let dir = ctx.state.machine_dir(&machine.name);
-    let keys = MachineKeys::load(&dir).ok_or_else(|| Error::Untracked {
-        machine: machine.name.clone(),
-    })?;
+    let keys =
+        MachineKeys::load(&ctx.state.machine(&machine.name)).ok_or_else(|| Error::Untracked {
+            machine: machine.name.clone(),
+        })?;
     let user_key = ssh::public_key_path(&ctx.state.user_key());
     let authorized = std::fs::read_to_string(&user_key).map_err(|source| StateError::Io {
         path: user_key,
