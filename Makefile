@@ -10,7 +10,7 @@ TESTBED := target/release/testbed
 CACHE := $(or $(TESTBED_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/testbed)
 BUILD_IMAGE = $(SUDO) env TESTBED_CACHE=$(CACHE) $(1) image build debian-12
 
-.PHONY: deps build up test bench clean
+.PHONY: deps build up lint test bench clean
 
 # qemu-utils is pinned to qemu-system-x86's version: some machines ship a
 # newer qemu-utils that the distribution's qemu-system-x86 conflicts with.
@@ -31,6 +31,11 @@ up: deps build
 	$(call BUILD_IMAGE,$(TESTBED))
 	$(TESTBED) up topologies/quickstart.toml
 	$(TESTBED) ssh -f topologies/quickstart.toml zk -- hostname
+
+# What CI checks besides the tests: formatting and clippy's lints.
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
 
 test:
 	cargo build
