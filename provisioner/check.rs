@@ -43,11 +43,69 @@ const EVIDENCE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest excerpt of a reply shown in a detail.
 const EXCERPT_CHARS: usize = 200;
 
+/// Why a check spec cannot run; each message is one line, which the
+/// topology module places at the check's location.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("a check needs one of `tcp`, `http` or `command`")]
+    NoProbe,
+    #[error("a check has exactly one of `tcp`, `http` or `command`, not several")]
+    SeveralProbes,
+    #[error("{probe}.port must be 1..=65535")]
+    Port { probe: &'static str },
+    #[error("http.path `{0}` is not a request path: it starts with '/', e.g. \"/status\"")]
+    Path(String),
+    #[error("http.status {0} is not an HTTP status (100..=999)")]
+    Status(u16),
+    #[error("http.headers: `{0}` is not a header name")]
+    HeaderName(String),
+    #[error("command.run is empty")]
+    EmptyCommand,
+    #[error("{field}: `{pointer}` is not a JSON pointer: it starts with '/', e.g. \"/{pointer}\"")]
+    Pointer {
+        field: &'static str,
+        pointer: String,
+    },
+    #[error("`{field}` must be more than 0")]
+    ZeroDuration { field: &'static str },
+    #[error("`{field}` = \"{text}\" is not a duration ({reason}); e.g. \"500ms\", \"60s\"")]
+    Duration {
+        field: &'static str,
+        text: String,
+        reason: String,
+    },
+    #[error("{field}: `{text}` is not a valid regex: {reason}")]
+    Regex {
+        field: String,
+        text: String,
+        reason: String,
+    },
+}
+
+/// Why a check cannot be routed between its machines.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no machine named `{0}`")]
+    UnknownMachine(String),
+    #[error("`from`: no machine named `{0}`")]
+    UnknownFrom(String),
+    #[error("`{from}` and `{target}` share no network, so `{from}` cannot reach `{target}`")]
+    NoSharedNetwork { from: String, target: String },
+}
+
+/// Why a check did not start: its spec or its route.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Unstartable {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+}
+
 /// Checks a spec beyond its shape: exactly one of tcp/http/command;
 /// retry/timeout parse (humantime, e.g. "500ms", "60s"); `/regex/` matchers
-/// compile; json pointers start with '/'. Err is a short message the
-/// topology module places at the check's location.
-pub fn validate(spec: &CheckSpec) -> Result<(), String> {
+/// compile; json pointers start with '/'.
+pub fn validate(spec: &CheckSpec) -> Result<(), SpecError> {
     Plan::compile(spec).map(|_| ())
 }
 
@@ -106,19 +164,13 @@ struct CommandPlan {
 }
 
 impl Plan {
-    fn compile(spec: &CheckSpec) -> Result<Plan, String> {
+    fn compile(spec: &CheckSpec) -> Result<Plan, SpecError> {
         let probe = match (&spec.tcp, &spec.http, &spec.command) {
             (Some(tcp), None, None) => Probe::Tcp(compile_tcp(tcp)?),
             (None, Some(http), None) => Probe::Http(compile_http(http)?),
             (None, None, Some(command)) => Probe::Command(compile_command(command)?),
-            (None, None, None) => {
-                return Err("a check needs one of `tcp`, `http` or `command`".into())
-            }
-            _ => {
-                return Err(
-                    "a check has exactly one of `tcp`, `http` or `command`, not several".into(),
-                )
-            }
+            (None, None, None) => return Err(SpecError::NoProbe),
+            _ => return Err(SpecError::SeveralProbes),
         };
         Ok(Plan {
             probe,
@@ -128,7 +180,7 @@ impl Plan {
     }
 }
 
-fn compile_tcp(tcp: &TcpProbe) -> Result<TcpPlan, String> {
+fn compile_tcp(tcp: &TcpProbe) -> Result<TcpPlan, SpecError> {
     Ok(TcpPlan {
         port: check_port("tcp", tcp.port)?,
         send: tcp.send.as_deref().map(with_newline),
@@ -146,28 +198,23 @@ fn with_newline(send: &str) -> String {
     }
 }
 
-fn compile_http(http: &HttpProbe) -> Result<HttpPlan, String> {
+fn compile_http(http: &HttpProbe) -> Result<HttpPlan, SpecError> {
     if !http.path.starts_with('/') || hyper::Uri::try_from(http.path.as_str()).is_err() {
-        return Err(format!(
-            "http.path `{}` is not a request path: it starts with '/', e.g. \"/status\"",
-            http.path
-        ));
+        return Err(SpecError::Path(http.path.clone()));
     }
     if let Some(status) = http.status.filter(|s| !(100..=999).contains(s)) {
-        return Err(format!(
-            "http.status {status} is not an HTTP status (100..=999)"
-        ));
+        return Err(SpecError::Status(status));
     }
     let headers = http
         .headers
         .iter()
         .map(|(name, value)| {
             let header = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("http.headers: `{name}` is not a header name"))?;
+                .map_err(|_| SpecError::HeaderName(name.clone()))?;
             let matcher = Matcher::parse(&format!("http.headers.{name}"), value)?;
             Ok((header, matcher))
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_, SpecError>>()?;
     Ok(HttpPlan {
         port: check_port("http", http.port)?,
         path: http.path.clone(),
@@ -178,9 +225,9 @@ fn compile_http(http: &HttpProbe) -> Result<HttpPlan, String> {
     })
 }
 
-fn compile_command(command: &CommandProbe) -> Result<CommandPlan, String> {
+fn compile_command(command: &CommandProbe) -> Result<CommandPlan, SpecError> {
     if command.run.trim().is_empty() {
-        return Err("command.run is empty".into());
+        return Err(SpecError::EmptyCommand);
     }
     Ok(CommandPlan {
         run: command.run.clone(),
@@ -190,47 +237,54 @@ fn compile_command(command: &CommandProbe) -> Result<CommandPlan, String> {
     })
 }
 
-fn check_port(what: &str, port: u16) -> Result<u16, String> {
+fn check_port(probe: &'static str, port: u16) -> Result<u16, SpecError> {
     if port == 0 {
-        Err(format!("{what}.port must be 1..=65535"))
+        Err(SpecError::Port { probe })
     } else {
         Ok(port)
     }
 }
 
-fn compile_matcher(field: &str, text: Option<&str>) -> Result<Option<Matcher>, String> {
+fn compile_matcher(field: &str, text: Option<&str>) -> Result<Option<Matcher>, SpecError> {
     text.map(|text| Matcher::parse(field, text)).transpose()
 }
 
 fn compile_pointers(
-    field: &str,
+    field: &'static str,
     pointers: &BTreeMap<String, Value>,
-) -> Result<Vec<(String, Value)>, String> {
+) -> Result<Vec<(String, Value)>, SpecError> {
     pointers
         .iter()
         .map(|(pointer, value)| {
             if pointer.starts_with('/') {
                 Ok((pointer.clone(), value.clone()))
             } else {
-                Err(format!(
-                    "{field}: `{pointer}` is not a JSON pointer: it starts with '/', e.g. \"/{pointer}\""
-                ))
+                Err(SpecError::Pointer {
+                    field,
+                    pointer: pointer.clone(),
+                })
             }
         })
         .collect()
 }
 
 /// A positive duration written for humantime, or `default` when absent.
-fn parse_duration(field: &str, text: Option<&str>, default: Duration) -> Result<Duration, String> {
+fn parse_duration(
+    field: &'static str,
+    text: Option<&str>,
+    default: Duration,
+) -> Result<Duration, SpecError> {
     let Some(text) = text else {
         return Ok(default);
     };
     match humantime::parse_duration(text.trim()) {
-        Ok(duration) if duration.is_zero() => Err(format!("`{field}` must be more than 0")),
+        Ok(duration) if duration.is_zero() => Err(SpecError::ZeroDuration { field }),
         Ok(duration) => Ok(duration),
-        Err(e) => Err(format!(
-            "`{field}` = \"{text}\" is not a duration ({e}); e.g. \"500ms\", \"60s\""
-        )),
+        Err(e) => Err(SpecError::Duration {
+            field,
+            text: text.to_string(),
+            reason: e.to_string(),
+        }),
     }
 }
 
@@ -244,14 +298,17 @@ pub enum Matcher {
 
 impl Matcher {
     /// Parses `text`; `field` names it in the error when the regex is bad.
-    pub fn parse(field: &str, text: &str) -> Result<Matcher, String> {
+    pub fn parse(field: &str, text: &str) -> Result<Matcher, SpecError> {
         match text.strip_prefix('/').and_then(|t| t.strip_suffix('/')) {
-            Some(pattern) => Regex::new(pattern).map(Matcher::Regex).map_err(|e| {
-                format!(
-                    "{field}: `{text}` is not a valid regex: {}",
-                    first_line(&e.to_string())
-                )
-            }),
+            Some(pattern) => {
+                Regex::new(pattern)
+                    .map(Matcher::Regex)
+                    .map_err(|e| SpecError::Regex {
+                        field: field.to_string(),
+                        text: text.to_string(),
+                        reason: first_line(&e.to_string()).to_string(),
+                    })
+            }
             None => Ok(Matcher::Substring(text.to_string())),
         }
     }
@@ -327,27 +384,25 @@ pub trait Transport: Send + Sync + 'static {
 /// target's address as seen from there: "127.0.0.1" when from == target,
 /// else the target's IP on a network both machines are on (the first such
 /// network by name).
-pub fn route(spec: &CheckSpec, topology: &Topology) -> Result<(String, String), String> {
+pub fn route(spec: &CheckSpec, topology: &Topology) -> Result<(String, String), RouteError> {
     let target = topology
         .machine(&spec.machine)
-        .ok_or_else(|| format!("no machine named `{}`", spec.machine))?;
+        .ok_or_else(|| RouteError::UnknownMachine(spec.machine.clone()))?;
     let from_name = spec.from.as_deref().unwrap_or(&spec.machine);
     if from_name == target.name {
         return Ok((target.name.clone(), "127.0.0.1".into()));
     }
     let from = topology
         .machine(from_name)
-        .ok_or_else(|| format!("`from`: no machine named `{from_name}`"))?;
+        .ok_or_else(|| RouteError::UnknownFrom(from_name.to_string()))?;
     target
         .ips
         .iter()
         .find(|(network, _)| from.ips.contains_key(*network))
         .map(|(_, ip)| (from.name.clone(), ip.to_string()))
-        .ok_or_else(|| {
-            format!(
-                "`{}` and `{}` share no network, so `{}` cannot reach `{}`",
-                from.name, target.name, from.name, target.name
-            )
+        .ok_or_else(|| RouteError::NoSharedNetwork {
+            from: from.name.clone(),
+            target: target.name.clone(),
         })
 }
 
@@ -394,7 +449,7 @@ pub async fn run_one<T: Transport>(
     let (plan, (via, host)) = match plan_and_route(spec, topology) {
         Ok(planned) => planned,
         Err(detail) => {
-            result.detail = detail;
+            result.detail = detail.to_string();
             return result;
         }
     };
@@ -434,7 +489,7 @@ fn unfinished(spec: &CheckSpec) -> CheckResult {
 fn plan_and_route(
     spec: &CheckSpec,
     topology: &Topology,
-) -> Result<(Plan, (String, String)), String> {
+) -> Result<(Plan, (String, String)), Unstartable> {
     Ok((Plan::compile(spec)?, route(spec, topology)?))
 }
 
@@ -1041,7 +1096,9 @@ mod tests {
             Matcher::Substring(_)
         ));
         assert_eq!(substring.to_string(), "\"Mode: leader\"");
-        let error = Matcher::parse("tcp.expect", "/(/").expect_err("bad regex");
+        let error = Matcher::parse("tcp.expect", "/(/")
+            .expect_err("bad regex")
+            .to_string();
         assert!(error.starts_with("tcp.expect: `/(/` is not a valid regex: "));
         assert!(!error.contains('\n'), "{error}");
     }

@@ -603,11 +603,17 @@ fn route_picks_loopback_or_a_shared_network() {
         route(with("a", Some("c"))),
         Ok(("c".into(), "10.1.0.2".into()))
     );
-    let no_network = route(with("a", Some("d"))).expect_err("no shared network");
+    let no_network = route(with("a", Some("d")))
+        .expect_err("no shared network")
+        .to_string();
     assert!(no_network.contains("share no network"), "{no_network}");
-    let unknown = route(with("a", Some("zz"))).expect_err("unknown from");
+    let unknown = route(with("a", Some("zz")))
+        .expect_err("unknown from")
+        .to_string();
     assert!(unknown.contains("zz"), "{unknown}");
-    let unknown = route(with("zz", None)).expect_err("unknown machine");
+    let unknown = route(with("zz", None))
+        .expect_err("unknown machine")
+        .to_string();
     assert!(unknown.contains("zz"), "{unknown}");
 }
 
@@ -783,7 +789,7 @@ fn validate_accepts_good_specs_and_explains_bad_ones() {
         (bad_pointer, "\"/activated_slaves\""),
     ];
     for (spec, want) in cases {
-        let error = check::validate(&spec).expect_err(want);
+        let error = check::validate(&spec).expect_err(want).to_string();
         assert!(error.contains(want), "{error} !~ {want}");
         assert!(!error.contains('\n'), "one line: {error}");
     }
