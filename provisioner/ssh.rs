@@ -27,13 +27,9 @@ use russh::keys::{
 use russh::{cipher, compression, kex, ChannelMsg, ChannelReadHalf, Disconnect, Preferred};
 use tokio::net::TcpStream;
 
-/// Bound on reaching the server: TCP connect plus the first byte of its
-/// SSH banner. Short, so a guest that is still booting is retried quickly.
-const REACH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound on key exchange plus authentication once the server has answered.
-/// Longer than [`REACH_TIMEOUT`] because a busy emulated guest can be slow
-/// to compute its half of the exchange, and restarting would only add work.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time given to one attempt near the deadline, so the last one can
+/// still succeed.
+const LAST_ATTEMPT: Duration = Duration::from_secs(1);
 /// First pause between connection attempts; doubles up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -131,8 +127,8 @@ pub enum SshError {
     #[error("no SSH algorithms in common with {addr}: {reason}")]
     NoCommonAlgorithm { addr: SocketAddr, reason: String },
     #[error(
-        "could not connect to {} within {}: last error: {}",
-        .0.addr, seconds(.0.waited), .0.last_error
+        "could not connect to {} within {}: {}; last error: {}",
+        .0.addr, seconds(.0.waited), .0.tried, .0.last_error
     )]
     ConnectTimeout(Box<ConnectTimeout>),
     #[error("SSH connection to {addr}: {action} failed: {source}")]
@@ -186,7 +182,34 @@ pub struct AuthRefused {
 pub struct ConnectTimeout {
     pub addr: SocketAddr,
     pub waited: Duration,
+    /// What was tried, in words (see [`Tries`]).
+    pub tried: Tries,
     pub last_error: String,
+}
+
+/// What reaching a server took, for the message when it never answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tries {
+    /// TCP connections tried.
+    pub opened: usize,
+    /// Of those, refused on the host (nothing listened on the port).
+    pub refused: usize,
+    /// Of those, accepted and closed before the SSH banner: the guest's
+    /// network was up, its sshd not yet.
+    pub closed: usize,
+    /// Banners heard, each followed by a key exchange.
+    pub handshakes: usize,
+}
+
+impl std::fmt::Display for Tries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} connection(s) tried: {} refused, {} closed before the SSH banner, {} \
+             reached sshd",
+            self.opened, self.refused, self.closed, self.handshakes
+        )
+    }
 }
 
 #[derive(Debug)]
@@ -243,14 +266,20 @@ impl Session {
     /// Refused connections, resets and stalled handshakes (a guest still
     /// booting) are retried. A host key other than the pinned one, a refused
     /// key and unusable key files fail at once: retrying cannot fix them.
+    ///
+    /// Patient where patience costs nothing: a loaded guest may take many
+    /// seconds to send its banner or finish the key exchange, and giving up
+    /// on a connection sshd has accepted only makes it fork another.
     pub async fn connect(target: &Target, deadline: Duration) -> Result<Session, SshError> {
         let credentials = Credentials::load(target)?;
         let config = Arc::new(client_config(&credentials.host_key));
         let started = Instant::now();
         let mut backoff = INITIAL_BACKOFF;
+        let mut tries = Tries::default();
         loop {
             let remaining = deadline.saturating_sub(started.elapsed());
-            let last_error = match attempt(target, &credentials, &config, remaining).await {
+            let attempt = attempt(target, &credentials, &config, remaining, &mut tries);
+            let last_error = match attempt.await {
                 Ok(handle) => return Ok(Session::new(handle, target)),
                 Err(Attempt::Fatal(error)) => return Err(error),
                 Err(Attempt::Retry(reason)) => reason,
@@ -260,6 +289,7 @@ impl Session {
                 return Err(SshError::ConnectTimeout(Box::new(ConnectTimeout {
                     addr: target.addr,
                     waited: deadline,
+                    tried: tries,
                     last_error,
                 })));
             }
@@ -650,48 +680,58 @@ enum Attempt {
     Fatal(SshError),
 }
 
-/// One connection attempt: reach the server, then handshake and authenticate.
-/// Each phase has its own bound (see [`REACH_TIMEOUT`], [`HANDSHAKE_TIMEOUT`]),
-/// shortened to what is left of the caller's deadline but never below a
-/// floor, so a last attempt is not doomed from the start.
+/// One attempt: reach sshd (its banner), then the key exchange and
+/// authentication, both bounded only by what is left of the deadline.
 async fn attempt(
     target: &Target,
     credentials: &Credentials,
     config: &Arc<client::Config>,
     remaining: Duration,
+    tries: &mut Tries,
 ) -> Result<Handle<PinnedHostKey>, Attempt> {
-    let reach_limit = remaining.clamp(Duration::from_secs(1), REACH_TIMEOUT);
-    let stream = tokio::time::timeout(reach_limit, reach_first(target.addr))
+    let limit = remaining.max(LAST_ATTEMPT);
+    let started = Instant::now();
+    let reaching = reach_first(target.addr, tries);
+    let stream = tokio::time::timeout(limit, reaching)
         .await
-        .map_err(|_| timed_out("no answer from sshd", reach_limit))??;
-    let handshake_limit = remaining.clamp(REACH_TIMEOUT, HANDSHAKE_TIMEOUT);
+        .map_err(|_| timed_out("no answer from sshd", limit))??;
+    tries.handshakes += 1;
+    let limit = limit.saturating_sub(started.elapsed()).max(LAST_ATTEMPT);
     let handshake = handshake(target, credentials, config, stream);
-    tokio::time::timeout(handshake_limit, handshake)
+    tokio::time::timeout(limit, handshake)
         .await
-        .map_err(|_| timed_out("SSH handshake not finished", handshake_limit))?
+        .map_err(|_| timed_out("SSH handshake not finished", limit))?
 }
 
 fn timed_out(what: &str, limit: Duration) -> Attempt {
     Attempt::Retry(format!("{what} within {}", seconds(limit)))
 }
 
-/// How often a new connection is opened while earlier ones still wait.
+/// How often a new connection is opened while earlier ones still wait,
+/// until the guest's network answers.
 const REACH_INTERVAL: Duration = Duration::from_millis(250);
-/// Connections left waiting at once, at most. Each that reaches sshd costs
-/// the guest a forked sshd, and sshd drops connections beyond ten
-/// unauthenticated ones (MaxStartups).
+/// Connections left waiting at once, at most.
 const REACH_PENDING: usize = 8;
 
 /// Reaches a server that may still be booting. Through a port forwarder
 /// (qemu's user networking) a connection opened before the guest's network
-/// is up neither fails nor answers: it hangs. So instead of waiting on one,
-/// a new connection is opened every [`REACH_INTERVAL`] while the earlier
-/// ones wait, and the first to hear the SSH banner wins; the SSH-ready
-/// moment is then seen within a quarter second. Once an attempt fails fast
-/// (the guest's network is up, its sshd not yet), the waiting ones are
-/// dropped: the forwarder would deliver them all to sshd once it listens,
-/// and each would cost the guest a forked sshd at the worst moment.
-async fn reach_first(addr: SocketAddr) -> Result<TcpStream, Attempt> {
+/// is up neither fails nor answers: it hangs. So while nothing has been
+/// refused, a new connection is opened every [`REACH_INTERVAL`] while the
+/// earlier ones wait, and the first to hear the SSH banner wins; the
+/// SSH-ready moment is then seen within a quarter second. Once one is
+/// refused or closed (the guest's network is up, so every later connection
+/// is either refused at once or accepted by sshd), the waiting ones are
+/// dropped and this returns: the caller retries with one connection at a
+/// time, which waits for the banner as long as sshd takes. Overlapping
+/// connections that sshd accepts would each cost a loaded guest a forked
+/// sshd (and beyond its MaxStartups, a dropped connection).
+async fn reach_first(addr: SocketAddr, tries: &mut Tries) -> Result<TcpStream, Attempt> {
+    if tries.closed > 0 {
+        tries.opened += 1;
+        return reach(addr)
+            .await
+            .map_err(|unreached| tries.count(unreached));
+    }
     let mut pending = tokio::task::JoinSet::new();
     let mut ticker = tokio::time::interval(REACH_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -699,15 +739,47 @@ async fn reach_first(addr: SocketAddr) -> Result<TcpStream, Attempt> {
         tokio::select! {
             _ = ticker.tick() => {
                 if pending.len() < REACH_PENDING {
+                    tries.opened += 1;
                     pending.spawn(reach(addr));
                 }
             }
             Some(done) = pending.join_next(), if !pending.is_empty() => {
                 match done {
                     Ok(Ok(stream)) => return Ok(stream),
-                    Ok(Err(_)) => pending.abort_all(),
+                    // Nothing listens on the host yet: keep trying.
+                    Ok(Err(unreached @ Unreached::Refused(_))) => {
+                        tries.count(unreached);
+                    }
+                    Ok(Err(unreached @ Unreached::Closed(_))) => {
+                        pending.abort_all();
+                        return Err(tries.count(unreached));
+                    }
                     Err(_) => {} // aborted
                 }
+            }
+        }
+    }
+}
+
+/// Why a connection did not reach an SSH banner.
+enum Unreached {
+    /// The TCP connect failed: nothing listens on the host port.
+    Refused(String),
+    /// Accepted, then closed or reset before the banner.
+    Closed(String),
+}
+
+impl Tries {
+    /// Counts a connection that did not reach the banner; the retry reason.
+    fn count(&mut self, unreached: Unreached) -> Attempt {
+        match unreached {
+            Unreached::Refused(reason) => {
+                self.refused += 1;
+                Attempt::Retry(reason)
+            }
+            Unreached::Closed(reason) => {
+                self.closed += 1;
+                Attempt::Retry(reason)
             }
         }
     }
@@ -717,17 +789,17 @@ async fn reach_first(addr: SocketAddr) -> Result<TcpStream, Attempt> {
 /// forwarder (such as QEMU's user networking) accepts connections before
 /// the guest's sshd is up and then drops them; waiting for the banner's
 /// first byte tells that apart from a live server cheaply.
-async fn reach(addr: SocketAddr) -> Result<TcpStream, Attempt> {
+async fn reach(addr: SocketAddr) -> Result<TcpStream, Unreached> {
     let stream = TcpStream::connect(addr)
         .await
-        .map_err(|e| Attempt::Retry(e.to_string()))?;
+        .map_err(|e| Unreached::Refused(e.to_string()))?;
     let mut first = [0u8; 1];
     match stream.peek(&mut first).await {
-        Ok(0) => Err(Attempt::Retry(
+        Ok(0) => Err(Unreached::Closed(
             "connection closed before the SSH banner (sshd not up yet?)".to_string(),
         )),
         Ok(_) => Ok(stream),
-        Err(e) => Err(Attempt::Retry(e.to_string())),
+        Err(e) => Err(Unreached::Closed(e.to_string())),
     }
 }
 
