@@ -17,7 +17,14 @@
 //!   the zk-ensemble, and `plan` of a generated 200-machine topology whose
 //!   every machine runs a kit (`BENCH=plan` runs only this).
 //!
-//! `BENCH=slurm`, `BENCH=libvirt` or `BENCH=plan` runs only that part.
+//! - under load (`BENCH=load`, not part of the default run: about half an
+//!   hour): a ZooKeeper ensemble of N = 1, 3, 5, 8 brought up to green by
+//!   `up` beside the same work by hand, one after the other per N (N = 3
+//!   three times, for the spread); and 5 lean machines to SSH-ready with
+//!   all booting at once beside `--jobs 3` and `--jobs 2`.
+//!
+//! `BENCH=slurm`, `BENCH=libvirt`, `BENCH=plan` or `BENCH=load` runs only
+//! that part.
 //!
 //! It prints a table of medians and ratios. Nothing here asserts: figures
 //! are for people to read and compare.
@@ -513,7 +520,9 @@ impl Ensemble {
                         let stat =
                             self.ssh(machine, *port, "echo stat | nc -w 3 localhost 2181", None);
                         if stat.is_some_and(|s| {
-                            s.contains("Mode: leader") || s.contains("Mode: follower")
+                            ["Mode: leader", "Mode: follower", "Mode: standalone"]
+                                .iter()
+                                .any(|mode| s.contains(mode))
                         }) {
                             break;
                         }
@@ -782,6 +791,10 @@ fn main() {
             slurm_breakdown(root.path());
             return;
         }
+        Ok("load") => {
+            under_load(root.path());
+            return;
+        }
         Ok("plan") => {
             let zk = zk_bed(root.path());
             zk.run(&["up", "topology.toml"]);
@@ -895,6 +908,81 @@ fn main() {
     print_converged(&converged_zk, large);
     print_libvirt_row(libvirt);
     slurm_breakdown(root.path());
+}
+
+/// A ZooKeeper ensemble of `n` machines (zk-1 … zk-n, one standalone when
+/// `n` is 1), each checked to serve.
+fn zk_topology(n: usize) -> String {
+    let mut text = format!(
+        "name = \"bench-zk{n}\"\n[defaults]\nmemory = \"1GiB\"\n[networks.lan]\n\
+         subnet = \"192.168.33.0/24\"\n"
+    );
+    for index in 1..=n {
+        text.push_str(&format!(
+            "[machines.zk-{index}]\nip = \"192.168.33.{}\"\ndaemons = [\"zookeeper\"]\n",
+            10 + index
+        ));
+    }
+    for index in 1..=n {
+        text.push_str(&format!(
+            "[[checks]]\nname = \"zk-{index} serves\"\nmachine = \"zk-{index}\"\n\
+             tcp = {{ port = 2181, send = \"stat\", expect = \"/Mode: (leader|follower|standalone)/\" }}\n\
+             timeout = \"300s\"\n"
+        ));
+    }
+    text
+}
+
+/// Ensembles of 1, 3, 5 and 8 to green, testbed beside by hand; then 5
+/// lean machines to SSH-ready at each `--jobs`.
+fn under_load(root: &Path) {
+    let mut rows = Vec::new();
+    for n in [1, 3, 5, 8] {
+        let rounds = if n == 3 { 3 } else { 1 };
+        let bed = Bed::with_text(root, &format!("bench-zk{n}"), &zk_topology(n));
+        let (mut ups, mut hands) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            eprintln!("zk x{n}, round {}/{rounds}: testbed up", round + 1);
+            ups.push(bed.run(&["up", "topology.toml"]));
+            let ensemble = Ensemble::from(&bed, root);
+            bed.run(&["destroy", "-f"]);
+            eprintln!("zk x{n}, round {}/{rounds}: by hand", round + 1);
+            hands.push(ensemble.by_hand(root));
+        }
+        rows.push((n, ups, hands));
+    }
+    let lean = Bed::new(root, "bench-lean5", 5);
+    let mut jobs = Vec::new();
+    for limit in ["5", "3", "2"] {
+        eprintln!("5 lean machines, --jobs {limit}");
+        jobs.push((limit, lean.run(&["up", "--jobs", limit, "topology.toml"])));
+        lean.run(&["destroy", "-f"]);
+    }
+    println!("\ntestbed benchmark: under load (TCG, 2 cores, warm image cache)\n");
+    for (n, ups, hands) in &rows {
+        let spread = |samples: &[Duration]| {
+            let (min, max) = (samples.iter().min(), samples.iter().max());
+            match (min, max) {
+                (Some(min), Some(max)) if samples.len() > 1 => format!(
+                    " (runs {:.1}–{:.1} s)",
+                    min.as_secs_f64(),
+                    max.as_secs_f64()
+                ),
+                _ => String::new(),
+            }
+        };
+        row(
+            &format!("zk x{n}: up to green"),
+            median(ups.clone()),
+            Some(("by hand", median(hands.clone()))),
+        );
+        if ups.len() > 1 {
+            println!("    testbed{}, by hand{}", spread(ups), spread(hands));
+        }
+    }
+    for (limit, took) in jobs {
+        row(&format!("5 lean to SSH-ready, --jobs {limit}"), took, None);
+    }
 }
 
 fn zk_bed(root: &Path) -> Bed {

@@ -1,8 +1,10 @@
-//! End to end on real VMs (qemu, TCG here): one two-machine testbed shared by
-//! every assertion — first the plan walked through each situation `up` meets
-//! (`plan --json` beside `up --json`), then the lifecycle — up, private
-//! network, ssh, halt, resume, converged up, destroy — because each boot
-//! costs seconds under emulation. The lifecycle runs on libvirt too, in
+//! End to end on real VMs (qemu, TCG here), each boot shared by as many
+//! assertions as it can serve, since boots cost seconds under emulation:
+//! five machines come up at once on two cores (more guests than cores),
+//! each reaching every other on the private network; then the plan walked
+//! through each situation `up` meets (`plan --json` beside `up --json`);
+//! then, on a fresh pair, the lifecycle — up, private network, ssh, halt,
+//! resume, converged up, destroy. The lifecycle runs on libvirt too, in
 //! `lifecycle_libvirt.rs`.
 
 mod common;
@@ -11,16 +13,47 @@ use common::{scenarios, Bed};
 use serde_json::Value;
 
 #[test]
-fn plan_says_what_up_does_then_the_lifecycle_leaves_nothing_behind() {
+fn five_at_once_then_plan_says_what_up_does_then_the_lifecycle_leaves_nothing_behind() {
     let bed = Bed::new(&walk_topology("hi", false));
     write_hello_kit(&bed);
     plan_walk(&bed);
+    bed.ok(&["destroy", "-f"]);
     std::fs::write(bed.path().join("topology.toml"), scenarios::pair("qemu")).expect("pair");
     scenarios::two_machines_live_halt_resume_and_leave_nothing_behind(&bed);
 }
 
-/// The pair, `alpha` running the test kit `hello` with `greeting`, and
-/// `beta` too when `beta_hello`.
+/// Machines besides `alpha` and `beta`, idle: with them five guests boot at
+/// once on two cores.
+const IDLE: [(&str, &str); 3] = [
+    ("gamma", "192.168.33.4"),
+    ("delta", "192.168.33.5"),
+    ("epsilon", "192.168.33.6"),
+];
+
+/// Every machine of the walk with its private address.
+fn all_machines() -> Vec<(&'static str, &'static str)> {
+    let mut all = vec![("alpha", "192.168.33.2"), ("beta", "192.168.33.3")];
+    all.extend(IDLE);
+    all
+}
+
+/// Each machine knows its name and reaches every other's sshd on the
+/// private network.
+fn every_machine_reaches_every_other(bed: &Bed) {
+    let all = all_machines();
+    for (machine, _) in &all {
+        assert_eq!(&ssh(bed, machine, "hostname"), machine);
+        let others: Vec<String> = all
+            .iter()
+            .filter(|(other, _)| other != machine)
+            .map(|(_, ip)| format!("nc -z -w 5 {ip} 22"))
+            .collect();
+        bed.ok(&["ssh", machine, "--", &others.join(" && ")]);
+    }
+}
+
+/// The five machines, `alpha` running the test kit `hello` with
+/// `greeting`, and `beta` too when `beta_hello`.
 fn walk_topology(greeting: &str, beta_hello: bool) -> String {
     let beta_daemons = if beta_hello {
         "daemons = [\"hello\"]\nvars = { greeting = \"bye\" }\n"
@@ -40,7 +73,11 @@ daemons = ["hello"]
 vars = {{ greeting = "{greeting}" }}
 [machines.beta]
 ip = "192.168.33.3"
-{beta_daemons}"#
+{beta_daemons}{idle}"#,
+        idle = IDLE
+            .iter()
+            .map(|(name, ip)| format!("[machines.{name}]\nip = \"{ip}\"\n"))
+            .collect::<String>()
     )
 }
 
@@ -113,8 +150,19 @@ fn expect(spec: &[Expected<'_>]) -> Actions {
         .collect()
 }
 
-/// `plan --json` must say `wanted`, then `up --json` must do exactly that.
+/// `plan --json` must say `wanted` (for alpha and beta, then the idle
+/// machines doing `idle_action`), then `up --json` must do exactly that.
 fn plan_then_up(bed: &Bed, situation: &str, wanted: Actions) {
+    let mut wanted = wanted;
+    let idle_action = if situation == "fresh" {
+        "create"
+    } else {
+        "nothing"
+    };
+    wanted.extend(
+        IDLE.iter()
+            .map(|(name, _)| (name.to_string(), idle_action.to_string(), Vec::new())),
+    );
     let plan: Value = serde_json::from_str(&bed.ok(&["plan", "--json", "topology.toml"]))
         .unwrap_or_else(|e| panic!("{situation}: plan --json: {e}"));
     assert_eq!(actions(&plan), wanted, "{situation}: the plan: {plan:#}");
@@ -138,6 +186,7 @@ fn plan_walk(bed: &Bed) {
         ]),
     );
     assert_eq!(ssh(bed, "alpha", "cat /etc/hello/greeting"), "hi");
+    every_machine_reaches_every_other(bed);
 
     let converged = expect(&[
         ("alpha", "nothing", &[("hello", "nothing")]),

@@ -24,6 +24,10 @@ pub struct Args {
     /// daemon's action as carried out, and the checks' results
     #[arg(long)]
     json: bool,
+    /// Boot at most N machines at once (until each answers SSH); the rest
+    /// wait for a slot. Default: up chooses
+    #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    jobs: Option<u16>,
 }
 
 pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
@@ -36,7 +40,7 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
         testbed.use_provider(kind)?;
     }
     let progress = Progress::new();
-    let report = testbed.up(&progress).await?;
+    let report = testbed.up(&progress, args.jobs.map(usize::from)).await?;
     if args.json {
         return print_json(&report);
     }

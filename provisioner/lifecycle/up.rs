@@ -5,6 +5,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
+
 use crate::build::BuildOutcome;
 use crate::check;
 use crate::identity::{self, MachineKeys, Seed};
@@ -106,7 +108,10 @@ impl Testbed {
     /// Carries out the plan: builds missing images, boots what is not
     /// running, applies identities, provisions daemons. A converged testbed
     /// is left alone.
-    pub async fn up(&self, progress: &Progress) -> Result<UpReport> {
+    ///
+    /// `boot_jobs`: how many machines boot at once (until SSH answers with
+    /// their identity applied); `None` lets `up` choose.
+    pub async fn up(&self, progress: &Progress, boot_jobs: Option<usize>) -> Result<UpReport> {
         let kits = self.kits()?;
         self.check_build(&kits)?;
         self.state.create()?;
@@ -148,12 +153,18 @@ impl Testbed {
             readiness.set(&Gate::Daemons(converged.name.clone()), true);
             readiness.set(&Gate::Reachable(converged.name.clone()), true);
         }
+        let booting = plan.machines.iter().filter(|m| m.boots()).count();
         let ctx = UpContext {
             state: self.state.clone(),
             record: Arc::new(Mutex::new(record)),
             machines: machines.clone(),
             readiness,
             topology: Arc::new(self.topology.clone()),
+            boots: Arc::new(Semaphore::new(
+                boot_jobs
+                    .unwrap_or_else(|| default_boot_jobs(booting))
+                    .max(1),
+            )),
         };
         let build_task = spawn_build(&ctx, build_current, progress);
         let mut tasks = Vec::new();
@@ -232,6 +243,7 @@ impl Testbed {
             machines: machines.clone(),
             readiness,
             topology: Arc::new(self.topology.clone()),
+            boots: Arc::new(Semaphore::new(1)),
         };
         let mut tasks = Vec::new();
         for machine in selected {
@@ -425,6 +437,8 @@ pub(super) struct UpContext {
     pub(super) machines: Arc<Machines>,
     pub(super) readiness: Arc<Readiness>,
     pub(super) topology: Arc<Topology>,
+    /// A permit per machine allowed to boot at once.
+    pub(super) boots: Arc<Semaphore>,
 }
 
 impl UpContext {
@@ -466,6 +480,11 @@ async fn up_machine(
     task: &Task,
 ) -> Result<(MachineAction, Vec<Outcome>)> {
     let done = if machine.apply_identity {
+        let _slot = if boot.is_some() {
+            Some(boot_slot(ctx, task).await?)
+        } else {
+            None
+        };
         bring_up(machine, boot, target, ctx, task).await?
     } else {
         MachineAction::Provision
@@ -474,6 +493,24 @@ async fn up_machine(
         .set(&Gate::Reachable(machine.name.clone()), true);
     let outcomes = provision_and_record(machine, ctx, task).await?;
     Ok((done, outcomes))
+}
+
+/// Waits for one of the `--jobs` boot slots, saying so when it must wait.
+async fn boot_slot(ctx: &UpContext, task: &Task) -> Result<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(slot) = ctx.boots.clone().try_acquire_owned() {
+        return Ok(slot);
+    }
+    task.set("waiting for a boot slot (--jobs)");
+    ctx.boots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| Error::Internal(format!("boot slots: {e}")))
+}
+
+/// How many machines boot at once when `--jobs` is not given: all of them.
+fn default_boot_jobs(booting: usize) -> usize {
+    booting
 }
 
 /// Provisions a machine's daemons as planned and records what was pushed.

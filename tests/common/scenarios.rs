@@ -55,7 +55,15 @@ pub fn two_machines_live_halt_resume_and_leave_nothing_behind(bed: &Bed) {
         "halt left processes behind"
     );
 
-    bed.ok(&["up"]);
+    // Resumed one at a time: the second waits for the first's boot slot.
+    let resumed = bed.testbed(&["up", "--jobs", "1"]);
+    let progress = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "up --jobs 1 failed:\n{progress}");
+    assert_eq!(
+        progress.matches("waiting for a boot slot (--jobs)").count(),
+        1,
+        "with --jobs 1 exactly one of the two machines waits:\n{progress}"
+    );
     assert_eq!(
         bed.ok(&["ssh", "alpha", "--", "cat", "/root/marker"])
             .trim(),
