@@ -216,7 +216,7 @@ fn zookeeper_manifest_and_readiness_check() {
         tcp.expect.as_deref(),
         Some("/Mode: (standalone|leader|follower)/")
     );
-    assert_eq!(check.timeout.as_deref(), Some("120s"));
+    assert_eq!(check.timeout.as_deref(), Some("10m"));
     assert_eq!(check.retry.as_deref(), Some("500ms"));
     assert!(check.http.is_none() && check.command.is_none());
 }
