@@ -520,8 +520,15 @@ impl Ensemble {
                         ));
                     }
                     script.push_str("systemctl start zookeeper\n");
-                    self.ssh(machine, *port, "sh -s", Some(&script))
-                        .expect("configure and start");
+                    // What the obvious script does under load: try again.
+                    while self.ssh(machine, *port, "sh -s", Some(&script)).is_none() {
+                        assert!(
+                            start.elapsed() < Duration::from_secs(900),
+                            "{} could not be configured",
+                            machine.name
+                        );
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
                     loop {
                         let stat =
                             self.ssh(machine, *port, "echo stat | nc -w 3 localhost 2181", None);

@@ -166,8 +166,9 @@ impl Testbed {
                     .max(1),
             )),
         };
-        let build_task = spawn_build(&ctx, build_current, progress);
-        let mut tasks = Vec::new();
+        // Everything that can fail before a machine starts is done for all
+        // of them first: an error here leaves no task running.
+        let mut work = Vec::new();
         for (index, machine) in plan.machines.iter().enumerate() {
             if machine.action == MachineAction::Nothing {
                 continue;
@@ -176,9 +177,13 @@ impl Testbed {
                 Some(image) => Some(self.vm_spec(machine, image.clone(), &ctx)?),
                 None => None,
             };
-            let task = progress.task(&machine.name);
+            work.push((index, boot, self.ssh_target(&machine.machine, 0)?));
+        }
+        let build_task = spawn_build(&ctx, build_current, progress);
+        let mut tasks = Vec::new();
+        for (index, boot, target) in work {
+            let task = progress.task(&plan.machines[index].name);
             let ctx = ctx.clone();
-            let target = self.ssh_target(&machine.machine, 0)?;
             let plan = plan.clone();
             tasks.push(tokio::spawn(async move {
                 let machine = &plan.machines[index];
