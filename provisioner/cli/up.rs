@@ -11,7 +11,8 @@ use crate::settings::Settings;
 #[command(after_help = "Examples:\n  testbed up topologies/quickstart.toml\n  \
                         testbed up            # again: resumes halted machines, or does nothing\n  \
                         testbed up --provider libvirt topologies/zk-ensemble.toml\n  \
-                        testbed up --json | jq '.machines[] | {name, action}'")]
+                        testbed up --json | jq '.machines[] | {name, action}'\n  \
+                        testbed up --jobs 3   # boot three machines at a time")]
 pub struct Args {
     #[command(flatten)]
     at: super::At,
@@ -25,7 +26,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Boot at most N machines at once (until each answers SSH); the rest
-    /// wait for a slot. Default: up chooses
+    /// wait for a slot. Default: all at once
     #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     jobs: Option<u16>,
 }

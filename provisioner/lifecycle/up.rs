@@ -110,7 +110,7 @@ impl Testbed {
     /// is left alone.
     ///
     /// `boot_jobs`: how many machines boot at once (until SSH answers with
-    /// their identity applied); `None` lets `up` choose.
+    /// their identity applied); `None` boots them all at once.
     pub async fn up(&self, progress: &Progress, boot_jobs: Option<usize>) -> Result<UpReport> {
         let kits = self.kits()?;
         self.check_build(&kits)?;
@@ -513,7 +513,8 @@ async fn boot_slot(ctx: &UpContext, task: &Task) -> Result<tokio::sync::OwnedSem
         .map_err(|e| Error::Internal(format!("boot slots: {e}")))
 }
 
-/// How many machines boot at once when `--jobs` is not given: all of them.
+/// How many machines boot at once when `--jobs` is not given: all of them
+/// (waves are not measured yet to finish sooner on a loaded host).
 fn default_boot_jobs(booting: usize) -> usize {
     booting
 }
