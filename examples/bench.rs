@@ -21,7 +21,8 @@
 //!   hour): a ZooKeeper ensemble of N = 1, 3, 5, 8 brought up to green by
 //!   `up` beside the same work by hand, one after the other per N (N = 3
 //!   three times, for the spread); and 5 lean machines to SSH-ready with
-//!   all booting at once beside `--jobs 3` and `--jobs 2`.
+//!   all booting at once beside `--jobs 3` and `--jobs 2`. `BENCH_LOAD_N=5,3`
+//!   measures only those ensemble sizes.
 //!
 //! `BENCH=slurm`, `BENCH=libvirt`, `BENCH=plan` or `BENCH=load` runs only
 //! that part.
@@ -951,7 +952,16 @@ fn zk_topology(n: usize) -> String {
 fn under_load(root: &Path) {
     println!("\ntestbed benchmark: under load (TCG, 2 cores, warm image cache)\n");
     // The largest first: what fails under load fails early.
-    for n in [8, 5, 3, 1] {
+    // `BENCH_LOAD_N=5,3` measures only those sizes.
+    let sizes: Vec<usize> = std::env::var("BENCH_LOAD_N")
+        .ok()
+        .map(|list| {
+            list.split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_else(|| vec![8, 5, 3, 1]);
+    for n in sizes {
         let rounds = if n == 3 { 3 } else { 1 };
         let bed = Bed::with_text(root, &format!("bench-zk{n}"), &zk_topology(n));
         let (mut ups, mut hands) = (Vec::new(), Vec::new());
