@@ -69,7 +69,40 @@ pub enum DaemonAction {
     Nothing,
 }
 
+impl MachineAction {
+    /// The action's word, as in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineAction::Create => "create",
+            MachineAction::Start => "start",
+            MachineAction::Provision => "provision",
+            MachineAction::Nothing => "nothing",
+        }
+    }
+}
+
+impl BuildAction {
+    /// The action's word, as in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildAction::Run => "run",
+            BuildAction::Skip => "skip",
+        }
+    }
+}
+
 impl DaemonAction {
+    /// The action's word, as in the JSON (and the systemctl verb of `start`
+    /// and `restart`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DaemonAction::Start => "start",
+            DaemonAction::Restart => "restart",
+            DaemonAction::Stop => "stop",
+            DaemonAction::Nothing => "nothing",
+        }
+    }
+
     /// The word for a line of output: "started", "restarted", …
     pub fn past_tense(self) -> &'static str {
         match self {
@@ -346,21 +379,17 @@ impl MachineResolver<'_> {
     /// The seed when the machine's keys and the user key exist; a machine
     /// without them has never been created.
     fn seed(&self, layout: &MachineDir) -> Result<Option<Seed>> {
-        let (Some(keys), Some(authorized)) = (MachineKeys::load(layout), self.authorized) else {
+        let Some(authorized) = self.authorized else {
             return Ok(None);
         };
-        let management = self.provider.management(&identity::mac_address(
-            &self.machine.name,
-            identity::MANAGEMENT_NIC,
-        ));
-        let seed = identity::build_seed(
+        let seed = machine_seed(
             self.inputs.topology,
             self.machine,
-            &keys,
+            &*self.provider,
+            layout,
             authorized,
-            &management,
         )?;
-        Ok(Some(seed))
+        Ok(seed)
     }
 
     /// The machine's action from what the provider sees and the record says;
@@ -508,7 +537,7 @@ impl MachineResolver<'_> {
             .daemons
             .iter()
             .filter(|daemon| daemon.action != DaemonAction::Nothing)
-            .map(|daemon| format!("{} {}", daemon.name, verb(daemon.action)))
+            .map(|daemon| format!("{} {}", daemon.name, daemon.action.as_str()))
             .collect();
         if !changed.is_empty() {
             return Some(format!("running; daemons: {}", changed.join(", ")));
@@ -548,13 +577,23 @@ impl MachineResolver<'_> {
     }
 }
 
-fn verb(action: DaemonAction) -> &'static str {
-    match action {
-        DaemonAction::Start => "start",
-        DaemonAction::Restart => "restart",
-        DaemonAction::Stop => "stop",
-        DaemonAction::Nothing => "nothing",
-    }
+/// The identity seed of `machine` from its keys in `layout`, `None` while
+/// it has none (it was never created): what `plan` compares and `up` applies.
+pub fn machine_seed(
+    topology: &Topology,
+    machine: &Machine,
+    provider: &dyn Provider,
+    layout: &MachineDir,
+    authorized_key: &str,
+) -> std::result::Result<Option<Seed>, identity::IdentityError> {
+    let Some(keys) = MachineKeys::load(layout) else {
+        return Ok(None);
+    };
+    let management = provider.management(&identity::mac_address(
+        &machine.name,
+        identity::MANAGEMENT_NIC,
+    ));
+    identity::build_seed(topology, machine, &keys, authorized_key, &management).map(Some)
 }
 
 fn build_plan(inputs: &Inputs<'_>) -> Result<Option<BuildPlan>> {

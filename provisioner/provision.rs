@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,12 +38,6 @@ pub enum ProvisionError {
     },
     #[error("{machine}: not started because {dependency} failed")]
     DependencyFailed { machine: String, dependency: Gate },
-    #[error(
-        "{machine}: artifact {} is missing\n  help: the build step makes it: run `testbed build` \
-         (or `testbed up`), or check `outputs` in [build]",
-        path.display()
-    )]
-    MissingArtifact { machine: String, path: PathBuf },
     #[error("{machine}: `{command}` failed ({status}): {stderr}")]
     Command {
         machine: String,
@@ -529,11 +522,10 @@ async fn start_or_restart(
         (_, false) => DaemonAction::Start,
         (false, true) => DaemonAction::Nothing,
     };
-    let verb = match action {
-        DaemonAction::Restart => "restart",
-        DaemonAction::Start => "start",
-        DaemonAction::Stop | DaemonAction::Nothing => return Ok(action),
-    };
+    if matches!(action, DaemonAction::Stop | DaemonAction::Nothing) {
+        return Ok(action);
+    }
+    let verb = action.as_str();
     on_step(&format!("{verb}ing {daemon}"));
     machines
         .run_ok(machine, &format!("systemctl {verb} {service}"))
@@ -556,9 +548,12 @@ async fn push_artifacts(
     let session = machines.session(machine).await?;
     for artifact in artifacts {
         let path = topology.dir().join(artifact);
-        let missing = || ProvisionError::MissingArtifact {
-            machine: machine.to_string(),
-            path: path.clone(),
+        // The same error the plan gives when it hashes a missing artifact.
+        let missing = || {
+            ProvisionError::Plan(PlanError::MissingArtifact {
+                machine: machine.to_string(),
+                path: path.clone(),
+            })
         };
         let bytes = std::fs::read(&path).map_err(|_| missing())?;
         let mode = std::fs::metadata(&path)

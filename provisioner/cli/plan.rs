@@ -5,7 +5,7 @@ use crate::check::CheckSpec;
 use crate::kit::Secrets;
 use crate::lifecycle::Testbed;
 use crate::model::{Builder, Topology};
-use crate::plan::{self, DaemonAction, MachinePlan, Plan};
+use crate::plan::{self, MachinePlan, Plan};
 use crate::settings::Settings;
 
 /// Validate a topology and show what `up` would do and why, touching nothing
@@ -77,7 +77,7 @@ fn print_machine(testbed: &Testbed, planned: &MachinePlan, secrets: &Secrets) {
         machine.provider.as_str(),
         list_or_dash(&ips),
         list_or_dash(&forwards),
-        action_word(planned),
+        planned.action.as_str(),
         planned.why,
     );
     if !machine.depends_on.is_empty() {
@@ -95,22 +95,10 @@ fn print_machine(testbed: &Testbed, planned: &MachinePlan, secrets: &Secrets) {
     }
 }
 
-fn action_word(planned: &MachinePlan) -> String {
-    serde_json::to_value(planned.action)
-        .ok()
-        .and_then(|value| value.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 /// A daemon's action, then every file its kit renders, in full: what `up`
 /// would push. Secret values never show: each is `<secret NAME>`.
 fn print_daemon(daemon: &plan::DaemonPlan, secrets: &Secrets) {
-    let action = match daemon.action {
-        DaemonAction::Start => "start",
-        DaemonAction::Restart => "restart",
-        DaemonAction::Stop => "stop",
-        DaemonAction::Nothing => "nothing",
-    };
+    let action = daemon.action.as_str();
     let Some(rendered) = &daemon.rendered else {
         println!(
             "    daemon {}: up would {action}: {}",
@@ -177,11 +165,11 @@ fn print_build(topology: &Topology, plan: &Plan) {
         println!("    $ {line}");
     }
     if let Some(planned) = &plan.build {
-        let action = match planned.action {
-            plan::BuildAction::Run => "run",
-            plan::BuildAction::Skip => "skip",
-        };
-        println!("    up would {action} it: {}", planned.why);
+        println!(
+            "    up would {} it: {}",
+            planned.action.as_str(),
+            planned.why
+        );
     }
 }
 

@@ -634,26 +634,22 @@ fn machine_seed(machine: &MachinePlan, ctx: &UpContext) -> Result<Seed> {
     if let Some(seed) = &machine.seed {
         return Ok(seed.clone());
     }
-    let keys =
-        MachineKeys::load(&ctx.state.machine(&machine.name)).ok_or_else(|| Error::Untracked {
-            machine: machine.name.clone(),
-        })?;
     let user_key = ssh::public_key_path(&ctx.state.user_key());
     let authorized = std::fs::read_to_string(&user_key).map_err(|source| StateError::Io {
         path: user_key,
         source,
     })?;
-    let management = machine.provider.management(&identity::mac_address(
-        &machine.name,
-        identity::MANAGEMENT_NIC,
-    ));
-    Ok(identity::build_seed(
+    let layout = ctx.state.machine(&machine.name);
+    plan::machine_seed(
         &ctx.topology,
         &machine.machine,
-        &keys,
+        &*machine.provider,
+        &layout,
         &authorized,
-        &management,
-    )?)
+    )?
+    .ok_or_else(|| Error::Untracked {
+        machine: machine.name.clone(),
+    })
 }
 
 /// Boots, retrying with another port when the chosen one was taken meanwhile.
