@@ -24,8 +24,8 @@
 //!   all booting at once beside `--jobs 3` and `--jobs 2`. `BENCH_LOAD_N=5,3`
 //!   measures only those ensemble sizes.
 //!
-//! `BENCH=slurm`, `BENCH=libvirt`, `BENCH=plan` or `BENCH=load` runs only
-//! that part.
+//! `BENCH=boot`, `BENCH=slurm`, `BENCH=libvirt`, `BENCH=plan` or
+//! `BENCH=load` runs only that part (`boot`: the SSH-ready rows).
 //!
 //! It prints a table of medians and ratios. Nothing here asserts: figures
 //! are for people to read and compare.
@@ -821,22 +821,12 @@ fn main() {
         }
         _ => {}
     }
-    eprintln!("warming: image cache and KVM probe");
-    let one = Bed::new(root.path(), "bench-one", 1);
-    one.run(&["up", "topology.toml"]);
-    let kit = BareKit::from(&one, root.path());
-    one.run(&["destroy", "-f"]);
-
-    let three = Bed::new(root.path(), "bench-three", 3);
-    let (mut up1, mut bare1, mut up3, mut bare3) = (vec![], vec![], vec![], vec![]);
-    for round in 0..rounds {
-        eprintln!("round {}/{rounds}: boots", round + 1);
-        bare1.push(bare_boot(&kit, root.path(), 1));
-        up1.push(one.run(&["up", "topology.toml"]));
-        one.run(&["destroy", "-f"]);
-        bare3.push(bare_boot(&kit, root.path(), 3));
-        up3.push(three.run(&["up", "topology.toml"]));
-        three.run(&["destroy", "-f"]);
+    let (one, kit, boots) = boot_rounds(root.path(), rounds);
+    if std::env::var("BENCH").as_deref() == Ok("boot") {
+        println!("\ntestbed benchmark: boots (TCG, warm image cache, medians of {rounds})\n");
+        print_header();
+        print_boot_rows(boots);
+        return;
     }
 
     eprintln!("converged commands");
@@ -892,20 +882,8 @@ fn main() {
     println!(
         "\ntestbed benchmark (TCG, warm image cache, medians of {rounds} boot rounds / 10 runs)\n"
     );
-    println!(
-        "{:<34} {:>11}   {:<26} {:>11}   {:>6}",
-        "testbed", "", "baseline", "", "ratio"
-    );
-    row(
-        "up to SSH-ready, 1 machine",
-        median(up1),
-        Some(("bare qemu + ssh poll", median(bare1))),
-    );
-    row(
-        "up to SSH-ready, 3 machines",
-        median(up3),
-        Some(("bare qemu + ssh poll", median(bare3))),
-    );
+    print_header();
+    print_boot_rows(boots);
     row("converged up", converged, None);
     row("status", status, None);
     row(
@@ -922,6 +900,63 @@ fn main() {
     print_converged(&converged_zk, large);
     print_libvirt_row(libvirt);
     slurm_breakdown(root.path());
+}
+
+/// `up` to SSH-ready beside bare qemu, 1 and 3 machines, alternated round
+/// by round: each run's figures, testbed's then the baseline's.
+struct Boots {
+    one: (Vec<Duration>, Vec<Duration>),
+    three: (Vec<Duration>, Vec<Duration>),
+}
+
+/// Warms the image cache, then alternates the boots; returns the
+/// one-machine bed (destroyed) and the bare-qemu kit for what follows.
+fn boot_rounds(root: &Path, rounds: usize) -> (Bed, BareKit, Boots) {
+    eprintln!("warming: image cache and KVM probe");
+    let one = Bed::new(root, "bench-one", 1);
+    one.run(&["up", "topology.toml"]);
+    let kit = BareKit::from(&one, root);
+    one.run(&["destroy", "-f"]);
+
+    let three = Bed::new(root, "bench-three", 3);
+    let mut boots = Boots {
+        one: (vec![], vec![]),
+        three: (vec![], vec![]),
+    };
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}: boots", round + 1);
+        boots.one.1.push(bare_boot(&kit, root, 1));
+        boots.one.0.push(one.run(&["up", "topology.toml"]));
+        one.run(&["destroy", "-f"]);
+        boots.three.1.push(bare_boot(&kit, root, 3));
+        boots.three.0.push(three.run(&["up", "topology.toml"]));
+        three.run(&["destroy", "-f"]);
+    }
+    (one, kit, boots)
+}
+
+fn print_header() {
+    println!(
+        "{:<34} {:>11}   {:<26} {:>11}   {:>6}",
+        "testbed", "", "baseline", "", "ratio"
+    );
+}
+
+fn print_boot_rows(boots: Boots) {
+    eprintln!(
+        "boots, each run (testbed / bare): 1 machine {:?} / {:?}; 3 machines {:?} / {:?}",
+        boots.one.0, boots.one.1, boots.three.0, boots.three.1
+    );
+    row(
+        "up to SSH-ready, 1 machine",
+        median(boots.one.0),
+        Some(("bare qemu + ssh poll", median(boots.one.1))),
+    );
+    row(
+        "up to SSH-ready, 3 machines",
+        median(boots.three.0),
+        Some(("bare qemu + ssh poll", median(boots.three.1))),
+    );
 }
 
 /// A ZooKeeper ensemble of `n` machines (zk-1 … zk-n, one standalone when

@@ -188,7 +188,7 @@ pub struct ConnectTimeout {
 }
 
 /// What reaching a server took, for the message when it never answered.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tries {
     /// TCP connections tried.
     pub opened: usize,
@@ -199,6 +199,8 @@ pub struct Tries {
     pub closed: usize,
     /// Banners heard, each followed by a key exchange.
     pub handshakes: usize,
+    /// Why the last connection that did not hear the banner ended.
+    pub last_unreached: Option<String>,
 }
 
 impl std::fmt::Display for Tries {
@@ -692,9 +694,9 @@ async fn attempt(
     let limit = remaining.max(LAST_ATTEMPT);
     let started = Instant::now();
     let reaching = reach_first(target.addr, tries);
-    let stream = tokio::time::timeout(limit, reaching)
-        .await
-        .map_err(|_| timed_out("no answer from sshd", limit))??;
+    let Ok(stream) = tokio::time::timeout(limit, reaching).await else {
+        return Err(Attempt::Retry(tries.silence(limit)));
+    };
     tries.handshakes += 1;
     let limit = limit.saturating_sub(started.elapsed()).max(LAST_ATTEMPT);
     let handshake = handshake(target, credentials, config, stream);
@@ -707,57 +709,96 @@ fn timed_out(what: &str, limit: Duration) -> Attempt {
     Attempt::Retry(format!("{what} within {}", seconds(limit)))
 }
 
-/// How often a new connection is opened while earlier ones still wait,
-/// until the guest's network answers.
+/// How often the reach loop looks at its connections, and opens a new one
+/// while the guest's network has not answered yet.
 const REACH_INTERVAL: Duration = Duration::from_millis(250);
-/// Connections left waiting at once, at most.
+/// Connections left waiting at once before the guest's network answers;
+/// beyond it the oldest is dropped for a fresh one.
 const REACH_PENDING: usize = 8;
+/// Once the guest's network answers: connections waiting at once, at most,
+/// and how long the one waiting must have been silent before a second one
+/// is opened beside it.
+const SETTLED_PENDING: usize = 2;
+const SETTLED_SILENCE: Duration = Duration::from_secs(1);
 
-/// Reaches a server that may still be booting. Through a port forwarder
-/// (qemu's user networking) a connection opened before the guest's network
-/// is up neither fails nor answers: it hangs. So while nothing has been
-/// refused, a new connection is opened every [`REACH_INTERVAL`] while the
-/// earlier ones wait, and the first to hear the SSH banner wins; the
-/// SSH-ready moment is then seen within a quarter second. Once one is
-/// refused or closed (the guest's network is up, so every later connection
-/// is either refused at once or accepted by sshd), the waiting ones are
-/// dropped and this returns: the caller retries with one connection at a
-/// time, which waits for the banner as long as sshd takes. Overlapping
-/// connections that sshd accepts would each cost a loaded guest a forked
-/// sshd (and beyond its MaxStartups, a dropped connection).
-async fn reach_first(addr: SocketAddr, tries: &mut Tries) -> Result<TcpStream, Attempt> {
-    if tries.closed > 0 {
-        tries.opened += 1;
-        return reach(addr)
-            .await
-            .map_err(|unreached| tries.count(unreached));
-    }
+/// Reaches a server that may still be booting; runs until one connection
+/// hears the SSH banner (the caller bounds it).
+///
+/// Through a port forwarder (qemu's user networking) a connection opened
+/// before the guest's network is up neither fails nor answers: the
+/// forwarder's SYN to the guest is lost, and it sends it again only after
+/// 6 s, then 12 s more. So until one is closed by the guest, a fresh
+/// connection is opened every [`REACH_INTERVAL`] (the oldest of
+/// [`REACH_PENDING`] dropped for it), and the first to hear the banner
+/// wins: the SSH-ready moment is seen within a quarter second.
+///
+/// The first connection the guest closes shows its network is up: the
+/// waiting ones are dropped (sshd might accept them all at once, a fork
+/// each on a loaded guest) and from then on one connection at a time is
+/// opened, the next as soon as one is closed. A second is opened beside it
+/// only when it has heard nothing for [`SETTLED_SILENCE`], in case its SYN
+/// was lost while the guest's interface settled. Never more than
+/// [`SETTLED_PENDING`], and none is dropped: a slow sshd is waited for, not
+/// flooded (beyond its MaxStartups it drops connections).
+async fn reach_first(addr: SocketAddr, tries: &mut Tries) -> TcpStream {
     let mut pending = tokio::task::JoinSet::new();
+    let mut oldest_first = std::collections::VecDeque::new();
     let mut ticker = tokio::time::interval(REACH_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_opened = Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                if pending.len() < REACH_PENDING {
+                oldest_first.retain(|task: &tokio::task::AbortHandle| !task.is_finished());
+                let network_up = tries.closed > 0;
+                let open = opening(network_up, oldest_first.len(), last_opened.elapsed());
+                if open == Open::Replacing {
+                    if let Some(oldest) = oldest_first.pop_front() {
+                        oldest.abort();
+                    }
+                }
+                if open != Open::No {
                     tries.opened += 1;
-                    pending.spawn(reach(addr));
+                    last_opened = Instant::now();
+                    oldest_first.push_back(pending.spawn(reach(addr)));
                 }
             }
             Some(done) = pending.join_next(), if !pending.is_empty() => {
                 match done {
-                    Ok(Ok(stream)) => return Ok(stream),
-                    // Nothing listens on the host yet: keep trying.
-                    Ok(Err(unreached @ Unreached::Refused(_))) => {
+                    Ok(Ok(stream)) => return stream,
+                    Ok(Err(unreached)) => {
+                        let first_closed = tries.closed == 0
+                            && matches!(unreached, Unreached::Closed(_));
                         tries.count(unreached);
-                    }
-                    Ok(Err(unreached @ Unreached::Closed(_))) => {
-                        pending.abort_all();
-                        return Err(tries.count(unreached));
+                        if first_closed {
+                            pending.abort_all();
+                            oldest_first.clear();
+                        }
                     }
                     Err(_) => {} // aborted
                 }
             }
         }
+    }
+}
+
+/// Whether the reach loop opens another connection now, beside the
+/// `waiting` ones or in place of the oldest (see [`reach_first`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    No,
+    Beside,
+    Replacing,
+}
+
+fn opening(network_up: bool, waiting: usize, since_last_opened: Duration) -> Open {
+    let silent_long = since_last_opened >= SETTLED_SILENCE;
+    match (network_up, waiting) {
+        (false, waiting) if waiting < REACH_PENDING => Open::Beside,
+        (false, _) if silent_long => Open::Replacing,
+        (true, 0) => Open::Beside,
+        (true, waiting) if waiting < SETTLED_PENDING && silent_long => Open::Beside,
+        _ => Open::No,
     }
 }
 
@@ -770,17 +811,27 @@ enum Unreached {
 }
 
 impl Tries {
-    /// Counts a connection that did not reach the banner; the retry reason.
-    fn count(&mut self, unreached: Unreached) -> Attempt {
-        match unreached {
+    /// Counts a connection that did not reach the banner.
+    fn count(&mut self, unreached: Unreached) {
+        let reason = match unreached {
             Unreached::Refused(reason) => {
                 self.refused += 1;
-                Attempt::Retry(reason)
+                reason
             }
             Unreached::Closed(reason) => {
                 self.closed += 1;
-                Attempt::Retry(reason)
+                reason
             }
+        };
+        self.last_unreached = Some(reason);
+    }
+
+    /// The retry reason when no connection heard the banner within `limit`.
+    fn silence(&self, limit: Duration) -> String {
+        let waited = format!("no answer from sshd within {}", seconds(limit));
+        match &self.last_unreached {
+            Some(reason) => format!("{waited} (last connection: {reason})"),
+            None => waited,
         }
     }
 }

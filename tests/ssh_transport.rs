@@ -417,6 +417,45 @@ async fn connect_gives_up_at_the_deadline() {
     assert!(error.to_string().contains("within 1 s"), "{error}");
 }
 
+/// A guest whose network is up but whose sshd is slow: the first
+/// connection is closed before the banner, every later one is accepted and
+/// left silent. The reach loop waits for them without a storm: never more
+/// than two at once, and the error says what the last one heard.
+#[tokio::test]
+async fn connect_to_a_silent_server_keeps_at_most_two_connections() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let sshd = Sshd::prepare(); // only for its key files
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mut target = sshd.target();
+    target.addr = listener.local_addr().expect("local addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (stream, _) = listener.accept().await.expect("accept");
+            if counter.fetch_add(1, Ordering::SeqCst) > 0 {
+                held.push(stream); // silent, like an sshd still forking
+            } // the first is dropped: closed before the banner
+        }
+    });
+    let error = Session::connect(&target, Duration::from_secs(4))
+        .await
+        .expect_err("nothing speaks SSH");
+    server.abort();
+    let message = error.to_string();
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "{message}");
+    assert!(message.contains("3 connection(s) tried"), "{message}");
+    assert!(
+        message.contains("closed before the SSH banner"),
+        "{message}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_execs_share_one_session() {
     let sshd = Sshd::started();
