@@ -1,14 +1,12 @@
 # testbed: the two set-up commands.
 #   make up     install what a fresh Debian machine lacks, build testbed, bring up the quickstart
 #   make test   run the whole test suite (unit, integration, end-to-end on real VMs)
-# Run as root, or with sudo available for the package install.
+# Run as root or as an ordinary user: sudo is used only for the package
+# install. Image builds run as the invoking user (mmdebstrap's unshare mode
+# when it is not root) into that user's cache.
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TESTBED := target/release/testbed
-# Image builds need root (mmdebstrap --mode=root); they go to the invoking
-# user's cache, from which VMs then boot without root.
-CACHE := $(or $(TESTBED_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/testbed)
-BUILD_IMAGE = $(SUDO) env TESTBED_CACHE=$(CACHE) $(1) image build debian-12
 
 .PHONY: deps build up lint test bench clean
 
@@ -21,14 +19,13 @@ deps:
 	$(SUDO) apt-get update -qq
 	QEMU_VERSION=$$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $$2}'); \
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
-		qemu-system-x86 "qemu-utils=$$QEMU_VERSION" mmdebstrap e2fsprogs openssh-client openssh-server \
+		qemu-system-x86 "qemu-utils=$$QEMU_VERSION" mmdebstrap e2fsprogs genext2fs uidmap openssh-client openssh-server \
 		ca-certificates pkg-config libvirt-dev libvirt-daemon-system libvirt-clients dnsmasq-base
 
 build:
 	cargo build --release
 
 up: deps build
-	$(call BUILD_IMAGE,$(TESTBED))
 	$(TESTBED) up topologies/quickstart.toml
 	$(TESTBED) ssh -f topologies/quickstart.toml zk -- hostname
 
@@ -37,10 +34,16 @@ lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
+# The base image is built first, once, so that the tests booting it in
+# parallel do not each wait on its lock. Run as root, the new user's test
+# (tests/zookeeper_qemu.rs) runs testbed as an ordinary user: TEST_USER,
+# made here when missing (useradd gives it subordinate ids).
+TEST_USER := $(or $(TESTBED_TEST_USER),testbed-ci)
 test:
+	@if [ "$$(id -u)" = 0 ] && ! id $(TEST_USER) >/dev/null 2>&1; then useradd --create-home $(TEST_USER); fi
 	cargo build
-	$(call BUILD_IMAGE,target/debug/testbed)
-	cargo test
+	target/debug/testbed image build debian-12
+	TESTBED_TEST_USER=$(TEST_USER) cargo test
 
 bench: build
 	cargo run --release --example bench

@@ -3,39 +3,20 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::library::{self, Folder, Origin, Shelf};
 use crate::settings::Search;
 
-/// Directories searched for `images/<name>.toml`: `$TESTBED_IMAGES`, then
-/// `images/` in the topology's directory and each of its ancestors.
-pub fn recipe_dirs(start: &Path, search: &Search) -> Vec<PathBuf> {
-    search_dirs(start, search.images.as_deref(), "images")
-}
-
-/// `first` when given, then every `<folder>/` found in `start` or above it:
-/// how recipes and kits beside a topology (or the repository's) are found.
-pub fn search_dirs(start: &Path, first: Option<&Path>, folder: &str) -> Vec<PathBuf> {
-    let upwards = start
-        .ancestors()
-        .map(|ancestor| ancestor.join(folder))
-        .filter(|candidate| candidate.is_dir());
-    first
-        .map(Path::to_path_buf)
-        .into_iter()
-        .chain(upwards)
-        .collect()
+/// Folders searched for `<name>.toml` recipes, in order (see [`library`]).
+pub fn recipe_dirs(start: &Path, search: &Search) -> Vec<Folder> {
+    library::search(Shelf::Images, start, search)
 }
 
 /// The names of every recipe visible from `start`, sorted.
 pub fn recipe_names(start: &Path, search: &Search) -> Vec<String> {
     let mut names: Vec<String> = recipe_dirs(start, search)
         .iter()
-        .filter_map(|dir| std::fs::read_dir(dir).ok())
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let path = entry.path();
-            (path.extension()? == "toml").then(|| path.file_stem()?.to_str().map(str::to_owned))?
-        })
+        .flat_map(Folder::entries)
+        .filter_map(|entry| entry.strip_suffix(".toml").map(str::to_owned))
         .collect();
     names.sort();
     names.dedup();
@@ -53,7 +34,7 @@ use sha2::{Digest, Sha256};
 /// Bump when the way images are built changes, so old caches are not reused.
 const BUILDER_VERSION: &str = "testbed-image-1";
 const MMDEBSTRAP_HINT: &str =
-    "apt-get install --no-install-recommends mmdebstrap e2fsprogs qemu-utils";
+    "apt-get install --no-install-recommends mmdebstrap e2fsprogs qemu-utils genext2fs uidmap";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -83,8 +64,6 @@ pub enum ImageError {
         tail: String,
         log: PathBuf,
     },
-    #[error("building images needs root here (mmdebstrap --mode=root, then mkfs.ext4 -d); run `sudo testbed image build {0}` once, the cache is then used without root")]
-    NeedsRoot(String),
     #[error("no image named {0} in the cache")]
     NotCached(String),
 }
@@ -135,45 +114,51 @@ pub struct RecipeSpec {
     pub disk: String,
 }
 
-/// A recipe found on disk, with the hash that keys its cached build.
+/// A recipe found on disk or built in, with the hash that keys its cached
+/// build (of its contents only: a built-in and an identical local copy
+/// share one image).
 #[derive(Debug, Clone)]
 pub struct Recipe {
     pub name: String,
+    /// The recipe file, as messages show it.
     pub path: PathBuf,
+    /// The folder holding the recipe; its `files` and `scripts` are relative to it.
+    folder: Folder,
     pub spec: RecipeSpec,
     pub hash: String,
 }
 
 impl Recipe {
-    /// Finds `name` in the recipe directories visible from `start`.
+    /// Finds `name` in the recipe folders visible from `start`.
     pub fn find(name: &str, start: &Path, search: &Search) -> Result<Recipe, ImageError> {
-        let dirs = recipe_dirs(start, search);
-        let path = dirs
+        let folders = recipe_dirs(start, search);
+        let file = format!("{name}.toml");
+        let folder = folders
             .iter()
-            .map(|dir| dir.join(format!("{name}.toml")))
-            .find(|path| path.is_file())
+            .find(|folder| folder.is_file(&file))
             .ok_or_else(|| ImageError::UnknownRecipe {
                 name: name.into(),
-                searched: dirs
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                searched: library::searched_in_words(&folders),
                 known: recipe_names(start, search).join(", "),
             })?;
-        Recipe::load(name, &path)
+        Recipe::load(name, folder.clone())
     }
 
-    pub fn load(name: &str, path: &Path) -> Result<Recipe, ImageError> {
-        let text =
-            fs::read_to_string(path).map_err(io_err(format!("cannot read {}", path.display())))?;
+    /// Loads the recipe `<name>.toml` in `folder`.
+    pub fn load(name: &str, folder: Folder) -> Result<Recipe, ImageError> {
+        let file = format!("{name}.toml");
+        let path = folder.shown(&file);
+        let text = folder
+            .read_to_string(&file)
+            .map_err(io_err(format!("cannot read {}", path.display())))?;
         let spec: RecipeSpec = toml::from_str(&text).map_err(|e| ImageError::BadRecipe {
-            path: path.into(),
+            path: path.clone(),
             message: e.to_string(),
         })?;
         let mut recipe = Recipe {
             name: name.into(),
-            path: path.into(),
+            path,
+            folder,
             spec,
             hash: String::new(),
         };
@@ -181,8 +166,22 @@ impl Recipe {
         Ok(recipe)
     }
 
-    fn dir(&self) -> &Path {
-        self.path.parent().unwrap_or_else(|| Path::new("."))
+    /// Where the recipe was found: its folder, or built in.
+    pub fn origin(&self) -> Origin {
+        self.folder.origin()
+    }
+
+    /// The bytes of a file the recipe names, relative to its folder.
+    fn source(&self, relative: &Path) -> Result<Vec<u8>, ImageError> {
+        self.folder
+            .read(relative)
+            .map_err(|source| ImageError::BadRecipe {
+                path: self.path.clone(),
+                message: format!(
+                    "cannot read {}: {source}",
+                    self.folder.shown(relative).display()
+                ),
+            })
     }
 
     /// The hash of everything that goes into the image: the recipe text and
@@ -198,11 +197,7 @@ impl Recipe {
             .map(|f| &f.source)
             .chain(&self.spec.scripts);
         for source in sources {
-            let path = self.dir().join(source);
-            let bytes = fs::read(&path).map_err(|source| ImageError::BadRecipe {
-                path: self.path.clone(),
-                message: format!("cannot read {}: {source}", path.display()),
-            })?;
+            let bytes = self.source(source)?;
             hasher.update(source.to_string_lossy().as_bytes());
             hasher.update((bytes.len() as u64).to_le_bytes());
             hasher.update(&bytes);
@@ -327,9 +322,6 @@ impl Cache {
         recipe: &Recipe,
         on_line: &mut dyn FnMut(&str),
     ) -> Result<BuiltImage, ImageError> {
-        if !nix::unistd::geteuid().is_root() {
-            return Err(ImageError::NeedsRoot(recipe.name.clone()));
-        }
         let images = self.images_dir();
         let work = tempfile::Builder::new()
             .prefix(&format!(".build-{}-", recipe.key()))
@@ -338,33 +330,19 @@ impl Cache {
         let log = images.join(format!("{}.log", recipe.key()));
         let out = BuiltImageDir(work.path().join("image"));
         fs::create_dir_all(&out.0).map_err(io_err("cannot create the image folder"))?;
-        let rootfs = work.path().join("rootfs");
         let stage = work.path().join("stage");
         stage_files(recipe, &stage)?;
-        on_line("mmdebstrap: installing packages");
-        run_logged(
-            "mmdebstrap",
-            &recipe.name,
-            &mut mmdebstrap_command(recipe, &stage, &rootfs),
-            &log,
-            on_line,
-        )?;
-        on_line("copying kernel and initrd");
-        copy_boot_files(&rootfs, &out)?;
-        on_line("making the ext4 root filesystem");
         let raw = work.path().join("root.raw");
-        let size = recipe.spec.disk.replace("iB", "");
-        run_logged(
-            "mkfs.ext4",
-            &recipe.name,
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-L", "root", "-d"])
-                .arg(&rootfs)
-                .arg(&raw)
-                .arg(&size),
-            &log,
-            on_line,
-        )?;
+        let step = Step {
+            recipe,
+            log: &log,
+            work: work.path(),
+        };
+        if nix::unistd::geteuid().is_root() {
+            step.root_filesystem_as_root(&stage, &raw, &out, on_line)?;
+        } else {
+            step.root_filesystem_unprivileged(&stage, &raw, &out, on_line)?;
+        }
         on_line("converting to qcow2");
         run_logged(
             "qemu-img",
@@ -479,7 +457,7 @@ impl BuiltImageDir {
 /// staging tree that mmdebstrap copies into the image.
 fn stage_files(recipe: &Recipe, stage: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
-    let mut copies: BTreeMap<PathBuf, (PathBuf, u32)> = BTreeMap::new();
+    let mut copies: BTreeMap<PathBuf, (&Path, u32)> = BTreeMap::new();
     for file in &recipe.spec.files {
         let mode = u32::from_str_radix(file.mode.trim_start_matches("0o"), 8).map_err(|_| {
             ImageError::BadRecipe {
@@ -492,13 +470,13 @@ fn stage_files(recipe: &Recipe, stage: &Path) -> Result<(), ImageError> {
         })?;
         copies.insert(
             stage.join(file.dest.trim_start_matches('/')),
-            (recipe.dir().join(&file.source), mode),
+            (&file.source, mode),
         );
     }
     for (index, script) in recipe.spec.scripts.iter().enumerate() {
         copies.insert(
             stage.join(format!("tmp/testbed-scripts/{index:02}.sh")),
-            (recipe.dir().join(script), 0o755),
+            (script, 0o755),
         );
     }
     for (dest, (source, mode)) in copies {
@@ -506,18 +484,135 @@ fn stage_files(recipe: &Recipe, stage: &Path) -> Result<(), ImageError> {
             fs::create_dir_all(parent)
                 .map_err(io_err(format!("cannot create {}", parent.display())))?;
         }
-        fs::copy(&source, &dest).map_err(io_err(format!("cannot copy {}", source.display())))?;
+        fs::write(&dest, recipe.source(source)?)
+            .map_err(io_err(format!("cannot write {}", dest.display())))?;
         fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
             .map_err(io_err(format!("cannot set the mode of {}", dest.display())))?;
     }
     Ok(())
 }
 
-fn mmdebstrap_command(recipe: &Recipe, stage: &Path, rootfs: &Path) -> Command {
+/// One image build's way from recipe to a raw root filesystem, with the
+/// kernel and initrd beside it.
+struct Step<'a> {
+    recipe: &'a Recipe,
+    log: &'a Path,
+    work: &'a Path,
+}
+
+impl Step<'_> {
+    fn run(
+        &self,
+        program: &str,
+        command: &mut Command,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), ImageError> {
+        run_logged(program, &self.recipe.name, command, self.log, on_line)
+    }
+
+    /// As root: mmdebstrap writes a directory, `mkfs.ext4 -d` makes the
+    /// filesystem from it.
+    fn root_filesystem_as_root(
+        &self,
+        stage: &Path,
+        raw: &Path,
+        out: &BuiltImageDir,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), ImageError> {
+        let rootfs = self.work.join("rootfs");
+        on_line("mmdebstrap: installing packages");
+        let mut mmdebstrap = mmdebstrap_command(self.recipe, stage);
+        mmdebstrap
+            .arg("--mode=root")
+            .arg(&self.recipe.spec.suite)
+            .arg(&rootfs);
+        self.run(
+            "mmdebstrap",
+            with_mirror(&mut mmdebstrap, self.recipe),
+            on_line,
+        )?;
+        on_line("copying kernel and initrd");
+        copy_boot_files(&rootfs, out)?;
+        on_line("making the ext4 root filesystem");
+        self.run(
+            "mkfs.ext4",
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", "root", "-d"])
+                .arg(&rootfs)
+                .arg(raw)
+                .arg(disk_size(self.recipe)),
+            on_line,
+        )
+    }
+
+    /// As an ordinary user: mmdebstrap in its unshare mode (a user
+    /// namespace over the subordinate ids of /etc/subuid and /etc/subgid)
+    /// packs the tree as root would own it straight into an ext2 image
+    /// (through genext2fs), so no file ever lands on disk owned by a
+    /// subordinate id; the image is then grown to the recipe's size and
+    /// given a journal and extents (ext4). Owners, modes and setuid bits
+    /// come from the tar stream, as in a root build; extended attributes
+    /// (file capabilities) do not survive genext2fs.
+    fn root_filesystem_unprivileged(
+        &self,
+        stage: &Path,
+        raw: &Path,
+        out: &BuiltImageDir,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), ImageError> {
+        let boot = self.work.join("boot-files");
+        fs::create_dir_all(&boot).map_err(io_err("cannot create the boot files folder"))?;
+        let ext2 = self.work.join("root.ext2");
+        on_line("mmdebstrap (unshare mode): installing packages");
+        let mut mmdebstrap = mmdebstrap_command(self.recipe, stage);
+        mmdebstrap
+            .arg("--mode=unshare")
+            .arg("--format=ext2")
+            // Out of the namespace as the user: the kernel and initrd.
+            .arg(format!(
+                "--customize-hook=copy-out /boot {}",
+                crate::ssh::shell_quote(&boot.to_string_lossy())
+            ))
+            .arg(&self.recipe.spec.suite)
+            .arg(&ext2);
+        self.run(
+            "mmdebstrap",
+            with_mirror(&mut mmdebstrap, self.recipe),
+            on_line,
+        )?;
+        on_line("copying kernel and initrd");
+        copy_boot_files(&boot, out)?;
+        on_line("growing the root filesystem, ext2 to ext4");
+        self.run(
+            "resize2fs",
+            Command::new("resize2fs")
+                .arg("-f")
+                .arg(&ext2)
+                .arg(disk_size(self.recipe)),
+            on_line,
+        )?;
+        self.run(
+            "tune2fs",
+            Command::new("tune2fs")
+                .args(["-j", "-O", "extent,dir_index", "-L", "root"])
+                .arg(&ext2),
+            on_line,
+        )?;
+        fs::rename(&ext2, raw).map_err(io_err("cannot move the root filesystem"))
+    }
+}
+
+/// The recipe's disk size as e2fsprogs write it: `4GiB` → `4G`.
+fn disk_size(recipe: &Recipe) -> String {
+    recipe.spec.disk.replace("iB", "")
+}
+
+/// mmdebstrap with the recipe's variant, packages, files and scripts; the
+/// caller adds the mode, suite and target.
+fn mmdebstrap_command(recipe: &Recipe, stage: &Path) -> Command {
     let spec = &recipe.spec;
     let mut command = Command::new("mmdebstrap");
     command
-        .arg("--mode=root")
         .arg(format!("--variant={}", spec.variant))
         .arg(format!("--include={}", spec.packages.join(",")))
         .arg("--aptopt=Acquire::Retries \"3\"")
@@ -531,11 +626,13 @@ fn mmdebstrap_command(recipe: &Recipe, stage: &Path, rootfs: &Path) -> Command {
             "--customize-hook=chroot \"$1\" /tmp/testbed-scripts/{index:02}.sh"
         ));
     }
+    command.arg("--customize-hook=rm -rf \"$1\"/tmp/testbed-scripts");
     command
-        .arg("--customize-hook=rm -rf \"$1\"/tmp/testbed-scripts")
-        .arg(&spec.suite)
-        .arg(rootfs);
-    if let Some(mirror) = &spec.mirror {
+}
+
+/// The recipe's mirror, after the suite and target, when it names one.
+fn with_mirror<'c>(command: &'c mut Command, recipe: &Recipe) -> &'c mut Command {
+    if let Some(mirror) = &recipe.spec.mirror {
         command.arg(mirror);
     }
     command

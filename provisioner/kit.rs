@@ -58,6 +58,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::check::{CheckSpec, CommandProbe, HttpProbe, TcpProbe};
+use crate::library::{self, Folder, Origin, Shelf};
 use crate::model::{line_col, Machine, Topology};
 use crate::settings::Search;
 
@@ -87,8 +88,8 @@ pub const UNIT_DIR: &str = "/etc/systemd/system";
 #[derive(Debug, Clone)]
 pub struct Kit {
     pub name: String,
-    /// The kit directory (`…/daemons/<name>`).
-    pub dir: PathBuf,
+    /// The kit's folder (`…/daemons/<name>`, or built in).
+    folder: Folder,
     pub manifest: Manifest,
     /// Each template's text, by its path relative to the kit directory.
     templates: BTreeMap<PathBuf, String>,
@@ -302,7 +303,7 @@ pub enum KitError {
 type Result<T> = std::result::Result<T, KitError>;
 
 impl Kit {
-    /// Finds the kit `name` in [`kit_dirs`]`(start)` (the first directory
+    /// Finds the kit `name` in [`kit_dirs`]`(start)` (the first folder
     /// holding `<name>/daemon.toml` wins) and loads it.
     pub fn load(name: &str, start: &Path, search: &Search) -> Result<Kit> {
         let searched = kit_dirs(start, search);
@@ -310,24 +311,28 @@ impl Kit {
             searched
                 .iter()
                 .map(|dir| dir.join(name))
-                .find(|dir| dir.join(MANIFEST).is_file())
+                .find(|dir| dir.is_file(MANIFEST))
         } else {
             None
         };
         match found {
-            Some(dir) => Kit::from_dir(name, &dir),
+            Some(folder) => Kit::from_folder(name, folder),
             None => Err(KitError::Unknown {
                 name: name.to_owned(),
                 known: kit_names(start, search),
-                searched,
+                searched: searched.iter().map(|folder| folder.shown("")).collect(),
             }),
         }
     }
 
-    /// Loads and validates the kit in `dir`, named `name`.
+    /// Loads and validates the kit in the folder `dir`, named `name`.
     pub fn from_dir(name: &str, dir: &Path) -> Result<Kit> {
-        let path = dir.join(MANIFEST);
-        let text = read(&path)?;
+        Kit::from_folder(name, Folder::Disk(dir.to_path_buf()))
+    }
+
+    fn from_folder(name: &str, folder: Folder) -> Result<Kit> {
+        let path = folder.shown(MANIFEST);
+        let text = read(&folder, Path::new(MANIFEST))?;
         let manifest: Manifest = toml::from_str(&text).map_err(|error| {
             let position = error.span().map(|span| line_col(&text, span.start));
             KitError::Manifest {
@@ -337,7 +342,7 @@ impl Kit {
             }
         })?;
         let checker = ManifestChecker {
-            dir,
+            folder: &folder,
             path: &path,
             text: &text,
         };
@@ -347,19 +352,29 @@ impl Kit {
             .iter()
             .map(|file| &file.template)
             .chain(manifest.unit.as_ref())
-            .map(|template| Ok((template.clone(), read(&dir.join(template))?)))
+            .map(|template| Ok((template.clone(), read(&folder, template)?)))
             .collect::<Result<_>>()?;
         Ok(Kit {
             name: name.to_owned(),
-            dir: dir.to_path_buf(),
+            folder,
             manifest,
             templates,
         })
     }
 
-    /// The manifest file.
+    /// The manifest file, as messages show it.
     pub fn manifest_path(&self) -> PathBuf {
-        self.dir.join(MANIFEST)
+        self.folder.shown(MANIFEST)
+    }
+
+    /// Where the kit was found: its folder, or built in.
+    pub fn origin(&self) -> Origin {
+        self.folder.origin()
+    }
+
+    /// The kit's folder, to copy it out.
+    pub fn folder(&self) -> &Folder {
+        &self.folder
     }
 
     /// Renders the kit's files for `machine`, then its unit when it has one.
@@ -427,21 +442,23 @@ impl Kit {
     }
 }
 
-/// Directories searched for `daemons/<name>/daemon.toml`: `$TESTBED_DAEMONS`,
-/// then `daemons/` in the topology's directory and each of its ancestors.
-pub fn kit_dirs(start: &Path, search: &Search) -> Vec<PathBuf> {
-    crate::image::search_dirs(start, search.daemons.as_deref(), "daemons")
+/// Folders searched for `<name>/daemon.toml` kits, in order (see
+/// [`library`]).
+pub fn kit_dirs(start: &Path, search: &Search) -> Vec<Folder> {
+    library::search(Shelf::Daemons, start, search)
 }
 
 /// The names of every kit visible from `start`, sorted.
 pub fn kit_names(start: &Path, search: &Search) -> Vec<String> {
     let mut names: Vec<String> = kit_dirs(start, search)
         .iter()
-        .filter_map(|dir| std::fs::read_dir(dir).ok())
-        .flatten()
-        .flatten()
-        .filter(|entry| entry.path().join("daemon.toml").is_file())
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .flat_map(|folder| {
+            folder
+                .entries()
+                .into_iter()
+                .filter(|entry| folder.join(entry).is_file(MANIFEST))
+                .collect::<Vec<_>>()
+        })
         .collect();
     names.sort();
     names.dedup();
@@ -459,7 +476,7 @@ pub fn context(topology: &Topology, machine: &Machine, secrets: &Secrets) -> ter
 
 /// Checks the values serde cannot: names, paths, modes, probes.
 struct ManifestChecker<'a> {
-    dir: &'a Path,
+    folder: &'a Folder,
     path: &'a Path,
     text: &'a str,
 }
@@ -582,12 +599,12 @@ impl ManifestChecker<'_> {
                 format!("template `{shown_name}` must be a path inside the kit directory"),
             ));
         }
-        if !self.dir.join(template).is_file() {
+        if !self.folder.is_file(template) {
             return Err(self.error(
                 &shown_name,
                 format!(
                     "template `{shown_name}` does not exist in {}",
-                    shown(self.dir)
+                    shown(&self.folder.shown(""))
                 ),
             ));
         }
@@ -649,11 +666,13 @@ fn is_plain_name(name: &str) -> bool {
     ) && !name.contains(['/', '\\'])
 }
 
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|error| KitError::Io {
-        path: path.to_path_buf(),
-        error,
-    })
+fn read(folder: &Folder, relative: &Path) -> Result<String> {
+    folder
+        .read_to_string(relative)
+        .map_err(|error| KitError::Io {
+            path: folder.shown(relative),
+            error,
+        })
 }
 
 // ---------------------------------------------------------------------------
@@ -768,7 +787,7 @@ impl Kit {
         values: &Map<String, Value>,
         context: &tera::Context,
     ) -> Result<RenderedFile> {
-        let path = self.dir.join(target.template);
+        let path = self.folder.shown(target.template);
         let text = self
             .templates
             .get(target.template)

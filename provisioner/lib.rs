@@ -13,6 +13,7 @@ pub mod cli;
 pub mod identity;
 pub mod image;
 pub mod kit;
+pub mod library;
 pub mod lifecycle;
 pub mod model;
 pub mod plan;

@@ -142,6 +142,8 @@ pub struct MachinePlan {
     pub name: String,
     pub action: MachineAction,
     pub why: String,
+    /// Where the machine's image recipe was found: its file, or `built-in`.
+    pub image_source: String,
     pub daemons: Vec<DaemonPlan>,
     #[serde(skip)]
     pub machine: Machine,
@@ -173,6 +175,9 @@ pub struct DaemonPlan {
     pub name: String,
     pub action: DaemonAction,
     pub why: String,
+    /// Where the kit was found: its folder, or `built-in` (`None`: a
+    /// removed daemon whose kit is gone).
+    pub source: Option<String>,
     /// The systemd unit (re)started or stopped.
     #[serde(skip)]
     pub service: String,
@@ -299,6 +304,14 @@ impl Plan {
     }
 }
 
+/// The recipe's file, or `built-in`.
+fn source_of(recipe: &Recipe) -> String {
+    match recipe.origin() {
+        crate::library::Origin::BuiltIn => crate::library::BUILTIN.to_owned(),
+        crate::library::Origin::Local(_) => recipe.path.display().to_string(),
+    }
+}
+
 impl MachinePlan {
     /// Whether `up` boots it (from a new disk or its own).
     pub fn boots(&self) -> bool {
@@ -357,6 +370,7 @@ impl MachineResolver<'_> {
             name: machine.name.clone(),
             action,
             why,
+            image_source: source_of(&self.recipe),
             daemons,
             machine: machine.clone(),
             provider: self.provider.clone(),
@@ -468,6 +482,11 @@ impl MachineResolver<'_> {
                 name: daemon.clone(),
                 action: DaemonAction::Stop,
                 why: "removed from the machine's daemons: stopped and disabled".into(),
+                source: self
+                    .inputs
+                    .kits
+                    .get(daemon)
+                    .map(|kit| kit.origin().to_string()),
                 service: self
                     .inputs
                     .kits
@@ -525,6 +544,7 @@ impl MachineResolver<'_> {
             name: kit.name.clone(),
             action: daemon_action,
             why: why.into(),
+            source: Some(kit.origin().to_string()),
             service: kit.manifest.service.clone(),
             rendered: Some(rendered),
             hash,

@@ -34,6 +34,7 @@ impl Progress {
         Task {
             label: label.to_string(),
             bar,
+            multi: self.multi.clone(),
         }
     }
 
@@ -57,6 +58,7 @@ impl Default for Progress {
 pub struct Task {
     label: String,
     bar: Option<ProgressBar>,
+    multi: Option<MultiProgress>,
 }
 
 impl Task {
@@ -67,16 +69,17 @@ impl Task {
         }
     }
 
+    /// Ends the task with a line that stays: the bar is replaced by
+    /// `label: message` above the bars still running, so what is printed
+    /// on stdout after the last task never lands on a bar's line.
     pub fn finish(&self, message: &str) {
-        match &self.bar {
-            Some(bar) => {
-                bar.set_style(
-                    ProgressStyle::with_template("  {prefix:.bold} {wide_msg}")
-                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-                );
-                bar.finish_with_message(message.to_string());
+        let line = format!("{}: {message}", self.label);
+        match (&self.bar, &self.multi) {
+            (Some(bar), Some(multi)) => {
+                bar.finish_and_clear();
+                let _ = multi.println(line);
             }
-            None => eprintln!("{}: {message}", self.label),
+            _ => eprintln!("{line}"),
         }
     }
 }

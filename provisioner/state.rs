@@ -26,7 +26,7 @@ pub enum StateError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("no testbed here: {dir} has no {STATE_DIR}/ (run `testbed up FILE`, or pass -f FILE)")]
+    #[error("no testbed here: {dir} has no {STATE_DIR}/ (run `testbed up FILE`, or `testbed init` to write a topology.toml here, or pass -f FILE)")]
     NotFound { dir: PathBuf },
     #[error("another testbed command holds {path}; wait for it to finish")]
     Locked { path: PathBuf },

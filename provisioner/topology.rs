@@ -218,12 +218,23 @@ type Result<T> = std::result::Result<T, TopologyError>;
 /// `search`: the folders searched for recipes and kits besides those
 /// beside the topology (their names are checked here).
 pub fn load(path: &Path, search: &Search) -> Result<Topology> {
-    let bytes = std::fs::read(path).map_err(|error| TopologyError::Io {
+    let bytes = read(path)?;
+    parse(path, decode(path, &bytes)?, search)
+}
+
+/// Reads and validates the topology file at `path` for verbs that act on
+/// machines that exist (`ssh`, `status`, `halt`, `destroy`): any image and
+/// daemon name is taken, since nothing is built or pushed.
+pub fn load_existing(path: &Path) -> Result<Topology> {
+    let bytes = read(path)?;
+    check(path, decode(path, &bytes)?, None)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|error| TopologyError::Io {
         path: path.to_path_buf(),
         error,
-    })?;
-    let text = decode(path, &bytes)?;
-    parse(path, text, search)
+    })
 }
 
 /// Validates `text` as the topology file `path`. `path` is only used in
@@ -231,6 +242,12 @@ pub fn load(path: &Path, search: &Search) -> Result<Topology> {
 /// image recipes and daemon kits (`images/` and `daemons/` beside it or in an
 /// ancestor directory).
 pub fn parse(path: &Path, text: &str, search: &Search) -> Result<Topology> {
+    check(path, text, Some(search))
+}
+
+/// Parses and validates; image and daemon names are checked against those
+/// found through `search`, or taken as they are without it.
+fn check(path: &Path, text: &str, search: Option<&Search>) -> Result<Topology> {
     let source = Source { path, text };
     source.check_text()?;
     let root = DeTable::parse(text).map_err(|error| source.syntax_error(&error))?;
@@ -238,8 +255,8 @@ pub fn parse(path: &Path, text: &str, search: &Search) -> Result<Topology> {
     let dir = file.parent().unwrap_or_else(|| Path::new("."));
     let checker = Checker {
         source,
-        recipes: crate::image::recipe_names(dir, search),
-        kits: crate::kit::kit_names(dir, search),
+        recipes: search.map(|search| crate::image::recipe_names(dir, search)),
+        kits: search.map(|search| crate::kit::kit_names(dir, search)),
     };
     checker.topology(root.get_ref(), file)
 }
@@ -478,10 +495,10 @@ struct Claim {
 /// problem (in file order within each section).
 struct Checker<'a> {
     source: Source<'a>,
-    /// Recipe names in `images/`, for `image` values.
-    recipes: Vec<String>,
-    /// Kit names in `daemons/`, for `daemons` values.
-    kits: Vec<String>,
+    /// Recipe names found, for `image` values (`None`: any is taken).
+    recipes: Option<Vec<String>>,
+    /// Kit names found, for `daemons` values (`None`: any is taken).
+    kits: Option<Vec<String>>,
 }
 
 impl Checker<'_> {
@@ -743,10 +760,13 @@ impl Checker<'_> {
 
     fn image(&self, value: &Value<'_>) -> Result<String> {
         let text = self.string(value, "image", "\"debian-12\"")?;
-        if self.recipes.iter().any(|recipe| recipe == text) {
+        let Some(recipes) = &self.recipes else {
+            return Ok(text.to_owned());
+        };
+        if recipes.iter().any(|recipe| recipe == text) {
             return Ok(text.to_owned());
         }
-        let hint = did_you_mean(text, self.recipes.iter().map(String::as_str));
+        let hint = did_you_mean(text, recipes.iter().map(String::as_str));
         Err(self
             .source
             .error(value.span(), format!("unknown image `{text}`{hint}"))
@@ -754,14 +774,16 @@ impl Checker<'_> {
     }
 
     fn recipes_help(&self) -> String {
-        if self.recipes.is_empty() {
+        let recipes = self.recipes.as_deref().unwrap_or_default();
+        if recipes.is_empty() {
             "no image recipes found: add `images/<name>.toml` beside the topology or in a \
              directory above it"
                 .to_owned()
         } else {
             format!(
-                "available images (recipes in images/): {}",
-                self.recipes.join(", ")
+                "available images (built in, or images/<name>.toml beside the topology or \
+                 above it): {}",
+                recipes.join(", ")
             )
         }
     }
@@ -1109,7 +1131,8 @@ impl Checker<'_> {
 
     /// The built-in image, which must exist like any other.
     fn default_image(&self, key: &Key<'_>) -> Result<String> {
-        if self.recipes.iter().any(|recipe| recipe == DEFAULT_IMAGE) {
+        let found = self.recipes.as_ref();
+        if found.is_none_or(|recipes| recipes.iter().any(|recipe| recipe == DEFAULT_IMAGE)) {
             return Ok(DEFAULT_IMAGE.to_owned());
         }
         Err(self
@@ -1143,18 +1166,22 @@ impl Checker<'_> {
     }
 
     fn kit(&self, name: &str, span: Span) -> Result<()> {
-        if self.kits.iter().any(|kit| kit == name) {
+        let Some(kits) = &self.kits else {
+            return Ok(());
+        };
+        if kits.iter().any(|kit| kit == name) {
             return Ok(());
         }
-        let hint = did_you_mean(name, self.kits.iter().map(String::as_str));
-        let help = if self.kits.is_empty() {
+        let hint = did_you_mean(name, kits.iter().map(String::as_str));
+        let help = if kits.is_empty() {
             "no kits found: add `daemons/<name>/daemon.toml` beside the topology or in a \
              directory above it, or point TESTBED_DAEMONS at a directory of kits"
                 .to_owned()
         } else {
             format!(
-                "available kits (daemons/<name>/daemon.toml): {}",
-                self.kits.join(", ")
+                "available kits (built in, or daemons/<name>/daemon.toml beside the topology \
+                 or above it): {}",
+                kits.join(", ")
             )
         };
         Err(self

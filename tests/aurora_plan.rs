@@ -563,7 +563,8 @@ fn kits_probe_their_ports_and_hard_code_no_address() {
             .unwrap_or_else(|| panic!("{name} has no http readiness"));
         assert_eq!((http.port, http.path.as_str()), (port, path), "{name}");
 
-        for entry in std::fs::read_dir(&kit.dir).expect("kit dir").flatten() {
+        let dir = common::repo().join("daemons").join(name);
+        for entry in std::fs::read_dir(&dir).expect("kit dir").flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
             let text = std::fs::read_to_string(entry.path()).expect("kit file");
             assert!(

@@ -25,7 +25,8 @@ fn module_of(root: &Path, file: &Path) -> Option<String> {
     let relative = file.strip_prefix(root).ok()?;
     let first = relative.components().next()?.as_os_str().to_string_lossy();
     let name = first.trim_end_matches(".rs").to_string();
-    (name != "lib" && name != "main").then_some(name)
+    // The crate roots and cargo's build script are no modules.
+    (!["lib", "main", "build_script"].contains(&name.as_str())).then_some(name)
 }
 
 /// Every module named as `crate::NAME`, `crate::{NAME, …}` included.

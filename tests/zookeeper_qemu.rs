@@ -1,15 +1,17 @@
-//! End to end on real VMs: the zk-ensemble topology comes up with its
-//! checks green; the leader's daemon is stopped by hand; `verify` fails and
-//! names it, with the evidence; `provision` starts it again and says so;
-//! `verify` is green again. One booted ensemble serves the whole scenario.
+//! End to end on real VMs, the way a new user meets testbed: the binary
+//! installed alone, an empty folder outside the checkout, no `TESTBED_*`
+//! variable, an ordinary user (`$TESTBED_TEST_USER` when the tests run as
+//! root) whose own cache starts empty on a fresh machine. `testbed init
+//! --example zk-ensemble` writes the topology; `up` builds its image
+//! without root and comes up with every check green; the leader's daemon
+//! is stopped by hand; `verify` fails and names it, with the evidence;
+//! `provision` starts it again and says so; `verify` is green again;
+//! `destroy -f` leaves nothing. One booted ensemble serves the whole
+//! scenario.
 
 mod common;
 
-use common::{repo, Bed};
-
-fn ensemble() -> String {
-    std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml")).expect("zk-ensemble.toml")
-}
+use common::{processes_mentioning, Bed};
 
 /// The machine whose ZooKeeper says it leads. Under TCG on a loaded host an
 /// ensemble can lose its leader for a moment and re-elect, so ask for a while.
@@ -33,8 +35,13 @@ fn leader(bed: &Bed) -> String {
 
 #[test]
 fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
-    let bed = Bed::new(&ensemble());
-    let up = bed.ok(&["up", "topology.toml"]);
+    let bed = Bed::installed();
+    let init = bed.ok(&["init", "--example", "zk-ensemble"]);
+    assert!(init.contains("topology.toml"), "{init}");
+    let refused = bed.testbed(&["init", "--example", "zk-ensemble"]);
+    assert!(!refused.status.success(), "init must not overwrite");
+
+    let up = bed.ok(&["up"]);
     assert!(up.contains("PASS"), "up runs the checks last:\n{up}");
     assert!(!up.contains("FAIL"), "up's checks:\n{up}");
 
@@ -77,4 +84,14 @@ fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
 
     let healed = bed.ok(&["verify"]);
     assert!(!healed.contains("FAIL"), "{healed}");
+
+    assert_eq!(bed.ok(&["ssh", "zk-2", "--", "hostname"]).trim(), "zk-2");
+    bed.ok(&["destroy", "-f"]);
+    let project = bed.path();
+    assert!(
+        !project.join(".testbed").exists(),
+        "destroy leaves no state"
+    );
+    let left = processes_mentioning(&project.to_string_lossy());
+    assert!(left.is_empty(), "destroy leaves no process: {left:?}");
 }

@@ -22,6 +22,6 @@ pub struct Args {
 pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
     let outcome = testbed.build(args.force, &Progress::new()).await?;
-    println!("{outcome}");
+    out!("{outcome}")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -30,19 +30,19 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
         None => StateDir::find(&std::env::current_dir()?)?,
     };
     if !state.exists() {
-        println!("nothing to destroy: no {}", state.root().display());
+        out!("nothing to destroy: no {}", state.root().display())?;
         return Ok(ExitCode::SUCCESS);
     }
     if !args.force && !confirmed(&state)? {
-        println!("destroy cancelled");
+        out!("destroy cancelled")?;
         return Ok(ExitCode::FAILURE);
     }
     let removed = lifecycle::destroy(&state, settings, &Progress::new()).await?;
-    println!(
+    out!(
         "destroyed {} machine(s); removed {}",
         removed.len(),
         state.root().display()
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -25,7 +25,7 @@ pub fn run(_args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
         "install VirtualBox from virtualbox.org (provider virtualbox)",
     ));
     for line in &lines {
-        print_line(line);
+        print_line(line)?;
     }
     Ok(if essentials {
         ExitCode::SUCCESS
@@ -57,14 +57,22 @@ fn host_lines() -> Vec<DoctorLine> {
         ),
         userns_line(),
     ]
+    .into_iter()
+    .chain(if nix::unistd::geteuid().is_root() {
+        Vec::new()
+    } else {
+        unprivileged_build_lines()
+    })
+    .collect()
 }
 
-fn print_line(line: &DoctorLine) {
+fn print_line(line: &DoctorLine) -> std::io::Result<()> {
     let mark = if line.ok { "ok     " } else { "missing" };
-    println!("{mark} {:<18} {}", line.name, line.detail);
+    out!("{mark} {:<18} {}", line.name, line.detail)?;
     if !line.ok {
-        println!("        {:<18} fix: {}", "", line.fix);
+        out!("        {:<18} fix: {}", "", line.fix)?;
     }
+    Ok(())
 }
 
 fn userns_line() -> DoctorLine {
@@ -74,7 +82,68 @@ fn userns_line() -> DoctorLine {
         name: "user namespaces".into(),
         ok,
         detail: format!("max_user_namespaces = {}", max.trim()),
-        fix: "sysctl user.max_user_namespaces=15000 (mmdebstrap's unshare mode; testbed builds images as root today)".into(),
+        fix: "sysctl user.max_user_namespaces=15000 (image builds without root use \
+              mmdebstrap's unshare mode)"
+            .into(),
+        required: false,
+    }
+}
+
+/// What building an image as an ordinary user needs besides mmdebstrap:
+/// genext2fs, newuidmap and subordinate ids (root needs none of them).
+fn unprivileged_build_lines() -> Vec<DoctorLine> {
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|user| user.name)
+        .unwrap_or_default();
+    vec![
+        DoctorLine::version(
+            "genext2fs",
+            "genext2fs",
+            &["--version"],
+            "apt-get install genext2fs (image builds without root)",
+        ),
+        DoctorLine {
+            name: "newuidmap".into(),
+            ok: std::path::Path::new("/usr/bin/newuidmap").is_file(),
+            detail: "/usr/bin/newuidmap".into(),
+            fix: "apt-get install uidmap (image builds without root)".into(),
+            required: false,
+        },
+        subordinate_ids_line(&user, "/etc/subuid"),
+        subordinate_ids_line(&user, "/etc/subgid"),
+    ]
+}
+
+/// Whether `file` gives `user` at least 65536 subordinate ids (what
+/// mmdebstrap's unshare mode maps a Debian tree onto).
+fn subordinate_ids_line(user: &str, file: &str) -> DoctorLine {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let uid = nix::unistd::getuid().to_string();
+    let count = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let owner = fields.next()?;
+            let _start = fields.next()?;
+            let count: u64 = fields.next()?.trim().parse().ok()?;
+            (owner == user || owner == uid).then_some(count)
+        })
+        .max();
+    let (ok, detail) = match count {
+        Some(count) if count >= 65536 => (true, format!("{user}: {count} ids")),
+        Some(count) => (false, format!("{user}: only {count} ids (65536 needed)")),
+        None => (false, format!("no range for {user}")),
+    };
+    DoctorLine {
+        name: file.trim_start_matches("/etc/").to_owned(),
+        ok,
+        detail,
+        fix: format!(
+            "sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user} \
+             (image builds without root)"
+        ),
         required: false,
     }
 }

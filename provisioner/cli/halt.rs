@@ -15,12 +15,12 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
+    let testbed = Testbed::locate_existing(args.at.file.as_deref(), settings)?;
     let halted = testbed.halt(&args.machines, &Progress::new()).await?;
     if halted.is_empty() {
-        println!("nothing to halt: no machine was running");
+        out!("nothing to halt: no machine was running")?;
     } else {
-        println!("halted: {}", halted.join(", "));
+        out!("halted: {}", halted.join(", "))?;
     }
     Ok(ExitCode::SUCCESS)
 }

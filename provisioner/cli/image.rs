@@ -1,6 +1,10 @@
 use std::process::ExitCode;
 
-use crate::image::{Cache, Recipe};
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::image::{recipe_names, Cache, CachedImage, Recipe};
 use crate::progress::Progress;
 use crate::settings::Settings;
 
@@ -10,7 +14,7 @@ pub enum Command {
     /// Build an image from its recipe in images/ (a no-op when cached)
     #[command(after_help = "Examples:\n  testbed image build debian-12")]
     Build { name: String },
-    /// List cached images
+    /// List the recipes visible from here (built in or local) and the cached images
     #[command(after_help = "Examples:\n  testbed image list\n  testbed image list --json")]
     List {
         #[arg(long)]
@@ -30,32 +34,79 @@ pub fn run(command: Command, settings: &Settings) -> anyhow::Result<ExitCode> {
             let task = Progress::new().task(&format!("image {name}"));
             let image = cache.ensure(&recipe, &mut |line| task.set(line))?;
             task.finish("ready");
-            println!("{} {}", recipe.key(), image.disk.display());
+            out!("{} {}", recipe.key(), image.disk.display())?;
         }
-        Command::List { json } => {
-            let images = cache.list();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&images)?);
-            } else if images.is_empty() {
-                println!("no cached images in {}", cache.root().display());
-            } else {
-                for image in images {
-                    println!(
-                        "{:<32} {:>8.1} MiB  {}",
-                        image.key,
-                        image.bytes as f64 / 1048576.0,
-                        image.image.disk.display()
-                    );
-                }
-            }
-        }
+        Command::List { json } => list(&cache, &start, settings, json)?,
         Command::Rm { names } => {
             for name in names {
                 for key in cache.remove(&name)? {
-                    println!("removed {key}");
+                    out!("removed {key}")?;
                 }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct Listing {
+    recipes: Vec<ListedRecipe>,
+    cached: Vec<CachedImage>,
+}
+
+#[derive(Serialize)]
+struct ListedRecipe {
+    name: String,
+    /// The recipe file, or `built-in`.
+    source: String,
+    /// The cache folder its build has (or would have): `NAME-HASH`.
+    key: String,
+    cached: bool,
+}
+
+fn list(cache: &Cache, start: &Path, settings: &Settings, json: bool) -> anyhow::Result<()> {
+    let mut recipes = Vec::new();
+    for name in recipe_names(start, &settings.search) {
+        let recipe = Recipe::find(&name, start, &settings.search)?;
+        recipes.push(ListedRecipe {
+            source: match recipe.origin() {
+                crate::library::Origin::BuiltIn => crate::library::BUILTIN.to_owned(),
+                crate::library::Origin::Local(_) => recipe.path.display().to_string(),
+            },
+            key: recipe.key(),
+            cached: cache.lookup(&recipe).is_some(),
+            name,
+        });
+    }
+    let listing = Listing {
+        recipes,
+        cached: cache.list(),
+    };
+    if json {
+        out!("{}", serde_json::to_string_pretty(&listing)?)?;
+        return Ok(());
+    }
+    out!("recipes (kits add their packages to these):")?;
+    for recipe in &listing.recipes {
+        let cached = if recipe.cached {
+            "cached"
+        } else {
+            "not built yet"
+        };
+        out!("  {:<16} {:<14} {}", recipe.name, cached, recipe.source)?;
+    }
+    if listing.cached.is_empty() {
+        out!("no cached images in {}", cache.root().display())?;
+        return Ok(());
+    }
+    out!("cached images in {}:", cache.root().display())?;
+    for image in &listing.cached {
+        out!(
+            "  {:<32} {:>8.1} MiB  {}",
+            image.key,
+            image.bytes as f64 / 1048576.0,
+            image.image.disk.display()
+        )?;
+    }
+    Ok(())
 }

@@ -1,10 +1,31 @@
 //! The `testbed` command line: each verb a thin file over the library.
 
+/// `println!` that returns the write's error instead of panicking: a reader
+/// that goes away (`testbed plan | head -1`) ends the command quietly
+/// ([`is_broken_pipe`]).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// [`out!`] without the newline.
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod build;
+mod completions;
 mod destroy;
 mod doctor;
 mod halt;
 mod image;
+mod init;
+mod kits;
 mod plan;
 mod provision;
 mod run;
@@ -54,6 +75,12 @@ enum Command {
         after_help = "Examples:\n  testbed image build debian-12\n  testbed image list\n  testbed image rm debian-12"
     )]
     Image(image::Command),
+    Kits(kits::Args),
+    #[command(subcommand)]
+    Kit(kits::Command),
+    Init(init::Args),
+    Completions(completions::Args),
+    Man(completions::ManArgs),
     /// Serve a network switch (started by `up`; not for users)
     #[command(name = "__switch", hide = true)]
     Switch {
@@ -83,11 +110,22 @@ pub fn main() -> ExitCode {
     let settings = Settings::from_env();
     match runtime.block_on(run(cli, &settings)) {
         Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{}", render(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether the command ended because its output's reader went away: not a
+/// failure worth a word (`testbed status --json | head -c 10`).
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// The message for a failed command. Topology errors are complete already
@@ -123,6 +161,11 @@ async fn run(cli: Cli, settings: &Settings) -> anyhow::Result<ExitCode> {
         Command::Destroy(args) => destroy::run(args, settings).await,
         Command::Doctor(args) => doctor::run(args, settings),
         Command::Image(command) => image::run(command, settings),
+        Command::Kits(args) => kits::run(args, settings),
+        Command::Kit(command) => kits::kit(command, settings),
+        Command::Init(args) => init::run(args),
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => completions::man(args),
         Command::Switch { .. } => Ok(ExitCode::SUCCESS),
     }
 }

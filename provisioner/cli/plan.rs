@@ -30,28 +30,32 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let testbed = Testbed::open(&path, settings)?;
     let (plan, secrets) = testbed.plan()?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&plan)?);
+        out!("{}", serde_json::to_string_pretty(&plan)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let topology = &testbed.topology;
-    println!("topology {} ({})", topology.name, topology.path.display());
+    out!("topology {} ({})", topology.name, topology.path.display())?;
     for (name, network) in &topology.networks {
-        println!("  network {name}: {} (private L2 segment)", network.subnet);
+        out!("  network {name}: {} (private L2 segment)", network.subnet)?;
     }
-    print_build(topology, &plan);
+    print_build(topology, &plan)?;
     for machine in &plan.machines {
-        print_machine(&testbed, machine, &secrets);
+        print_machine(&testbed, machine, &secrets)?;
     }
-    print_start_order(topology);
-    print_checks(&topology.checks, "  ");
-    print_steps(topology);
+    print_start_order(topology)?;
+    print_checks(&topology.checks, "  ")?;
+    print_steps(topology)?;
     for warning in &plan.warnings {
-        println!("  warning: {warning}");
+        out!("  warning: {warning}")?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_machine(testbed: &Testbed, planned: &MachinePlan, secrets: &Secrets) {
+fn print_machine(
+    testbed: &Testbed,
+    planned: &MachinePlan,
+    secrets: &Secrets,
+) -> std::io::Result<()> {
     let machine = &planned.machine;
     let key = planned.recipe.key();
     let image = if testbed.cache.lookup(&planned.recipe).is_some() {
@@ -69,62 +73,69 @@ fn print_machine(testbed: &Testbed, planned: &MachinePlan, secrets: &Secrets) {
         .iter()
         .map(|f| format!("127.0.0.1:{}->{}", f.host, f.guest))
         .collect();
-    println!(
-        "  machine {}: {} cpu, {} MiB, {}, image {image}\n    ips: {}  forwards: {}\n    up would {}: {}",
+    out!(
+        "  machine {}: {} cpu, {} MiB, {}, image {image} from {}\n    ips: {}  forwards: {}\n    up would {}: {}",
         machine.name,
         machine.cpus,
         machine.memory_mib,
         machine.provider.as_str(),
+        planned.image_source,
         list_or_dash(&ips),
         list_or_dash(&forwards),
         planned.action.as_str(),
         planned.why,
-    );
+    )?;
     if !machine.depends_on.is_empty() {
-        println!("    starts after: {}", machine.depends_on.join(", "));
+        out!("    starts after: {}", machine.depends_on.join(", "))?;
     }
     if planned.needs_build {
-        println!("    starts its daemons after the build (needs its artifacts)");
+        out!("    starts its daemons after the build (needs its artifacts)")?;
     }
     if !machine.packages.is_empty() {
-        println!("    packages: {}", machine.packages.join(" "));
+        out!("    packages: {}", machine.packages.join(" "))?;
     }
-    print_artifacts(&machine.artifacts, "    ");
+    print_artifacts(&machine.artifacts, "    ")?;
     for daemon in &planned.daemons {
-        print_daemon(daemon, secrets);
+        print_daemon(daemon, secrets)?;
     }
+    Ok(())
 }
 
 /// A daemon's action, then every file its kit renders, in full: what `up`
 /// would push. Secret values never show: each is `<secret NAME>`.
-fn print_daemon(daemon: &plan::DaemonPlan, secrets: &Secrets) {
+fn print_daemon(daemon: &plan::DaemonPlan, secrets: &Secrets) -> std::io::Result<()> {
     let action = daemon.action.as_str();
     let Some(rendered) = &daemon.rendered else {
-        println!(
+        out!(
             "    daemon {}: up would {action}: {}",
-            daemon.name, daemon.why
-        );
-        return;
+            daemon.name,
+            daemon.why
+        )?;
+        return Ok(());
     };
     let kit = &rendered.kit;
-    println!(
-        "    daemon {} ({}): service {}, packages {}\n      up would {action}: {}",
+    out!(
+        "    daemon {} ({}), kit {}: service {}, packages {}\n      up would {action}: {}",
         kit.name,
         kit.manifest.description,
+        kit.origin(),
         kit.manifest.service,
         kit.manifest.packages.join(" "),
         daemon.why,
-    );
-    print_artifacts(&kit.manifest.artifacts, "      ");
+    )?;
+    print_artifacts(&kit.manifest.artifacts, "      ")?;
     for file in &rendered.files {
-        println!(
+        out!(
             "      file {} (mode {:o}, owner {}):",
-            file.dest, file.mode, file.owner
-        );
+            file.dest,
+            file.mode,
+            file.owner
+        )?;
         for line in masked(&file.contents, secrets).lines() {
-            println!("        | {line}");
+            out!("        | {line}")?;
         }
     }
+    Ok(())
 }
 
 /// `text` with every secret value shown as `<secret NAME>`.
@@ -137,63 +148,69 @@ fn masked(text: &str, secrets: &Secrets) -> String {
         })
 }
 
-fn print_start_order(topology: &Topology) {
+fn print_start_order(topology: &Topology) -> std::io::Result<()> {
     let waves = topology.start_waves();
     if topology.machines.iter().all(|m| m.daemons.is_empty()) {
-        return;
+        return Ok(());
     }
-    println!("  start order (each wave once the one before is ready; machines within a wave in parallel):");
+    out!("  start order (each wave once the one before is ready; machines within a wave in parallel):")?;
     for (index, wave) in waves.iter().enumerate() {
-        println!("    {}. {}", index + 1, wave.join(", "));
+        out!("    {}. {}", index + 1, wave.join(", "))?;
     }
+    Ok(())
 }
 
 /// `[build]`: where it runs, what it reads and what it leaves in `dist/`.
-fn print_build(topology: &Topology, plan: &Plan) {
+fn print_build(topology: &Topology, plan: &Plan) -> std::io::Result<()> {
     let Some(build) = &topology.build else {
-        return;
+        return Ok(());
     };
     let builder = match &build.builder {
         Builder::Host => "the host, in the topology's directory".to_string(),
         Builder::Machine(name) => format!("machine {name}, in {}", crate::build::BUILD_DIR),
     };
-    println!("  build on {builder} (before any daemon that needs its artifacts):");
+    out!("  build on {builder} (before any daemon that needs its artifacts):")?;
     let inputs: Vec<String> = build.inputs.iter().map(|i| i.path.clone()).collect();
-    println!("    inputs: {}", list_or_dash(&inputs));
-    println!("    outputs: {}", list_or_dash(&build.outputs));
+    out!("    inputs: {}", list_or_dash(&inputs))?;
+    out!("    outputs: {}", list_or_dash(&build.outputs))?;
     for line in build.run.lines() {
-        println!("    $ {line}");
+        out!("    $ {line}")?;
     }
     if let Some(planned) = &plan.build {
-        println!(
+        out!(
             "    up would {} it: {}",
             planned.action.as_str(),
             planned.why
-        );
+        )?;
     }
+    Ok(())
 }
 
-fn print_artifacts(artifacts: &[String], indent: &str) {
+fn print_artifacts(artifacts: &[String], indent: &str) -> std::io::Result<()> {
     for artifact in artifacts {
-        println!(
+        out!(
             "{indent}artifact {artifact} -> {}",
             plan::guest_artifact_path(artifact)
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// `[[steps]]`: what `testbed run NAME` does.
-fn print_steps(topology: &Topology) {
+fn print_steps(topology: &Topology) -> std::io::Result<()> {
     for step in &topology.steps {
-        println!(
+        out!(
             "  step \"{}\" on {} (testbed run {}):",
-            step.name, step.machine, step.name
-        );
+            step.name,
+            step.machine,
+            step.name
+        )?;
         for line in step.run.lines() {
-            println!("    $ {line}");
+            out!("    $ {line}")?;
         }
-        print_checks(&step.checks, "    then ");
+        print_checks(&step.checks, "    then ")?;
     }
+    Ok(())
 }
 
 fn list_or_dash(items: &[String]) -> String {
@@ -204,20 +221,21 @@ fn list_or_dash(items: &[String]) -> String {
     }
 }
 
-fn print_checks(checks: &[CheckSpec], prefix: &str) {
+fn print_checks(checks: &[CheckSpec], prefix: &str) -> std::io::Result<()> {
     for check in checks {
         let from = check
             .from
             .as_deref()
             .map(|f| format!(" from {f}"))
             .unwrap_or_default();
-        println!(
+        out!(
             "{prefix}check \"{}\" on {}{from}: {}",
             check.name,
             check.machine,
             describe_probe(check)
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// A probe in words: what it sends or runs and what it expects.

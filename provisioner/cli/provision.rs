@@ -19,7 +19,7 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
     let outcomes = testbed.provision(&args.machines, &Progress::new()).await?;
     if outcomes.is_empty() {
-        println!("no daemons to provision");
+        out!("no daemons to provision")?;
     }
     for outcome in outcomes {
         let what = match outcome.action {
@@ -28,7 +28,7 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
             DaemonAction::Stop => "stopped and disabled (no longer in its daemons)",
             DaemonAction::Nothing => "unchanged, running",
         };
-        println!("{}: {} {what}", outcome.machine, outcome.daemon);
+        out!("{}: {} {what}", outcome.machine, outcome.daemon)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -46,19 +46,22 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
                 .map(|c| c.json()["checks"].clone())
                 .unwrap_or_else(|| serde_json::json!([])),
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        out!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
         let verdict = match (report.exit_status, report.passed()) {
             (0, true) => "ok",
             (0, false) => "ran, but its checks FAILED",
             _ => "FAILED",
         };
-        println!(
+        out!(
             "step {} on {}: {verdict} (exit status {}, {:.1} s)",
-            step.name, step.machine, report.exit_status, report.seconds
-        );
+            step.name,
+            step.machine,
+            report.exit_status,
+            report.seconds
+        )?;
         match &report.checks {
-            Some(checks) => print!("{}", checks.table()),
+            Some(checks) => out_raw!("{}", checks.table())?,
             None if report.exit_status != 0 && !step.checks.is_empty() => {
                 println!("its checks were not run")
             }

@@ -35,7 +35,7 @@ pub struct ConfigArgs {
 /// Replaces this process with the system `ssh`, so the terminal, agent and
 /// escape keys behave as with plain ssh, and its exit status is the command's.
 pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
+    let testbed = Testbed::locate_existing(args.at.file.as_deref(), settings)?;
     testbed.select(std::slice::from_ref(&args.machine))?;
     let state = testbed
         .status()?
@@ -68,11 +68,11 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
 }
 
 pub fn config(args: ConfigArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
+    let testbed = Testbed::locate_existing(args.at.file.as_deref(), settings)?;
     let text = std::fs::read_to_string(testbed.state.ssh_config())
         .map_err(|e| anyhow::anyhow!("no SSH config yet ({e}): run `testbed up` first"))?;
     match args.machine {
-        None => print!("{text}"),
+        None => out_raw!("{text}")?,
         Some(name) => {
             testbed.select(std::slice::from_ref(&name))?;
             let block = text
@@ -81,7 +81,7 @@ pub fn config(args: ConfigArgs, settings: &Settings) -> anyhow::Result<ExitCode>
                 .ok_or_else(|| {
                     anyhow::anyhow!("{name} has not been created yet: run `testbed up`")
                 })?;
-            println!("{block}\n");
+            out!("{block}\n")?;
         }
     }
     Ok(ExitCode::SUCCESS)

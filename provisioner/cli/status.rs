@@ -17,13 +17,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
+    let testbed = Testbed::locate_existing(args.at.file.as_deref(), settings)?;
     let machines = testbed.status()?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&machines)?);
+        out!("{}", serde_json::to_string_pretty(&machines)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("Current machine states ({}):\n", testbed.topology.name);
+    out!("Current machine states ({}):\n", testbed.topology.name)?;
     for machine in &machines {
         let ips: Vec<String> = machine.ips.values().map(|ip| ip.to_string()).collect();
         let removed = if machine.in_topology {
@@ -31,7 +31,7 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
         } else {
             "  (no longer in the topology: `testbed destroy` removes it)"
         };
-        println!(
+        out!(
             "{:<20} {:<12} ({}) {} {}{removed}",
             machine.name,
             machine.state.as_str(),
@@ -42,7 +42,7 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
                 .map(|s| format!("ssh {s}"))
                 .unwrap_or_default(),
             ips.join(" ")
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

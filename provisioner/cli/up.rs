@@ -49,34 +49,34 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let changed = report.changed();
     let unchanged = report.unchanged();
     if let Some(build) = &report.build {
-        println!("{build}");
+        out!("{build}")?;
+    }
+    for outcome in &report.daemons {
+        let action = outcome.action.past_tense();
+        out!("{}: {} {action}", outcome.machine, outcome.daemon)?;
     }
     let built = matches!(report.build, Some(crate::build::BuildOutcome::Built { .. }));
     if changed.is_empty() && built {
-        println!(
+        out!(
             "testbed {name} is up: the build refreshed dist/, {} machine(s) running unchanged",
             unchanged.len()
-        );
+        )?;
     } else if changed.is_empty() {
-        println!(
+        out!(
             "testbed {name} is up to date: {} machine(s) running, nothing to do",
             unchanged.len()
-        );
+        )?;
     } else {
-        println!(
+        out!(
             "testbed {name} is up: {} machine(s) brought up ({}), {} already running",
             changed.len(),
             changed.join(", "),
             unchanged.len()
-        );
-        println!(
+        )?;
+        out!(
             "next: testbed status | testbed ssh {} | testbed halt",
             changed[0]
-        );
-    }
-    for outcome in &report.daemons {
-        let action = outcome.action.past_tense();
-        println!("{}: {} {action}", outcome.machine, outcome.daemon);
+        )?;
     }
     match &report.checks {
         Some(checks) => super::verify::print_report(checks, name, false, None),
@@ -91,7 +91,7 @@ fn print_json(report: &UpReport) -> anyhow::Result<ExitCode> {
         Some(checks) => checks.json(),
         None => serde_json::Value::Null,
     };
-    println!("{}", serde_json::to_string_pretty(&done)?);
+    out!("{}", serde_json::to_string_pretty(&done)?)?;
     let passed = report.checks.as_ref().is_none_or(|c| c.passed());
     Ok(if passed {
         ExitCode::SUCCESS

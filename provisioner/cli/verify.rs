@@ -23,12 +23,12 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
+    let testbed = Testbed::locate_existing(args.at.file.as_deref(), settings)?;
     if testbed.topology.checks.is_empty() {
-        println!(
+        out!(
             "{} has no [[checks]]: nothing to verify",
             testbed.topology.name
-        );
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
     let report = testbed.verify().await?;
@@ -53,9 +53,9 @@ pub fn print_report(
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report.json())?);
+        out!("{}", serde_json::to_string_pretty(&report.json())?)?;
     } else {
-        print!("{}", report.table());
+        out_raw!("{}", report.table())?;
     }
     Ok(if report.passed() {
         ExitCode::SUCCESS

@@ -36,6 +36,10 @@ pub use up::UpReport;
 
 use steps::check_build;
 
+/// The topology file a folder's verbs use when none is named (`testbed
+/// init` writes it).
+pub const DEFAULT_TOPOLOGY: &str = "topology.toml";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -209,7 +213,19 @@ pub struct MachineStatus {
 impl Testbed {
     /// The testbed of a topology file (its `.testbed/` beside it).
     pub fn open(topology_path: &Path, settings: &Settings) -> Result<Testbed> {
-        let mut topology = topology::load(topology_path, &settings.search)?;
+        let topology = topology::load(topology_path, &settings.search)?;
+        Testbed::with_topology(topology, settings)
+    }
+
+    /// Opens the testbed for a verb that acts on machines that exist
+    /// (`ssh`, `status`, `halt`, `verify`): no recipe or kit needs to be
+    /// found.
+    pub fn open_existing(topology_path: &Path, settings: &Settings) -> Result<Testbed> {
+        let topology = topology::load_existing(topology_path)?;
+        Testbed::with_topology(topology, settings)
+    }
+
+    fn with_topology(mut topology: Topology, settings: &Settings) -> Result<Testbed> {
         let state = StateDir::beside(topology.dir());
         // A machine that exists stays on the provider it was made by (an
         // `up --provider` may have chosen it).
@@ -311,18 +327,32 @@ impl Testbed {
         Ok(())
     }
 
-    /// `-f FILE` when given, else the `.testbed/` of the current directory.
+    /// The testbed of `-f FILE` when given (see [`Testbed::topology_file`]).
     pub fn locate(file: Option<&Path>, settings: &Settings) -> Result<Testbed> {
+        Testbed::open(&Testbed::topology_file(file)?, settings)
+    }
+
+    /// [`Testbed::locate`] for a verb that acts on machines that exist.
+    pub fn locate_existing(file: Option<&Path>, settings: &Settings) -> Result<Testbed> {
+        Testbed::open_existing(&Testbed::topology_file(file)?, settings)
+    }
+
+    /// `FILE` when given; else the topology of the `.testbed/` in the
+    /// current folder or above it; else `topology.toml` in the current
+    /// folder (what `testbed init` writes).
+    pub fn topology_file(file: Option<&Path>) -> Result<PathBuf> {
         if let Some(file) = file {
-            return Testbed::open(file, settings);
+            return Ok(file.to_path_buf());
         }
         let cwd = std::env::current_dir().map_err(|source| StateError::Io {
             path: PathBuf::from("."),
             source,
         })?;
-        let state = StateDir::find(&cwd)?;
-        let record = state.load()?;
-        Testbed::open(&record.topology, settings)
+        match StateDir::find(&cwd) {
+            Ok(state) => Ok(state.load()?.topology),
+            Err(_) if cwd.join(DEFAULT_TOPOLOGY).is_file() => Ok(cwd.join(DEFAULT_TOPOLOGY)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn provider_of(&self, machine: &Machine) -> Result<Box<dyn Provider>> {

@@ -16,6 +16,38 @@ pub struct Bed {
     dir: tempfile::TempDir,
     /// Run testbed inside this libvirtd's network namespace, with its URI.
     libvirtd: Option<(String, String)>,
+    /// Run testbed as a user runs it after installing it (see
+    /// [`Bed::installed`]); `None`: from the checkout.
+    installed: Option<Installed>,
+}
+
+/// testbed as installed: the binary alone in a folder of its own, no
+/// `TESTBED_*` variable, run as an ordinary user.
+struct Installed {
+    binary: PathBuf,
+    /// Whom to run it as (`runuser`) when the tests run as root.
+    user: Option<nix::unistd::User>,
+}
+
+/// The ordinary user end-to-end tests run testbed as when they run as root:
+/// `$TESTBED_TEST_USER` (`.ci/run` creates one). Run as an ordinary user,
+/// the tests use that user.
+pub fn ordinary_user() -> Option<nix::unistd::User> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let name = std::env::var("TESTBED_TEST_USER").unwrap_or_else(|_| {
+        panic!(
+            "the tests run as root: set TESTBED_TEST_USER to an ordinary user with \
+             subordinate ids (.ci/run makes one: useradd -m testbed-ci)"
+        )
+    });
+    let user = nix::unistd::User::from_name(&name)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("TESTBED_TEST_USER={name}: no such user"));
+    assert!(!user.uid.is_root(), "TESTBED_TEST_USER={name} is root");
+    Some(user)
 }
 
 impl Bed {
@@ -26,6 +58,34 @@ impl Bed {
         Bed {
             dir,
             libvirtd: None,
+            installed: None,
+        }
+    }
+
+    /// An empty folder outside the checkout where testbed runs as a user
+    /// runs it after `cargo install`: the binary copied alone into a
+    /// folder of its own, no `TESTBED_*` variable, as an ordinary user
+    /// ([`ordinary_user`]) whose own cache holds the images.
+    pub fn installed() -> Bed {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let user = ordinary_user();
+        // The user must reach the binary and own the project folder.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).expect("bin");
+        let binary = bin.join("testbed");
+        std::fs::copy(assert_cmd::cargo::cargo_bin("testbed"), &binary).expect("copy testbed");
+        let project = dir.path().join("project");
+        std::fs::create_dir(&project).expect("project");
+        if let Some(user) = &user {
+            nix::unistd::chown(&project, Some(user.uid), Some(user.gid)).expect("chown");
+        }
+        Bed {
+            dir,
+            libvirtd: None,
+            installed: Some(Installed { binary, user }),
         }
     }
 
@@ -37,8 +97,12 @@ impl Bed {
         bed
     }
 
-    pub fn path(&self) -> &Path {
-        self.dir.path()
+    /// The folder testbed runs in.
+    pub fn path(&self) -> PathBuf {
+        match &self.installed {
+            Some(_) => self.dir.path().join("project"),
+            None => self.dir.path().to_path_buf(),
+        }
     }
 
     pub fn testbed(&self, args: &[&str]) -> Output {
@@ -47,6 +111,9 @@ impl Bed {
 
     /// The command `testbed ARGS` in this bed (not started).
     pub fn command(&self, args: &[&str]) -> std::process::Command {
+        if let Some(installed) = &self.installed {
+            return installed.command(&self.path(), args);
+        }
         let binary = assert_cmd::cargo::cargo_bin("testbed");
         let mut command = match &self.libvirtd {
             Some((netns, uri)) => {
@@ -92,6 +159,33 @@ impl Bed {
                 )
             })
             .collect()
+    }
+}
+
+impl Installed {
+    fn command(&self, dir: &Path, args: &[&str]) -> std::process::Command {
+        let mut command = match &self.user {
+            Some(user) => {
+                let mut command = std::process::Command::new("runuser");
+                command.args(["-u", &user.name, "--"]).arg(&self.binary);
+                command
+                    .env_clear()
+                    .env("HOME", &user.dir)
+                    .env("USER", &user.name);
+                command
+            }
+            None => {
+                let mut command = std::process::Command::new(&self.binary);
+                let home = std::env::var_os("HOME").unwrap_or_default();
+                command.env_clear().env("HOME", home);
+                command
+            }
+        };
+        command
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .current_dir(dir)
+            .args(args);
+        command
     }
 }
 
