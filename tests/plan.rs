@@ -191,5 +191,12 @@ fn the_json_has_the_contract_shape() {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(fields, ["action", "daemons", "name", "why"]);
+    assert_eq!(fields, ["action", "daemons", "image_source", "name", "why"]);
+    let image_source = one["image_source"].as_str().expect("image_source");
+    assert!(
+        image_source.ends_with("images/debian-12.toml"),
+        "{image_source}"
+    );
+    let kit_source = one["daemons"][0]["source"].as_str().expect("source");
+    assert!(kit_source.ends_with("daemons/idle"), "{kit_source}");
 }
