@@ -24,6 +24,12 @@
 //!   all booting at once beside `--jobs 3` and `--jobs 2`. `BENCH_LOAD_N=5,3`
 //!   measures only those ensemble sizes.
 //!
+//! - image builds (`BENCH=images`, not part of the default run; root, with
+//!   an ordinary user to build as: `$TESTBED_TEST_USER`, else `testbed-ci`):
+//!   the debian-12 image built from nothing as root and as that user
+//!   (mmdebstrap's unshare mode), each into an empty cache of its own, then
+//!   `up` of one machine from each image to SSH-ready.
+//!
 //! `BENCH=boot`, `BENCH=slurm`, `BENCH=libvirt`, `BENCH=plan` or
 //! `BENCH=load` runs only that part (`boot`: the SSH-ready rows).
 //!
@@ -69,6 +75,8 @@ struct Bed {
     dir: PathBuf,
     /// Run inside this network namespace, against this libvirt URI.
     libvirt: Option<(String, String)>,
+    /// The image cache, when not the invoking user's own.
+    cache: Option<PathBuf>,
 }
 
 impl Bed {
@@ -80,7 +88,11 @@ impl Bed {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).expect("bench dir");
         std::fs::write(dir.join("topology.toml"), text).expect("topology");
-        Bed { dir, libvirt: None }
+        Bed {
+            dir,
+            libvirt: None,
+            cache: None,
+        }
     }
 
     /// `testbed ARGS` in this bed (inside the libvirt netns when it has one).
@@ -99,6 +111,9 @@ impl Bed {
             .env("TESTBED_IMAGES", repo().join("images"))
             .env("TESTBED_DAEMONS", repo().join("daemons"))
             .args(args);
+        if let Some(cache) = &self.cache {
+            command.env("TESTBED_CACHE", cache);
+        }
         command
     }
 
@@ -809,6 +824,10 @@ fn main() {
             under_load(root.path());
             return;
         }
+        Ok("images") => {
+            image_builds(root.path());
+            return;
+        }
         Ok("plan") => {
             let zk = zk_bed(root.path());
             zk.run(&["up", "topology.toml"]);
@@ -1078,4 +1097,74 @@ fn print_converged(converged: &[(&str, Duration)], large: Duration) {
         row(&format!("zk-ensemble: converged {command}"), *took, None);
     }
     row("plan, 200 machines running a kit", large, None);
+}
+
+/// Builds debian-12 from nothing as root and as an ordinary user, side by
+/// side, then boots one machine from each image.
+fn image_builds(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let name = std::env::var("TESTBED_TEST_USER").unwrap_or_else(|_| "testbed-ci".into());
+    let user = nix::unistd::User::from_name(&name)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no user {name} to build as (useradd --create-home {name})"));
+    // Reachable by the user: the binary and its cache.
+    let shared = tempfile::Builder::new()
+        .prefix("testbed-bench-images-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let binary = shared.path().join("testbed");
+    std::fs::copy(testbed_binary(), &binary).expect("copy testbed");
+    let root_cache = shared.path().join("root-cache");
+    let user_cache = shared.path().join("user-cache");
+    std::fs::create_dir(&root_cache).expect("root cache");
+    std::fs::create_dir(&user_cache).expect("user cache");
+    nix::unistd::chown(&user_cache, Some(user.uid), Some(user.gid)).expect("chown");
+
+    eprintln!("image build as root");
+    let as_root = time(|| {
+        Command::new(&binary)
+            .args(["image", "build", "debian-12"])
+            .current_dir(shared.path())
+            .env("TESTBED_CACHE", &root_cache)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    eprintln!("image build as {name}");
+    let as_user = time(|| {
+        Command::new("runuser")
+            .args(["-u", &name, "--"])
+            .arg(&binary)
+            .args(["image", "build", "debian-12"])
+            .current_dir(shared.path())
+            .env_clear()
+            .env("HOME", &user.dir)
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .env("TESTBED_CACHE", &user_cache)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let mut boots = Vec::new();
+    for (label, cache) in [("root", &root_cache), (name.as_str(), &user_cache)] {
+        eprintln!("boot from the image built as {label}");
+        let mut bed = Bed::new(root, &format!("bench-image-{label}"), 1);
+        bed.cache = Some(cache.clone());
+        boots.push(bed.run(&["up", "topology.toml"]));
+        bed.run(&["destroy", "-f"]);
+    }
+    println!("\ntestbed benchmark: image builds (TCG, empty caches, one run each)\n");
+    print_header();
+    row(
+        &format!("image build as {name} (unshare)"),
+        as_user,
+        Some(("image build as root", as_root)),
+    );
+    row(
+        &format!("up to SSH-ready, {name}'s image"),
+        boots[1],
+        Some(("up to SSH-ready, root's", boots[0])),
+    );
 }
