@@ -1040,6 +1040,17 @@ fn under_load(root: &Path) {
                 seconds(&hands)
             );
         }
+        if n == 5 {
+            // `up` boots cores + 1 at a time unless told: beside all at once.
+            eprintln!("zk x5: up --jobs 5 (all at once)");
+            let all = bed.run(&["up", "--jobs", "5", "topology.toml"]);
+            bed.run(&["destroy", "-f"]);
+            row(
+                "zk x5: up --jobs 5 (all at once)",
+                all,
+                Some(("up, default --jobs", median(ups.clone()))),
+            );
+        }
     }
     let lean = Bed::new(root, "bench-lean5", 5);
     for limit in ["5", "3", "2"] {

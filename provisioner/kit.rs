@@ -325,11 +325,7 @@ impl Kit {
         }
     }
 
-    /// Loads and validates the kit in the folder `dir`, named `name`.
-    pub fn from_dir(name: &str, dir: &Path) -> Result<Kit> {
-        Kit::from_folder(name, Folder::Disk(dir.to_path_buf()))
-    }
-
+    /// Loads and validates the kit in `folder`, named `name`.
     fn from_folder(name: &str, folder: Folder) -> Result<Kit> {
         let path = folder.shown(MANIFEST);
         let text = read(&folder, Path::new(MANIFEST))?;

@@ -219,9 +219,10 @@ impl Folder {
             if let Some(parent) = target.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            std::fs::write(&target, self.read(relative)?)?;
+            let bytes = self.read(relative)?;
+            std::fs::write(&target, &bytes)?;
             // Built-ins keep no modes; scripts must stay runnable.
-            if is_script(&self.read(relative)?) {
+            if is_script(&bytes) {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
             }
@@ -259,17 +260,6 @@ pub fn searched_in_words(folders: &[Folder]) -> String {
         .map(|folder| folder.shown("").display().to_string())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The example topologies `testbed init --example` writes, by name.
-pub fn examples() -> Vec<String> {
-    BUILTIN_TOPOLOGIES
-        .files()
-        .filter_map(|file| {
-            let path = file.path();
-            (path.extension()? == "toml").then(|| path.file_stem()?.to_str().map(str::to_owned))?
-        })
-        .collect()
 }
 
 /// The text of the example topology `name`.

@@ -3,7 +3,8 @@
 //! variable, an ordinary user (`$TESTBED_TEST_USER` when the tests run as
 //! root) whose own cache starts empty on a fresh machine. `testbed init
 //! --example zk-ensemble` writes the topology; `up` builds its image
-//! without root and comes up with every check green; the leader's daemon
+//! without root and comes up with every check green (the image's owners,
+//! modes and setuid bits as a root build gives them); the leader's daemon
 //! is stopped by hand; `verify` fails and names it, with the evidence;
 //! `provision` starts it again and says so; `verify` is green again;
 //! `destroy -f` leaves nothing. One booted ensemble serves the whole
@@ -44,6 +45,22 @@ fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
     let up = bed.ok(&["up"]);
     assert!(up.contains("PASS"), "up runs the checks last:\n{up}");
     assert!(!up.contains("FAIL"), "up's checks:\n{up}");
+
+    // Built without root, the image has the owners, modes and setuid bits
+    // a root build gives.
+    let owners = bed.ok(&[
+        "ssh",
+        "zk-1",
+        "--",
+        "stat -c '%a %U:%G %n' /etc/shadow /root /usr/bin/passwd",
+    ]);
+    for expected in [
+        "640 root:shadow /etc/shadow",
+        "700 root:root /root",
+        "4755 root:root /usr/bin/passwd",
+    ] {
+        assert!(owners.contains(expected), "{expected}:\n{owners}");
+    }
 
     let verify = bed.ok(&["verify", "--json"]);
     let results: serde_json::Value = serde_json::from_str(&verify).expect("verify --json");

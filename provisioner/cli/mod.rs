@@ -48,7 +48,8 @@ use crate::settings::Settings;
     about = "Bring up a multi-machine cluster of VMs from one topology file",
     long_about = "testbed builds images, boots VMs (qemu by default: no daemon, no root), \
                   injects each machine's identity and gives you SSH to every machine.",
-    after_help = "Examples:\n  testbed up topologies/quickstart.toml\n  testbed status\n  \
+    after_help = "Examples:\n  testbed init my-cluster --example zk-ensemble && cd my-cluster\n  \
+                  testbed up\n  testbed status\n  \
                   testbed verify\n  testbed run submit-hello\n  testbed ssh zk-1 -- hostname\n  testbed halt\n  testbed destroy -f"
 )]
 pub struct Cli {
