@@ -40,7 +40,11 @@ lint:
 # made here when missing (useradd gives it subordinate ids).
 TEST_USER := $(or $(TESTBED_TEST_USER),testbed-ci)
 test:
-	@if [ "$$(id -u)" = 0 ] && ! id $(TEST_USER) >/dev/null 2>&1; then useradd --create-home $(TEST_USER); fi
+	@if [ "$$(id -u)" = 0 ]; then \
+		id $(TEST_USER) >/dev/null 2>&1 || useradd --create-home $(TEST_USER); \
+		grep -q "^$(TEST_USER):" /etc/subuid 2>/dev/null || \
+			usermod --add-subuids 100000-165535 --add-subgids 100000-165535 $(TEST_USER); \
+	fi
 	cargo build
 	target/debug/testbed image build debian-12
 	TESTBED_TEST_USER=$(TEST_USER) cargo test
