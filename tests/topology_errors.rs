@@ -637,7 +637,8 @@ fn unknown_image_lists_recipes() {
         9,
         &[
             "unknown image `debain-12`; did you mean `debian-12`?",
-            "help: available images (recipes in images/): debian-12, debian-13",
+            "help: available images (built in, or images/<name>.toml beside the topology or \
+             above it): debian-12, debian-13",
         ],
     );
 }
@@ -653,18 +654,12 @@ fn unknown_image_in_defaults() {
 }
 
 #[test]
-fn built_in_image_without_a_recipe() {
+fn the_default_image_is_built_in_when_the_folder_has_no_recipe_for_it() {
     let dir = dir_with_recipes(&["alpine"]);
-    assert_error_in(
-        &dir,
-        "name = \"x\"\n[machines.alpha]\n",
-        2,
-        11,
-        &[
-            "machine `alpha` uses the built-in default image `debian-12`, which has no recipe",
-            "help: set `image` in [defaults] or on the machine; available images (recipes in images/): alpine",
-        ],
-    );
+    let topology = parse_ok_in(&dir, "name = \"x\"\n[machines.alpha]\n");
+    assert_eq!(topology.machines[0].image, "debian-12");
+    let other = parse_ok_in(&dir, "name = \"x\"\n[machines.alpha]\nimage = \"alpine\"\n");
+    assert_eq!(other.machines[0].image, "alpine", "the folder's own recipe");
 }
 
 // ---------------------------------------------------------------------------
@@ -1389,20 +1384,28 @@ fn unknown_daemon_suggests_a_kit() {
         12,
         &[
             "unknown daemon `zookeper`; did you mean `zookeeper`?",
-            "help: available kits (daemons/<name>/daemon.toml): mesos-master, zookeeper",
+            "help: available kits (built in, or daemons/<name>/daemon.toml beside the topology \
+             or above it): ",
+            "mesos-master",
         ],
     );
 }
 
 #[test]
-fn unknown_daemon_without_any_kit() {
+fn a_built_in_kit_needs_no_local_kit() {
+    let topology = parse_ok("name = \"x\"\n[machines.a]\ndaemons = [\"zookeeper\"]\n");
+    assert_eq!(topology.machines[0].daemons, ["zookeeper"]);
+}
+
+#[test]
+fn unknown_daemon_without_any_local_kit_lists_the_built_ins() {
     assert_error_at(
-        "name = \"x\"\n[machines.a]\ndaemons = [\"zookeeper\"]\n",
+        "name = \"x\"\n[machines.a]\ndaemons = [\"zookeepr\"]\n",
         3,
         12,
         &[
-            "unknown daemon `zookeeper`",
-            "help: no kits found: add `daemons/<name>/daemon.toml`",
+            "unknown daemon `zookeepr`; did you mean `zookeeper`?",
+            "slurmctld",
         ],
     );
 }
