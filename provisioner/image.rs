@@ -510,6 +510,23 @@ impl Step<'_> {
         run_logged(program, &self.recipe.name, command, self.log, on_line)
     }
 
+    /// mmdebstrap with the recipe's packages, files and scripts, `mode`'s
+    /// arguments, into `target`.
+    fn mmdebstrap(
+        &self,
+        stage: &Path,
+        mode: &[String],
+        target: &Path,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), ImageError> {
+        let mut command = mmdebstrap_command(self.recipe, stage);
+        command.args(mode).arg(&self.recipe.spec.suite).arg(target);
+        if let Some(mirror) = &self.recipe.spec.mirror {
+            command.arg(mirror);
+        }
+        self.run("mmdebstrap", &mut command, on_line)
+    }
+
     /// As root: mmdebstrap writes a directory, `mkfs.ext4 -d` makes the
     /// filesystem from it.
     fn root_filesystem_as_root(
@@ -521,16 +538,7 @@ impl Step<'_> {
     ) -> Result<(), ImageError> {
         let rootfs = self.work.join("rootfs");
         on_line("mmdebstrap: installing packages");
-        let mut mmdebstrap = mmdebstrap_command(self.recipe, stage);
-        mmdebstrap
-            .arg("--mode=root")
-            .arg(&self.recipe.spec.suite)
-            .arg(&rootfs);
-        self.run(
-            "mmdebstrap",
-            with_mirror(&mut mmdebstrap, self.recipe),
-            on_line,
-        )?;
+        self.mmdebstrap(stage, &["--mode=root".into()], &rootfs, on_line)?;
         on_line("copying kernel and initrd");
         copy_boot_files(&rootfs, out)?;
         on_line("making the ext4 root filesystem");
@@ -564,22 +572,16 @@ impl Step<'_> {
         fs::create_dir_all(&boot).map_err(io_err("cannot create the boot files folder"))?;
         let ext2 = self.work.join("root.ext2");
         on_line("mmdebstrap (unshare mode): installing packages");
-        let mut mmdebstrap = mmdebstrap_command(self.recipe, stage);
-        mmdebstrap
-            .arg("--mode=unshare")
-            .arg("--format=ext2")
+        let mode = [
+            "--mode=unshare".to_owned(),
+            "--format=ext2".to_owned(),
             // Out of the namespace as the user: the kernel and initrd.
-            .arg(format!(
+            format!(
                 "--customize-hook=copy-out /boot {}",
                 crate::ssh::shell_quote(&boot.to_string_lossy())
-            ))
-            .arg(&self.recipe.spec.suite)
-            .arg(&ext2);
-        self.run(
-            "mmdebstrap",
-            with_mirror(&mut mmdebstrap, self.recipe),
-            on_line,
-        )?;
+            ),
+        ];
+        self.mmdebstrap(stage, &mode, &ext2, on_line)?;
         on_line("copying kernel and initrd");
         copy_boot_files(&boot, out)?;
         on_line("growing the root filesystem, ext2 to ext4");
@@ -608,7 +610,7 @@ fn disk_size(recipe: &Recipe) -> String {
 }
 
 /// mmdebstrap with the recipe's variant, packages, files and scripts; the
-/// caller adds the mode, suite and target.
+/// mode, suite and target come after ([`Step::mmdebstrap`]).
 fn mmdebstrap_command(recipe: &Recipe, stage: &Path) -> Command {
     let spec = &recipe.spec;
     let mut command = Command::new("mmdebstrap");
@@ -627,14 +629,6 @@ fn mmdebstrap_command(recipe: &Recipe, stage: &Path) -> Command {
         ));
     }
     command.arg("--customize-hook=rm -rf \"$1\"/tmp/testbed-scripts");
-    command
-}
-
-/// The recipe's mirror, after the suite and target, when it names one.
-fn with_mirror<'c>(command: &'c mut Command, recipe: &Recipe) -> &'c mut Command {
-    if let Some(mirror) = &recipe.spec.mirror {
-        command.arg(mirror);
-    }
     command
 }
 

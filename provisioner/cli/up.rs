@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Boot at most N machines at once (until each answers SSH); the rest
-    /// wait for a slot. Default: one more than the host's cores
+    /// wait for a slot. Default: all at once
     #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     jobs: Option<u16>,
 }
