@@ -37,10 +37,12 @@ lint:
 # The base image is built first, once, so that the tests booting it in
 # parallel do not each wait on its lock. Run as root, the new user's test
 # (tests/zookeeper_qemu.rs) runs testbed as an ordinary user: TEST_USER,
-# made here when missing (useradd gives it subordinate ids).
+# made here when missing (useradd gives it subordinate ids once
+# /etc/subuid and /etc/subgid exist).
 TEST_USER := $(or $(TESTBED_TEST_USER),testbed-ci)
 test:
 	@if [ "$$(id -u)" = 0 ]; then \
+		touch /etc/subuid /etc/subgid; \
 		id $(TEST_USER) >/dev/null 2>&1 || useradd --create-home $(TEST_USER); \
 		grep -q "^$(TEST_USER):" /etc/subuid 2>/dev/null || \
 			usermod --add-subuids 100000-165535 --add-subgids 100000-165535 $(TEST_USER); \
