@@ -171,6 +171,14 @@ impl Recipe {
         self.folder.origin()
     }
 
+    /// Where the recipe was found in words: its file, or `built-in`.
+    pub fn found_at(&self) -> String {
+        match self.origin() {
+            Origin::BuiltIn => library::BUILTIN.to_owned(),
+            Origin::Local(_) => self.path.display().to_string(),
+        }
+    }
+
     /// The bytes of a file the recipe names, relative to its folder.
     fn source(&self, relative: &Path) -> Result<Vec<u8>, ImageError> {
         self.folder

@@ -304,14 +304,6 @@ impl Plan {
     }
 }
 
-/// The recipe's file, or `built-in`.
-fn source_of(recipe: &Recipe) -> String {
-    match recipe.origin() {
-        crate::library::Origin::BuiltIn => crate::library::BUILTIN.to_owned(),
-        crate::library::Origin::Local(_) => recipe.path.display().to_string(),
-    }
-}
-
 impl MachinePlan {
     /// Whether `up` boots it (from a new disk or its own).
     pub fn boots(&self) -> bool {
@@ -370,7 +362,7 @@ impl MachineResolver<'_> {
             name: machine.name.clone(),
             action,
             why,
-            image_source: source_of(&self.recipe),
+            image_source: self.recipe.found_at(),
             daemons,
             machine: machine.clone(),
             provider: self.provider.clone(),

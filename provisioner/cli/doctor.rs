@@ -36,7 +36,7 @@ pub fn run(_args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
 
 /// What building images and reaching machines need, whatever the provider.
 fn host_lines() -> Vec<DoctorLine> {
-    vec![
+    let mut lines = vec![
         DoctorLine::version(
             "mmdebstrap",
             "mmdebstrap",
@@ -56,14 +56,11 @@ fn host_lines() -> Vec<DoctorLine> {
             "apt-get install openssh-client",
         ),
         userns_line(),
-    ]
-    .into_iter()
-    .chain(if nix::unistd::geteuid().is_root() {
-        Vec::new()
-    } else {
-        unprivileged_build_lines()
-    })
-    .collect()
+    ];
+    if !nix::unistd::geteuid().is_root() {
+        lines.extend(unprivileged_build_lines());
+    }
+    lines
 }
 
 fn print_line(line: &DoctorLine) -> std::io::Result<()> {

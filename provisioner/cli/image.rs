@@ -69,10 +69,7 @@ fn list(cache: &Cache, start: &Path, settings: &Settings, json: bool) -> anyhow:
     for name in recipe_names(start, &settings.search) {
         let recipe = Recipe::find(&name, start, &settings.search)?;
         recipes.push(ListedRecipe {
-            source: match recipe.origin() {
-                crate::library::Origin::BuiltIn => crate::library::BUILTIN.to_owned(),
-                crate::library::Origin::Local(_) => recipe.path.display().to_string(),
-            },
+            source: recipe.found_at(),
             key: recipe.key(),
             cached: cache.lookup(&recipe).is_some(),
             name,
