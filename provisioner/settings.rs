@@ -1,6 +1,6 @@
 //! What testbed takes from its environment, read once at the CLI edge
-//! ([`Settings::from_env`]) and passed down: no other module reads the
-//! environment.
+//! ([`Settings::from_env`]) and passed down with the CLI's global flags:
+//! no other module reads the environment.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -17,6 +17,9 @@ pub struct Settings {
     /// `$TESTBED_LIBVIRT_URI`; a topology's `[libvirt] uri` wins over it.
     pub libvirt_uri: Option<String>,
     pub search: Search,
+    /// `--wait`: a command that finds the testbed locked waits for the lock
+    /// instead of failing.
+    pub wait_for_lock: bool,
 }
 
 /// Where recipes and kits are looked for besides the folders beside the
@@ -51,6 +54,7 @@ impl Settings {
                 images: path("TESTBED_IMAGES"),
                 daemons: path("TESTBED_DAEMONS"),
             },
+            wait_for_lock: false,
         }
     }
 }

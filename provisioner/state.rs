@@ -1,7 +1,9 @@
 //! `.testbed/` beside the topology (like `.vagrant/`): one folder per machine
 //! (disk, seed, QMP socket, console log, pid), the user key, the generated
 //! ssh config and `state.json`, the record of how far each machine got.
-//! Records are written atomically (temp file + rename).
+//! Records are written atomically (temp file, fsync, rename, fsync of the
+//! folder) and carry a version: a record from a newer testbed is refused,
+//! never rewritten, and fields this version does not know are kept.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -14,6 +16,10 @@ use crate::model::ProviderKind;
 
 pub const STATE_DIR: &str = ".testbed";
 
+/// The version of `state.json` this testbed writes. Records without one
+/// (written before versions) are version 1.
+pub const STATE_VERSION: u32 = 1;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{path}: {source}")]
@@ -21,15 +27,27 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is corrupt ({source}); `testbed destroy -f` removes it")]
+    #[error(
+        "{path} is corrupt ({source})\n  help: `testbed destroy -f` still removes every VM, \
+         network and process of this testbed; then `testbed up` starts over"
+    )]
     Corrupt {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error(
+        "{path} was written by a newer testbed (state version {found}; this testbed reads up \
+         to {STATE_VERSION}) and is left as it is\n  help: use that testbed, or upgrade this one \
+         (`cargo install testbed` or `make build`)"
+    )]
+    Newer { path: PathBuf, found: u32 },
     #[error("no testbed here: {dir} has no {STATE_DIR}/ (run `testbed up FILE`, or `testbed init` to write a topology.toml here, or pass -f FILE)")]
     NotFound { dir: PathBuf },
-    #[error("another testbed command holds {path}; wait for it to finish")]
-    Locked { path: PathBuf },
+    #[error(
+        "this testbed is locked by {holder}\n  help: wait for it to finish, or pass --wait to \
+         wait here ({path})"
+    )]
+    Locked { path: PathBuf, holder: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -66,10 +84,16 @@ pub struct MachineRecord {
     /// Hash of the machine's own `artifacts` last pushed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifacts: Option<String>,
+    /// Fields of a later testbed of the same version, kept as they are.
+    #[serde(flatten)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Record {
+    /// [`STATE_VERSION`] when saved; 0 (none) in records from before versions.
+    #[serde(default)]
+    pub version: u32,
     /// The topology file this testbed was brought up from.
     pub topology: PathBuf,
     pub machines: BTreeMap<String, MachineRecord>,
@@ -79,6 +103,17 @@ pub struct Record {
     /// The inputs hash of the last build that succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<String>,
+    /// Fields of a later testbed of the same version, kept as they are.
+    #[serde(flatten)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The one field read before the rest, so a newer layout is named as newer,
+/// not as corrupt.
+#[derive(Deserialize)]
+struct VersionOnly {
+    #[serde(default)]
+    version: u32,
 }
 
 /// The `.testbed/` directory of one testbed.
@@ -205,37 +240,81 @@ impl StateDir {
         Ok(secrets)
     }
 
+    /// The record; empty when there is none yet.
     pub fn load(&self) -> Result<Record, StateError> {
         let path = self.record_path();
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-                path: path.clone(),
-                source,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Record::default()),
-            Err(e) => Err(io_err(&path)(e)),
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Record::default()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let corrupt = |source| StateError::Corrupt {
+            path: path.clone(),
+            source,
+        };
+        let VersionOnly { version } = serde_json::from_slice(&bytes).map_err(corrupt)?;
+        if version > STATE_VERSION {
+            return Err(StateError::Newer {
+                path,
+                found: version,
+            });
         }
+        serde_json::from_slice(&bytes).map_err(corrupt)
     }
 
     pub fn save(&self, record: &Record) -> Result<(), StateError> {
-        let json = serde_json::to_vec_pretty(record).map_err(|source| StateError::Corrupt {
+        let record = Record {
+            version: STATE_VERSION,
+            ..record.clone()
+        };
+        let json = serde_json::to_vec_pretty(&record).map_err(|source| StateError::Corrupt {
             path: self.record_path(),
             source,
         })?;
         write_atomic(&self.record_path(), &json, 0o644)
     }
 
-    /// Takes the testbed's lock for the life of the returned guard, so two
-    /// commands never change the same testbed at once.
-    pub fn lock(&self) -> Result<LockGuard, StateError> {
+    /// Takes the testbed's lock for the life of the returned guard, so that
+    /// no two commands change the same testbed at once. When another
+    /// command holds it: an error naming that command, or, with `on_wait`,
+    /// `on_wait(holder)` and a wait until it is free.
+    pub fn lock(
+        &self,
+        access: Access,
+        on_wait: Option<&dyn Fn(&str)>,
+    ) -> Result<LockGuard, StateError> {
         self.create()?;
         let path = self.root.join("lock");
-        let file = fs::File::create(&path).map_err(io_err(&path))?;
-        match file.try_lock() {
-            Ok(()) => Ok(LockGuard { _file: file }),
-            Err(fs::TryLockError::WouldBlock) => Err(StateError::Locked { path }),
-            Err(fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+        // Not truncated on open: the file names who holds the lock.
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let attempt = match access {
+            Access::Exclusive => file.try_lock(),
+            Access::Shared => file.try_lock_shared(),
+        };
+        match attempt {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = lock_holder(&path);
+                let Some(on_wait) = on_wait else {
+                    return Err(StateError::Locked { path, holder });
+                };
+                on_wait(&holder);
+                match access {
+                    Access::Exclusive => file.lock(),
+                    Access::Shared => file.lock_shared(),
+                }
+                .map_err(io_err(&path))?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
         }
+        write_holder(&mut file).map_err(io_err(&path))?;
+        Ok(LockGuard { _file: file })
     }
 
     /// Removes the whole directory.
@@ -313,9 +392,54 @@ fn random_hex(path: &Path) -> Result<String, StateError> {
     Ok(hex::encode(bytes))
 }
 
-/// Held while a command changes the testbed; released on drop.
+/// How a command holds the testbed's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Alone: `up`, `provision`, `build`, `halt`, `destroy` change the testbed.
+    Exclusive,
+    /// Beside other shared holders, never beside an exclusive one: `verify`
+    /// and `run` use the machines without changing what exists.
+    Shared,
+}
+
+/// Held while a command uses the testbed; released on drop (and by the
+/// kernel when the process dies, however it dies).
 pub struct LockGuard {
     _file: fs::File,
+}
+
+/// Writes this process into the lock file: `pid`, the time it took the
+/// lock and its command line, one per line.
+fn write_holder(file: &mut fs::File) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let command: Vec<String> = std::env::args()
+        .enumerate()
+        .map(|(i, arg)| match i {
+            0 => Path::new(&arg)
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or(arg),
+            _ => arg,
+        })
+        .collect();
+    let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    file.set_len(0)?;
+    file.seek(SeekFrom::Start(0))?;
+    let line = command.join(" ").replace('\n', " ");
+    write!(file, "{}\n{since}\n{line}\n", std::process::id())
+}
+
+/// Who holds the lock at `path`, as its holder wrote it:
+/// `pid 1234 (testbed up, since 2026-12-02T05:01:02Z)`.
+fn lock_holder(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.lines();
+    match (lines.next(), lines.next(), lines.next()) {
+        (Some(pid), Some(since), Some(command)) if pid.parse::<u32>().is_ok() => {
+            format!("pid {pid} (`{command}`, since {since})")
+        }
+        _ => "another testbed command".to_string(),
+    }
 }
 
 /// A directory only its owner can enter: sockets inside it are private.
@@ -330,7 +454,8 @@ pub fn create_private_dir(path: &Path) -> Result<(), StateError> {
 }
 
 /// Writes `data` to `path` through a temp file in the same directory and a
-/// rename, so readers never see a half-written file.
+/// rename, so readers never see a half-written file, and a crash of the
+/// host leaves either the old file or the new one.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
@@ -339,8 +464,12 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateErro
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_err(path))?;
+    tmp.as_file().sync_all().map_err(io_err(path))?;
     tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
-    Ok(())
+    // The rename is durable once the folder's entry is on disk too.
+    fs::File::open(dir)
+        .and_then(|folder| folder.sync_all())
+        .map_err(io_err(dir))
 }
 
 #[cfg(test)]
@@ -365,6 +494,7 @@ mod tests {
                 identity: None,
                 daemons: BTreeMap::new(),
                 artifacts: None,
+                unknown: Default::default(),
             },
         );
         state.save(&record).expect("save");
@@ -401,10 +531,92 @@ mod tests {
     }
 
     #[test]
-    fn second_lock_is_refused() {
+    fn a_held_lock_names_its_holder_and_shared_holders_sit_together() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = StateDir::beside(dir.path());
-        let _held = state.lock().expect("first lock");
-        assert!(matches!(state.lock(), Err(StateError::Locked { .. })));
+        let held = state.lock(Access::Exclusive, None).expect("first lock");
+        for access in [Access::Exclusive, Access::Shared] {
+            match state.lock(access, None) {
+                Err(StateError::Locked { holder, .. }) => {
+                    let pid = format!("pid {} (`", std::process::id());
+                    assert!(holder.starts_with(&pid), "{holder}");
+                    assert!(holder.contains(", since 20"), "{holder}");
+                }
+                other => panic!("{access:?} beside an exclusive holder: {:?}", other.err()),
+            }
+        }
+        drop(held);
+        let first = state.lock(Access::Shared, None).expect("shared");
+        let _second = state
+            .lock(Access::Shared, None)
+            .expect("shared beside shared");
+        assert!(matches!(
+            state.lock(Access::Exclusive, None),
+            Err(StateError::Locked { .. })
+        ));
+        drop(first);
+    }
+
+    #[test]
+    fn a_waiting_lock_is_told_the_holder_and_gets_the_lock_once_free() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::beside(dir.path());
+        let held = state.lock(Access::Exclusive, None).expect("first lock");
+        let waiter = {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let told = std::sync::Mutex::new(String::new());
+                let on_wait = |holder: &str| *told.lock().expect("told") = holder.to_string();
+                let guard = state.lock(Access::Exclusive, Some(&on_wait));
+                (guard.is_ok(), told.into_inner().expect("told"))
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(held);
+        let (locked, told) = waiter.join().expect("waiter");
+        assert!(locked);
+        assert!(told.starts_with("pid "), "{told}");
+    }
+
+    #[test]
+    fn a_record_from_a_newer_testbed_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::beside(dir.path());
+        state.create().expect("create");
+        let newer = br#"{"version": 99, "layout": "unknown to us"}"#;
+        fs::write(state.record_path(), newer).expect("write");
+        match state.load() {
+            Err(StateError::Newer { found: 99, .. }) => {}
+            other => panic!("a version-99 record: {other:?}"),
+        }
+        assert_eq!(fs::read(state.record_path()).expect("read"), newer);
+    }
+
+    #[test]
+    fn unknown_fields_survive_a_save_and_the_version_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::beside(dir.path());
+        state.create().expect("create");
+        let old = r#"{"topology": "t.toml", "machines": {}, "later_field": [1, 2]}"#;
+        fs::write(state.record_path(), old).expect("write");
+        let record = state
+            .load()
+            .expect("a record without a version is version 1");
+        state.save(&record).expect("save");
+        let saved: serde_json::Value =
+            serde_json::from_slice(&fs::read(state.record_path()).expect("read")).expect("json");
+        assert_eq!(saved["version"], STATE_VERSION);
+        assert_eq!(saved["later_field"], serde_json::json!([1, 2]));
+    }
+
+    #[test]
+    fn a_truncated_record_says_how_to_recover() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::beside(dir.path());
+        state.create().expect("create");
+        fs::write(state.record_path(), br#"{"topology": "t.toml", "mach"#).expect("write");
+        let message = state.load().expect_err("truncated").to_string();
+        assert!(message.contains("is corrupt"), "{message}");
+        assert!(message.contains("testbed destroy -f"), "{message}");
     }
 }

@@ -55,6 +55,10 @@ use crate::settings::Settings;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// When another testbed command holds this testbed's lock, wait for it
+    /// instead of failing
+    #[arg(long, global = true)]
+    wait: bool,
 }
 
 #[derive(Subcommand)]
@@ -108,7 +112,10 @@ pub fn main() -> ExitCode {
         }
     };
     // Every TESTBED_* variable is read here, once.
-    let settings = Settings::from_env();
+    let settings = Settings {
+        wait_for_lock: cli.wait,
+        ..Settings::from_env()
+    };
     match runtime.block_on(run(cli, &settings)) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,

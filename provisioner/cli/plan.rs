@@ -16,7 +16,8 @@ use crate::settings::Settings;
                         testbed plan --json topologies/zk-ensemble.toml | jq '.machines[].action'"
 )]
 pub struct Args {
-    /// The topology file
+    /// The topology file (default: the testbed in the current directory,
+    /// else ./topology.toml)
     topology: Option<PathBuf>,
     /// Print the plan as JSON: {machines: [{name, action, why, daemons: [{name, action, why}]}], build, warnings}
     #[arg(long)]
@@ -24,10 +25,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let path = args.topology.ok_or_else(|| {
-        anyhow::anyhow!("which topology? e.g. `testbed plan topologies/quickstart.toml`")
-    })?;
-    let testbed = Testbed::open(&path, settings)?;
+    let testbed = Testbed::locate(args.topology.as_deref(), settings)?;
     let (plan, secrets) = testbed.plan()?;
     if args.json {
         out!("{}", serde_json::to_string_pretty(&plan)?)?;

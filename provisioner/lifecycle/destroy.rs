@@ -3,10 +3,10 @@
 use crate::progress::Progress;
 use crate::provider::{self, NetworkSpec};
 use crate::settings::Settings;
-use crate::state::{Record, StateDir};
+use crate::state::{Access, Record, StateDir, StateError};
 
 use super::ssh_config::{master_pid_path, CONTROL_MASTER_MARKER};
-use super::{blocking, Result};
+use super::{blocking, take_lock, Result};
 
 /// Takes down every network the record says is up (once no machine runs),
 /// and any network folder the record missed (an `up` killed mid-way), with
@@ -40,10 +40,14 @@ pub async fn destroy(
     settings: &Settings,
     progress: &Progress,
 ) -> Result<Vec<String>> {
+    let _lock = take_lock(state, Access::Exclusive, settings)?;
     let settings = provider::Settings::new(None, settings);
-    let _lock = state.lock()?;
-    // A corrupt record must not stand in the way of removing what is there.
-    let mut record = state.load().unwrap_or_default();
+    // A corrupt record must not stand in the way of removing what is there;
+    // a newer testbed's may name what this one cannot remove, so it is left.
+    let mut record = match state.load() {
+        Err(newer @ StateError::Newer { .. }) => return Err(newer.into()),
+        loaded => loaded.unwrap_or_default(),
+    };
     let mut removed = Vec::new();
     let machines_dir = state.root().join("machines");
     let names: Vec<String> = std::fs::read_dir(&machines_dir)

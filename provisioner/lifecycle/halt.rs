@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::progress::Progress;
 use crate::provider::{Provider, VmState};
 use crate::ssh::{Session, Target};
-use crate::state::Desired;
+use crate::state::{Access, Desired};
 
 use super::destroy::{remove_networks, stop_control_master};
 use super::{all_succeeded, blocking, join_machines, observe, Result, Testbed};
@@ -19,7 +19,7 @@ impl Testbed {
     /// Powers machines off: the guest shuts down by itself when it can,
     /// and is stopped after `HALT_TIMEOUT` when it does not.
     pub async fn halt(&self, names: &[String], progress: &Progress) -> Result<Vec<String>> {
-        let _lock = self.state.lock()?;
+        let _lock = self.lock(Access::Exclusive)?;
         let machines = self.select(names)?;
         let mut record = self.state.load()?;
         let mut halted = Vec::new();

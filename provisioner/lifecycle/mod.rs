@@ -26,7 +26,7 @@ use crate::provider::{self, Provider, ProviderError, VmState};
 use crate::provision::Machines;
 use crate::settings::Settings;
 use crate::ssh::{SshError, Target};
-use crate::state::{Desired, MachineRecord, Record, StateDir, StateError};
+use crate::state::{Access, Desired, LockGuard, MachineRecord, Record, StateDir, StateError};
 use crate::topology::{self, TopologyError};
 
 pub use destroy::destroy;
@@ -308,6 +308,11 @@ impl Testbed {
             .collect()
     }
 
+    /// The testbed's lock, for the life of the guard (see [`Access`]).
+    fn lock(&self, access: Access) -> Result<LockGuard> {
+        take_lock(&self.state, access, &self.settings)
+    }
+
     /// `up --provider KIND`: every machine on `kind`. A machine that already
     /// exists on another provider must be destroyed first.
     pub fn use_provider(&mut self, kind: ProviderKind) -> Result<()> {
@@ -348,10 +353,16 @@ impl Testbed {
             path: PathBuf::from("."),
             source,
         })?;
-        match StateDir::find(&cwd) {
-            Ok(state) => Ok(state.load()?.topology),
-            Err(_) if cwd.join(DEFAULT_TOPOLOGY).is_file() => Ok(cwd.join(DEFAULT_TOPOLOGY)),
-            Err(e) => Err(e.into()),
+        // A `.testbed/` whose first command has not saved a record yet
+        // (a build still running) names no topology.
+        let recorded = match StateDir::find(&cwd) {
+            Ok(state) => Some(state.load()?.topology).filter(|t| !t.as_os_str().is_empty()),
+            Err(_) => None,
+        };
+        match recorded {
+            Some(topology) => Ok(topology),
+            None if cwd.join(DEFAULT_TOPOLOGY).is_file() => Ok(cwd.join(DEFAULT_TOPOLOGY)),
+            None => Err(StateError::NotFound { dir: cwd }.into()),
         }
     }
 
@@ -474,6 +485,19 @@ impl Testbed {
     }
 }
 
+/// Takes the testbed's lock as `access`; with `--wait` it waits for the
+/// holder, saying so on stderr.
+fn take_lock(state: &StateDir, access: Access, settings: &Settings) -> Result<LockGuard> {
+    let on_wait =
+        |holder: &str| eprintln!("waiting for {}: locked by {holder}", state.root().display());
+    let wait: Option<&dyn Fn(&str)> = if settings.wait_for_lock {
+        Some(&on_wait)
+    } else {
+        None
+    };
+    Ok(state.lock(access, wait)?)
+}
+
 /// Waits for every machine's task: what succeeded, by machine, and a line
 /// per failure (a machine's failure never cuts the others short).
 async fn join_machines<T>(
@@ -558,6 +582,7 @@ mod tests {
             identity: None,
             daemons: BTreeMap::new(),
             artifacts: None,
+            unknown: Default::default(),
         }
     }
 

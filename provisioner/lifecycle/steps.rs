@@ -9,7 +9,7 @@ use crate::model::{self, Builder, Step, Topology};
 use crate::progress::{Progress, Task};
 use crate::provision::Gate;
 use crate::ssh;
-use crate::state::Record;
+use crate::state::{Access, Record};
 
 use super::up::UpContext;
 use super::{first_line, lock_record, Error, Result, Testbed};
@@ -53,7 +53,7 @@ impl Testbed {
             .ok_or_else(|| Error::NoBuild(self.topology.path.clone()))?;
         self.check_build(&self.kits()?)?;
         self.state.create()?;
-        let _lock = self.state.lock()?;
+        let _lock = self.lock(Access::Exclusive)?;
         let mut record = self.state.load()?;
         if !force && self.build_current(&record)? {
             return Ok(BuildOutcome::Skipped);
@@ -97,6 +97,7 @@ impl Testbed {
         on_output: impl FnMut(ssh::Stream, &[u8]) + Send,
     ) -> Result<StepReport> {
         let step = self.step(name)?.clone();
+        let _lock = self.lock(Access::Shared)?;
         let machines = self.sessions()?;
         let started = Instant::now();
         let session = machines.session(&step.machine).await?;
@@ -143,6 +144,7 @@ impl Testbed {
 
     /// Runs the topology's checks alone.
     pub async fn verify(&self) -> Result<check::Report> {
+        let _lock = self.lock(Access::Shared)?;
         let machines = self.sessions()?;
         let report = check::run_all(&self.topology.checks, &self.topology, machines.clone()).await;
         machines.close().await;

@@ -17,7 +17,7 @@ use crate::progress::{Progress, Task};
 use crate::provider::{NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
 use crate::provision::{self, Gate, Machines, Outcome, Readiness};
 use crate::ssh::{self, Session, SshError, Target};
-use crate::state::{Desired, MachineDir, MachineRecord, Record, StateDir, StateError};
+use crate::state::{Access, Desired, MachineDir, MachineRecord, Record, StateDir, StateError};
 
 use super::ssh_config::{start_control_masters, write_ssh_config};
 use super::steps::spawn_build;
@@ -115,7 +115,7 @@ impl Testbed {
         let kits = self.kits()?;
         self.check_build(&kits)?;
         self.state.create()?;
-        let _lock = self.state.lock()?;
+        let _lock = self.lock(Access::Exclusive)?;
         let mut record = self.state.load()?;
         record.topology = self.topology.path.clone();
         ensure_user_key(&self.state)?;
@@ -227,7 +227,7 @@ impl Testbed {
     /// plan says: restarts the daemons whose files changed, starts those not
     /// running, stops those removed, leaves the rest alone.
     pub async fn provision(&self, names: &[String], progress: &Progress) -> Result<Vec<Outcome>> {
-        let _lock = self.state.lock()?;
+        let _lock = self.lock(Access::Exclusive)?;
         let selected = self.select(names)?;
         let kits = self.kits()?;
         let record = self.state.load()?;
@@ -586,6 +586,7 @@ async fn bring_up(
                 identity: None,
                 daemons: BTreeMap::new(),
                 artifacts: None,
+                unknown: Default::default(),
             },
             fresh_disk,
         )?;

@@ -1,0 +1,162 @@
+//! The testbed's lock and its state file, through the binary and with no VM:
+//! a command that changes the testbed holds the lock, and a second one fails
+//! at once naming it (or waits with `--wait`) while the read-only verbs go
+//! on; a corrupt state says how to recover and `destroy -f` still works; a
+//! state from a newer testbed is refused and left byte for byte.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Bed;
+
+/// A host build that holds the testbed's lock for as long as `hold` exists.
+const SLOW_BUILD: &str = r#"
+name = "locked"
+[machines.node]
+[build]
+machine = "host"
+inputs = ["src"]
+run = """
+while [ -e hold ]; do sleep 0.1; done
+mkdir -p dist && echo done > dist/out
+"""
+outputs = ["dist/out"]
+[[checks]]
+name = "node answers"
+machine = "node"
+command = { run = "true" }
+"#;
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Waits until the lock file names `pid` as its holder.
+fn wait_for_holder(bed: &Bed, pid: u32) {
+    let lock = bed.path().join(".testbed/lock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .starts_with(&format!("{pid}\n"))
+    {
+        assert!(Instant::now() < deadline, "pid {pid} never took the lock");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_second_command_fails_at_once_naming_the_holder_and_waits_with_wait() {
+    let bed = Bed::new(SLOW_BUILD);
+    std::fs::create_dir(bed.path().join("src")).expect("src");
+    std::fs::write(bed.path().join("hold"), "").expect("hold");
+    let mut build = bed
+        .command(&["build", "-f", "topology.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start build");
+    wait_for_holder(&bed, build.id());
+
+    for verb in [&["up"][..], &["verify"], &["halt"], &["destroy", "-f"]] {
+        let started = Instant::now();
+        let refused = bed.testbed(verb);
+        assert!(!refused.status.success(), "{verb:?} ran beside a build");
+        let message = stderr(&refused);
+        let holder = format!(
+            "locked by pid {} (`testbed build -f topology.toml`, since ",
+            build.id()
+        );
+        assert!(message.contains(&holder), "{verb:?}: {message}");
+        assert!(message.contains("--wait"), "{verb:?}: {message}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{verb:?} waited instead of failing at once"
+        );
+    }
+    bed.ok(&["status"]);
+    bed.ok(&["plan"]);
+    // Nothing is up, so there is no config to print, but not for the lock.
+    let config = stderr(&bed.testbed(&["ssh-config"]));
+    assert!(config.contains("run `testbed up` first"), "{config}");
+
+    let mut waiter = bed
+        .command(&["--wait", "destroy", "-f"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start destroy --wait");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        waiter.try_wait().expect("poll").is_none(),
+        "destroy --wait did not wait for the build"
+    );
+    std::fs::remove_file(bed.path().join("hold")).expect("release the build");
+    assert!(
+        build.wait().expect("build").success(),
+        "the build itself fails"
+    );
+    let waited = waiter.wait_with_output().expect("destroy --wait");
+    assert!(waited.status.success(), "{}", stderr(&waited));
+    assert!(
+        stderr(&waited).contains(&format!("locked by pid {}", build.id())),
+        "{}",
+        stderr(&waited)
+    );
+    assert!(
+        !bed.path().join(".testbed").exists(),
+        "destroy removed the state"
+    );
+}
+
+const ONE_MACHINE: &str = "name = \"state\"\n[machines.node]\n";
+
+fn write_state(bed: &Bed, text: &[u8]) -> std::path::PathBuf {
+    let state = bed.path().join(".testbed");
+    std::fs::create_dir_all(state.join("machines/node")).expect("state");
+    std::fs::write(state.join("state.json"), text).expect("state.json");
+    state.join("state.json")
+}
+
+#[test]
+fn a_truncated_state_says_how_to_recover_and_destroy_still_works() {
+    let bed = Bed::new(ONE_MACHINE);
+    let path = write_state(
+        &bed,
+        br#"{"topology": "topology.toml", "machines": {"node": {"prov"#,
+    );
+    let status = bed.testbed(&["status"]);
+    assert!(!status.status.success());
+    let message = stderr(&status);
+    assert!(message.contains("state.json is corrupt"), "{message}");
+    assert!(
+        message.contains("`testbed destroy -f` still removes"),
+        "{message}"
+    );
+    let up = bed.testbed(&["up"]);
+    assert!(!up.status.success());
+    assert!(stderr(&up).contains("is corrupt"), "{}", stderr(&up));
+    bed.ok(&["destroy", "-f"]);
+    assert!(!path.exists());
+}
+
+#[test]
+fn a_state_from_a_newer_testbed_is_refused_and_never_rewritten() {
+    let bed = Bed::new(ONE_MACHINE);
+    let newer = br#"{"version": 7, "topology": "topology.toml", "machines": {}, "fleet": {}}"#;
+    let path = write_state(&bed, newer);
+    for verb in [&["status"][..], &["up"], &["destroy", "-f"]] {
+        let refused = bed.testbed(verb);
+        assert!(!refused.status.success(), "{verb:?} took a newer state");
+        let message = stderr(&refused);
+        assert!(
+            message.contains("written by a newer testbed (state version 7"),
+            "{verb:?}: {message}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&path).expect("state"),
+        newer,
+        "left as it was"
+    );
+}
