@@ -395,31 +395,54 @@ async fn fetch_outputs(
         });
     }
     clear_outputs(build, topology_dir)?;
-    unpack_files(&archive.stdout, topology_dir)?;
+    unpack_files(&archive.stdout, topology_dir, &build.outputs)?;
     check_outputs(build, topology_dir, builder)
 }
 
-/// Unpacks the regular files (and their folders) of `archive` below `dir`;
-/// anything else a builder might send (links, devices) is refused.
-fn unpack_files(archive: &[u8], dir: &Path) -> Result<()> {
+/// Unpacks into `dir` the files of `archive` that are declared outputs, each
+/// at its declared path and nowhere else: a builder that sends any other
+/// path (`.testbed/ssh_config`, say), or a link or device, is refused
+/// before anything is written. Folder entries are skipped (each output's
+/// folders are made here).
+fn unpack_files(archive: &[u8], dir: &Path, outputs: &[String]) -> Result<()> {
     let output_error = |error| BuildError::Output {
         path: dir.join(DIST),
         error,
     };
-    let mut archive = tar::Archive::new(archive);
-    for entry in archive.entries().map_err(output_error)? {
+    let declared: Vec<PathBuf> = outputs.iter().filter_map(|o| build_path(o)).collect();
+    let refuse = |what: String| output_error(std::io::Error::other(what));
+    let mut files = Vec::new();
+    for entry in tar::Archive::new(archive).entries().map_err(output_error)? {
         let mut entry = entry.map_err(output_error)?;
+        let path = entry.path().map_err(output_error)?;
+        let Some(path) = build_path(&path.to_string_lossy()) else {
+            return Err(refuse(format!("{} is outside the build", path.display())));
+        };
         let kind = entry.header().entry_type();
-        if !(kind.is_file() || kind.is_dir()) {
-            let name = entry
-                .path()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            return Err(output_error(std::io::Error::other(format!(
-                "{name} is not a regular file"
-            ))));
+        if kind.is_dir() {
+            continue;
         }
-        entry.unpack_in(dir).map_err(output_error)?;
+        if !kind.is_file() {
+            return Err(refuse(format!("{} is not a regular file", path.display())));
+        }
+        if !declared.contains(&path) {
+            return Err(refuse(format!(
+                "the builder sent {}, which is not one of the build's outputs",
+                path.display()
+            )));
+        }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes).map_err(output_error)?;
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
+        files.push((path, bytes, mode));
+    }
+    for (path, bytes, mode) in files {
+        let target = dir.join(&path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(output_error)?;
+        }
+        crate::state::write_atomic(&target, &bytes, mode)
+            .map_err(|e| output_error(std::io::Error::other(e.to_string())))?;
     }
     Ok(())
 }
@@ -578,9 +601,64 @@ mod tests {
             .append_link(&mut header, "dist/hello", "/etc/shadow")
             .expect("link");
         let bytes = archive.into_inner().expect("tar");
-        let error = unpack_files(&bytes, dir.path()).expect_err("a link is refused");
+        let outputs = ["dist/hello".to_string()];
+        let error = unpack_files(&bytes, dir.path(), &outputs).expect_err("a link is refused");
         assert!(error.to_string().contains("not a regular file"), "{error}");
         assert!(!dir.path().join("dist/hello").exists());
+    }
+
+    /// A tar of regular files, as a builder's `tar chf -` sends them.
+    fn archive_of(files: &[(&str, &str)]) -> Vec<u8> {
+        let mut archive = tar::Builder::new(Vec::new());
+        for (path, text) in files {
+            // Written raw: the tar crate itself refuses to make `..` paths.
+            let mut header = tar::Header::new_gnu();
+            header.as_gnu_mut().expect("gnu").name[..path.len()].copy_from_slice(path.as_bytes());
+            header.set_size(text.len() as u64);
+            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_cksum();
+            archive.append(&header, text.as_bytes()).expect("append");
+        }
+        archive.into_inner().expect("tar")
+    }
+
+    #[test]
+    fn a_builder_writes_its_declared_outputs_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outputs = ["dist/hello".to_string()];
+        let hostile = archive_of(&[
+            ("dist/hello", "ok"),
+            (
+                ".testbed/ssh_config",
+                "Host *\n  ProxyCommand touch /tmp/owned\n",
+            ),
+        ]);
+        let error = unpack_files(&hostile, dir.path(), &outputs).expect_err("refused");
+        assert!(
+            error
+                .to_string()
+                .contains(".testbed/ssh_config, which is not one of"),
+            "{error}"
+        );
+        assert!(!dir.path().join(".testbed").exists());
+        assert!(
+            !dir.path().join("dist/hello").exists(),
+            "nothing is written when one entry is refused"
+        );
+        let climbing = archive_of(&[("dist/../../escaped", "x")]);
+        assert!(unpack_files(&climbing, dir.path(), &outputs).is_err());
+        assert!(!dir
+            .path()
+            .parent()
+            .expect("parent")
+            .join("escaped")
+            .exists());
+
+        let honest = archive_of(&[("./dist/hello", "ok")]);
+        unpack_files(&honest, dir.path(), &outputs).expect("declared output");
+        let written = std::fs::read_to_string(dir.path().join("dist/hello")).expect("read");
+        assert_eq!(written, "ok");
     }
 
     #[test]

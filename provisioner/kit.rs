@@ -794,6 +794,7 @@ impl Kit {
         let name = shown(&path);
         let mut tera = tera::Tera::default();
         tera.autoescape_on(Vec::new());
+        tera.register_filter("shell", shell_filter);
         let failure = |error: tera::Error| template_error(&path, text, values, &error);
         tera.add_raw_template(&name, text).map_err(failure)?;
         let contents = tera.render(&name, context).map_err(failure)?;
@@ -805,6 +806,30 @@ impl Kit {
             template: path,
         })
     }
+}
+
+/// `{{ value | shell }}`: the value as one word of POSIX shell, single-quoted,
+/// for files a shell sources or runs (`"`, `$(…)`, backticks and newlines
+/// stay text). Strings, numbers and booleans only.
+fn shell_filter(
+    value: &Value,
+    _: &std::collections::HashMap<String, Value>,
+) -> tera::Result<Value> {
+    let text = match value {
+        Value::String(text) => text.clone(),
+        Value::Number(_) | Value::Bool(_) => value.to_string(),
+        other => {
+            return Err(tera::Error::msg(format!(
+                "the `shell` filter quotes a string, number or boolean, not {other}"
+            )))
+        }
+    };
+    if text.contains('\0') {
+        return Err(tera::Error::msg(
+            "the `shell` filter cannot quote a NUL character",
+        ));
+    }
+    Ok(Value::String(crate::ssh::shell_quote(&text)))
 }
 
 /// Turns a tera error into one naming the file, the line and the cause.

@@ -183,21 +183,73 @@ fn zookeeper_ensemble_member_without_an_ip_is_an_error() {
     assert!(message.contains("`zk2` has no private IP"), "{message}");
 }
 
+/// What `$JAVA_OPTS` is after a shell sources `file` (as the init script
+/// does), run in `dir`.
+fn sourced_java_opts(file: &str, dir: &Path) -> String {
+    let path = dir.join("zookeeper.default");
+    std::fs::write(&path, file).expect("write");
+    let output = std::process::Command::new("sh")
+        .current_dir(dir)
+        .arg("-c")
+        .arg(". ./zookeeper.default && printf %s \"$JAVA_OPTS\"")
+        .output()
+        .expect("sh");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[test]
 fn zookeeper_jvm_heap_is_small_and_set_by_vars() {
+    let dir = tempfile::tempdir().expect("tempdir");
     let mut topology = zookeepers(1);
     let files = render_zookeeper(&topology, "zk1");
     let default = file(&files, "/etc/default/zookeeper");
-    assert!(
-        default.contains("JAVA_OPTS=\"-Xms32m -Xmx256m "),
-        "{default}"
+    assert_eq!(
+        sourced_java_opts(default, dir.path()),
+        "-Xms32m -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1"
     );
     topology.machines[0]
         .vars
         .insert("zookeeper_heap".into(), "512m".into());
     let files = render_zookeeper(&topology, "zk1");
     let default = file(&files, "/etc/default/zookeeper");
-    assert!(default.contains("-Xmx512m "), "{default}");
+    assert!(sourced_java_opts(default, dir.path()).contains("-Xmx512m "));
+}
+
+#[test]
+fn a_hostile_var_stays_text_in_a_shell_sourced_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut topology = zookeepers(1);
+    let hostile = "1g\" $(touch dollar) `touch backtick` '; touch quote; '\ntouch newline\n";
+    topology.machines[0]
+        .vars
+        .insert("zookeeper_heap".into(), hostile.into());
+    let files = render_zookeeper(&topology, "zk1");
+    let opts = sourced_java_opts(file(&files, "/etc/default/zookeeper"), dir.path());
+    assert!(opts.contains(hostile), "{opts}");
+    for planted in ["dollar", "backtick", "quote", "newline"] {
+        assert!(!dir.path().join(planted).exists(), "`touch {planted}` ran");
+    }
+}
+
+#[test]
+fn the_shell_filter_takes_scalars_only() {
+    let quoted = render_simple(
+        "{{ machine.name | shell }} {{ machine.cpus | shell }}",
+        vec![machine("it's", None, &[])],
+    )
+    .expect("renders");
+    assert_eq!(quoted[0].contents, "'it'\\''s' '1'");
+    let error = render_simple("{{ machine.ips | shell }}", vec![machine("a", None, &[])])
+        .expect_err("an object is no shell word");
+    assert!(
+        format!("{error:?}").contains("quotes a string, number or boolean"),
+        "{error:?}"
+    );
 }
 
 #[test]
