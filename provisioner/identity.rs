@@ -283,6 +283,7 @@ mod tests {
             depends_on: vec![],
             packages: vec![],
             artifacts: vec![],
+            internet: false,
         };
         Topology {
             name: "pair".into(),

@@ -575,7 +575,7 @@ impl MachineResolver<'_> {
             && saved.spec != hardware_hash(self.inputs.topology, self.machine)
         {
             warnings.push(format!(
-                "{name}: cpus, memory, networks or forwards changed; `testbed halt {name}` then `testbed up` applies them"
+                "{name}: cpus, memory, networks, forwards or internet changed; `testbed halt {name}` then `testbed up` applies them"
             ));
         }
         let current = self.recipe.key();
@@ -635,7 +635,13 @@ pub fn hardware_hash(topology: &Topology, machine: &Machine) -> String {
         .into_iter()
         .map(|(network, nic)| (network, nic.mac))
         .collect();
-    hardware_hash_of(machine.cpus, machine.memory_mib, &nics, &machine.forwards)
+    hardware_hash_of(
+        machine.cpus,
+        machine.memory_mib,
+        &nics,
+        &machine.forwards,
+        machine.internet,
+    )
 }
 
 /// [`hardware_hash`] from its parts (what a booting VM is given).
@@ -644,12 +650,17 @@ pub fn hardware_hash_of(
     memory_mib: u64,
     nics: &[(String, String)],
     forwards: &[Forward],
+    internet: bool,
 ) -> String {
     let nics: Vec<(&str, &str)> = nics
         .iter()
         .map(|(network, mac)| (network.as_str(), mac.as_str()))
         .collect();
-    let text = format!("{cpus}|{memory_mib}|{nics:?}|{forwards:?}");
+    let mut text = format!("{cpus}|{memory_mib}|{nics:?}|{forwards:?}");
+    // Only when set, so machines made before `internet` existed keep their hash.
+    if internet {
+        text.push_str("|internet");
+    }
     hex::encode(Sha256::digest(text))[..16].to_string()
 }
 

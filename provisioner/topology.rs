@@ -85,7 +85,7 @@ const TOP_KEYS: &[&str] = &[
 const LIBVIRT_KEYS: &[&str] = &["uri"];
 const BUILD_KEYS: &[&str] = &["machine", "run", "inputs", "outputs"];
 const STEP_KEYS: &[&str] = &["name", "machine", "run", "checks"];
-const DEFAULTS_KEYS: &[&str] = &["provider", "image", "cpus", "memory"];
+const DEFAULTS_KEYS: &[&str] = &["provider", "image", "cpus", "memory", "internet"];
 const NETWORK_KEYS: &[&str] = &["subnet"];
 const MACHINE_KEYS: &[&str] = &[
     "ip",
@@ -100,6 +100,7 @@ const MACHINE_KEYS: &[&str] = &[
     "depends_on",
     "packages",
     "artifacts",
+    "internet",
 ];
 const FORWARD_KEYS: &[&str] = &["guest", "host"];
 const CHECK_KEYS: &[&str] = &[
@@ -483,6 +484,7 @@ struct Settings {
     image: Option<String>,
     cpus: Option<u32>,
     memory_mib: Option<u64>,
+    internet: Option<bool>,
 }
 
 /// Who already claimed an address or host port, for clash messages.
@@ -649,6 +651,13 @@ impl Checker<'_> {
             .ok_or_else(|| self.type_error(value, key, "a string", example))
     }
 
+    fn boolean(&self, value: &Value<'_>, key: &str) -> Result<bool> {
+        value
+            .get_ref()
+            .as_bool()
+            .ok_or_else(|| self.type_error(value, key, "true or false", "true"))
+    }
+
     /// An integer of any size TOML allows, so range errors can quote it.
     fn integer(&self, value: &Value<'_>, key: &str, example: &str) -> Result<i128> {
         let integer = value
@@ -736,6 +745,7 @@ impl Checker<'_> {
                 "image" => settings.image = Some(self.image(value)?),
                 "cpus" => settings.cpus = Some(self.cpus(value)?),
                 "memory" => settings.memory_mib = Some(self.memory(value)?),
+                "internet" => settings.internet = Some(self.boolean(value, "internet")?),
                 _ => {}
             }
         }
@@ -1083,6 +1093,7 @@ impl Checker<'_> {
                 .collect(),
             packages,
             artifacts,
+            internet: own.internet.or(defaults.internet).unwrap_or(false),
         })
     }
 

@@ -212,6 +212,7 @@ fn machine(name: &str, ips: &[(&str, Ipv4Addr)]) -> Machine {
         depends_on: Vec::new(),
         packages: vec![],
         artifacts: vec![],
+        internet: false,
     }
 }
 

@@ -31,6 +31,7 @@ fn machine(name: &str, ip: Option<[u8; 4]>, daemons: &[&str]) -> Machine {
         depends_on: Vec::new(),
         packages: vec![],
         artifacts: vec![],
+        internet: false,
     }
 }
 

@@ -23,7 +23,7 @@ fn five_at_once_then_plan_says_what_up_does_then_the_lifecycle_leaves_nothing_be
 }
 
 /// Machines besides `alpha` and `beta`, idle: with them five guests boot at
-/// once on two cores.
+/// once on two cores. The last one has `internet = true`.
 const IDLE: [(&str, &str); 3] = [
     ("gamma", "192.168.33.4"),
     ("delta", "192.168.33.5"),
@@ -52,6 +52,20 @@ fn every_machine_reaches_every_other(bed: &Bed) {
     }
 }
 
+/// A service on the host's loopback is out of a guest's reach through
+/// qemu's 10.0.2.2 (`restrict=on`), unless the machine says `internet = true`.
+fn only_the_machine_with_internet_reaches_the_host(bed: &Bed) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
+    let port = listener.local_addr().expect("addr").port();
+    let probe = format!("nc -z -w 3 10.0.2.2 {port}");
+    let restricted = bed.testbed(&["ssh", "alpha", "--", &probe]);
+    assert!(
+        !restricted.status.success(),
+        "alpha reached the host's 127.0.0.1:{port} without `internet = true`"
+    );
+    bed.ok(&["ssh", "epsilon", "--", &probe]);
+}
+
 /// The five machines, `alpha` running the test kit `hello` with
 /// `greeting`, and `beta` too when `beta_hello`.
 fn walk_topology(greeting: &str, beta_hello: bool) -> String {
@@ -78,6 +92,7 @@ ip = "192.168.33.3"
             .iter()
             .map(|(name, ip)| format!("[machines.{name}]\nip = \"{ip}\"\n"))
             .collect::<String>()
+            + "internet = true\n"
     )
 }
 
@@ -187,6 +202,7 @@ fn plan_walk(bed: &Bed) {
     );
     assert_eq!(ssh(bed, "alpha", "cat /etc/hello/greeting"), "hi");
     every_machine_reaches_every_other(bed);
+    only_the_machine_with_internet_reaches_the_host(bed);
 
     let converged = expect(&[
         ("alpha", "nothing", &[("hello", "nothing")]),

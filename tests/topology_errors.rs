@@ -1968,3 +1968,26 @@ fn a_step_check_is_checked_like_any_other() {
     let text = BUILT.replace("machine = \"node\", command", "machine = \"gone\", command");
     assert_build_error_at(&text, 15, 38, &["unknown machine `gone`"]);
 }
+
+#[test]
+fn internet_is_off_unless_a_machine_or_the_defaults_turn_it_on() {
+    let topology = parse_ok(PAIR);
+    assert!(topology.machines.iter().all(|m| !m.internet));
+    let text = PAIR.replace("cpus = 2\n", "cpus = 2\ninternet = true\n");
+    let topology = parse_ok(&text);
+    let online: Vec<&str> = topology
+        .machines
+        .iter()
+        .filter(|m| m.internet)
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(online, ["beta"]);
+    let all = PAIR.replace("cpus = 1\n", "cpus = 1\ninternet = true\n");
+    assert!(parse_ok(&all).machines.iter().all(|m| m.internet));
+    assert_error_at(
+        &PAIR.replace("cpus = 2\n", "cpus = 2\ninternet = \"yes\"\n"),
+        15,
+        12,
+        &["`internet` must be true or false, not a string", "internet = true"],
+    );
+}

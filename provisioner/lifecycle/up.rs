@@ -414,6 +414,7 @@ impl Testbed {
             ssh_port,
             forwards: machine.machine.forwards.clone(),
             nics,
+            internet: machine.machine.internet,
         })
     }
 
@@ -432,7 +433,13 @@ fn spec_hash(spec: &VmSpec) -> String {
         .iter()
         .map(|nic| (nic.network.name.clone(), nic.mac.clone()))
         .collect();
-    plan::hardware_hash_of(spec.cpus, spec.memory_mib, &nics, &spec.forwards)
+    plan::hardware_hash_of(
+        spec.cpus,
+        spec.memory_mib,
+        &nics,
+        &spec.forwards,
+        spec.internet,
+    )
 }
 
 #[derive(Clone)]

@@ -129,6 +129,10 @@ pub struct Machine {
     pub packages: Vec<String>,
     /// Files under `dist/` pushed to `/srv/testbed/dist/` on this machine.
     pub artifacts: Vec<String>,
+    /// Whether the guest may reach the host and the outside through its
+    /// management NIC (a builder that downloads); otherwise that NIC
+    /// carries only testbed's SSH and the forwarded ports.
+    pub internet: bool,
 }
 
 /// A guest TCP port reachable on the host at 127.0.0.1:`host`.

@@ -545,6 +545,7 @@ mod tests {
                 },
                 mac: "52:54:00:00:02:01".into(),
             }],
+            internet: false,
         }
     }
 

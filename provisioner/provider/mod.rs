@@ -131,6 +131,9 @@ pub struct VmSpec {
     pub ssh_port: u16,
     pub forwards: Vec<Forward>,
     pub nics: Vec<NicSpec>,
+    /// The management NIC reaches the host and the outside too; when false
+    /// it carries only the forwarded ports (qemu's `restrict=on`).
+    pub internet: bool,
 }
 
 impl VmSpec {

@@ -291,9 +291,16 @@ pub(super) fn user_net_management(mac: &str) -> Management {
 }
 
 /// User-mode networking: SSH and the topology's forwards, bound on 127.0.0.1.
+/// Unless the machine asks for the internet, the guest is `restrict`ed: it
+/// reaches neither the host's loopback services (through 10.0.2.2) nor the
+/// outside; the forwards still work.
 pub(super) fn management_netdev(vm: &VmSpec) -> String {
     let host = loopback::HOST;
-    let mut netdev = format!("user,id=mgmt,hostfwd=tcp:{host}:{}-:22", vm.ssh_port);
+    let restrict = if vm.internet { "off" } else { "on" };
+    let mut netdev = format!(
+        "user,id=mgmt,restrict={restrict},hostfwd=tcp:{host}:{}-:22",
+        vm.ssh_port
+    );
     for forward in &vm.forwards {
         netdev.push_str(&format!(
             ",hostfwd=tcp:{host}:{}-:{}",
@@ -432,6 +439,7 @@ mod tests {
                 },
                 mac: "52:54:00:00:01:01".into(),
             }],
+            internet: false,
         }
     }
 
@@ -448,7 +456,7 @@ mod tests {
         let netdevs = after(&args, "-netdev");
         assert_eq!(
             netdevs[0],
-            "user,id=mgmt,hostfwd=tcp:127.0.0.1:40022-:22,hostfwd=tcp:127.0.0.1:12181-:2181"
+            "user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22,hostfwd=tcp:127.0.0.1:12181-:2181"
         );
         assert_eq!(
             netdevs[1],
