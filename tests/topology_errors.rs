@@ -1988,6 +1988,9 @@ fn internet_is_off_unless_a_machine_or_the_defaults_turn_it_on() {
         &PAIR.replace("cpus = 2\n", "cpus = 2\ninternet = \"yes\"\n"),
         15,
         12,
-        &["`internet` must be true or false, not a string", "internet = true"],
+        &[
+            "`internet` must be true or false, not a string",
+            "internet = true",
+        ],
     );
 }
