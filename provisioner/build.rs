@@ -266,8 +266,11 @@ pub async fn run_on_host(
         .current_dir(dir)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
+        // A group of its own, so an interrupt stops the script and all it started.
+        .process_group(0)
         .spawn()
         .map_err(start_error)?;
+    let _work = child.id().map(crate::process::work);
     let mut text = Vec::new();
     if let Some(stdout) = child.stdout.take() {
         use tokio::io::AsyncBufReadExt;

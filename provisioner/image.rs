@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -64,6 +65,17 @@ pub enum ImageError {
         tail: String,
         log: PathBuf,
     },
+    #[error(
+        "image {name}: another build of it has held {lock} for {waited} s\n  help: if no \
+         testbed is building it, the holder hangs: stop it (`fuser {lock}` names it)"
+    )]
+    LockTimeout {
+        name: String,
+        lock: PathBuf,
+        waited: u64,
+    },
+    #[error("interrupted while waiting for another build of image {0}")]
+    Interrupted(String),
     #[error("no image named {0} in the cache")]
     NotCached(String),
 }
@@ -314,14 +326,27 @@ impl Cache {
         let lock_path = images.join(format!("{}.lock", recipe.key()));
         let lock = fs::File::create(&lock_path)
             .map_err(io_err(format!("cannot create {}", lock_path.display())))?;
-        if lock.try_lock().is_err() {
-            on_line("another build of this image is running; waiting for it");
-            lock.lock()
-                .map_err(io_err(format!("cannot lock {}", lock_path.display())))?;
-        }
+        wait_for_lock(&lock, recipe, &lock_path, on_line)?;
         match self.lookup(recipe) {
             Some(image) => Ok(image),
-            None => self.build(recipe, on_line),
+            None => {
+                self.remove_stale_builds(recipe);
+                self.build(recipe, on_line)
+            }
+        }
+    }
+
+    /// The `.build-KEY-*` folders a killed build of `recipe` left behind:
+    /// with the recipe's lock held, no build of it can be using them.
+    fn remove_stale_builds(&self, recipe: &Recipe) {
+        let prefix = format!(".build-{}-", recipe.key());
+        let Ok(entries) = fs::read_dir(self.images_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
         }
     }
 
@@ -612,6 +637,46 @@ impl Step<'_> {
     }
 }
 
+/// How long a build waits for another build of the same image: a build
+/// takes minutes at most, so an hour means the holder hangs.
+const IMAGE_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Takes the image's build lock, waiting (and saying so) while another
+/// build holds it, until [`IMAGE_LOCK_TIMEOUT`] or an interrupt.
+fn wait_for_lock(
+    lock: &fs::File,
+    recipe: &Recipe,
+    lock_path: &Path,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(io_err(format!("cannot lock {}", lock_path.display()))(e))
+            }
+            Err(fs::TryLockError::WouldBlock) => {}
+        }
+        if crate::process::interrupted() {
+            return Err(ImageError::Interrupted(recipe.name.clone()));
+        }
+        if started.elapsed() > IMAGE_LOCK_TIMEOUT {
+            return Err(ImageError::LockTimeout {
+                name: recipe.name.clone(),
+                lock: lock_path.to_path_buf(),
+                waited: started.elapsed().as_secs(),
+            });
+        }
+        if !told {
+            on_line("another build of this image is running; waiting for it");
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The recipe's disk size as e2fsprogs write it: `4GiB` → `4G`.
 fn disk_size(recipe: &Recipe) -> String {
     recipe.spec.disk.replace("iB", "")
@@ -682,15 +747,19 @@ fn run_logged(
         .append(true)
         .open(log)
         .map_err(io_err(format!("cannot open {}", log.display())))?;
+    use std::os::unix::process::CommandExt;
+    // A group of its own, so an interrupt stops the tool and all it started.
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(|source| ImageError::Missing {
             program: program.into(),
             source,
         })?;
+    let _work = crate::process::work(child.id());
     let mut tail: Vec<String> = Vec::new();
     if let Some(stderr) = child.stderr.take() {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {

@@ -2,12 +2,16 @@
 //! network switches, the OpenSSH ControlMasters. A pid alone is not enough
 //! (pids are recycled, and a dead child lingers as a zombie until reaped),
 //! so every question also names a marker that the process's command line
-//! must contain.
+//! must contain. And the work testbed waits for (image tools, a host
+//! build), which an interrupt stops ([`interrupt`]).
 //!
 //! A bottom-layer module: `/proc`, pid files and signals, nothing of testbed.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -85,6 +89,57 @@ pub fn terminate(pid_file: &Path, marker: &str) {
 fn live_pid(pid_file: &Path, marker: &str) -> Option<i32> {
     let pid = read_pid(pid_file)?;
     process_alive(pid_file, marker).then_some(pid)
+}
+
+/// The process groups of the work children running now.
+static WORK: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// A work child (spawned with `process_group(0)`, so it leads a group of its
+/// own) for as long as this guard lives: [`interrupt`] stops it and every
+/// process it started.
+#[must_use = "the child is stopped by an interrupt only while the guard lives"]
+pub struct Work {
+    group: i32,
+}
+
+/// Registers the child `pid`, which must lead its own process group. When
+/// an interrupt came first, the child is stopped at once.
+pub fn work(pid: u32) -> Work {
+    let group = i32::try_from(pid).unwrap_or(i32::MAX);
+    work_groups().insert(group);
+    if interrupted() {
+        stop_group(group);
+    }
+    Work { group }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        work_groups().remove(&self.group);
+    }
+}
+
+fn work_groups() -> std::sync::MutexGuard<'static, BTreeSet<i32>> {
+    WORK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn stop_group(group: i32) {
+    let _ = nix::sys::signal::killpg(Pid::from_raw(group), Signal::SIGTERM);
+}
+
+/// Ctrl-C or SIGTERM: every work child's group gets SIGTERM, and so does any
+/// started from now on; [`interrupted`] says so from here on.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    for group in work_groups().iter() {
+        stop_group(*group);
+    }
+}
+
+/// Whether [`interrupt`] was called.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 #[cfg(test)]

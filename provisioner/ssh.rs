@@ -8,6 +8,7 @@
 //! server presenting any other key is rejected outright, never trusted on
 //! first use.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::future::Future;
@@ -24,7 +25,9 @@ use russh::keys::ssh_key::LineEnding;
 use russh::keys::{
     Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate,
 };
-use russh::{cipher, compression, kex, ChannelMsg, ChannelReadHalf, Disconnect, Preferred};
+use russh::{
+    cipher, compression, kex, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Disconnect, Preferred,
+};
 use tokio::net::TcpStream;
 
 /// Least time given to one attempt near the deadline, so the last one can
@@ -329,7 +332,8 @@ impl Session {
     ///
     /// A non-zero exit status is returned, not an error; see
     /// [`ExecOutput::ensure_success`]. Dropping the future early abandons
-    /// the channel but does not stop the remote command.
+    /// the channel but does not stop the remote command;
+    /// [`stop_remote_commands`] does.
     pub async fn exec_streaming(
         &self,
         command: &str,
@@ -402,6 +406,8 @@ impl Session {
                 self.protocol(format!("opening a channel for `{command}`"), source)
             })?;
         let (reader, writer) = channel.split();
+        let writer = Arc::new(writer);
+        let _running = Running::register(&writer);
         writer
             .exec(true, command)
             .await
@@ -452,6 +458,48 @@ impl Session {
             source: Box::new(source),
         }
     }
+}
+
+/// The channels of the remote commands running now, by a number of their
+/// own: what [`stop_remote_commands`] signals.
+static RUNNING: std::sync::Mutex<BTreeMap<u64, Arc<ChannelWriteHalf<client::Msg>>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// A remote command's entry in [`RUNNING`] while it runs.
+struct Running(u64);
+
+impl Running {
+    fn register(writer: &Arc<ChannelWriteHalf<client::Msg>>) -> Running {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        running().insert(id, Arc::clone(writer));
+        Running(id)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        running().remove(&self.0);
+    }
+}
+
+fn running() -> std::sync::MutexGuard<'static, BTreeMap<u64, Arc<ChannelWriteHalf<client::Msg>>>> {
+    RUNNING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Sends SIGTERM to every remote command still running (an SSH `signal`
+/// request: sshd signals the command's whole process group), so an
+/// interrupted testbed leaves no build or step running in a guest. Returns
+/// how many were signalled; the requests are on their way once this
+/// returns, and leave with the connections' own tasks.
+pub async fn stop_remote_commands() -> usize {
+    let writers: Vec<_> = running().values().cloned().collect();
+    for writer in &writers {
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer.signal(russh::Sig::TERM)).await;
+    }
+    writers.len()
 }
 
 /// Everything a channel reported about one command.

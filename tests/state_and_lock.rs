@@ -160,3 +160,62 @@ fn a_state_from_a_newer_testbed_is_refused_and_never_rewritten() {
         "left as it was"
     );
 }
+
+/// A host build whose script leaves a grandchild running in the
+/// background, as real build tools do.
+const HANGING_BUILD: &str = r#"
+name = "interrupted"
+[machines.node]
+[build]
+machine = "host"
+inputs = ["src"]
+run = """
+sleep 31337 &
+echo started > started
+wait
+"""
+outputs = ["dist/out"]
+"#;
+
+#[test]
+fn ctrl_c_stops_a_host_build_and_all_it_started_then_exits_130() {
+    let bed = Bed::new(HANGING_BUILD);
+    std::fs::create_dir(bed.path().join("src")).expect("src");
+    let build = bed
+        .command(&["build", "-f", "topology.toml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start build");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !bed.path().join("started").exists() {
+        assert!(Instant::now() < deadline, "the build never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!common::processes_mentioning("sleep 31337").is_empty());
+    let pid = nix::unistd::Pid::from_raw(build.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let ended = build.wait_with_output().expect("build");
+    assert_eq!(ended.status.code(), Some(130), "{}", stderr(&ended));
+    let message = stderr(&ended);
+    assert!(
+        message.contains("interrupted by SIGINT: `testbed build` stopped"),
+        "{message}"
+    );
+    assert!(
+        message.contains("`testbed up` continues from here"),
+        "{message}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !common::processes_mentioning("sleep 31337").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the build's `sleep` outlived testbed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!bed.path().join("dist/out").exists());
+    // The lock went with the process: the next command runs at once.
+    bed.ok(&["status"]);
+    bed.ok(&["destroy", "-f"]);
+}

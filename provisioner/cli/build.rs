@@ -13,7 +13,7 @@ use crate::settings::Settings;
 )]
 pub struct Args {
     #[command(flatten)]
-    at: super::At,
+    pub(super) at: super::At,
     /// Build even when the inputs are unchanged
     #[arg(long)]
     force: bool,

@@ -16,7 +16,7 @@ pub struct Args {
     force: bool,
     /// The topology file (default: the testbed of `.testbed/` in the current directory)
     #[arg(long = "file", value_name = "FILE")]
-    file: Option<std::path::PathBuf>,
+    pub(super) file: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {

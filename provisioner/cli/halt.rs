@@ -9,7 +9,7 @@ use crate::settings::Settings;
 #[command(after_help = "Examples:\n  testbed halt\n  testbed halt beta")]
 pub struct Args {
     #[command(flatten)]
-    at: super::At,
+    pub(super) at: super::At,
     /// Machines to halt (default: all)
     machines: Vec<String>,
 }

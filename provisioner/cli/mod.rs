@@ -25,6 +25,7 @@ mod doctor;
 mod halt;
 mod image;
 mod init;
+mod interrupt;
 mod kits;
 mod plan;
 mod provision;
@@ -116,12 +117,49 @@ pub fn main() -> ExitCode {
         wait_for_lock: cli.wait,
         ..Settings::from_env()
     };
-    match runtime.block_on(run(cli, &settings)) {
+    let result = match cli.command.interruptible() {
+        Some((verb, testbed)) => {
+            match runtime.block_on(interrupt::run_interruptible(run(cli, &settings))) {
+                interrupt::Ended::Finished(result) => result,
+                interrupt::Ended::Interrupted(signal) => {
+                    // Machine tasks end at their next await; blocking work
+                    // (an image build whose tools were stopped) unwinds.
+                    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+                    interrupt::report(signal, verb, testbed, &settings);
+                    return interrupt::status();
+                }
+            }
+        }
+        None => runtime.block_on(run(cli, &settings)),
+    };
+    match result {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{}", render(&e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+impl Command {
+    /// For a verb that works for long enough to be interrupted: its name
+    /// and, when it acts on a testbed, the `-f FILE` it was given.
+    fn interruptible(&self) -> Option<(&'static str, Option<Option<PathBuf>>)> {
+        let testbed = |file: &Option<PathBuf>| Some(file.clone());
+        match self {
+            Command::Up(args) => Some((
+                "up",
+                testbed(&args.topology.clone().or(args.at.file.clone())),
+            )),
+            Command::Build(args) => Some(("build", testbed(&args.at.file))),
+            Command::Verify(args) => Some(("verify", testbed(&args.at.file))),
+            Command::Run(args) => Some(("run", testbed(&args.at.file))),
+            Command::Provision(args) => Some(("provision", testbed(&args.at.file))),
+            Command::Halt(args) => Some(("halt", testbed(&args.at.file))),
+            Command::Destroy(args) => Some(("destroy", testbed(&args.file))),
+            Command::Image(image::Command::Build { .. }) => Some(("image build", None)),
+            _ => None,
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::settings::Settings;
 #[command(after_help = "Examples:\n  testbed provision\n  testbed provision zk-2")]
 pub struct Args {
     #[command(flatten)]
-    at: super::At,
+    pub(super) at: super::At,
     /// Machines to provision (default: all)
     machines: Vec<String>,
 }

@@ -13,7 +13,7 @@ use crate::ssh::Stream;
 )]
 pub struct Args {
     #[command(flatten)]
-    at: super::At,
+    pub(super) at: super::At,
     /// The step's name
     step: String,
     /// Print the step's result and checks as JSON (the command's output goes to stderr)

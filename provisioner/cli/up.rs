@@ -15,9 +15,9 @@ use crate::settings::Settings;
                         testbed up --jobs 3   # boot three machines at a time")]
 pub struct Args {
     #[command(flatten)]
-    at: super::At,
+    pub(super) at: super::At,
     /// The topology file (default: the testbed in the current directory)
-    topology: Option<PathBuf>,
+    pub(super) topology: Option<PathBuf>,
     /// Run every machine on this provider, whatever the topology says
     #[arg(long, value_parser = ["qemu", "libvirt", "virtualbox"])]
     provider: Option<String>,
