@@ -25,9 +25,7 @@ use russh::keys::ssh_key::LineEnding;
 use russh::keys::{
     Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate,
 };
-use russh::{
-    cipher, compression, kex, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Disconnect, Preferred,
-};
+use russh::{cipher, compression, kex, ChannelMsg, ChannelReadHalf, Disconnect, Preferred};
 use tokio::net::TcpStream;
 
 /// Least time given to one attempt near the deadline, so the last one can
@@ -101,6 +99,8 @@ pub type TunnelStream = russh::ChannelStream<client::Msg>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
+    #[error("interrupted: `{command}` not started on {addr}")]
+    Interrupted { addr: SocketAddr, command: String },
     #[error("could not read {what} {path}: {source}")]
     ReadKey {
         what: &'static str,
@@ -379,6 +379,13 @@ impl Session {
         Ok(channel.into_stream())
     }
 
+    /// Stops this session's commands that are still running: SIGTERM to each
+    /// one's process group, sent over a new channel (sshd refuses SSH
+    /// `signal` requests on root sessions). Returns how many it stopped.
+    pub async fn stop_commands(&self) -> usize {
+        stop(|session| Arc::ptr_eq(&session.inner, &self.inner)).await
+    }
+
     /// Disconnect politely. Channels still open end, and later calls fail.
     pub async fn close(&self) {
         // The connection may already be gone; there is nothing left to do then.
@@ -397,6 +404,39 @@ impl Session {
         stdin: &[u8],
         on_output: impl FnMut(Stream, &[u8]) + Send,
     ) -> Result<ExecOutput, SshError> {
+        // Once interrupted, nothing new starts (the stops bypass this).
+        if crate::process::interrupted() {
+            return Err(SshError::Interrupted {
+                addr: self.inner.addr,
+                command: command.to_string(),
+            });
+        }
+        let running = Running::register(self);
+        let announced = announcing_group(command);
+        self.start(command, &announced, stdin, Some(&running.group), on_output)
+            .await
+    }
+
+    /// [`Session::run`] without the process-group line, for the stops themselves.
+    async fn run_as_is(
+        &self,
+        command: &str,
+        stdin: &[u8],
+        on_output: impl FnMut(Stream, &[u8]) + Send,
+    ) -> Result<ExecOutput, SshError> {
+        self.start(command, command, stdin, None, on_output).await
+    }
+
+    /// Runs `sent` (which is `command`, maybe announcing its process group
+    /// into `group`); messages name `command`.
+    async fn start(
+        &self,
+        command: &str,
+        sent: &str,
+        stdin: &[u8],
+        group: Option<&std::sync::atomic::AtomicU32>,
+        on_output: impl FnMut(Stream, &[u8]) + Send,
+    ) -> Result<ExecOutput, SshError> {
         let channel = self
             .inner
             .handle
@@ -406,17 +446,15 @@ impl Session {
                 self.protocol(format!("opening a channel for `{command}`"), source)
             })?;
         let (reader, writer) = channel.split();
-        let writer = Arc::new(writer);
-        let _running = Running::register(&writer);
         writer
-            .exec(true, command)
+            .exec(true, sent)
             .await
             .map_err(|source| self.protocol(format!("starting `{command}`"), source))?;
         let feed = async {
             writer.data(stdin).await?;
             writer.eof().await
         };
-        let (outcome, fed) = read_while_feeding(collect(reader, on_output), feed).await;
+        let (outcome, fed) = read_while_feeding(collect(reader, group, on_output), feed).await;
         if outcome.refused {
             // Best effort: the server keeps a refused channel open otherwise.
             let _ = writer.close().await;
@@ -460,46 +498,90 @@ impl Session {
     }
 }
 
-/// The channels of the remote commands running now, by a number of their
-/// own: what [`stop_remote_commands`] signals.
-static RUNNING: std::sync::Mutex<BTreeMap<u64, Arc<ChannelWriteHalf<client::Msg>>>> =
-    std::sync::Mutex::new(BTreeMap::new());
+/// What the remote shell writes to stderr before the command: its pid,
+/// which is also its process group (sshd makes each session's shell a
+/// group leader), so the whole command can be stopped ([`Running`]).
+const GROUP_MARKER: &[u8] = b"\x1etestbed-pgid=";
+
+/// `command` behind the line that names its process group.
+fn announcing_group(command: &str) -> String {
+    format!("printf '\\036testbed-pgid=%s\\n' \"$$\" >&2; {command}")
+}
+
+/// The remote commands running now, by a number of their own: the session
+/// each runs on and its process group once announced (0 until then).
+type Registry = BTreeMap<u64, (Session, Arc<std::sync::atomic::AtomicU32>)>;
+
+static RUNNING: std::sync::Mutex<Registry> = std::sync::Mutex::new(BTreeMap::new());
 
 /// A remote command's entry in [`RUNNING`] while it runs.
-struct Running(u64);
+struct Running {
+    id: u64,
+    group: Arc<std::sync::atomic::AtomicU32>,
+}
 
 impl Running {
-    fn register(writer: &Arc<ChannelWriteHalf<client::Msg>>) -> Running {
+    fn register(session: &Session) -> Running {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        running().insert(id, Arc::clone(writer));
-        Running(id)
+        let group = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        running().insert(id, (session.clone(), Arc::clone(&group)));
+        Running { id, group }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        running().remove(&self.0);
+        running().remove(&self.id);
     }
 }
 
-fn running() -> std::sync::MutexGuard<'static, BTreeMap<u64, Arc<ChannelWriteHalf<client::Msg>>>> {
+fn running() -> std::sync::MutexGuard<'static, Registry> {
     RUNNING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Sends SIGTERM to every remote command still running (an SSH `signal`
-/// request: sshd signals the command's whole process group), so an
-/// interrupted testbed leaves no build or step running in a guest. Returns
-/// how many were signalled; the requests are on their way once this
-/// returns, and leave with the connections' own tasks.
+/// Stops every remote command still running, on every session (see
+/// [`Session::stop_commands`]). Used when testbed is interrupted, so no
+/// build or step keeps running in a guest. Returns how many it stopped.
 pub async fn stop_remote_commands() -> usize {
-    let writers: Vec<_> = running().values().cloned().collect();
-    for writer in &writers {
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer.signal(russh::Sig::TERM)).await;
+    stop(|_| true).await
+}
+
+/// Stops the running commands whose session `pick` chooses, once each has
+/// announced its process group (or after 2 s, for one that never does).
+async fn stop(pick: impl Fn(&Session) -> bool) -> usize {
+    let announced = || {
+        running()
+            .values()
+            .all(|(_, group)| group.load(std::sync::atomic::Ordering::SeqCst) > 0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !announced() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    writers.len()
+    let targets: Vec<(Session, u32)> = running()
+        .values()
+        .filter(|(session, _)| pick(session))
+        .map(|(session, group)| {
+            (
+                session.clone(),
+                group.load(std::sync::atomic::Ordering::SeqCst),
+            )
+        })
+        .filter(|(_, group)| *group > 1)
+        .collect();
+    let mut stops = tokio::task::JoinSet::new();
+    for (session, group) in &targets {
+        let (session, kill) = (session.clone(), format!("kill -TERM -- -{group}"));
+        stops.spawn(async move {
+            let stop = session.run_as_is(&kill, &[], |_, _| {});
+            let _ = tokio::time::timeout(Duration::from_secs(3), stop).await;
+        });
+    }
+    while stops.join_next().await.is_some() {}
+    targets.len()
 }
 
 /// Everything a channel reported about one command.
@@ -535,9 +617,11 @@ async fn read_while_feeding(
 /// status can arrive before the last output, so it never ends the loop.
 async fn collect(
     mut reader: ChannelReadHalf,
+    group: Option<&std::sync::atomic::AtomicU32>,
     mut on_output: impl FnMut(Stream, &[u8]) + Send,
 ) -> Outcome {
     let mut outcome = Outcome::default();
+    let mut awaiting_group = group;
     while let Some(message) = reader.wait().await {
         match message {
             ChannelMsg::Data { data } => {
@@ -545,8 +629,16 @@ async fn collect(
                 outcome.stdout.extend_from_slice(&data);
             }
             ChannelMsg::ExtendedData { data, ext } if ext == EXTENDED_DATA_STDERR => {
-                on_output(Stream::Stderr, &data);
-                outcome.stderr.extend_from_slice(&data);
+                let mut data = data.to_vec();
+                if let Some(group) = awaiting_group {
+                    if take_group_line(&mut data, group) {
+                        awaiting_group = None;
+                    }
+                }
+                if !data.is_empty() {
+                    on_output(Stream::Stderr, &data);
+                    outcome.stderr.extend_from_slice(&data);
+                }
             }
             ChannelMsg::ExitStatus { exit_status } => outcome.exit_status = Some(exit_status),
             ChannelMsg::ExitSignal { signal_name, .. } => {
@@ -561,6 +653,30 @@ async fn collect(
         }
     }
     outcome
+}
+
+/// Removes the [`GROUP_MARKER`] line from `data` (something else, an sshd
+/// banner say, may come first), its number going into `group`; false when
+/// `data` holds no whole marker line.
+fn take_group_line(data: &mut Vec<u8>, group: &std::sync::atomic::AtomicU32) -> bool {
+    let Some(start) = data
+        .windows(GROUP_MARKER.len())
+        .position(|window| window == GROUP_MARKER)
+    else {
+        return false;
+    };
+    let digits = start + GROUP_MARKER.len();
+    let Some(length) = data[digits..].iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    if let Some(pid) = std::str::from_utf8(&data[digits..digits + length])
+        .ok()
+        .and_then(|text| text.parse::<u32>().ok())
+    {
+        group.store(pid, std::sync::atomic::Ordering::SeqCst);
+    }
+    data.drain(start..=digits + length);
+    true
 }
 
 /// Shell command that installs its stdin at `remote_path` atomically.

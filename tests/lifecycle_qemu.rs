@@ -3,11 +3,15 @@
 //! five machines come up at once on two cores (more guests than cores),
 //! each reaching every other on the private network; then the plan walked
 //! through each situation `up` meets (`plan --json` beside `up --json`);
-//! then, on a fresh pair, the lifecycle — up, private network, ssh, halt,
-//! resume, converged up, destroy. The lifecycle runs on libvirt too, in
+//! then Ctrl-C on a remote step, which stops it in the guest too; then, on a
+//! fresh pair, an `up` interrupted while the VMs boot, and the lifecycle —
+//! up (continuing), private network, ssh, halt, resume, converged up,
+//! destroy. The lifecycle runs on libvirt too, in
 //! `lifecycle_libvirt.rs`.
 
 mod common;
+
+use std::time::{Duration, Instant};
 
 use common::{scenarios, Bed};
 use serde_json::Value;
@@ -19,6 +23,7 @@ fn five_at_once_then_plan_says_what_up_does_then_the_lifecycle_leaves_nothing_be
     plan_walk(&bed);
     bed.ok(&["destroy", "-f"]);
     std::fs::write(bed.path().join("topology.toml"), scenarios::pair("qemu")).expect("pair");
+    ctrl_c_during_boot_leaves_a_true_status(&bed);
     scenarios::two_machines_live_halt_resume_and_leave_nothing_behind(&bed);
 }
 
@@ -50,6 +55,75 @@ fn every_machine_reaches_every_other(bed: &Bed) {
             .collect();
         bed.ok(&["ssh", machine, "--", &others.join(" && ")]);
     }
+}
+
+/// Sends SIGINT to a running `testbed` and returns its output, which must
+/// say it was interrupted and end with status 130.
+fn interrupt(child: std::process::Child) -> std::process::Output {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let ended = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&ended.stderr).into_owned();
+    assert_eq!(ended.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    ended
+}
+
+fn spawn(bed: &Bed, args: &[&str]) -> std::process::Child {
+    bed.command(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start testbed")
+}
+
+/// Ctrl-C on `testbed run` stops the step's command in the guest too.
+fn ctrl_c_stops_a_remote_step(bed: &Bed) {
+    let step = spawn(bed, &["run", "sleeper"]);
+    let running = || {
+        bed.testbed(&["ssh", "alpha", "--", "pgrep -f 'sleep 3133[8]'"])
+            .status
+            .success()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !running() {
+        assert!(Instant::now() < deadline, "the step never started on alpha");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    interrupt(step);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running() {
+        assert!(
+            Instant::now() < deadline,
+            "the step's command outlived the interrupt"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Ctrl-C during `up` while machines boot: exit 130, and `status` agrees
+/// with the VM processes that exist. The `up` after it continues.
+fn ctrl_c_during_boot_leaves_a_true_status(bed: &Bed) {
+    let up = spawn(bed, &["up", "topology.toml"]);
+    let machines = bed.path().join(".testbed/machines");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !["alpha", "beta"]
+        .iter()
+        .any(|m| machines.join(m).join("qemu.pid").exists())
+    {
+        assert!(Instant::now() < deadline, "no VM started within 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ended = interrupt(up);
+    let stderr = String::from_utf8_lossy(&ended.stderr).into_owned();
+    assert!(stderr.contains("machines now: alpha "), "{stderr}");
+    let dir = bed.path().to_string_lossy().into_owned();
+    let vms = common::processes_mentioning(&dir)
+        .iter()
+        .filter(|p| p.contains("qemu-system"))
+        .count();
+    let running = bed.states().iter().filter(|(_, s)| s == "running").count();
+    assert_eq!(running, vms, "status agrees with the VMs that run");
 }
 
 /// A service on the host's loopback is out of a guest's reach through
@@ -87,7 +161,12 @@ daemons = ["hello"]
 vars = {{ greeting = "{greeting}" }}
 [machines.beta]
 ip = "192.168.33.3"
-{beta_daemons}{idle}"#,
+{beta_daemons}{idle}
+[[steps]]
+name = "sleeper"
+machine = "alpha"
+run = "sleep 31338"
+"#,
         idle = IDLE
             .iter()
             .map(|(name, ip)| format!("[machines.{name}]\nip = \"{ip}\"\n"))
@@ -209,6 +288,7 @@ fn plan_walk(bed: &Bed) {
         ("beta", "nothing", &[]),
     ]);
     plan_then_up(bed, "converged", converged.clone());
+    ctrl_c_stops_a_remote_step(bed);
 
     bed.ok(&["halt", "beta"]);
     plan_then_up(

@@ -552,3 +552,46 @@ fn generate_keypair_writes_a_private_0600_key_and_a_pub_line() {
             .as_str()
     ));
 }
+
+#[tokio::test]
+async fn stop_commands_ends_a_running_command_and_all_it_started() {
+    let sshd = Sshd::started();
+    let session = sshd.connect().await;
+    let marker = format!("sleep 3{}", std::process::id() % 10_000 + 10_000);
+    let command = format!("{marker} & {marker}1; wait");
+    let running = {
+        let session = session.clone();
+        tokio::spawn(async move { session.exec(&command).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while processes_named(&marker) < 2 {
+        assert!(Instant::now() < deadline, "the command never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(session.stop_commands().await, 1);
+    let ended = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the command ended once stopped")
+        .expect("task");
+    assert!(matches!(ended, Err(SshError::Killed(_))), "{ended:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_named(&marker) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a background `sleep` outlived the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(session.stop_commands().await, 0, "nothing left to stop");
+}
+
+/// How many processes' command lines contain `needle`.
+fn processes_named(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.starts_with(needle))
+        .count()
+}

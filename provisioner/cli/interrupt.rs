@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -38,9 +37,14 @@ pub async fn run_interruptible<T>(work: impl std::future::Future<Output = T>) ->
         _ = term.recv() => "SIGTERM",
     };
     crate::process::interrupt();
-    crate::ssh::stop_remote_commands().await;
-    // The signal requests leave with the connections' own tasks.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // `work` is still polled meanwhile: its remote commands announce their
+    // process groups through it.
+    let stop = crate::ssh::stop_remote_commands();
+    tokio::pin!(stop);
+    tokio::select! {
+        _ = &mut work => stop.await,
+        _ = &mut stop => 0,
+    };
     Ended::Interrupted(name)
 }
 
