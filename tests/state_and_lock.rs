@@ -219,3 +219,66 @@ fn ctrl_c_stops_a_host_build_and_all_it_started_then_exits_130() {
     bed.ok(&["status"]);
     bed.ok(&["destroy", "-f"]);
 }
+
+/// The `.build-*` folders of the image cache at `cache`.
+fn build_folders(cache: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(cache.join("images"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(".build-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn ctrl_c_during_an_image_build_stops_mmdebstrap_and_keeps_nothing_half_made() {
+    let bed = Bed::new(ONE_MACHINE);
+    let cache = tempfile::tempdir().expect("cache");
+    let cache_dir = cache.path().to_string_lossy().into_owned();
+    let build = bed
+        .command(&["image", "build", "debian-12"])
+        .env("TESTBED_CACHE", cache.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start image build");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while build_folders(cache.path()).is_empty()
+        || !common::processes_mentioning("mmdebstrap")
+            .iter()
+            .any(|p| p.contains(&cache_dir))
+    {
+        assert!(Instant::now() < deadline, "mmdebstrap never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = nix::unistd::Pid::from_raw(build.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let ended = build.wait_with_output().expect("image build");
+    assert_eq!(ended.status.code(), Some(130), "{}", stderr(&ended));
+    assert!(
+        stderr(&ended).contains("interrupted by SIGINT: `testbed image build` stopped"),
+        "{}",
+        stderr(&ended)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !common::processes_mentioning(&cache_dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "still running after the interrupt: {:?}",
+            common::processes_mentioning(&cache_dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(build_folders(cache.path()), Vec::<String>::new());
+    let list = bed
+        .command(&["image", "list", "--json"])
+        .env("TESTBED_CACHE", cache.path())
+        .output()
+        .expect("list");
+    let listed: serde_json::Value =
+        serde_json::from_slice(&list.stdout).expect("image list --json");
+    assert_eq!(listed["cached"], serde_json::json!([]), "{listed}");
+}

@@ -25,16 +25,22 @@ pub enum Command {
     Rm { names: Vec<String> },
 }
 
-pub fn run(command: Command, settings: &Settings) -> anyhow::Result<ExitCode> {
+pub async fn run(command: Command, settings: &Settings) -> anyhow::Result<ExitCode> {
     let cache = Cache::at(settings.cache_root.clone());
     let start = std::env::current_dir()?;
     match command {
         Command::Build { name } => {
             let recipe = Recipe::find(&name, &start, &settings.search)?;
             let task = Progress::new().task(&format!("image {name}"));
-            let image = cache.ensure(&recipe, &mut |line| task.set(line))?;
-            task.finish("ready");
-            out!("{} {}", recipe.key(), image.disk.display())?;
+            let key = recipe.key();
+            // Off the async threads, so that an interrupt is seen meanwhile.
+            let image = tokio::task::spawn_blocking(move || {
+                let image = cache.ensure(&recipe, &mut |line| task.set(line));
+                task.finish(if image.is_ok() { "ready" } else { "failed" });
+                image
+            })
+            .await??;
+            out!("{key} {}", image.disk.display())?;
         }
         Command::List { json } => list(&cache, &start, settings, json)?,
         Command::Rm { names } => {

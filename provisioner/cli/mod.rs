@@ -206,7 +206,7 @@ async fn run(cli: Cli, settings: &Settings) -> anyhow::Result<ExitCode> {
         Command::Halt(args) => halt::run(args, settings).await,
         Command::Destroy(args) => destroy::run(args, settings).await,
         Command::Doctor(args) => doctor::run(args, settings),
-        Command::Image(command) => image::run(command, settings),
+        Command::Image(command) => image::run(command, settings).await,
         Command::Kits(args) => kits::run(args, settings),
         Command::Kit(command) => kits::kit(command, settings),
         Command::Init(args) => init::run(args),

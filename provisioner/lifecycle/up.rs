@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use crate::build::BuildOutcome;
 use crate::check;
 use crate::identity::{self, MachineKeys, Seed};
-use crate::image::BuiltImage;
+use crate::image::{BuiltImage, Cache, Recipe};
 use crate::model::Topology;
 use crate::plan::{self, Applied, BuildAction, DaemonAction, MachineAction, MachinePlan, Plan};
 use crate::progress::{Progress, Task};
@@ -139,7 +139,7 @@ impl Testbed {
             report.build = self.topology.build.as_ref().map(|_| BuildOutcome::Skipped);
             return Ok(report);
         }
-        let images = self.ensure_images(&plan, &record, progress)?;
+        let images = self.ensure_images(&plan, &record, progress).await?;
         self.accelerator(&plan, &images, progress);
         self.ensure_networks(&plan, &mut record)?;
         self.state.save(&record)?;
@@ -282,7 +282,7 @@ impl Testbed {
     /// The image each booting machine boots, by machine name: a new disk's
     /// from its recipe (built once per distinct recipe), a resumed disk's
     /// the one it was made from (an overlay must keep its base).
-    fn ensure_images(
+    async fn ensure_images(
         &self,
         plan: &Plan,
         record: &Record,
@@ -314,9 +314,7 @@ impl Testbed {
                 Some(image) => image,
                 None => {
                     let task = progress.task(&format!("image {}", recipe.key()));
-                    let image = self.cache.ensure(recipe, &mut |line| task.set(line))?;
-                    task.finish("built");
-                    image
+                    build_image(&self.cache, recipe, task).await?
                 }
             };
             built.insert(recipe.key(), image.clone());
@@ -427,6 +425,20 @@ impl Testbed {
 }
 
 /// The VM hardware that needs a reboot to change, as booted.
+/// Builds `recipe` into the cache off the async threads, so that an
+/// interrupt is seen while the build's tools run (and stops them).
+async fn build_image(cache: &Cache, recipe: &Recipe, task: Task) -> Result<BuiltImage> {
+    let (cache, recipe) = (cache.clone(), recipe.clone());
+    let built = tokio::task::spawn_blocking(move || {
+        let image = cache.ensure(&recipe, &mut |line| task.set(line));
+        task.finish(if image.is_ok() { "built" } else { "failed" });
+        image
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(built?)
+}
+
 fn spec_hash(spec: &VmSpec) -> String {
     let nics: Vec<(String, String)> = spec
         .nics
