@@ -387,6 +387,16 @@ fn kill_vm(bed: &Bed, machine: &str) {
             .find(|(name, _)| name == machine)
             .map(|(_, state)| state);
         if state.as_deref() == Some("crashed") {
+            let status = bed.ok(&["status"]);
+            let said = format!("{machine} crashed (its VM is gone); last console lines (");
+            assert!(status.contains(&said), "{status}");
+            let json: Value = serde_json::from_str(&bed.ok(&["status", "--json"])).expect("json");
+            let entry = json
+                .as_array()
+                .and_then(|all| all.iter().find(|m| m["name"] == machine))
+                .expect("the machine in status --json");
+            let lines = entry["console"]["lines"].as_array().expect("console lines");
+            assert!(!lines.is_empty(), "{entry}");
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(200));

@@ -11,7 +11,8 @@ use crate::settings::Settings;
 pub struct Args {
     #[command(flatten)]
     at: super::At,
-    /// Print a JSON array of {name, state, provider, ssh, ips, in_topology}
+    /// Print a JSON array of {name, state, provider, ssh, ips, in_topology},
+    /// with `console: {log, lines}` for a crashed machine
     #[arg(long)]
     json: bool,
 }
@@ -43,6 +44,19 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default(),
             ips.join(" ")
         )?;
+    }
+    for machine in &machines {
+        if let Some(console) = &machine.console {
+            out!(
+                "\n{} crashed (its VM is gone); last console lines ({}):",
+                machine.name,
+                console.log.display()
+            )?;
+            for line in &console.lines {
+                out!("  {line}")?;
+            }
+            out!("`testbed up` boots it again and re-provisions it")?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

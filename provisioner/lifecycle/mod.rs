@@ -208,7 +208,21 @@ pub struct MachineStatus {
     pub ips: BTreeMap<String, Ipv4Addr>,
     /// False for a machine that still exists but is no longer in the file.
     pub in_topology: bool,
+    /// For a crashed machine: the last lines of its serial console, and
+    /// where the whole log is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console: Option<ConsoleTail>,
 }
+
+/// The end of a machine's serial console log.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsoleTail {
+    pub log: PathBuf,
+    pub lines: Vec<String>,
+}
+
+/// How many console lines `status` shows for a crashed machine.
+const CRASH_TAIL_LINES: usize = 8;
 
 impl Testbed {
     /// The testbed of a topology file (its `.testbed/` beside it).
@@ -430,13 +444,15 @@ impl Testbed {
                 let provider = self.provider_of(machine)?;
                 let saved = record.machines.get(&machine.name);
                 let observed = provider.state(&self.state.machine_dir(&machine.name));
+                let state = state_word(saved, observed);
                 Ok(MachineStatus {
                     name: machine.name.clone(),
-                    state: state_word(saved, observed),
+                    state,
                     provider: machine.provider.as_str().into(),
                     ssh: saved.map(|r| provider.ssh_address(r.ssh_port).to_string()),
                     ips: machine.ips.clone(),
                     in_topology: true,
+                    console: self.crash_console(&machine.name, state),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -446,16 +462,31 @@ impl Testbed {
             }
             let provider = provider::for_kind(saved.provider, &self.provider_settings())?;
             let observed = provider.state(&self.state.machine_dir(name));
+            let state = state_word(Some(saved), observed);
             statuses.push(MachineStatus {
                 name: name.clone(),
-                state: state_word(Some(saved), observed),
+                state,
                 provider: saved.provider.as_str().into(),
                 ssh: Some(provider.ssh_address(saved.ssh_port).to_string()),
                 ips: BTreeMap::new(),
                 in_topology: false,
+                console: self.crash_console(name, state),
             });
         }
         Ok(statuses)
+    }
+
+    /// The console's last lines of a machine that crashed (else `None`).
+    fn crash_console(&self, name: &str, state: MachineState) -> Option<ConsoleTail> {
+        if state != MachineState::Crashed {
+            return None;
+        }
+        let layout = self.state.machine(name);
+        let tail = layout.console_tail(CRASH_TAIL_LINES);
+        Some(ConsoleTail {
+            log: layout.console_log(),
+            lines: tail.lines().map(str::to_owned).collect(),
+        })
     }
 
     /// A session per machine for the checks of `verify` or a step, from
