@@ -74,6 +74,16 @@ pub enum ImageError {
         lock: PathBuf,
         waited: u64,
     },
+    #[error(
+        "image {name} needs at least {needed} free in {dir} to build, which has {free}\n  \
+         help: free some space there, or point TESTBED_CACHE at a bigger disk"
+    )]
+    LowDisk {
+        name: String,
+        dir: PathBuf,
+        needed: String,
+        free: String,
+    },
     #[error("interrupted while waiting for another build of image {0}")]
     Interrupted(String),
     #[error("no image named {0} in the cache")]
@@ -356,6 +366,7 @@ impl Cache {
         on_line: &mut dyn FnMut(&str),
     ) -> Result<BuiltImage, ImageError> {
         let images = self.images_dir();
+        check_free_space(recipe, &images)?;
         let work = tempfile::Builder::new()
             .prefix(&format!(".build-{}-", recipe.key()))
             .tempdir_in(&images)
@@ -635,6 +646,32 @@ impl Step<'_> {
         )?;
         fs::rename(&ext2, raw).map_err(io_err("cannot move the root filesystem"))
     }
+}
+
+/// What a build needs free in the cache at its peak: the root tree, the raw
+/// filesystem made from it and the qcow2 (about 3 × 600 MiB for a JDK
+/// image), with room to spare.
+const BUILD_FREE_BYTES: u64 = 2 << 30;
+
+/// Refuses to start a build the cache's disk cannot hold, before anything
+/// is written.
+fn check_free_space(recipe: &Recipe, images: &Path) -> Result<(), ImageError> {
+    let stat = nix::sys::statvfs::statvfs(images)
+        .map_err(|e| io_err(format!("cannot stat {}", images.display()))(e.into()))?;
+    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    if free >= BUILD_FREE_BYTES {
+        return Ok(());
+    }
+    Err(ImageError::LowDisk {
+        name: recipe.name.clone(),
+        dir: images.to_path_buf(),
+        needed: mebibytes(BUILD_FREE_BYTES),
+        free: mebibytes(free),
+    })
+}
+
+fn mebibytes(bytes: u64) -> String {
+    format!("{} MiB", bytes >> 20)
 }
 
 /// How long a build waits for another build of the same image: a build

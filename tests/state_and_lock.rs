@@ -282,3 +282,37 @@ fn ctrl_c_during_an_image_build_stops_mmdebstrap_and_keeps_nothing_half_made() {
         serde_json::from_slice(&list.stdout).expect("image list --json");
     assert_eq!(listed["cached"], serde_json::json!([]), "{listed}");
 }
+
+#[test]
+fn a_cache_on_a_small_disk_refuses_the_build_up_front_and_stays_usable() {
+    let bed = Bed::new(ONE_MACHINE);
+    let cache = tempfile::tempdir().expect("cache");
+    let binary = assert_cmd::cargo::cargo_bin("testbed");
+    // A 64 MiB tmpfs as the cache, in a mount namespace of the test's own
+    // (a user namespace too, so it needs no root).
+    let script = r#"mount -t tmpfs -o size=64m tmpfs "$1" || exit 99
+"$2" image build debian-12; echo "build status $?"
+ls -A "$1/images"; echo "listing:"; "$2" image list --json"#;
+    let output = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", script, "sh"])
+        .arg(cache.path())
+        .arg(&binary)
+        .current_dir(bed.path())
+        .env("TESTBED_CACHE", cache.path())
+        .env("TESTBED_IMAGES", common::repo().join("images"))
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let message = stderr(&output);
+    assert!(stdout.contains("build status 1"), "{stdout}\n{message}");
+    assert!(
+        message.contains("image debian-12 needs at least 2048 MiB free in ")
+            && message.contains("which has 6"),
+        "{message}"
+    );
+    assert!(message.contains("TESTBED_CACHE"), "{message}");
+    let (left, listing) = stdout.split_once("listing:").expect("the listing ran");
+    assert!(!left.contains(".build-"), "a build folder was left: {left}");
+    let listed: serde_json::Value = serde_json::from_str(listing).expect("image list --json");
+    assert_eq!(listed["cached"], serde_json::json!([]), "{listed}");
+}
