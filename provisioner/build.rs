@@ -55,6 +55,19 @@ pub enum BuildError {
          leave every path of `outputs` in its working directory"
     )]
     MissingOutput { builder: String, missing: String },
+    #[error(
+        "build on {builder} did not finish within {} and was stopped (the `timeout` of \
+         [build]); the last lines of its output:\n{tail}\n  help: the whole output is in {}; \
+         if it needs longer, raise `timeout` in [build] (e.g. `timeout = \"4h\"`)",
+        humantime::format_duration(*after),
+        log.display()
+    )]
+    TimedOut {
+        builder: String,
+        after: Duration,
+        tail: String,
+        log: PathBuf,
+    },
     #[error("writing {}: {error}", path.display())]
     Output {
         path: PathBuf,
@@ -270,18 +283,30 @@ pub async fn run_on_host(
         .process_group(0)
         .spawn()
         .map_err(start_error)?;
-    let _work = child.id().map(crate::process::work);
+    let work = child.id().map(crate::process::work);
     let mut text = Vec::new();
-    if let Some(stdout) = child.stdout.take() {
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            on_line(&line);
-            text.extend_from_slice(line.as_bytes());
-            text.push(b'\n');
+    let stdout = child.stdout.take();
+    let finished = tokio::time::timeout(build.timeout, async {
+        if let Some(stdout) = stdout {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                on_line(&line);
+                text.extend_from_slice(line.as_bytes());
+                text.push(b'\n');
+            }
         }
-    }
-    let status = child.wait().await.map_err(start_error)?;
+        child.wait().await
+    })
+    .await;
+    let Ok(status) = finished else {
+        if let Some(work) = &work {
+            work.stop();
+        }
+        let _ = child.wait().await;
+        return Err(timed_out(build, "host", &text, log));
+    };
+    let status = status.map_err(start_error)?;
     write_log(log, &text)?;
     if !status.success() {
         clear_outputs(build, dir)?;
@@ -323,15 +348,17 @@ pub async fn run_on_machine(
     on_line("running the build script");
     let script = format!("cd {dir} && sh -euc {}", ssh::shell_quote(&build.run));
     let mut text = Vec::new();
-    let output = session
-        .exec_streaming(&script, |_: Stream, bytes: &[u8]| {
-            text.extend_from_slice(bytes);
-            if let Some(line) = String::from_utf8_lossy(bytes).lines().last() {
-                on_line(line);
-            }
-        })
-        .await
-        .map_err(ssh_error(&builder))?;
+    let running = session.exec_streaming(&script, |_: Stream, bytes: &[u8]| {
+        text.extend_from_slice(bytes);
+        if let Some(line) = String::from_utf8_lossy(bytes).lines().last() {
+            on_line(line);
+        }
+    });
+    let Ok(output) = tokio::time::timeout(build.timeout, running).await else {
+        session.stop_commands().await;
+        return Err(timed_out(build, &builder, &text, log));
+    };
+    let output = output.map_err(ssh_error(&builder))?;
     write_log(log, &text)?;
     if !output.success() {
         clear_outputs(build, topology.dir())?;
@@ -487,17 +514,32 @@ fn write_log(log: &Path, text: &[u8]) -> Result<()> {
 }
 
 fn failed(builder: &str, status: String, text: &[u8], log: &Path) -> BuildError {
-    let text = String::from_utf8_lossy(text);
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(TAIL_LINES)..]
-        .iter()
-        .map(|line| format!("    | {line}"))
-        .collect::<Vec<_>>()
-        .join("\n");
     BuildError::Failed {
         builder: builder.to_string(),
         status,
-        tail,
+        tail: tail_of(text),
+        log: log.to_path_buf(),
+    }
+}
+
+/// The last [`TAIL_LINES`] lines of a build's output, indented for a message.
+fn tail_of(text: &[u8]) -> String {
+    let text = String::from_utf8_lossy(text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(TAIL_LINES)..]
+        .iter()
+        .map(|line| format!("    | {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The error of a build stopped at its timeout, its output so far logged.
+fn timed_out(build: &Build, builder: &str, text: &[u8], log: &Path) -> BuildError {
+    let _ = write_log(log, text);
+    BuildError::TimedOut {
+        builder: builder.to_string(),
+        after: build.timeout,
+        tail: tail_of(text),
         log: log.to_path_buf(),
     }
 }
@@ -526,6 +568,7 @@ mod tests {
                 })
                 .collect(),
             outputs: vec!["dist/hello".into()],
+            timeout: crate::model::DEFAULT_BUILD_TIMEOUT,
         }
     }
 

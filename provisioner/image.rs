@@ -84,6 +84,19 @@ pub enum ImageError {
         needed: String,
         free: String,
     },
+    #[error(
+        "building image {name}: {program} ran for {} and was stopped as hung; last \
+         lines:\n{tail}\n(full log: {})",
+        humantime::format_duration(*after),
+        log.display()
+    )]
+    TimedOut {
+        name: String,
+        program: &'static str,
+        after: Duration,
+        tail: String,
+        log: PathBuf,
+    },
     #[error("interrupted while waiting for another build of image {0}")]
     Interrupted(String),
     #[error("no image named {0} in the cache")]
@@ -547,7 +560,7 @@ struct Step<'a> {
 impl Step<'_> {
     fn run(
         &self,
-        program: &str,
+        program: &'static str,
         command: &mut Command,
         on_line: &mut dyn FnMut(&str),
     ) -> Result<(), ImageError> {
@@ -769,10 +782,51 @@ fn copy_boot_files(rootfs: &Path, out: &BuiltImageDir) -> Result<(), ImageError>
     Ok(())
 }
 
+/// How long one tool of an image build may run: mmdebstrap downloads and
+/// installs everything in minutes, so an hour means it hangs (a stalled
+/// mirror, say).
+const IMAGE_TOOL_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Stops a work child that outlives its time: a thread that waits for the
+/// time or for the watchdog's end, whichever comes first.
+struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<bool>>,
+}
+
+impl Watchdog {
+    fn start(work: crate::process::Work, limit: Duration) -> Watchdog {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let timed_out = matches!(
+                finished.recv_timeout(limit),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if timed_out {
+                work.stop();
+            }
+            timed_out
+        });
+        Watchdog {
+            done: Some(done),
+            thread: Some(thread),
+        }
+    }
+
+    /// Ends the watch; whether it stopped the child.
+    fn fired(mut self) -> bool {
+        drop(self.done.take());
+        self.thread
+            .take()
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or(false)
+    }
+}
+
 /// Runs a build tool, appending its output to `log` and passing each line
 /// to `on_line`; on failure the error carries the log's tail.
 fn run_logged(
-    program: &str,
+    program: &'static str,
     image: &str,
     command: &mut Command,
     log: &Path,
@@ -796,7 +850,8 @@ fn run_logged(
             program: program.into(),
             source,
         })?;
-    let _work = crate::process::work(child.id());
+    let work = crate::process::work(child.id());
+    let watchdog = Watchdog::start(work, IMAGE_TOOL_TIMEOUT);
     let mut tail: Vec<String> = Vec::new();
     if let Some(stderr) = child.stderr.take() {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -811,6 +866,15 @@ fn run_logged(
     let status = child
         .wait()
         .map_err(io_err(format!("waiting for {program}")))?;
+    if watchdog.fired() {
+        return Err(ImageError::TimedOut {
+            name: image.into(),
+            program,
+            after: IMAGE_TOOL_TIMEOUT,
+            tail: tail.join("\n"),
+            log: log.into(),
+        });
+    }
     if status.success() {
         return Ok(());
     }
@@ -829,4 +893,32 @@ pub fn is_package_name(name: &str) -> bool {
     name.len() >= 2
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.chars().all(allowed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    fn sleeper() -> std::process::Child {
+        Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("sleep")
+    }
+
+    #[test]
+    fn the_watchdog_stops_a_tool_that_outlives_its_time_and_only_that() {
+        let mut hung = sleeper();
+        let watchdog = Watchdog::start(crate::process::work(hung.id()), Duration::from_millis(100));
+        let status = hung.wait().expect("wait");
+        assert!(!status.success(), "sleep 30 ended by itself: {status}");
+        assert!(watchdog.fired());
+
+        let mut quick = Command::new("true").process_group(0).spawn().expect("true");
+        let watchdog = Watchdog::start(crate::process::work(quick.id()), Duration::from_secs(30));
+        assert!(quick.wait().expect("wait").success());
+        assert!(!watchdog.fired(), "a tool that ends in time is left alone");
+    }
 }

@@ -114,6 +114,13 @@ pub fn work(pid: u32) -> Work {
     Work { group }
 }
 
+impl Work {
+    /// SIGTERM to the child's whole group now (a timeout ran out).
+    pub fn stop(&self) {
+        stop_group(self.group);
+    }
+}
+
 impl Drop for Work {
     fn drop(&mut self) {
         work_groups().remove(&self.group);

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use serde::Deserialize;
@@ -83,8 +84,8 @@ const TOP_KEYS: &[&str] = &[
     "name", "defaults", "networks", "machines", "checks", "build", "steps", "libvirt",
 ];
 const LIBVIRT_KEYS: &[&str] = &["uri"];
-const BUILD_KEYS: &[&str] = &["machine", "run", "inputs", "outputs"];
-const STEP_KEYS: &[&str] = &["name", "machine", "run", "checks"];
+const BUILD_KEYS: &[&str] = &["machine", "run", "inputs", "outputs", "timeout"];
+const STEP_KEYS: &[&str] = &["name", "machine", "run", "checks", "timeout"];
 const DEFAULTS_KEYS: &[&str] = &["provider", "image", "cpus", "memory", "internet"];
 const NETWORK_KEYS: &[&str] = &["subnet"];
 const MACHINE_KEYS: &[&str] = &[
@@ -649,6 +650,21 @@ impl Checker<'_> {
             .get_ref()
             .as_str()
             .ok_or_else(|| self.type_error(value, key, "a string", example))
+    }
+
+    /// A positive duration written as humantime reads it (`90s`, `10m`, `2h`).
+    fn duration(&self, value: &Value<'_>, key: &str, example: &str) -> Result<Duration> {
+        let text = self.string(value, key, example)?;
+        match humantime::parse_duration(text) {
+            Ok(duration) if !duration.is_zero() => Ok(duration),
+            _ => Err(self
+                .source
+                .error(value.span(), format!("`{key}` `{text}` is not a duration"))
+                .with_help(format!(
+                    "write a positive duration with its unit, e.g. `{key} = {example}` \
+                     (ms, s, m, h)"
+                ))),
+        }
     }
 
     fn boolean(&self, value: &Value<'_>, key: &str) -> Result<bool> {
@@ -1681,11 +1697,16 @@ impl Checker<'_> {
                 )
                 .with_help(format!("add `outputs = {ARTIFACTS_EXAMPLE}`; {BUILD_HELP}")));
         }
+        let timeout = match table.get("timeout") {
+            Some(value) => self.duration(value, "timeout", "\"90m\"")?,
+            None => crate::model::DEFAULT_BUILD_TIMEOUT,
+        };
         Ok(Build {
             builder,
             run: run.0.to_owned(),
             inputs,
             outputs,
+            timeout,
         })
     }
 
@@ -1804,11 +1825,16 @@ impl Checker<'_> {
             Some(value) => self.checks(value, machines)?,
             None => Vec::new(),
         };
+        let timeout = match table.get("timeout") {
+            Some(value) => self.duration(value, "timeout", "\"10m\"")?,
+            None => crate::model::DEFAULT_STEP_TIMEOUT,
+        };
         Ok(Step {
             name: name.0.to_owned(),
             machine: machine.0.to_owned(),
             run: run.0.to_owned(),
             checks,
+            timeout,
         })
     }
 

@@ -77,6 +77,20 @@ fn spawn(bed: &Bed, args: &[&str]) -> std::process::Child {
         .expect("start testbed")
 }
 
+/// A step past its `timeout` fails, saying so, and its command is stopped
+/// in the guest.
+fn a_hung_step_is_stopped_at_its_timeout(bed: &Bed) {
+    let hung = bed.testbed(&["run", "hung"]);
+    let stderr = String::from_utf8_lossy(&hung.stderr).into_owned();
+    assert!(!hung.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("step `hung` did not finish on alpha within 3s and was stopped"),
+        "{stderr}"
+    );
+    let left = bed.testbed(&["ssh", "alpha", "--", "pgrep -f 'sleep 3133[9]'"]);
+    assert!(!left.status.success(), "the hung step still runs on alpha");
+}
+
 /// Ctrl-C on `testbed run` stops the step's command in the guest too.
 fn ctrl_c_stops_a_remote_step(bed: &Bed) {
     let step = spawn(bed, &["run", "sleeper"]);
@@ -166,6 +180,11 @@ ip = "192.168.33.3"
 name = "sleeper"
 machine = "alpha"
 run = "sleep 31338"
+[[steps]]
+name = "hung"
+machine = "alpha"
+run = "sleep 31339"
+timeout = "3s"
 "#,
         idle = IDLE
             .iter()
@@ -289,6 +308,7 @@ fn plan_walk(bed: &Bed) {
     ]);
     plan_then_up(bed, "converged", converged.clone());
     ctrl_c_stops_a_remote_step(bed);
+    a_hung_step_is_stopped_at_its_timeout(bed);
 
     bed.ok(&["halt", "beta"]);
     plan_then_up(

@@ -316,3 +316,32 @@ ls -A "$1/images"; echo "listing:"; "$2" image list --json"#;
     let listed: serde_json::Value = serde_json::from_str(listing).expect("image list --json");
     assert_eq!(listed["cached"], serde_json::json!([]), "{listed}");
 }
+
+#[test]
+fn a_host_build_past_its_timeout_is_stopped_with_all_it_started() {
+    let topology = HANGING_BUILD.replace("[build]\n", "[build]\ntimeout = \"1s\"\n");
+    let bed = Bed::new(&topology.replace("31337", "31343"));
+    std::fs::create_dir(bed.path().join("src")).expect("src");
+    let started = Instant::now();
+    let build = bed.testbed(&["build", "-f", "topology.toml"]);
+    assert!(!build.status.success());
+    let message = stderr(&build);
+    assert!(
+        message.contains("build on host did not finish within 1s and was stopped"),
+        "{message}"
+    );
+    assert!(message.contains("raise `timeout` in [build]"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !common::processes_mentioning("sleep 31343").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the build's `sleep` outlived its timeout"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

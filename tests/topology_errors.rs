@@ -1994,3 +1994,43 @@ fn internet_is_off_unless_a_machine_or_the_defaults_turn_it_on() {
         ],
     );
 }
+
+#[test]
+fn build_and_step_timeouts_are_durations() {
+    let text = r#"name = "t"
+[machines.devtools]
+[build]
+machine = "devtools"
+run = "true"
+outputs = ["dist/x"]
+timeout = "90m"
+[[steps]]
+name = "s"
+machine = "devtools"
+run = "true"
+timeout = "soon"
+"#;
+    assert_error_at(
+        text,
+        12,
+        11,
+        &["`timeout` `soon` is not a duration", "timeout = \"10m\""],
+    );
+    let topology = parse_ok(&text.replace("\"soon\"", "\"2s\""));
+    let build = topology.build.expect("build");
+    assert_eq!(build.timeout, std::time::Duration::from_secs(90 * 60));
+    assert_eq!(topology.steps[0].timeout, std::time::Duration::from_secs(2));
+    let defaults = parse_ok(
+        &text
+            .replace("timeout = \"soon\"\n", "")
+            .replace("timeout = \"90m\"\n", ""),
+    );
+    assert_eq!(
+        defaults.build.expect("build").timeout,
+        testbed::model::DEFAULT_BUILD_TIMEOUT
+    );
+    assert_eq!(
+        defaults.steps[0].timeout,
+        testbed::model::DEFAULT_STEP_TIMEOUT
+    );
+}

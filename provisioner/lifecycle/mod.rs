@@ -102,6 +102,17 @@ pub enum Error {
         machine: String,
         wanted: &'static str,
     },
+    #[error(
+        "step `{name}` did not finish on {machine} within {} and was stopped (its \
+         `timeout`)\n  help: if it needs longer, raise the step's `timeout` (e.g. \
+         `timeout = \"1h\"`)",
+        humantime::format_duration(*after)
+    )]
+    StepTimedOut {
+        name: String,
+        machine: String,
+        after: std::time::Duration,
+    },
     #[error("no step named `{name}`{known}")]
     UnknownStep { name: String, known: String },
     #[error("{machine}: {source}")]

@@ -101,13 +101,20 @@ impl Testbed {
         let machines = self.sessions()?;
         let started = Instant::now();
         let session = machines.session(&step.machine).await?;
-        let output = session
-            .exec_streaming(&step.run, on_output)
-            .await
-            .map_err(|source| Error::Ssh {
+        let running = session.exec_streaming(&step.run, on_output);
+        let Ok(output) = tokio::time::timeout(step.timeout, running).await else {
+            session.stop_commands().await;
+            machines.close().await;
+            return Err(Error::StepTimedOut {
+                name: step.name.clone(),
                 machine: step.machine.clone(),
-                source,
-            })?;
+                after: step.timeout,
+            });
+        };
+        let output = output.map_err(|source| Error::Ssh {
+            machine: step.machine.clone(),
+            source,
+        })?;
         let seconds = started.elapsed().as_secs_f64();
         let checks = if output.success() && !step.checks.is_empty() {
             Some(check::run_all(&step.checks, &self.topology, machines.clone()).await)

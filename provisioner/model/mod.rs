@@ -8,6 +8,7 @@ mod order;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
@@ -71,7 +72,17 @@ pub struct Build {
     pub inputs: Vec<Input>,
     /// Paths relative to the build directory, each under `dist/`.
     pub outputs: Vec<String>,
+    /// How long the script may run before it is stopped as hung.
+    pub timeout: Duration,
 }
+
+/// `[build] timeout` when not given: building Mesos under emulation takes
+/// most of an hour.
+pub const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
+
+/// `[[steps]] timeout` when not given (the step's command; its checks have
+/// their own).
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// One of `[build]`'s inputs, with where the file names it: whether it
 /// exists is checked when a build may run (`up`, `build`, `plan`), so a
@@ -100,6 +111,8 @@ pub struct Step {
     pub machine: String,
     pub run: String,
     pub checks: Vec<CheckSpec>,
+    /// How long the command may run before it is stopped as hung.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
