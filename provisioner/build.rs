@@ -348,17 +348,18 @@ pub async fn run_on_machine(
     on_line("running the build script");
     let script = format!("cd {dir} && sh -euc {}", ssh::shell_quote(&build.run));
     let mut text = Vec::new();
-    let running = session.exec_streaming(&script, |_: Stream, bytes: &[u8]| {
-        text.extend_from_slice(bytes);
-        if let Some(line) = String::from_utf8_lossy(bytes).lines().last() {
-            on_line(line);
-        }
-    });
-    let Ok(output) = tokio::time::timeout(build.timeout, running).await else {
-        session.stop_commands().await;
+    let output = session
+        .exec_streaming_within(&script, build.timeout, |_: Stream, bytes: &[u8]| {
+            text.extend_from_slice(bytes);
+            if let Some(line) = String::from_utf8_lossy(bytes).lines().last() {
+                on_line(line);
+            }
+        })
+        .await
+        .map_err(ssh_error(&builder))?;
+    let Some(output) = output else {
         return Err(timed_out(build, &builder, &text, log));
     };
-    let output = output.map_err(ssh_error(&builder))?;
     write_log(log, &text)?;
     if !output.success() {
         clear_outputs(build, topology.dir())?;

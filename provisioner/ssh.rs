@@ -342,6 +342,29 @@ impl Session {
         self.run(command, &[], on_output).await
     }
 
+    /// [`Session::exec_streaming`] for at most `limit`: a command still
+    /// running then is stopped with all it started ([`Session::stop_commands`])
+    /// and `None` returned.
+    pub async fn exec_streaming_within(
+        &self,
+        command: &str,
+        limit: Duration,
+        on_output: impl FnMut(Stream, &[u8]) + Send,
+    ) -> Result<Option<ExecOutput>, SshError> {
+        let running = self.exec_streaming(command, on_output);
+        tokio::pin!(running);
+        if let Ok(done) = tokio::time::timeout(limit, &mut running).await {
+            return done.map(Some);
+        }
+        // Still polled while it is stopped: its process group is announced
+        // through it, and it ends once stopped.
+        let _ = tokio::join!(
+            self.stop_commands(),
+            tokio::time::timeout(Duration::from_secs(10), &mut running)
+        );
+        Ok(None)
+    }
+
     /// Run `command` and collect its output and exit status.
     pub async fn exec(&self, command: &str) -> Result<ExecOutput, SshError> {
         self.run(command, &[], |_, _| {}).await
@@ -555,6 +578,7 @@ async fn stop(pick: impl Fn(&Session) -> bool) -> usize {
     let announced = || {
         running()
             .values()
+            .filter(|(session, _)| pick(session))
             .all(|(_, group)| group.load(std::sync::atomic::Ordering::SeqCst) > 0)
     };
     let deadline = Instant::now() + Duration::from_secs(2);

@@ -101,9 +101,14 @@ impl Testbed {
         let machines = self.sessions()?;
         let started = Instant::now();
         let session = machines.session(&step.machine).await?;
-        let running = session.exec_streaming(&step.run, on_output);
-        let Ok(output) = tokio::time::timeout(step.timeout, running).await else {
-            session.stop_commands().await;
+        let output = session
+            .exec_streaming_within(&step.run, step.timeout, on_output)
+            .await
+            .map_err(|source| Error::Ssh {
+                machine: step.machine.clone(),
+                source,
+            })?;
+        let Some(output) = output else {
             machines.close().await;
             return Err(Error::StepTimedOut {
                 name: step.name.clone(),
@@ -111,10 +116,6 @@ impl Testbed {
                 after: step.timeout,
             });
         };
-        let output = output.map_err(|source| Error::Ssh {
-            machine: step.machine.clone(),
-            source,
-        })?;
         let seconds = started.elapsed().as_secs_f64();
         let checks = if output.success() && !step.checks.is_empty() {
             Some(check::run_all(&step.checks, &self.topology, machines.clone()).await)
