@@ -15,7 +15,7 @@ use crate::identity::{self, MachineKeys, Seed};
 use crate::image::{ImageError, Recipe};
 use crate::kit::{Kit, KitError, Kits, RenderedFile, Secrets};
 use crate::model::{Forward, Machine, Topology, GUEST_ARTIFACT_ROOT};
-use crate::provider::{self, Provider, ProviderError, VmState};
+use crate::provider::{self, NetworkSpec, Provider, ProviderError, VmState};
 use crate::settings::Search;
 use crate::ssh;
 use crate::state::{Desired, MachineDir, MachineRecord, Record, StateDir};
@@ -151,6 +151,10 @@ pub struct MachinePlan {
     pub provider: Arc<dyn Provider>,
     #[serde(skip)]
     pub observed: VmState,
+    /// The machine's networks that were made and are down now (a switch
+    /// that died): a running machine on one is rebooted to reconnect.
+    #[serde(skip)]
+    pub networks_down: Vec<String>,
     /// The image a new disk is made from (its recipe, with every package).
     #[serde(skip)]
     pub recipe: Recipe,
@@ -348,7 +352,24 @@ impl MachineResolver<'_> {
                 &machine.artifacts,
             )?)
         };
-        let (action, why, apply_identity) = self.machine_action(observed, seed.as_ref());
+        let networks_down = self.networks_down();
+        let (action, why, apply_identity) = match self.machine_action(observed, seed.as_ref()) {
+            _ if observed == VmState::Running
+                && self.saved().is_some()
+                && !networks_down.is_empty() =>
+            {
+                (
+                    MachineAction::Start,
+                    format!(
+                        "network {} lost its switch: it is restarted, and the machine rebooted \
+                     from its disk to reconnect",
+                        networks_down.join(", ")
+                    ),
+                    true,
+                )
+            }
+            decided => decided,
+        };
         // A new disk has nothing on it yet, whatever the record says.
         let applied = match action {
             MachineAction::Create => Applied::default(),
@@ -367,6 +388,7 @@ impl MachineResolver<'_> {
             machine: machine.clone(),
             provider: self.provider.clone(),
             observed,
+            networks_down,
             recipe: self.recipe.clone(),
             seed,
             apply_identity,
@@ -380,6 +402,15 @@ impl MachineResolver<'_> {
             }
         }
         Ok(plan)
+    }
+
+    fn networks_down(&self) -> Vec<String> {
+        networks_down(
+            self.machine,
+            self.inputs.record,
+            self.inputs.state,
+            &*self.provider,
+        )
     }
 
     /// The seed when the machine's keys and the user key exist; a machine
@@ -642,6 +673,28 @@ pub fn hardware_hash(topology: &Topology, machine: &Machine) -> String {
         &machine.forwards,
         machine.internet,
     )
+}
+
+/// The machine's networks that exist (the record has them) and are down
+/// now, as its provider sees them.
+pub fn networks_down(
+    machine: &Machine,
+    record: &Record,
+    state: &StateDir,
+    provider: &dyn Provider,
+) -> Vec<String> {
+    machine
+        .ips
+        .keys()
+        .filter(|network| record.networks.contains_key(*network))
+        .filter(|network| {
+            !provider.network_up(&NetworkSpec {
+                name: network.to_string(),
+                dir: state.network_dir(network),
+            })
+        })
+        .cloned()
+        .collect()
 }
 
 /// [`hardware_hash`] from its parts (what a booting VM is given).

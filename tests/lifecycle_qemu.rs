@@ -24,6 +24,7 @@ fn five_at_once_then_plan_says_what_up_does_then_the_lifecycle_leaves_nothing_be
     bed.ok(&["destroy", "-f"]);
     std::fs::write(bed.path().join("topology.toml"), scenarios::pair("qemu")).expect("pair");
     ctrl_c_during_boot_leaves_a_true_status(&bed);
+    a_dead_switch_is_seen_and_up_reconnects_the_machines(&bed);
     scenarios::two_machines_live_halt_resume_and_leave_nothing_behind(&bed);
 }
 
@@ -138,6 +139,55 @@ fn ctrl_c_during_boot_leaves_a_true_status(bed: &Bed) {
         .count();
     let running = bed.states().iter().filter(|(_, s)| s == "running").count();
     assert_eq!(running, vms, "status agrees with the VMs that run");
+}
+
+/// The network's switch killed under the running pair: `status` says the
+/// network is down, and `up` restarts it and reboots both machines onto it,
+/// after which they reach each other again.
+fn a_dead_switch_is_seen_and_up_reconnects_the_machines(bed: &Bed) {
+    bed.ok(&["up", "topology.toml"]);
+    let pid_file = bed.path().join(".testbed/networks/lan/switch.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("switch.pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the switch");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = bed.ok(&["status"]);
+        if status.contains("network lan is down") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never saw the switch die:\n{status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        status.contains("alpha, beta cannot reach each other"),
+        "{status}"
+    );
+    let cut = bed.testbed(&["ssh", "alpha", "--", "nc -z -w 3 192.168.33.3 22"]);
+    assert!(
+        !cut.status.success(),
+        "alpha still reaches beta without a switch"
+    );
+    let up = bed.ok(&["up", "topology.toml", "--json"]);
+    let json: Value = serde_json::from_str(&up).expect("up --json");
+    for machine in json["machines"].as_array().expect("machines") {
+        assert_eq!(machine["action"], "start", "{machine}");
+        assert!(
+            machine["why"]
+                .as_str()
+                .is_some_and(|why| why.contains("lost its switch")),
+            "{machine}"
+        );
+    }
+    assert!(!bed.ok(&["status"]).contains("is down"));
+    bed.ok(&["ssh", "alpha", "--", "nc -z -w 5 192.168.33.3 22"]);
 }
 
 /// A service on the host's loopback is out of a guest's reach through

@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use crate::lifecycle::Testbed;
+use crate::lifecycle::{MachineState, Testbed};
 use crate::settings::Settings;
 
 /// Show each machine's state, like `vagrant status`
@@ -12,7 +12,8 @@ pub struct Args {
     #[command(flatten)]
     at: super::At,
     /// Print a JSON array of {name, state, provider, ssh, ips, in_topology},
-    /// with `console: {log, lines}` for a crashed machine
+    /// with `console: {log, lines}` for a crashed machine and
+    /// `networks_down: [NAME]` for one cut off from a network
     #[arg(long)]
     json: bool,
 }
@@ -43,6 +44,25 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
                 .map(|s| format!("ssh {s}"))
                 .unwrap_or_default(),
             ips.join(" ")
+        )?;
+    }
+    let cut_off: Vec<&str> = machines
+        .iter()
+        .filter(|m| !m.networks_down.is_empty() && m.state == MachineState::Running)
+        .map(|m| m.name.as_str())
+        .collect();
+    let mut down: Vec<&str> = machines
+        .iter()
+        .flat_map(|m| m.networks_down.iter().map(String::as_str))
+        .collect();
+    down.sort();
+    down.dedup();
+    if !down.is_empty() {
+        out!(
+            "\nnetwork {} is down (its switch is gone): {} cannot reach each other there\n\
+             `testbed up` restarts it and reboots those machines from their disks to reconnect them",
+            down.join(", "),
+            if cut_off.is_empty() { "the machines".to_string() } else { cut_off.join(", ") }
         )?;
     }
     for machine in &machines {

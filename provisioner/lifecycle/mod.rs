@@ -223,6 +223,9 @@ pub struct MachineStatus {
     /// where the whole log is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub console: Option<ConsoleTail>,
+    /// Its networks whose switch (or bridge) is down: it is cut off there.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub networks_down: Vec<String>,
 }
 
 /// The end of a machine's serial console log.
@@ -464,6 +467,12 @@ impl Testbed {
                     ips: machine.ips.clone(),
                     in_topology: true,
                     console: self.crash_console(&machine.name, state),
+                    networks_down: crate::plan::networks_down(
+                        machine,
+                        &record,
+                        &self.state,
+                        &*provider,
+                    ),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -482,6 +491,7 @@ impl Testbed {
                 ips: BTreeMap::new(),
                 in_topology: false,
                 console: self.crash_console(name, state),
+                networks_down: Vec::new(),
             });
         }
         Ok(statuses)

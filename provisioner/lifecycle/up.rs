@@ -592,6 +592,12 @@ async fn bring_up(
     let seed = machine_seed(machine, ctx)?;
     let layout = ctx.state.machine(&name);
     if let Some(mut spec) = boot {
+        if machine.observed == VmState::Running {
+            // Booting a VM that runs: its network was lost (see the plan).
+            task.set("stopping to reconnect its network");
+            let (p, dir) = (provider.clone(), layout.path().to_path_buf());
+            blocking(move || p.kill(&dir)).await?;
+        }
         write_seed(&spec.seed, &seed)?;
         let fresh_disk = machine.action == MachineAction::Create;
         ctx.record_machine(

@@ -315,6 +315,16 @@ impl Provider for Libvirt {
         Ok(())
     }
 
+    fn network_up(&self, network: &NetworkSpec) -> bool {
+        let name = object_name(&network.dir, &network.name);
+        let Ok(conn) = connect(&self.uri) else {
+            return true;
+        };
+        conn.lookup_network_by_name(&name)
+            .and_then(|net| net.is_active())
+            .unwrap_or(true)
+    }
+
     fn remove_network(&self, network: &NetworkSpec) -> Result<(), ProviderError> {
         let made = read_made(&network.dir).unwrap_or_else(|| Made {
             uri: self.uri.clone(),

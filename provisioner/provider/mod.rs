@@ -221,6 +221,10 @@ pub trait Provider: Send + Sync {
     fn ensure_network(&self, network: &NetworkSpec) -> Result<(), ProviderError>;
     /// Removes the network and whatever serves it.
     fn remove_network(&self, network: &NetworkSpec) -> Result<(), ProviderError>;
+    /// Whether a network that was made still carries traffic (its switch or
+    /// bridge is up). True when it cannot be told: a false answer reboots
+    /// the machines on it.
+    fn network_up(&self, network: &NetworkSpec) -> bool;
     /// Creates the machine's disk (copy-on-write over the base image).
     fn create(&self, vm: &VmSpec) -> Result<(), ProviderError>;
     /// Boots a created machine with [`Provider::accelerator`]; returns once

@@ -50,6 +50,13 @@ impl Provider for Qemu {
         spawn_switch(network)
     }
 
+    fn network_up(&self, network: &NetworkSpec) -> bool {
+        process_alive(
+            &switch_pid_path(&network.dir),
+            &network.dir.to_string_lossy(),
+        )
+    }
+
     fn remove_network(&self, network: &NetworkSpec) -> Result<(), ProviderError> {
         terminate(
             &switch_pid_path(&network.dir),
