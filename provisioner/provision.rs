@@ -168,15 +168,53 @@ impl Machines {
     }
 
     async fn run(&self, machine: &str, command: &str) -> Result<crate::ssh::ExecOutput> {
+        self.on_session(
+            machine,
+            |session| async move { session.exec(command).await },
+        )
+        .await
+    }
+
+    /// Writes `data` to `dest` on the machine (see [`Session::upload`]).
+    async fn upload(&self, machine: &str, data: &[u8], dest: &str, mode: u32) -> Result<()> {
+        self.on_session(machine, |session| async move {
+            session.upload(data, dest, mode).await
+        })
+        .await
+    }
+
+    /// Runs `attempt` on the machine's session and, when the connection was
+    /// lost meanwhile (sshd restarted or killed under it), once more on a
+    /// new connection: provisioning commands may run twice.
+    async fn on_session<T, F>(&self, machine: &str, attempt: impl Fn(Session) -> F) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, crate::ssh::SshError>>,
+    {
+        let ssh_error = |source| ProvisionError::Ssh {
+            machine: machine.to_string(),
+            source,
+        };
         let session = self.session(machine).await?;
-        let output = session
-            .exec(command)
-            .await
-            .map_err(|source| ProvisionError::Ssh {
-                machine: machine.to_string(),
-                source,
-            })?;
-        Ok(output)
+        match attempt(session.clone()).await {
+            Err(error) if error.lost_connection() => {
+                self.forget(machine, &session).await;
+                let session = self.session(machine).await?;
+                attempt(session).await.map_err(ssh_error)
+            }
+            done => done.map_err(ssh_error),
+        }
+    }
+
+    /// Drops the machine's session when it is still `lost`, so the next
+    /// use connects anew.
+    async fn forget(&self, machine: &str, lost: &Session) {
+        let slot = self.slot(machine);
+        let mut slot = slot.lock().await;
+        if slot.as_ref().is_some_and(|held| held.same_connection(lost)) {
+            if let Some(session) = slot.take() {
+                session.close().await;
+            }
+        }
     }
 
     async fn run_ok(&self, machine: &str, command: &str) -> Result<()> {
@@ -545,7 +583,6 @@ async fn push_artifacts(
     if artifacts.is_empty() {
         return Ok(());
     }
-    let session = machines.session(machine).await?;
     for artifact in artifacts {
         let path = topology.dir().join(artifact);
         // The same error the plan gives when it hashes a missing artifact.
@@ -566,13 +603,7 @@ async fn push_artifacts(
         machines
             .run_ok(machine, &format!("mkdir -p {parent}"))
             .await?;
-        session
-            .upload(&bytes, &dest, mode)
-            .await
-            .map_err(|source| ProvisionError::Ssh {
-                machine: machine.to_string(),
-                source,
-            })?;
+        machines.upload(machine, &bytes, &dest, mode).await?;
     }
     Ok(())
 }
@@ -580,20 +611,15 @@ async fn push_artifacts(
 /// Writes a kit's files on the guest (atomically, with mode and owner) and
 /// reloads systemd when the kit brings its own unit.
 async fn push_files(machines: &Machines, machine: &str, rendered: &Rendered) -> Result<()> {
-    let session = machines.session(machine).await?;
     for file in &rendered.files {
         let dest = ssh::shell_quote(&file.dest);
         let parent = ssh::shell_quote(&parent_dir(&file.dest));
         machines
             .run_ok(machine, &format!("mkdir -p {parent}"))
             .await?;
-        session
-            .upload(file.contents.as_bytes(), &file.dest, file.mode)
-            .await
-            .map_err(|source| ProvisionError::Ssh {
-                machine: machine.to_string(),
-                source,
-            })?;
+        machines
+            .upload(machine, file.contents.as_bytes(), &file.dest, file.mode)
+            .await?;
         let owner = ssh::shell_quote(&file.owner);
         machines
             .run_ok(machine, &format!("chown {owner} {dest}"))

@@ -162,6 +162,18 @@ pub enum SshError {
     UploadFailed(Box<UploadFailed>),
 }
 
+impl SshError {
+    /// Whether the connection went away under a command (sshd restarted or
+    /// killed, the guest rebooted): the command may not have run, and a new
+    /// connection may succeed.
+    pub fn lost_connection(&self) -> bool {
+        matches!(
+            self,
+            SshError::Protocol { .. } | SshError::NoExitStatus { .. }
+        )
+    }
+}
+
 // The larger variants are boxed so that `SshError` stays small enough to
 // embed in other error types.
 
@@ -324,6 +336,11 @@ impl Session {
     /// Whether the connection has ended (closed, or the server went away).
     pub fn is_closed(&self) -> bool {
         self.inner.handle.is_closed()
+    }
+
+    /// Whether both are the same connection (clones of one session).
+    pub fn same_connection(&self, other: &Session) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// Run `command` through the remote user's shell, passing each stdout and

@@ -3,7 +3,8 @@
 //! five machines come up at once on two cores (more guests than cores),
 //! each reaching every other on the private network; then the plan walked
 //! through each situation `up` meets (`plan --json` beside `up --json`);
-//! then Ctrl-C on a remote step, which stops it in the guest too; then, on a
+//! (the test kit kills sshd under the provisioning connection, which goes
+//! on over a new one); then Ctrl-C on a remote step, which stops it in the guest too; then, on a
 //! fresh pair, an `up` interrupted while the VMs boot, and the lifecycle —
 //! up (continuing), private network, ssh, halt, resume, converged up,
 //! destroy. The lifecycle runs on libvirt too, in
@@ -268,7 +269,12 @@ timeout = "60s"
         ("greeting.tera", "{{ vars.greeting }}\n"),
         (
             "hello.service.tera",
+            // Once per boot its start kills every sshd (the listener and the
+            // session `up` is starting it through): provisioning must go on
+            // over a new connection.
             "[Unit]\nDescription=testbed e2e idle daemon\n[Service]\n\
+             ExecStartPre=/bin/sh -c 'test -e /run/hello-cut-ssh || \
+             { touch /run/hello-cut-ssh; pkill -KILL -f \"^sshd: \"; }'\n\
              ExecStart=/bin/sh -c 'while :; do sleep 3600; done'\n",
         ),
     ];
@@ -349,6 +355,8 @@ fn plan_walk(bed: &Bed) {
         ]),
     );
     assert_eq!(ssh(bed, "alpha", "cat /etc/hello/greeting"), "hi");
+    // hello's start killed sshd under `up`, which carried on.
+    bed.ok(&["ssh", "alpha", "--", "test -e /run/hello-cut-ssh"]);
     every_machine_reaches_every_other(bed);
     only_the_machine_with_internet_reaches_the_host(bed);
 
