@@ -233,20 +233,20 @@ fn build_folders(cache: &std::path::Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn ctrl_c_during_an_image_build_stops_mmdebstrap_and_keeps_nothing_half_made() {
-    let bed = Bed::new(ONE_MACHINE);
-    let cache = tempfile::tempdir().expect("cache");
-    let cache_dir = cache.path().to_string_lossy().into_owned();
+/// Starts `testbed image build debian-12` into `cache` and returns once its
+/// mmdebstrap runs.
+fn image_build_under_way(bed: &Bed, cache: &std::path::Path) -> std::process::Child {
+    let cache_dir = cache.to_string_lossy().into_owned();
+    let before = build_folders(cache);
     let build = bed
         .command(&["image", "build", "debian-12"])
-        .env("TESTBED_CACHE", cache.path())
+        .env("TESTBED_CACHE", cache)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start image build");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while build_folders(cache.path()).is_empty()
+    while build_folders(cache).iter().all(|f| before.contains(f))
         || !common::processes_mentioning("mmdebstrap")
             .iter()
             .any(|p| p.contains(&cache_dir))
@@ -254,6 +254,48 @@ fn ctrl_c_during_an_image_build_stops_mmdebstrap_and_keeps_nothing_half_made() {
         assert!(Instant::now() < deadline, "mmdebstrap never started");
         std::thread::sleep(Duration::from_millis(50));
     }
+    build
+}
+
+/// Waits until no process mentions `cache` any more.
+fn nothing_runs_in(cache: &std::path::Path, after: &str) {
+    let cache_dir = cache.to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !common::processes_mentioning(&cache_dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "still running after {after}: {:?}",
+            common::processes_mentioning(&cache_dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_image_build_killed_or_interrupted_stops_mmdebstrap_and_keeps_nothing_half_made() {
+    let bed = Bed::new(ONE_MACHINE);
+    let cache = tempfile::tempdir().expect("cache");
+
+    // kill -9: testbed has no say; its tools end at their next line of
+    // output (the pipe to testbed is gone).
+    let mut killed = image_build_under_way(&bed, cache.path());
+    killed.kill().expect("SIGKILL");
+    let _ = killed.wait();
+    nothing_runs_in(cache.path(), "testbed was killed");
+    let stale = build_folders(cache.path());
+    assert!(
+        !stale.is_empty(),
+        "a killed testbed cannot remove its build folder"
+    );
+
+    // Ctrl-C on the next build, which first sweeps what the killed one left.
+    let build = image_build_under_way(&bed, cache.path());
+    assert!(
+        build_folders(cache.path())
+            .iter()
+            .all(|f| !stale.contains(f)),
+        "the killed build's folder was kept: {stale:?}"
+    );
     let pid = nix::unistd::Pid::from_raw(build.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
     let ended = build.wait_with_output().expect("image build");
@@ -263,15 +305,7 @@ fn ctrl_c_during_an_image_build_stops_mmdebstrap_and_keeps_nothing_half_made() {
         "{}",
         stderr(&ended)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !common::processes_mentioning(&cache_dir).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "still running after the interrupt: {:?}",
-            common::processes_mentioning(&cache_dir)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nothing_runs_in(cache.path(), "the interrupt");
     assert_eq!(build_folders(cache.path()), Vec::<String>::new());
     let list = bed
         .command(&["image", "list", "--json"])
