@@ -133,6 +133,11 @@ fn ctrl_c_during_boot_leaves_a_true_status(bed: &Bed) {
     let ended = interrupt(up);
     let stderr = String::from_utf8_lossy(&ended.stderr).into_owned();
     assert!(stderr.contains("machines now: alpha "), "{stderr}");
+    status_agrees_with_the_vms(bed);
+}
+
+/// As many machines are `running` as VM processes run in the bed.
+fn status_agrees_with_the_vms(bed: &Bed) {
     let dir = bed.path().to_string_lossy().into_owned();
     let vms = common::processes_mentioning(&dir)
         .iter()
@@ -140,6 +145,33 @@ fn ctrl_c_during_boot_leaves_a_true_status(bed: &Bed) {
         .count();
     let running = bed.states().iter().filter(|(_, s)| s == "running").count();
     assert_eq!(running, vms, "status agrees with the VMs that run");
+}
+
+/// Runs `up` and kills it with SIGKILL as soon as a progress line on its
+/// stderr contains `moment`.
+fn kill_up_when(bed: &Bed, moment: &str) {
+    use std::io::BufRead;
+    let mut up = bed
+        .command(&["up", "topology.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start up");
+    let stderr = up.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+    {
+        if line.contains(moment) {
+            up.kill().expect("SIGKILL up");
+            let _ = up.wait();
+            return;
+        }
+        seen.push(line);
+    }
+    let _ = up.wait();
+    panic!("`up` ended before `{moment}`:\n{}", seen.join("\n"));
 }
 
 /// The network's switch killed under the running pair: `status` says the
@@ -176,8 +208,8 @@ fn a_dead_switch_is_seen_and_up_reconnects_the_machines(bed: &Bed) {
         !cut.status.success(),
         "alpha still reaches beta without a switch"
     );
-    let up = bed.ok(&["up", "topology.toml", "--json"]);
-    let json: Value = serde_json::from_str(&up).expect("up --json");
+    let plan = bed.ok(&["plan", "topology.toml", "--json"]);
+    let json: Value = serde_json::from_str(&plan).expect("plan --json");
     for machine in json["machines"].as_array().expect("machines") {
         assert_eq!(machine["action"], "start", "{machine}");
         assert!(
@@ -187,6 +219,11 @@ fn a_dead_switch_is_seen_and_up_reconnects_the_machines(bed: &Bed) {
             "{machine}"
         );
     }
+    // kill -9 while the rebooted machines get their identity: `status`
+    // still agrees with the VMs, and the next `up` finishes the job.
+    kill_up_when(bed, "applying identity");
+    status_agrees_with_the_vms(bed);
+    bed.ok(&["up", "topology.toml"]);
     assert!(!bed.ok(&["status"]).contains("is down"));
     bed.ok(&["ssh", "alpha", "--", "nc -z -w 5 192.168.33.3 22"]);
 }
@@ -390,6 +427,10 @@ fn plan_walk(bed: &Bed) {
     assert_eq!(ssh(bed, "alpha", "systemctl is-active hello"), "active");
 
     std::fs::write(&topology, walk_topology("hello", false)).expect("rewrite");
+    // kill -9 while alpha's new files are pushed: nothing is recorded as
+    // applied, so the plan below still restarts hello.
+    kill_up_when(bed, "alpha: pushing hello files");
+    status_agrees_with_the_vms(bed);
     plan_then_up(
         bed,
         "a kit variable changed on alpha",
