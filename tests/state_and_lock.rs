@@ -206,14 +206,7 @@ fn ctrl_c_stops_a_host_build_and_all_it_started_then_exits_130() {
         message.contains("`testbed up` continues from here"),
         "{message}"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !common::processes_mentioning("sleep 31337").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the build's `sleep` outlived testbed"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    gone("sleep 31337", "testbed was interrupted");
     assert!(!bed.path().join("dist/out").exists());
     // The lock went with the process: the next command runs at once.
     bed.ok(&["status"]);
@@ -257,15 +250,14 @@ fn image_build_under_way(bed: &Bed, cache: &std::path::Path) -> std::process::Ch
     build
 }
 
-/// Waits until no process mentions `cache` any more.
-fn nothing_runs_in(cache: &std::path::Path, after: &str) {
-    let cache_dir = cache.to_string_lossy().into_owned();
+/// Waits until no process's command line mentions `needle`.
+fn gone(needle: &str, after: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !common::processes_mentioning(&cache_dir).is_empty() {
+    while !common::processes_mentioning(needle).is_empty() {
         assert!(
             Instant::now() < deadline,
             "still running after {after}: {:?}",
-            common::processes_mentioning(&cache_dir)
+            common::processes_mentioning(needle)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -281,7 +273,7 @@ fn an_image_build_killed_or_interrupted_stops_mmdebstrap_and_keeps_nothing_half_
     let mut killed = image_build_under_way(&bed, cache.path());
     killed.kill().expect("SIGKILL");
     let _ = killed.wait();
-    nothing_runs_in(cache.path(), "testbed was killed");
+    gone(&cache.path().to_string_lossy(), "testbed was killed");
     let stale = build_folders(cache.path());
     assert!(
         !stale.is_empty(),
@@ -305,7 +297,7 @@ fn an_image_build_killed_or_interrupted_stops_mmdebstrap_and_keeps_nothing_half_
         "{}",
         stderr(&ended)
     );
-    nothing_runs_in(cache.path(), "the interrupt");
+    gone(&cache.path().to_string_lossy(), "the interrupt");
     assert_eq!(build_folders(cache.path()), Vec::<String>::new());
     let list = bed
         .command(&["image", "list", "--json"])
@@ -370,12 +362,5 @@ fn a_host_build_past_its_timeout_is_stopped_with_all_it_started() {
         "{:?}",
         started.elapsed()
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !common::processes_mentioning("sleep 31343").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the build's `sleep` outlived its timeout"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    gone("sleep 31343", "the build's timeout");
 }
