@@ -423,7 +423,7 @@ impl Session {
     /// one's process group, sent over a new channel (sshd refuses SSH
     /// `signal` requests on root sessions). Returns how many it stopped.
     pub async fn stop_commands(&self) -> usize {
-        stop(|session| Arc::ptr_eq(&session.inner, &self.inner)).await
+        stop(|session| session.same_connection(self)).await
     }
 
     /// Disconnect politely. Channels still open end, and later calls fail.

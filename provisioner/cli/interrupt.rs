@@ -1,7 +1,8 @@
 //! Ctrl-C and SIGTERM during a verb that works for long (`up`, `build`,
-//! `run`, …): the work stops — local tools and builds by their process
-//! groups, remote commands by an SSH signal —, temp files go with their
-//! owners, and the user is told what exists and how to go on. Exit 130.
+//! `run`, …): the work stops — local tools and builds, and the commands
+//! running in guests, each by its process group —, temp files go with
+//! their owners, and the user is told what exists and how to go on. Exit
+//! 130.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,9 +43,11 @@ pub async fn run_interruptible<T>(work: impl std::future::Future<Output = T>) ->
     let stop = crate::ssh::stop_remote_commands();
     tokio::pin!(stop);
     tokio::select! {
-        _ = &mut work => stop.await,
-        _ = &mut stop => 0,
-    };
+        _ = &mut work => {
+            stop.await;
+        }
+        _ = &mut stop => {}
+    }
     Ended::Interrupted(name)
 }
 
