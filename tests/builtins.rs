@@ -176,3 +176,40 @@ fn printing_verbs_stop_quietly_when_the_reader_goes_away() {
         assert_ne!(out.status.code(), Some(101), "testbed {args:?}: {stderr}");
     }
 }
+
+#[test]
+fn graph_draws_machines_networks_addresses_and_the_start_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    ok(dir.path(), &["init", "--example", "slurm"]);
+    let dot = ok(dir.path(), &["graph"]);
+    assert!(dot.starts_with("digraph \"slurm\" {"), "{dot}");
+    assert!(
+        dot.contains("\"machine:slurm-compute\" [shape=box, label=\"slurm-compute\\nqemu, 1 cpu, 768 MiB\\nmunge, slurmd\"];"),
+        "{dot}"
+    );
+    assert!(
+        dot.contains(
+            "\"machine:slurm-compute\" -> \"net:lan\" [dir=none, label=\"192.168.33.4\"];"
+        ),
+        "{dot}"
+    );
+    assert!(
+        dot.contains("\"machine:slurm-controller\" -> \"machine:slurm-compute\" [style=dashed"),
+        "{dot}"
+    );
+    let mermaid = ok(dir.path(), &["graph", "--format", "mermaid"]);
+    assert!(mermaid.starts_with("flowchart LR\n"), "{mermaid}");
+    assert!(mermaid.contains("---|192.168.33.4| n0"), "{mermaid}");
+    assert!(mermaid.contains("-.->|starts before|"), "{mermaid}");
+
+    // svg goes through Graphviz; without it, the message says what to do.
+    let empty = tempfile::tempdir().expect("an empty PATH");
+    let out = testbed(dir.path(), &["graph", "--format", "svg"])
+        .env("PATH", empty.path())
+        .output()
+        .expect("graph --format svg");
+    assert!(!out.status.success());
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("needs Graphviz's `dot`"), "{message}");
+    assert!(message.contains("apt-get install"), "{message}");
+}

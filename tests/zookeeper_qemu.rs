@@ -7,8 +7,8 @@
 //! modes and setuid bits as a root build gives them); the leader's daemon
 //! is stopped by hand; `verify` fails and names it, with the evidence;
 //! `provision` starts it again and says so; `verify` is green again;
-//! `destroy -f` leaves nothing. One booted ensemble serves the whole
-//! scenario.
+//! `logs` shows a daemon's journal and the console; `destroy -f` leaves
+//! nothing. One booted ensemble serves the whole scenario.
 
 mod common;
 
@@ -61,6 +61,18 @@ fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
     ] {
         assert!(owners.contains(expected), "{expected}:\n{owners}");
     }
+
+    // The daemon's journal, the console, and a daemon the machine lacks.
+    let journal = bed.ok(&["logs", "zk-1", "zookeeper", "-n", "5"]);
+    assert!(journal.contains("zookeeper"), "{journal}");
+    let console = bed.ok(&["logs", "zk-1", "--console", "-n", "3"]);
+    assert_eq!(console.lines().count(), 3, "{console}");
+    let unknown = bed.testbed(&["logs", "zk-1", "nope"]);
+    let message = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        message.contains("zk-1 runs no daemon `nope`; its daemons: zookeeper"),
+        "{message}"
+    );
 
     let verify = bed.ok(&["verify", "--json"]);
     let results: serde_json::Value = serde_json::from_str(&verify).expect("verify --json");

@@ -22,11 +22,13 @@ mod build;
 mod completions;
 mod destroy;
 mod doctor;
+mod graph;
 mod halt;
 mod image;
 mod init;
 mod interrupt;
 mod kits;
+mod logs;
 mod plan;
 mod provision;
 mod run;
@@ -72,6 +74,8 @@ enum Command {
     Provision(provision::Args),
     Status(status::Args),
     Ssh(ssh::Args),
+    Logs(logs::Args),
+    Graph(graph::Args),
     SshConfig(ssh::ConfigArgs),
     Halt(halt::Args),
     Destroy(destroy::Args),
@@ -202,6 +206,8 @@ async fn run(cli: Cli, settings: &Settings) -> anyhow::Result<ExitCode> {
         Command::Provision(args) => provision::run(args, settings).await,
         Command::Status(args) => status::run(args, settings),
         Command::Ssh(args) => ssh::run(args, settings),
+        Command::Logs(args) => logs::run(args, settings),
+        Command::Graph(args) => graph::run(args, settings),
         Command::SshConfig(args) => ssh::config(args, settings),
         Command::Halt(args) => halt::run(args, settings).await,
         Command::Destroy(args) => destroy::run(args, settings).await,

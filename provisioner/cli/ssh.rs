@@ -36,32 +36,41 @@ pub struct ConfigArgs {
 /// escape keys behave as with plain ssh, and its exit status is the command's.
 pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let testbed = Testbed::locate_existing(args.at.file.as_deref(), settings)?;
-    testbed.select(std::slice::from_ref(&args.machine))?;
+    let command = (!args.command.is_empty()).then(|| args.command.join(" "));
+    exec_ssh(&testbed, &args.machine, command.as_deref(), false)
+}
+
+/// Becomes the system `ssh` to the running `machine` (with a terminal when
+/// `tty`), running `command` there, or a shell without one.
+pub(super) fn exec_ssh(
+    testbed: &Testbed,
+    machine: &str,
+    command: Option<&str>,
+    tty: bool,
+) -> anyhow::Result<ExitCode> {
+    testbed.select(&[machine.to_string()])?;
     let state = testbed
         .status()?
         .into_iter()
-        .find(|m| m.name == args.machine)
+        .find(|m| m.name == machine)
         .map(|m| m.state)
         .unwrap_or(MachineState::NotCreated);
     if state != MachineState::Running {
-        anyhow::bail!(
-            "{} is {}: run `testbed up` first",
-            args.machine,
-            state.as_str()
-        );
+        anyhow::bail!("{machine} is {}: run `testbed up` first", state.as_str());
     }
-    lifecycle::wait_for_control_master(&testbed.state, &args.machine);
+    lifecycle::wait_for_control_master(&testbed.state, machine);
     let config = testbed.state.ssh_config();
     if !config.is_file() {
-        anyhow::bail!(
-            "{} has no SSH config yet: run `testbed up` first",
-            args.machine
-        );
+        anyhow::bail!("{machine} has no SSH config yet: run `testbed up` first");
     }
     let mut ssh = Command::new("ssh");
-    ssh.arg("-F").arg(&config).arg(&args.machine);
-    if !args.command.is_empty() {
-        ssh.arg("--").arg(args.command.join(" "));
+    ssh.arg("-F").arg(&config);
+    if tty {
+        ssh.arg("-t");
+    }
+    ssh.arg(machine);
+    if let Some(command) = command {
+        ssh.arg("--").arg(command);
     }
     let error = ssh.exec();
     anyhow::bail!("cannot run ssh: {error} (install openssh-client)")

@@ -113,6 +113,12 @@ pub enum Error {
         machine: String,
         after: std::time::Duration,
     },
+    #[error("{machine} runs no daemon `{daemon}`; its daemons: {known}")]
+    UnknownDaemon {
+        machine: String,
+        daemon: String,
+        known: String,
+    },
     #[error("no step named `{name}`{known}")]
     UnknownStep { name: String, known: String },
     #[error("{machine}: {source}")]
@@ -508,6 +514,35 @@ impl Testbed {
             log: layout.console_log(),
             lines: tail.lines().map(str::to_owned).collect(),
         })
+    }
+
+    /// The systemd units of `machine`'s daemons (only `daemon`'s when
+    /// given), from their kits when found, else the daemon's own name.
+    pub fn daemon_units(&self, machine: &Machine, daemon: Option<&str>) -> Result<Vec<String>> {
+        let names: Vec<String> = match daemon {
+            Some(daemon) if !machine.daemons.iter().any(|d| d == daemon) => {
+                return Err(Error::UnknownDaemon {
+                    machine: machine.name.clone(),
+                    daemon: daemon.to_string(),
+                    known: if machine.daemons.is_empty() {
+                        "none".into()
+                    } else {
+                        machine.daemons.join(", ")
+                    },
+                })
+            }
+            Some(daemon) => vec![daemon.to_string()],
+            None => machine.daemons.clone(),
+        };
+        let mut kits = Kits::default();
+        kits.load_also(names.clone(), self.topology.dir(), &self.settings.search);
+        Ok(names
+            .into_iter()
+            .map(|name| match kits.get(&name) {
+                Some(kit) => kit.manifest.service.clone(),
+                None => name,
+            })
+            .collect())
     }
 
     /// A session per machine for the checks of `verify` or a step, from
