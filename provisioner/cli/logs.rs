@@ -15,8 +15,9 @@ use crate::ssh::shell_quote;
                         testbed logs zk-1 --console      # the serial console, from the host"
 )]
 pub struct Args {
-    #[command(flatten)]
-    at: super::At,
+    /// The topology file (default: the testbed of `.testbed/` in the current directory)
+    #[arg(long = "file", value_name = "FILE")]
+    file: Option<std::path::PathBuf>,
     /// The machine
     machine: String,
     /// One of its daemons (default: all of them)
@@ -33,7 +34,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let testbed = Testbed::locate_existing(args.at.file.as_deref(), settings)?;
+    let testbed = Testbed::locate_existing(args.file.as_deref(), settings)?;
     let machine = testbed
         .select(std::slice::from_ref(&args.machine))?
         .remove(0);

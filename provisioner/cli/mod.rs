@@ -229,3 +229,12 @@ pub struct At {
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     file: Option<PathBuf>,
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_verb_and_flag_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}
