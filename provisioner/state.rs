@@ -103,6 +103,9 @@ pub struct Record {
     /// The inputs hash of the last build that succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<String>,
+    /// The faults in force (`partition zk-1 / zk-2 zk-3`), until `heal`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<String>,
     /// Fields of a later testbed of the same version, kept as they are.
     #[serde(flatten)]
     pub unknown: serde_json::Map<String, serde_json::Value>,

@@ -7,8 +7,9 @@
 //! modes and setuid bits as a root build gives them); the leader's daemon
 //! is stopped by hand; `verify` fails and names it, with the evidence;
 //! `provision` starts it again and says so; `verify` is green again;
-//! `logs` shows a daemon's journal and the console; `destroy -f` leaves
-//! nothing. One booted ensemble serves the whole scenario.
+//! `logs` shows a daemon's journal and the console; the leader partitioned
+//! away loses its quorum while the others elect one, and `fault heal`
+//! brings back one leader among three; `destroy -f` leaves nothing. One booted ensemble serves the whole scenario.
 
 mod common;
 
@@ -32,6 +33,71 @@ fn leader(bed: &Bed) -> String {
         std::thread::sleep(std::time::Duration::from_secs(2));
     }
     panic!("no machine says it leads:\n{answers}");
+}
+
+/// What each member's `srvr` says: `leader`, `follower`, or `not serving`
+/// (a member without a quorum), by machine.
+fn modes(bed: &Bed) -> Vec<(String, String)> {
+    ["zk-1", "zk-2", "zk-3"]
+        .iter()
+        .map(|machine| {
+            let out = bed.testbed(&["ssh", machine, "--", "echo srvr | nc -w 3 127.0.0.1 2181"]);
+            let out = String::from_utf8_lossy(&out.stdout).into_owned();
+            let mode = match out.lines().find_map(|l| l.strip_prefix("Mode: ")) {
+                Some(mode) => mode.trim().to_string(),
+                None => "not serving".to_string(),
+            };
+            (machine.to_string(), mode)
+        })
+        .collect()
+}
+
+/// Waits (up to 3 minutes: elections under TCG take a while) until `wanted`
+/// holds for the members' modes.
+fn wait_for_modes(bed: &Bed, what: &str, wanted: impl Fn(&[(String, String)]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let now = modes(bed);
+        if wanted(&now) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never {what}: {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
+/// `fault partition LEADER / the others`: the two elect a leader between
+/// them and the old one stops serving; `fault heal`: one leader among three.
+fn the_leader_partitioned_away_loses_its_quorum_and_heal_restores_one(bed: &Bed) {
+    let old = leader(bed);
+    let others: Vec<&str> = ["zk-1", "zk-2", "zk-3"]
+        .into_iter()
+        .filter(|m| *m != old)
+        .collect();
+    let said = bed.ok(&["fault", "partition", &old, "/", others[0], others[1]]);
+    assert!(
+        said.contains(&format!("partition {old} / {} {}", others[0], others[1])),
+        "{said}"
+    );
+    let status = bed.ok(&["status"]);
+    assert!(status.contains("faults in force: partition"), "{status}");
+    wait_for_modes(bed, "a new leader among the majority", |modes| {
+        modes.iter().any(|(m, mode)| *m != old && mode == "leader")
+            && modes
+                .iter()
+                .any(|(m, mode)| *m == old && mode == "not serving")
+    });
+    assert!(bed.ok(&["fault", "heal"]).contains("healed: partition"));
+    wait_for_modes(bed, "one leader among three", |modes| {
+        modes.iter().filter(|(_, mode)| mode == "leader").count() == 1
+            && modes.iter().filter(|(_, mode)| mode == "follower").count() == 2
+    });
+    assert!(!bed.ok(&["status"]).contains("faults in force"));
+    let green = bed.ok(&["verify"]);
+    assert!(!green.contains("FAIL"), "{green}");
 }
 
 #[test]
@@ -120,6 +186,7 @@ fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
     assert!(!healed.contains("FAIL"), "{healed}");
 
     assert_eq!(bed.ok(&["ssh", "zk-2", "--", "hostname"]).trim(), "zk-2");
+    the_leader_partitioned_away_loses_its_quorum_and_heal_restores_one(&bed);
     bed.ok(&["destroy", "-f"]);
     let project = bed.path();
     assert!(

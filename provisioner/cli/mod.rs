@@ -22,6 +22,7 @@ mod build;
 mod completions;
 mod destroy;
 mod doctor;
+mod fault;
 mod graph;
 mod halt;
 mod image;
@@ -76,6 +77,7 @@ enum Command {
     Ssh(ssh::Args),
     Logs(logs::Args),
     Graph(graph::Args),
+    Fault(fault::Args),
     SshConfig(ssh::ConfigArgs),
     Halt(halt::Args),
     Destroy(destroy::Args),
@@ -208,6 +210,7 @@ async fn run(cli: Cli, settings: &Settings) -> anyhow::Result<ExitCode> {
         Command::Ssh(args) => ssh::run(args, settings),
         Command::Logs(args) => logs::run(args, settings),
         Command::Graph(args) => graph::run(args, settings),
+        Command::Fault(args) => fault::run(args, settings),
         Command::SshConfig(args) => ssh::config(args, settings),
         Command::Halt(args) => halt::run(args, settings).await,
         Command::Destroy(args) => destroy::run(args, settings).await,

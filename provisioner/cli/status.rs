@@ -46,6 +46,13 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
             ips.join(" ")
         )?;
     }
+    let faults = testbed.faults()?;
+    if !faults.is_empty() {
+        out!(
+            "\nfaults in force: {} (`testbed fault heal` undoes them)",
+            faults.join(", ")
+        )?;
+    }
     let cut_off: Vec<&str> = machines
         .iter()
         .filter(|m| !m.networks_down.is_empty() && m.state == MachineState::Running)

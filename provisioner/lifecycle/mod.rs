@@ -4,6 +4,7 @@
 //! continues from there and a converged one does nothing.
 
 mod destroy;
+mod faults;
 mod halt;
 mod ssh_config;
 mod steps;
@@ -119,6 +120,8 @@ pub enum Error {
         daemon: String,
         known: String,
     },
+    #[error("{0}")]
+    BadFault(String),
     #[error("no step named `{name}`{known}")]
     UnknownStep { name: String, known: String },
     #[error("{machine}: {source}")]

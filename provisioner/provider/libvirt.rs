@@ -315,6 +315,18 @@ impl Provider for Libvirt {
         Ok(())
     }
 
+    fn block(&self, _: &NetworkSpec, pairs: &[(String, String)]) -> Result<(), ProviderError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        Err(ProviderError::Unsupported {
+            provider: "libvirt",
+            what:
+                "drop traffic between chosen machines of one network (its bridge has no such rule)",
+            help: "run the partition on the qemu provider",
+        })
+    }
+
     fn network_up(&self, network: &NetworkSpec) -> bool {
         let name = object_name(&network.dir, &network.name);
         let Ok(conn) = connect(&self.uri) else {

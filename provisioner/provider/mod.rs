@@ -81,6 +81,13 @@ pub enum ProviderError {
         machine: String,
         missing: &'static str,
     },
+    /// Something the topology asks of a provider that it cannot do.
+    #[error("the {provider} provider cannot {what}\n  help: {help}")]
+    Unsupported {
+        provider: &'static str,
+        what: &'static str,
+        help: &'static str,
+    },
     /// A bug or a panic in testbed itself, not something the user did.
     #[error("internal error: {detail} ({what})")]
     Internal { what: &'static str, detail: String },
@@ -221,6 +228,10 @@ pub trait Provider: Send + Sync {
     fn ensure_network(&self, network: &NetworkSpec) -> Result<(), ProviderError>;
     /// Removes the network and whatever serves it.
     fn remove_network(&self, network: &NetworkSpec) -> Result<(), ProviderError>;
+    /// Drops the traffic between each pair of MACs on the network (a
+    /// partition); an empty list lets everything through again.
+    fn block(&self, network: &NetworkSpec, pairs: &[(String, String)])
+        -> Result<(), ProviderError>;
     /// Whether a network that was made still carries traffic (its switch or
     /// bridge is up). True when it cannot be told: a false answer reboots
     /// the machines on it.

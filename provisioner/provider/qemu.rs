@@ -50,6 +50,26 @@ impl Provider for Qemu {
         spawn_switch(network)
     }
 
+    /// The switch reads the pairs from a file beside its socket.
+    fn block(
+        &self,
+        network: &NetworkSpec,
+        pairs: &[(String, String)],
+    ) -> Result<(), ProviderError> {
+        let path = network.dir.join(super::switch::BLOCKS_FILE);
+        if pairs.is_empty() {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
+                    what: format!("cannot remove {}", path.display()),
+                    source: e,
+                }),
+                _ => Ok(()),
+            };
+        }
+        let text: String = pairs.iter().map(|(a, b)| format!("{a} {b}\n")).collect();
+        Ok(crate::state::write_atomic(&path, text.as_bytes(), 0o600)?)
+    }
+
     fn network_up(&self, network: &NetworkSpec) -> bool {
         process_alive(
             &switch_pid_path(&network.dir),

@@ -6,7 +6,7 @@
 //! qemu 7.2 has no vde backend, and multicast on loopback is open to every
 //! local user; hence a switch of our own, in-process and small.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -27,7 +27,17 @@ struct Fabric {
     ports: HashMap<PortId, mpsc::Sender<Vec<u8>>>,
     macs: HashMap<Mac, PortId>,
     next_port: PortId,
+    /// Pairs of MACs that must not reach each other (a partition), both ways.
+    blocked: HashSet<(Mac, Mac)>,
 }
+
+/// The file beside the socket listing the blocked MAC pairs, one pair per
+/// line (`52:54:00:…:01 52:54:00:…:02`); no file, no blocks. The switch
+/// reads it again whenever it changes.
+pub const BLOCKS_FILE: &str = "blocked";
+
+/// How often the switch looks at [`BLOCKS_FILE`].
+const BLOCKS_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Fabric {
     fn attach(&mut self, tx: mpsc::Sender<Vec<u8>>) -> PortId {
@@ -54,6 +64,9 @@ impl Fabric {
         if src[0] & 1 == 0 {
             self.macs.insert(src, from);
         }
+        if self.blocked.contains(&(src, dst)) {
+            return;
+        }
         let known = (dst[0] & 1 == 0)
             .then(|| self.macs.get(&dst).copied())
             .flatten();
@@ -65,8 +78,9 @@ impl Fabric {
             }
             Some(_) => {}
             None => {
+                let cut_off = self.ports_blocked_from(src);
                 for (port, tx) in &self.ports {
-                    if *port != from {
+                    if *port != from && !cut_off.contains(port) {
                         let _ = tx.try_send(frame.clone());
                     }
                 }
@@ -75,11 +89,61 @@ impl Fabric {
     }
 }
 
+impl Fabric {
+    /// The ports whose machines `src` must not reach: a flood skips them.
+    fn ports_blocked_from(&self, src: Mac) -> HashSet<PortId> {
+        self.macs
+            .iter()
+            .filter(|(mac, _)| self.blocked.contains(&(src, **mac)))
+            .map(|(_, port)| *port)
+            .collect()
+    }
+}
+
+/// The MAC pairs of a [`BLOCKS_FILE`], each both ways; malformed lines are
+/// skipped.
+pub fn parse_blocks(text: &str) -> HashSet<(Mac, Mac)> {
+    let mut blocked = HashSet::new();
+    for line in text.lines() {
+        let macs: Vec<Mac> = line.split_whitespace().filter_map(parse_mac).collect();
+        if let [a, b] = macs[..] {
+            blocked.insert((a, b));
+            blocked.insert((b, a));
+        }
+    }
+    blocked
+}
+
+fn parse_mac(text: &str) -> Option<Mac> {
+    let mut mac: Mac = [0; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Keeps the fabric's blocks in step with the [`BLOCKS_FILE`] at `path`.
+async fn follow_blocks(path: std::path::PathBuf, fabric: Arc<Mutex<Fabric>>) {
+    let mut seen: Option<String> = None;
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if seen.as_deref() != Some(text.as_str()) {
+            lock(&fabric).blocked = parse_blocks(&text);
+            seen = Some(text);
+        }
+        tokio::time::sleep(BLOCKS_POLL).await;
+    }
+}
+
 /// Serves the switch on `socket` until the process is killed.
 pub async fn run(socket: &Path) -> std::io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     let fabric = Arc::new(Mutex::new(Fabric::default()));
+    if let Some(dir) = socket.parent() {
+        tokio::spawn(follow_blocks(dir.join(BLOCKS_FILE), fabric.clone()));
+    }
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(serve_port(stream, fabric.clone()));
@@ -170,5 +234,44 @@ mod tests {
         assert_eq!(read_frame(&mut pa).await.expect("a"), frame(a, b));
         send(&mut pa, &frame(c, a)).await;
         assert_eq!(read_frame(&mut pc).await.expect("c again"), frame(c, a));
+    }
+
+    #[tokio::test]
+    async fn a_blocked_pair_gets_neither_unicast_nor_floods_from_each_other() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("sw");
+        let server_sock = sock.clone();
+        tokio::spawn(async move { run(&server_sock).await });
+        let (a, b, c) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]);
+        let mut pa = connect(&sock).await;
+        let mut pb = connect(&sock).await;
+        let mut pc = connect(&sock).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Each port's MAC learned.
+        for (port, mac) in [(&mut pa, a), (&mut pb, b), (&mut pc, c)] {
+            send(port, &frame([0xff; 6], mac)).await;
+        }
+        for _ in 0..2 {
+            read_frame(&mut pa).await.expect("a learns");
+            read_frame(&mut pb).await.expect("b learns");
+            read_frame(&mut pc).await.expect("c learns");
+        }
+        std::fs::write(
+            dir.path().join(BLOCKS_FILE),
+            "02:00:00:00:00:01 02:00:00:00:00:02\n",
+        )
+        .expect("blocks");
+        tokio::time::sleep(BLOCKS_POLL * 3).await;
+        send(&mut pa, &frame(b, a)).await;
+        send(&mut pa, &frame([0xff; 6], a)).await;
+        // c gets the broadcast; b gets nothing from a, only c's frame after.
+        assert_eq!(read_frame(&mut pc).await.expect("c"), frame([0xff; 6], a));
+        send(&mut pc, &frame(b, c)).await;
+        assert_eq!(read_frame(&mut pb).await.expect("b"), frame(b, c));
+        // Healed: a reaches b again.
+        std::fs::remove_file(dir.path().join(BLOCKS_FILE)).expect("heal");
+        tokio::time::sleep(BLOCKS_POLL * 3).await;
+        send(&mut pa, &frame(b, a)).await;
+        assert_eq!(read_frame(&mut pb).await.expect("b healed"), frame(b, a));
     }
 }
