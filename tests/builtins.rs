@@ -213,3 +213,31 @@ fn graph_draws_machines_networks_addresses_and_the_start_order() {
     assert!(message.contains("needs Graphviz's `dot`"), "{message}");
     assert!(message.contains("apt-get install"), "{message}");
 }
+
+#[test]
+fn a_partition_names_what_is_wrong_with_its_groups() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    ok(dir.path(), &["init", "--example", "zk-ensemble"]);
+    let refused = |args: &[&str], expected: &str| {
+        let out = testbed(dir.path(), args).output().expect("fault");
+        assert!(!out.status.success(), "{args:?} was taken");
+        let message = String::from_utf8_lossy(&out.stderr);
+        assert!(message.contains(expected), "{args:?}: {message}");
+    };
+    refused(
+        &["fault", "partition", "zk-1", "zk-2", "zk-3"],
+        "a partition needs two or more groups of machines, separated by `/`",
+    );
+    refused(
+        &["fault", "partition", "zk-1", "/", "zk-9"],
+        "no machine named `zk-9` in this testbed",
+    );
+    refused(
+        &["fault", "partition", "zk-1", "/", "zk-1"],
+        "zk-1 is in two groups of the partition",
+    );
+    refused(
+        &["fault", "partition", "zk-1", "/", "zk-2"],
+        "no network of this testbed is up to partition",
+    );
+}

@@ -18,6 +18,11 @@ impl Testbed {
         self.check_groups(groups)?;
         let group_of = |machine: &str| groups.iter().position(|g| g.iter().any(|m| m == machine));
         let mut record = self.state.load()?;
+        if record.networks.is_empty() {
+            return Err(Error::BadFault(
+                "no network of this testbed is up to partition: `testbed up` first".into(),
+            ));
+        }
         for network in record.networks.keys() {
             let on_it: Vec<_> = self
                 .topology
