@@ -9,7 +9,8 @@
 //! `provision` starts it again and says so; `verify` is green again;
 //! `logs` shows a daemon's journal and the console; the leader partitioned
 //! away loses its quorum while the others elect one, and `fault heal`
-//! brings back one leader among three; `destroy -f` leaves nothing. One booted ensemble serves the whole scenario.
+//! brings back one leader among three; a follower killed leaves the other
+//! two serving, and `fault start` brings it back green; `destroy -f` leaves nothing. One booted ensemble serves the whole scenario.
 
 mod common;
 
@@ -96,6 +97,38 @@ fn the_leader_partitioned_away_loses_its_quorum_and_heal_restores_one(bed: &Bed)
             && modes.iter().filter(|(_, mode)| mode == "follower").count() == 2
     });
     assert!(!bed.ok(&["status"]).contains("faults in force"));
+    let green = bed.ok(&["verify"]);
+    assert!(!green.contains("FAIL"), "{green}");
+}
+
+/// `fault kill` on a follower: the other two go on serving; `fault start`
+/// boots and re-provisions it, and every check is green again.
+fn a_killed_follower_leaves_a_serving_majority_and_start_brings_it_back(bed: &Bed) {
+    let leader = leader(bed);
+    let follower = if leader == "zk-3" { "zk-2" } else { "zk-3" };
+    bed.ok(&["fault", "kill", follower]);
+    let state = bed
+        .states()
+        .into_iter()
+        .find(|(name, _)| name == follower)
+        .map(|(_, state)| state);
+    assert_eq!(state.as_deref(), Some("crashed"));
+    wait_for_modes(
+        bed,
+        "a serving majority without the killed follower",
+        |modes| {
+            modes
+                .iter()
+                .filter(|(m, mode)| m != follower && (mode == "leader" || mode == "follower"))
+                .count()
+                == 2
+        },
+    );
+    let started = bed.ok(&["fault", "start"]);
+    assert!(
+        started.contains(&format!("started: {follower}")),
+        "{started}"
+    );
     let green = bed.ok(&["verify"]);
     assert!(!green.contains("FAIL"), "{green}");
 }
@@ -187,6 +220,7 @@ fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
 
     assert_eq!(bed.ok(&["ssh", "zk-2", "--", "hostname"]).trim(), "zk-2");
     the_leader_partitioned_away_loses_its_quorum_and_heal_restores_one(&bed);
+    a_killed_follower_leaves_a_serving_majority_and_start_brings_it_back(&bed);
     bed.ok(&["destroy", "-f"]);
     let project = bed.path();
     assert!(

@@ -24,11 +24,15 @@ enum Fault {
         #[arg(required = true, num_args = 3.., value_name = "MACHINE… / MACHINE…")]
         groups: Vec<String>,
     },
-    /// Undo every fault in force
+    /// Undo every partition in force
     Heal,
+    /// Stop a machine's VM at once, like a power failure
+    Kill { machine: String },
+    /// Bring killed machines back as `up` does: boot from disk, re-provision
+    Start,
 }
 
-pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
+pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let testbed = Testbed::locate_existing(args.at.file.as_deref(), settings)?;
     match args.fault {
         Fault::Partition { groups } => {
@@ -38,6 +42,20 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
                 .collect();
             let fault = testbed.partition(&groups)?;
             out!("in force: {fault}; `testbed fault heal` undoes it")?;
+        }
+        Fault::Kill { machine } => {
+            testbed.kill_machine(&machine).await?;
+            out!("{machine}: killed; `testbed fault start` (or `up`) brings it back")?;
+        }
+        Fault::Start => {
+            let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
+            let report = testbed.up(&crate::progress::Progress::new(), None).await?;
+            let started = report.changed();
+            if started.is_empty() {
+                out!("nothing to start: every machine runs")?;
+            } else {
+                out!("started: {}", started.join(", "))?;
+            }
         }
         Fault::Heal => {
             let healed = testbed.heal()?;

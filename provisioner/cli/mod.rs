@@ -210,7 +210,7 @@ async fn run(cli: Cli, settings: &Settings) -> anyhow::Result<ExitCode> {
         Command::Ssh(args) => ssh::run(args, settings),
         Command::Logs(args) => logs::run(args, settings),
         Command::Graph(args) => graph::run(args, settings),
-        Command::Fault(args) => fault::run(args, settings),
+        Command::Fault(args) => fault::run(args, settings).await,
         Command::SshConfig(args) => ssh::config(args, settings),
         Command::Halt(args) => halt::run(args, settings).await,
         Command::Destroy(args) => destroy::run(args, settings).await,

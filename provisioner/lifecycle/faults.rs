@@ -69,6 +69,22 @@ impl Testbed {
         Ok(healed)
     }
 
+    /// `fault kill`: the machine's VM stopped at once, like a power failure.
+    /// `status` then says `crashed`; `up` (or `fault start`) brings it back.
+    pub async fn kill_machine(&self, name: &str) -> Result<()> {
+        let _lock = self.lock(Access::Exclusive)?;
+        let machine = self.select(&[name.to_string()])?.remove(0);
+        if !self.state.load()?.machines.contains_key(name) {
+            return Err(Error::BadFault(format!(
+                "{name} has not been created: `testbed up` first"
+            )));
+        }
+        let provider = self.provider_of(&machine)?;
+        let dir = self.state.machine_dir(name);
+        super::blocking(move || provider.kill(&dir)).await?;
+        Ok(())
+    }
+
     /// The faults in force, as the record says.
     pub fn faults(&self) -> Result<Vec<String>> {
         Ok(self.state.load()?.faults)
