@@ -213,42 +213,46 @@ mod tests {
         stream.write_all(f).await.expect("frame");
     }
 
-    #[tokio::test]
-    async fn floods_unknown_then_learns_and_delivers_unicast() {
+    const A: Mac = [2, 0, 0, 0, 0, 1];
+    const B: Mac = [2, 0, 0, 0, 0, 2];
+    const C: Mac = [2, 0, 0, 0, 0, 3];
+
+    /// A switch served from a temp folder (returned, so it lives) and
+    /// three ports plugged into it.
+    async fn three_ports() -> (tempfile::TempDir, UnixStream, UnixStream, UnixStream) {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("sw");
         let server_sock = sock.clone();
         tokio::spawn(async move { run(&server_sock).await });
-        let (a, b, c) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]);
-        let mut pa = connect(&sock).await;
-        let mut pb = connect(&sock).await;
-        let mut pc = connect(&sock).await;
+        let ports = (
+            connect(&sock).await,
+            connect(&sock).await,
+            connect(&sock).await,
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        (dir, ports.0, ports.1, ports.2)
+    }
+
+    #[tokio::test]
+    async fn floods_unknown_then_learns_and_delivers_unicast() {
+        let (_dir, mut pa, mut pb, mut pc) = three_ports().await;
 
         // a → broadcast: b and c both get it (and the switch learns a).
-        send(&mut pa, &frame([0xff; 6], a)).await;
-        assert_eq!(read_frame(&mut pb).await.expect("b"), frame([0xff; 6], a));
-        assert_eq!(read_frame(&mut pc).await.expect("c"), frame([0xff; 6], a));
+        send(&mut pa, &frame([0xff; 6], A)).await;
+        assert_eq!(read_frame(&mut pb).await.expect("b"), frame([0xff; 6], A));
+        assert_eq!(read_frame(&mut pc).await.expect("c"), frame([0xff; 6], A));
         // b → a: a is known, so only a gets it; c gets the next flood only.
-        send(&mut pb, &frame(a, b)).await;
-        assert_eq!(read_frame(&mut pa).await.expect("a"), frame(a, b));
-        send(&mut pa, &frame(c, a)).await;
-        assert_eq!(read_frame(&mut pc).await.expect("c again"), frame(c, a));
+        send(&mut pb, &frame(A, B)).await;
+        assert_eq!(read_frame(&mut pa).await.expect("a"), frame(A, B));
+        send(&mut pa, &frame(C, A)).await;
+        assert_eq!(read_frame(&mut pc).await.expect("c again"), frame(C, A));
     }
 
     #[tokio::test]
     async fn a_blocked_pair_gets_neither_unicast_nor_floods_from_each_other() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sock = dir.path().join("sw");
-        let server_sock = sock.clone();
-        tokio::spawn(async move { run(&server_sock).await });
-        let (a, b, c) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]);
-        let mut pa = connect(&sock).await;
-        let mut pb = connect(&sock).await;
-        let mut pc = connect(&sock).await;
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (dir, mut pa, mut pb, mut pc) = three_ports().await;
         // Each port's MAC learned.
-        for (port, mac) in [(&mut pa, a), (&mut pb, b), (&mut pc, c)] {
+        for (port, mac) in [(&mut pa, A), (&mut pb, B), (&mut pc, C)] {
             send(port, &frame([0xff; 6], mac)).await;
         }
         for _ in 0..2 {
@@ -262,16 +266,16 @@ mod tests {
         )
         .expect("blocks");
         tokio::time::sleep(BLOCKS_POLL * 3).await;
-        send(&mut pa, &frame(b, a)).await;
-        send(&mut pa, &frame([0xff; 6], a)).await;
+        send(&mut pa, &frame(B, A)).await;
+        send(&mut pa, &frame([0xff; 6], A)).await;
         // c gets the broadcast; b gets nothing from a, only c's frame after.
-        assert_eq!(read_frame(&mut pc).await.expect("c"), frame([0xff; 6], a));
-        send(&mut pc, &frame(b, c)).await;
-        assert_eq!(read_frame(&mut pb).await.expect("b"), frame(b, c));
+        assert_eq!(read_frame(&mut pc).await.expect("c"), frame([0xff; 6], A));
+        send(&mut pc, &frame(B, C)).await;
+        assert_eq!(read_frame(&mut pb).await.expect("b"), frame(B, C));
         // Healed: a reaches b again.
         std::fs::remove_file(dir.path().join(BLOCKS_FILE)).expect("heal");
         tokio::time::sleep(BLOCKS_POLL * 3).await;
-        send(&mut pa, &frame(b, a)).await;
-        assert_eq!(read_frame(&mut pb).await.expect("b healed"), frame(b, a));
+        send(&mut pa, &frame(B, A)).await;
+        assert_eq!(read_frame(&mut pb).await.expect("b healed"), frame(B, A));
     }
 }
