@@ -4,7 +4,7 @@
 //! `testbed plan` prints it; `up` and `provision` carry it out and decide
 //! nothing of their own (cargo's resolve-then-compile shape).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -248,6 +248,9 @@ impl Plan {
         let authorized = std::fs::read_to_string(ssh::public_key_path(&inputs.state.user_key()))
             .ok()
             .map(|key| key.trim().to_string());
+        let down = down_networks(inputs.topology, inputs.record, inputs.state, |m, spec| {
+            provider::for_kind(m.provider, inputs.providers).map_or(true, |p| p.network_up(spec))
+        });
         let mut recipes: BTreeMap<String, Recipe> = BTreeMap::new();
         let mut providers: BTreeMap<&'static str, Arc<dyn Provider>> = BTreeMap::new();
         let mut warnings = Vec::new();
@@ -280,6 +283,7 @@ impl Plan {
                 recipe: base.with_packages(&packages),
                 build_pending,
                 authorized: authorized.as_deref(),
+                down: &down,
             };
             let plan = resolver.resolve()?;
             warnings.extend(resolver.drift(&plan));
@@ -323,6 +327,8 @@ struct MachineResolver<'a> {
     recipe: Recipe,
     build_pending: bool,
     authorized: Option<&'a str>,
+    /// The networks of the testbed that are down (their switch died).
+    down: &'a BTreeSet<String>,
 }
 
 impl MachineResolver<'_> {
@@ -352,7 +358,7 @@ impl MachineResolver<'_> {
                 &machine.artifacts,
             )?)
         };
-        let networks_down = self.networks_down();
+        let networks_down = machine_networks_down(machine, self.down);
         let (action, why, apply_identity) = match self.machine_action(observed, seed.as_ref()) {
             _ if observed == VmState::Running
                 && self.saved().is_some()
@@ -402,15 +408,6 @@ impl MachineResolver<'_> {
             }
         }
         Ok(plan)
-    }
-
-    fn networks_down(&self) -> Vec<String> {
-        networks_down(
-            self.machine,
-            self.inputs.record,
-            self.inputs.state,
-            &*self.provider,
-        )
     }
 
     /// The seed when the machine's keys and the user key exist; a machine
@@ -675,24 +672,41 @@ pub fn hardware_hash(topology: &Topology, machine: &Machine) -> String {
     )
 }
 
-/// The machine's networks that exist (the record has them) and are down
-/// now, as its provider sees them.
-pub fn networks_down(
-    machine: &Machine,
+/// The networks of the record that are down now, each asked once of the
+/// provider of a machine on it (`up`).
+pub fn down_networks(
+    topology: &Topology,
     record: &Record,
     state: &StateDir,
-    provider: &dyn Provider,
-) -> Vec<String> {
+    up: impl Fn(&Machine, &NetworkSpec) -> bool,
+) -> BTreeSet<String> {
+    record
+        .networks
+        .keys()
+        .filter(|network| {
+            let Some(machine) = topology
+                .machines
+                .iter()
+                .find(|m| m.ips.contains_key(*network))
+            else {
+                return false;
+            };
+            let spec = NetworkSpec {
+                name: network.to_string(),
+                dir: state.network_dir(network),
+            };
+            !up(machine, &spec)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Which of `down` the machine is on.
+pub fn machine_networks_down(machine: &Machine, down: &BTreeSet<String>) -> Vec<String> {
     machine
         .ips
         .keys()
-        .filter(|network| record.networks.contains_key(*network))
-        .filter(|network| {
-            !provider.network_up(&NetworkSpec {
-                name: network.to_string(),
-                dir: state.network_dir(network),
-            })
-        })
+        .filter(|n| down.contains(*n))
         .cloned()
         .collect()
 }

@@ -459,6 +459,9 @@ impl Testbed {
     /// last, marked `in_topology: false` (`destroy` removes them).
     pub fn status(&self) -> Result<Vec<MachineStatus>> {
         let record = self.state.load()?;
+        let down = crate::plan::down_networks(&self.topology, &record, &self.state, |m, spec| {
+            self.provider_of(m).map_or(true, |p| p.network_up(spec))
+        });
         let mut statuses = self
             .topology
             .machines
@@ -476,12 +479,7 @@ impl Testbed {
                     ips: machine.ips.clone(),
                     in_topology: true,
                     console: self.crash_console(&machine.name, state),
-                    networks_down: crate::plan::networks_down(
-                        machine,
-                        &record,
-                        &self.state,
-                        &*provider,
-                    ),
+                    networks_down: crate::plan::machine_networks_down(machine, &down),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
