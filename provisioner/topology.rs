@@ -14,9 +14,11 @@ use toml::Spanned;
 
 use crate::model::{
     check_dist_path, find_cycle, is_identifier, line_col, Build, Builder, CheckSpec, Forward,
-    Input, Machine, Network, ProviderKind, Step, Topology, DIST,
+    Input, Machine, Network, ProviderKind, Step, StepCommand, Topology, DIST,
 };
 use crate::settings::Search;
+
+mod fault;
 
 /// The first `[build]` input of `topology` that does not exist, as a
 /// located error.
@@ -85,7 +87,7 @@ const TOP_KEYS: &[&str] = &[
 ];
 const LIBVIRT_KEYS: &[&str] = &["uri"];
 const BUILD_KEYS: &[&str] = &["machine", "run", "inputs", "outputs", "timeout"];
-const STEP_KEYS: &[&str] = &["name", "machine", "run", "checks", "timeout"];
+const STEP_KEYS: &[&str] = &["name", "machine", "run", "fault", "checks", "timeout"];
 const DEFAULTS_KEYS: &[&str] = &["provider", "image", "cpus", "memory", "internet"];
 const NETWORK_KEYS: &[&str] = &["subnet"];
 const MACHINE_KEYS: &[&str] = &[
@@ -142,9 +144,10 @@ const ARTIFACTS_EXAMPLE: &str = "[\"dist/hello_world\"]";
 const BUILD_HELP: &str = "[build] takes `machine` (a machine of the topology, or \"host\"), \
                           `run` (a shell script), `inputs` (paths beside the topology whose \
                           contents are hashed) and `outputs` (paths under `dist/`)";
-const STEP_HELP: &str = "a step is a `[[steps]]` table with `name`, `machine`, `run` (a shell \
-                         command) and optionally `checks`, an array of checks that must pass \
-                         after it";
+const STEP_HELP: &str = "a step is a `[[steps]]` table with a `name`; a `fault` (e.g. \
+                         `{ heal = true }`), or a `machine` and the shell command to `run` \
+                         there, or both; and optionally `checks`, an array of checks that must \
+                         pass after them";
 
 // ---------------------------------------------------------------------------
 // Errors
@@ -730,16 +733,16 @@ impl Checker<'_> {
             .with_help(format!("list each {what} once")))
     }
 
-    /// Rejects `name` unless it is one of `machines`.
-    fn known_machine(
+    /// The machine of `machines` called `name`, or an error naming the others.
+    fn known_machine<'m>(
         &self,
         name: &str,
         span: Span,
         place: &str,
-        machines: &[Machine],
-    ) -> Result<()> {
-        if machines.iter().any(|machine| machine.name == name) {
-            return Ok(());
+        machines: &'m [Machine],
+    ) -> Result<&'m Machine> {
+        if let Some(machine) = machines.iter().find(|machine| machine.name == name) {
+            return Ok(machine);
         }
         let names: Vec<&str> = machines.iter().map(|m| m.name.as_str()).collect();
         let hint = did_you_mean(name, names.iter().copied());
@@ -1810,17 +1813,20 @@ impl Checker<'_> {
                             letters, digits, `-` and `_`",
                 ));
         }
-        let machine =
-            self.required_string(table, item, "machine", &label, "\"zk-1\"", STEP_HELP)?;
-        self.known_machine(
-            machine.0,
-            machine.1,
-            &format!("in `machine` of {label}"),
-            machines,
-        )?;
-        let run =
-            self.required_string(table, item, "run", &label, "\"sbatch job.sh\"", STEP_HELP)?;
-        self.not_blank(run.clone(), "run", &label)?;
+        let fault = match table.get("fault") {
+            Some(value) => Some(self.fault(value, machines)?),
+            None => None,
+        };
+        let command = self.step_command(table, item, &label, machines)?;
+        if fault.is_none() && command.is_none() {
+            return Err(self
+                .source
+                .error(
+                    item.span(),
+                    format!("{label} has neither `run` nor `fault`"),
+                )
+                .with_help(STEP_HELP));
+        }
         let checks = match table.get("checks") {
             Some(value) => self.checks(value, machines)?,
             None => Vec::new(),
@@ -1831,11 +1837,47 @@ impl Checker<'_> {
         };
         Ok(Step {
             name: name.0.to_owned(),
-            machine: machine.0.to_owned(),
-            run: run.0.to_owned(),
+            fault,
+            command,
             checks,
             timeout,
         })
+    }
+
+    /// A step's `run` and the `machine` it runs on (both or neither).
+    fn step_command(
+        &self,
+        table: &DeTable<'_>,
+        item: &Value<'_>,
+        label: &str,
+        machines: &[Machine],
+    ) -> Result<Option<StepCommand>> {
+        if table.get("run").is_none() {
+            if let Some(machine) = table.get("machine") {
+                return Err(self
+                    .source
+                    .error(
+                        machine.span(),
+                        format!("{label} has a `machine` but no `run`"),
+                    )
+                    .with_help("`machine` says where `run` runs: add `run`, or drop `machine`"));
+            }
+            return Ok(None);
+        }
+        let machine = self.required_string(table, item, "machine", label, "\"zk-1\"", STEP_HELP)?;
+        self.known_machine(
+            machine.0,
+            machine.1,
+            &format!("in `machine` of {label}"),
+            machines,
+        )?;
+        let run =
+            self.required_string(table, item, "run", label, "\"sbatch job.sh\"", STEP_HELP)?;
+        self.not_blank(run.clone(), "run", label)?;
+        Ok(Some(StepCommand {
+            machine: machine.0.to_owned(),
+            run: run.0.to_owned(),
+        }))
     }
 
     /// `[[checks]]`, in file order.

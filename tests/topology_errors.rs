@@ -1848,8 +1848,11 @@ fn build_steps_packages_and_artifacts_are_read() {
     assert_eq!(topology.machines[1].artifacts, ["dist/hello"]);
     let step = &topology.steps[0];
     assert_eq!(
-        (step.name.as_str(), step.machine.as_str()),
-        ("say-hello", "node")
+        (
+            step.name.as_str(),
+            step.command.as_ref().map(|c| c.machine.as_str())
+        ),
+        ("say-hello", Some("node"))
     );
     assert_eq!(step.checks[0].name, "said");
 }
@@ -2033,4 +2036,153 @@ timeout = "soon"
         defaults.steps[0].timeout,
         testbed::model::DEFAULT_STEP_TIMEOUT
     );
+}
+
+// ---------------------------------------------------------------------------
+// Faults in steps
+// ---------------------------------------------------------------------------
+
+/// Three machines on `lan`, zk-3 on `backup` too; a step carrying `fault`
+/// on line 16, which starts at column 9.
+fn with_fault(fault: &str) -> String {
+    format!(
+        r#"name = "zk"
+[defaults]
+image = "debian-12"
+[networks.lan]
+subnet = "192.168.33.0/24"
+[networks.backup]
+subnet = "192.168.34.0/24"
+[machines.zk-1]
+ips = {{ lan = "192.168.33.11" }}
+[machines.zk-2]
+ips = {{ lan = "192.168.33.12" }}
+[machines.zk-3]
+ips = {{ lan = "192.168.33.13", backup = "192.168.34.13" }}
+[[steps]]
+name = "f"
+fault = {fault}
+"#
+    )
+}
+
+/// The error for `fault`, at the first occurrence of `at` in it.
+fn assert_fault_error(fault: &str, at: &str, phrases: &[&str]) {
+    let col = 9 + fault.find(at).expect("`at` is in the fault");
+    assert_error_at(&with_fault(fault), 16, col, phrases);
+}
+
+#[test]
+fn step_faults_are_read_with_the_network_filled_in() {
+    use testbed::model::{Fault, LinkFault, LinkShape};
+    let fault_of = |text: &str| parse_ok(&with_fault(text)).steps[0].fault.clone();
+    assert_eq!(
+        fault_of(r#"{ partition = [["zk-1"], ["zk-2", "zk-3"]] }"#),
+        Some(Fault::Partition(vec![
+            vec!["zk-1".into()],
+            vec!["zk-2".into(), "zk-3".into()]
+        ]))
+    );
+    assert_eq!(fault_of("{ heal = true }"), Some(Fault::Heal));
+    assert_eq!(fault_of(r#"{ pause = "zk-2" }"#), Some(Fault::Pause("zk-2".into())));
+    assert_eq!(
+        fault_of(r#"{ link = { machine = "zk-1", delay = "300ms", jitter = "20ms", loss = "1.5%" } }"#),
+        Some(Fault::Link(LinkFault {
+            machine: "zk-1".into(),
+            network: "lan".into(),
+            shape: LinkShape {
+                down: false,
+                delay: std::time::Duration::from_millis(300),
+                jitter: std::time::Duration::from_millis(20),
+                loss: 0.015,
+            },
+        }))
+    );
+    let step = &parse_ok(&with_fault("{ heal = true }")).steps[0];
+    assert!(step.command.is_none(), "a fault alone needs no run");
+}
+
+#[test]
+fn a_bad_fault_is_located_and_says_what_would_do() {
+    assert_fault_error(
+        r#"{ partiton = [["zk-1"], ["zk-2"]] }"#,
+        "partiton",
+        &["unknown key `partiton` in `fault`", "did you mean `partition`?"],
+    );
+    assert_fault_error(
+        r#"{ heal = true, kill = "zk-1" }"#,
+        "{",
+        &["`fault` names 2 faults; a step has one"],
+    );
+    assert_fault_error(
+        r#"{ partition = [["zk-1", "zk-2", "zk-3"]] }"#,
+        "[[",
+        &["a partition needs two or more groups"],
+    );
+    assert_fault_error(
+        r#"{ partition = [["zk-1"], []] }"#,
+        "[]",
+        &["a group of the partition is empty"],
+    );
+    assert_fault_error(
+        r#"{ partition = [["zk-1"], ["zk-4"]] }"#,
+        "\"zk-4",
+        &["unknown machine `zk-4` in the partition", "machines defined here"],
+    );
+    assert_fault_error(
+        r#"{ partition = [["zk-1"], ["zk-2", "zk-1"]] }"#,
+        "\"zk-1\"]]",
+        &["`zk-1` is in two groups"],
+    );
+    assert_fault_error(
+        r#"{ kill = "zk-9" }"#,
+        "\"zk-9",
+        &["unknown machine `zk-9` in `fault.kill`"],
+    );
+    assert_fault_error("{ heal = false }", "false", &["`heal = false` asks for nothing"]);
+    assert_fault_error(
+        r#"{ link = { machine = "zk-3", delay = "1s" } }"#,
+        "\"zk-3",
+        &["`zk-3` is on several networks: say which", "lan", "backup"],
+    );
+    assert_fault_error(
+        r#"{ link = { machine = "zk-1", network = "backup", down = true } }"#,
+        "\"backup",
+        &["`zk-1` is not on network `backup`", "is on: lan"],
+    );
+    assert_fault_error(
+        r#"{ link = { machine = "zk-1", delay = "soon" } }"#,
+        "\"soon",
+        &["`delay` `soon` is not a duration"],
+    );
+    assert_fault_error(
+        r#"{ link = { machine = "zk-1", loss = "10" } }"#,
+        "\"10",
+        &["`loss` `10` is not a percentage", "loss = \"10%\""],
+    );
+    assert_fault_error(
+        r#"{ link = { machine = "zk-1", delay = "10ms", jitter = "20ms" } }"#,
+        "\"20ms",
+        &["`jitter` is larger than `delay`"],
+    );
+    assert_fault_error(
+        r#"{ link = { machine = "zk-1", down = false } }"#,
+        "{ machine",
+        &["`link` says nothing is wrong with the link", "down = true"],
+    );
+    assert_fault_error(
+        r#"{ link = { machine = "zk-1", lag = "1s" } }"#,
+        "lag",
+        &["unknown key `lag` in `link`", "delay"],
+    );
+}
+
+#[test]
+fn a_step_needs_a_fault_or_a_command_and_machine_goes_with_run() {
+    let text = with_fault("{ heal = true }").replace("fault = { heal = true }\n", "");
+    assert_error_at(&text, 14, 1, &["step `f` has neither `run` nor `fault`"]);
+    let text = with_fault("{ heal = true }\nmachine = \"zk-1\"");
+    assert_error_at(&text, 17, 11, &["step `f` has a `machine` but no `run`"]);
+    let text = with_fault("{ heal = true }\nrun = \"true\"");
+    assert_error_at(&text, 14, 1, &["step `f` has no `machine`"]);
 }

@@ -197,13 +197,20 @@ fn print_artifacts(artifacts: &[String], indent: &str) -> std::io::Result<()> {
 /// `[[steps]]`: what `testbed run NAME` does.
 fn print_steps(topology: &Topology) -> std::io::Result<()> {
     for step in &topology.steps {
+        let place = step
+            .command
+            .as_ref()
+            .map(|c| format!(" on {}", c.machine))
+            .unwrap_or_default();
         out!(
-            "  step \"{}\" on {} (testbed run {}):",
+            "  step \"{}\"{place} (testbed run {}):",
             step.name,
-            step.machine,
             step.name
         )?;
-        for line in step.run.lines() {
+        if let Some(fault) = &step.fault {
+            out!("    fault: {fault}")?;
+        }
+        for line in step.command.iter().flat_map(|c| c.run.lines()) {
             out!("    $ {line}")?;
         }
         print_checks(&step.checks, "    then ")?;

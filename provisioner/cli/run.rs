@@ -5,7 +5,7 @@ use crate::lifecycle::Testbed;
 use crate::settings::Settings;
 use crate::ssh::Stream;
 
-/// Run a step (`[[steps]]`): its command on its machine, then its checks
+/// Run a step (`[[steps]]`): its fault, its command on its machine, then its checks
 #[derive(clap::Args)]
 #[command(
     after_help = "Examples:\n  testbed run submit-hello\n  testbed run kill-hello --json\n  \
@@ -31,12 +31,16 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
             _ => std::io::stderr().write_all(bytes),
         };
     };
-    let report = testbed.run_step(&args.step, echo).await?;
+    let report = testbed
+        .run_step(&args.step, &crate::progress::Progress::new(), echo)
+        .await?;
     let step = &report.step;
+    let machine = step.command.as_ref().map(|c| c.machine.as_str());
     if json {
         let value = serde_json::json!({
             "step": step.name,
-            "machine": step.machine,
+            "fault": report.fault,
+            "machine": machine,
             "exit_status": report.exit_status,
             "seconds": report.seconds,
             "passed": report.passed(),
@@ -48,22 +52,28 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
         });
         out!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        let verdict = match (report.exit_status, report.passed()) {
-            (0, true) => "ok",
-            (0, false) => "ran, but its checks FAILED",
+        if let Some(fault) = &report.fault {
+            out!("fault: {fault}")?;
+        }
+        let verdict = match (report.command_succeeded(), report.passed()) {
+            (true, true) => "ok",
+            (true, false) => "ran, but its checks FAILED",
             _ => "FAILED",
         };
+        let place = machine.map(|m| format!(" on {m}")).unwrap_or_default();
+        let status = report
+            .exit_status
+            .map(|s| format!("exit status {s}, "))
+            .unwrap_or_default();
         out!(
-            "step {} on {}: {verdict} (exit status {}, {:.1} s)",
+            "step {}{place}: {verdict} ({status}{:.1} s)",
             step.name,
-            step.machine,
-            report.exit_status,
             report.seconds
         )?;
         match &report.checks {
             Some(checks) => out_raw!("{}", checks.table())?,
-            None if report.exit_status != 0 && !step.checks.is_empty() => {
-                println!("its checks were not run")
+            None if !report.command_succeeded() && !step.checks.is_empty() => {
+                out!("its checks were not run")?
             }
             None => {}
         }

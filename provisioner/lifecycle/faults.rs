@@ -1,34 +1,79 @@
-//! Faults on purpose: a partition cuts the machines of different groups off
-//! from each other on every network they share; `heal` undoes it. The
-//! provider drops the traffic (qemu: its switch); the record says which
-//! faults are in force, for `status`.
+//! Faults on purpose (`testbed fault …` and a step's `fault`): partitions
+//! and link faults through the provider's networks, kill/start and
+//! pause/resume through its VMs. The record lists the faults in force, for
+//! `status`; `heal` undoes the network ones.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::identity;
-use crate::provider::{self, NetworkSpec};
-use crate::state::Access;
+use crate::model::{Fault, LinkFault, LinkShape, Machine};
+use crate::progress::Progress;
+use crate::state::{Access, Record};
 
 use super::{Error, Result, Testbed};
 
 impl Testbed {
+    /// Injects `fault` and says what is now so, as one line.
+    pub async fn inject(&self, fault: &Fault, progress: &Progress) -> Result<String> {
+        match fault {
+            Fault::Partition(groups) => self.partition(groups),
+            Fault::Heal => self.heal(),
+            Fault::Kill(name) => self.kill_machine(name).await,
+            Fault::Start(name) => self.start_machine(name, progress).await,
+            Fault::Pause(name) => self.pause(name).await,
+            Fault::Resume(name) => self.resume(name).await,
+            Fault::Link(link) => self.shape_link(link).await,
+        }
+    }
+
+    /// A link fault on `machine`'s link to `network`, or to its only
+    /// network when `network` is `None`.
+    pub fn link_fault(
+        &self,
+        machine: &str,
+        network: Option<&str>,
+        shape: LinkShape,
+    ) -> Result<LinkFault> {
+        let found = self.select(&[machine.to_string()])?.remove(0);
+        let on: Vec<&String> = found.ips.keys().collect();
+        let network = match (network, &on[..]) {
+            (Some(network), _) => network.to_string(),
+            (None, [only]) => only.to_string(),
+            (None, []) => return Err(Error::BadFault(format!("{machine} is on no network"))),
+            (None, _) => {
+                return Err(Error::BadFault(format!(
+                    "{machine} is on several networks; say which with --network: {}",
+                    on.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+                )))
+            }
+        };
+        Ok(LinkFault {
+            machine: machine.to_string(),
+            network,
+            shape,
+        })
+    }
+
+    /// The faults in force, as the record says.
+    pub fn faults(&self) -> Result<Vec<String>> {
+        Ok(self.state.load()?.faults)
+    }
+
     /// Partitions the machines into `groups` (a machine in no group keeps
-    /// its links), replacing any partition in force. Returns the fault as
-    /// `status` shows it.
-    pub fn partition(&self, groups: &[Vec<String>]) -> Result<String> {
+    /// its links), replacing any partition in force.
+    fn partition(&self, groups: &[Vec<String>]) -> Result<String> {
         let _lock = self.lock(Access::Exclusive)?;
         self.check_groups(groups)?;
-        let group_of = |machine: &str| groups.iter().position(|g| g.iter().any(|m| m == machine));
         let mut record = self.state.load()?;
         if record.networks.is_empty() {
             return Err(Error::BadFault(
                 "no network of this testbed is up to partition: `testbed up` first".into(),
             ));
         }
+        let group_of = |machine: &str| groups.iter().position(|g| g.iter().any(|m| m == machine));
         for network in record.networks.keys() {
             let on_it: Vec<_> = self
-                .topology
-                .machines
-                .iter()
-                .filter(|m| m.ips.contains_key(network))
+                .machines_on(network)
                 .filter_map(|m| group_of(&m.name).map(|g| (g, m)))
                 .collect();
             let mut pairs = Vec::new();
@@ -44,68 +89,179 @@ impl Testbed {
             }
             self.block(network, &pairs)?;
         }
-        let fault = format!(
-            "partition {}",
-            groups
-                .iter()
-                .map(|g| g.join(" "))
-                .collect::<Vec<_>>()
-                .join(" / ")
-        );
-        record.faults = vec![fault.clone()];
+        let fault = Fault::Partition(groups.to_vec()).to_string();
+        set_fault(&mut record, "partition", Some(fault.clone()));
         self.state.save(&record)?;
-        Ok(fault)
+        Ok(format!("in force: {fault}; `testbed fault heal` undoes it"))
     }
 
-    /// Undoes every fault in force; returns what it undid.
-    pub fn heal(&self) -> Result<Vec<String>> {
+    /// Undoes every partition and link fault.
+    fn heal(&self) -> Result<String> {
         let _lock = self.lock(Access::Exclusive)?;
         let mut record = self.state.load()?;
         for network in record.networks.keys() {
             self.block(network, &[])?;
+            for machine in self.machines_on(network) {
+                if record.machines.contains_key(&machine.name) {
+                    self.set_link(machine, network, &LinkShape::default())?;
+                }
+            }
         }
-        let healed = std::mem::take(&mut record.faults);
+        let (healed, kept): (Vec<String>, Vec<String>) = std::mem::take(&mut record.faults)
+            .into_iter()
+            .partition(|fault| subject(fault) == "partition" || fault.starts_with("link "));
+        record.faults = kept;
         self.state.save(&record)?;
-        Ok(healed)
+        Ok(if healed.is_empty() {
+            "no partition or link fault was in force".into()
+        } else {
+            format!("healed: {}", healed.join(", "))
+        })
+    }
+
+    /// One machine's link on one network made down, slow or lossy,
+    /// replacing what was wrong with it before.
+    async fn shape_link(&self, link: &LinkFault) -> Result<String> {
+        let _lock = self.lock(Access::Exclusive)?;
+        let machine = self.created(&link.machine)?;
+        if !machine.ips.contains_key(&link.network) {
+            let on: Vec<&str> = machine.ips.keys().map(String::as_str).collect();
+            return Err(Error::BadFault(format!(
+                "{} is not on network `{}`; it is on: {}",
+                machine.name,
+                link.network,
+                if on.is_empty() {
+                    "none".into()
+                } else {
+                    on.join(", ")
+                }
+            )));
+        }
+        self.set_link(&machine, &link.network, &link.shape)?;
+        let fault = Fault::Link(link.clone()).to_string();
+        let mut record = self.state.load()?;
+        let about = format!("link {} on {}", link.machine, link.network);
+        set_fault(&mut record, &about, Some(fault.clone()));
+        self.state.save(&record)?;
+        Ok(format!("in force: {fault}; `testbed fault heal` undoes it"))
     }
 
     /// `fault kill`: the machine's VM stopped at once, like a power failure.
     /// `status` then says `crashed`; `up` (or `fault start`) brings it back.
-    pub async fn kill_machine(&self, name: &str) -> Result<()> {
+    async fn kill_machine(&self, name: &str) -> Result<String> {
         let _lock = self.lock(Access::Exclusive)?;
+        let machine = self.created(name)?;
+        let provider = self.provider_of(&machine)?;
+        let dir = self.state.machine_dir(name);
+        super::blocking(move || provider.kill(&dir)).await?;
+        let mut record = self.state.load()?;
+        set_fault(&mut record, &format!("pause {name}"), None);
+        self.state.save(&record)?;
+        Ok(format!(
+            "{name}: killed; `testbed fault start {name}` (or `up`) brings it back"
+        ))
+    }
+
+    /// `fault start`: the killed machine booted and re-provisioned, as `up`
+    /// does (which converges every other machine too).
+    async fn start_machine(&self, name: &str, progress: &Progress) -> Result<String> {
+        self.select(&[name.to_string()])?;
+        let report = self.up(progress, None).await?;
+        Ok(if report.changed().iter().any(|m| m == name) {
+            format!("{name}: started")
+        } else {
+            format!("{name}: already running")
+        })
+    }
+
+    /// `fault pause`: the VM frozen, its memory kept.
+    async fn pause(&self, name: &str) -> Result<String> {
+        let _lock = self.lock(Access::Exclusive)?;
+        let machine = self.created(name)?;
+        let provider = self.provider_of(&machine)?;
+        let dir = self.state.machine_dir(name);
+        super::blocking(move || provider.pause(&dir)).await?;
+        let mut record = self.state.load()?;
+        let key = format!("pause {name}");
+        set_fault(&mut record, &key, Some(key.clone()));
+        self.state.save(&record)?;
+        Ok(format!(
+            "{name}: paused; `testbed fault resume {name}` runs it again"
+        ))
+    }
+
+    /// `fault resume`: the VM runs again and its clock, stopped while it
+    /// was frozen, is set from the host's.
+    async fn resume(&self, name: &str) -> Result<String> {
+        let _lock = self.lock(Access::Exclusive)?;
+        let machine = self.created(name)?;
+        let provider = self.provider_of(&machine)?;
+        let dir = self.state.machine_dir(name);
+        super::blocking(move || provider.resume(&dir)).await?;
+        let mut record = self.state.load()?;
+        set_fault(&mut record, &format!("pause {name}"), None);
+        self.state.save(&record)?;
+        let machines = self.sessions()?;
+        let set = async {
+            let session = machines.session(name).await?;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let command = format!(
+                "date -u -s @{}.{:09} >/dev/null",
+                now.as_secs(),
+                now.subsec_nanos()
+            );
+            session
+                .exec(&command)
+                .await
+                .and_then(|output| output.ensure_success(&command))
+                .map_err(|source| Error::Ssh {
+                    machine: name.to_string(),
+                    source,
+                })
+        };
+        let clock = set.await;
+        machines.close().await;
+        clock?;
+        Ok(format!("{name}: resumed, its clock set from the host's"))
+    }
+
+    /// Has the network's provider drop the traffic between `pairs` of MACs.
+    fn block(&self, network: &str, pairs: &[(String, String)]) -> Result<()> {
+        let Some(machine) = self.machines_on(network).next() else {
+            return Ok(());
+        };
+        let provider = self.provider_of(machine)?;
+        Ok(provider.block(&self.network_spec(network), pairs)?)
+    }
+
+    fn set_link(&self, machine: &Machine, network: &str, shape: &LinkShape) -> Result<()> {
+        let provider = self.provider_of(machine)?;
+        Ok(provider.shape_link(
+            &self.state.machine_dir(&machine.name),
+            &self.network_spec(network),
+            &identity::mac_address(&machine.name, network),
+            shape,
+        )?)
+    }
+
+    fn machines_on<'t>(&'t self, network: &'t str) -> impl Iterator<Item = &'t Machine> {
+        self.topology
+            .machines
+            .iter()
+            .filter(move |m| m.ips.contains_key(network))
+    }
+
+    /// The machine called `name`, which `up` must have created.
+    fn created(&self, name: &str) -> Result<Machine> {
         let machine = self.select(&[name.to_string()])?.remove(0);
         if !self.state.load()?.machines.contains_key(name) {
             return Err(Error::BadFault(format!(
                 "{name} has not been created: `testbed up` first"
             )));
         }
-        let provider = self.provider_of(&machine)?;
-        let dir = self.state.machine_dir(name);
-        super::blocking(move || provider.kill(&dir)).await?;
-        Ok(())
-    }
-
-    /// The faults in force, as the record says.
-    pub fn faults(&self) -> Result<Vec<String>> {
-        Ok(self.state.load()?.faults)
-    }
-
-    /// Has the network's provider drop the traffic between `pairs` of MACs.
-    fn block(&self, network: &str, pairs: &[(String, String)]) -> Result<()> {
-        let Some(machine) = self
-            .topology
-            .machines
-            .iter()
-            .find(|m| m.ips.contains_key(network))
-        else {
-            return Ok(());
-        };
-        let provider = provider::for_kind(machine.provider, &self.provider_settings())?;
-        let spec = NetworkSpec {
-            name: network.to_string(),
-            dir: self.state.network_dir(network),
-        };
-        Ok(provider.block(&spec, pairs)?)
+        Ok(machine)
     }
 
     /// At least two groups, of machines of the topology, each in one group.
@@ -128,4 +284,20 @@ impl Testbed {
         }
         Ok(())
     }
+}
+
+/// What a fault in force is about: one partition at a time, one shape
+/// per link (`link zk-1 on lan`), one pause per machine.
+fn subject(fault: &str) -> &str {
+    if fault.starts_with("partition ") {
+        "partition"
+    } else {
+        fault.split(':').next().unwrap_or(fault)
+    }
+}
+
+/// Replaces the fault in force about `about` by `fault`, or removes it.
+fn set_fault(record: &mut Record, about: &str, fault: Option<String>) {
+    record.faults.retain(|f| subject(f) != about);
+    record.faults.extend(fault);
 }

@@ -5,9 +5,9 @@ use std::time::Instant;
 use crate::build::{self, BuildOutcome};
 use crate::check;
 use crate::kit::Kits;
-use crate::model::{self, Builder, Step, Topology};
+use crate::model::{self, Builder, Step, StepCommand, Topology};
 use crate::progress::{Progress, Task};
-use crate::provision::Gate;
+use crate::provision::{Gate, Machines};
 use crate::ssh;
 use crate::state::{Access, Record};
 
@@ -18,7 +18,10 @@ use super::{first_line, lock_record, Error, Result, Testbed};
 #[derive(Debug)]
 pub struct StepReport {
     pub step: Step,
-    pub exit_status: u32,
+    /// What the step's fault made so, when it has one.
+    pub fault: Option<String>,
+    /// The exit status of the step's command, when it has one.
+    pub exit_status: Option<u32>,
     pub seconds: f64,
     /// The step's checks, run when its command succeeded.
     pub checks: Option<check::Report>,
@@ -26,7 +29,11 @@ pub struct StepReport {
 
 impl StepReport {
     pub fn passed(&self) -> bool {
-        self.exit_status == 0 && self.checks.as_ref().is_none_or(|c| c.passed())
+        self.command_succeeded() && self.checks.as_ref().is_none_or(|c| c.passed())
+    }
+
+    pub fn command_succeeded(&self) -> bool {
+        self.exit_status.is_none_or(|status| status == 0)
     }
 }
 
@@ -89,35 +96,35 @@ impl Testbed {
         Ok(outcome)
     }
 
-    /// `testbed run STEP`: the step's command on its machine (output passed
-    /// to `on_output` as it comes), then its checks when the command succeeded.
+    /// `testbed run STEP`: the step's fault, then its command on its
+    /// machine (output passed to `on_output` as it comes), then its checks
+    /// when the command succeeded.
     pub async fn run_step(
         &self,
         name: &str,
+        progress: &Progress,
         on_output: impl FnMut(ssh::Stream, &[u8]) + Send,
     ) -> Result<StepReport> {
         let step = self.step(name)?.clone();
+        let started = Instant::now();
+        let fault = match &step.fault {
+            Some(fault) => Some(self.inject(fault, progress).await?),
+            None => None,
+        };
         let _lock = self.lock(Access::Shared)?;
         let machines = self.sessions()?;
-        let started = Instant::now();
-        let session = machines.session(&step.machine).await?;
-        let output = session
-            .exec_streaming_within(&step.run, step.timeout, on_output)
-            .await
-            .map_err(|source| Error::Ssh {
-                machine: step.machine.clone(),
-                source,
-            })?;
-        let Some(output) = output else {
-            machines.close().await;
-            return Err(Error::StepTimedOut {
-                name: step.name.clone(),
-                machine: step.machine.clone(),
-                after: step.timeout,
-            });
+        let exit_status = match &step.command {
+            Some(command) => {
+                let ran = self.run_command(&step, command, &machines, on_output).await;
+                if ran.is_err() {
+                    machines.close().await;
+                }
+                Some(ran?)
+            }
+            None => None,
         };
         let seconds = started.elapsed().as_secs_f64();
-        let checks = if output.success() && !step.checks.is_empty() {
+        let checks = if exit_status.is_none_or(|s| s == 0) && !step.checks.is_empty() {
             Some(check::run_all(&step.checks, &self.topology, machines.clone()).await)
         } else {
             None
@@ -125,10 +132,37 @@ impl Testbed {
         machines.close().await;
         Ok(StepReport {
             step,
-            exit_status: output.exit_status,
+            fault,
+            exit_status,
             seconds,
             checks,
         })
+    }
+
+    /// A step's command within its timeout; its exit status.
+    async fn run_command(
+        &self,
+        step: &Step,
+        command: &StepCommand,
+        machines: &Machines,
+        on_output: impl FnMut(ssh::Stream, &[u8]) + Send,
+    ) -> Result<u32> {
+        let session = machines.session(&command.machine).await?;
+        let output = session
+            .exec_streaming_within(&command.run, step.timeout, on_output)
+            .await
+            .map_err(|source| Error::Ssh {
+                machine: command.machine.clone(),
+                source,
+            })?;
+        match output {
+            Some(output) => Ok(output.exit_status),
+            None => Err(Error::StepTimedOut {
+                name: step.name.clone(),
+                machine: command.machine.clone(),
+                after: step.timeout,
+            }),
+        }
     }
 
     fn step(&self, name: &str) -> Result<&Step> {

@@ -416,7 +416,7 @@ impl Testbed {
         })
     }
 
-    fn network_spec(&self, name: &str) -> NetworkSpec {
+    pub(super) fn network_spec(&self, name: &str) -> NetworkSpec {
         NetworkSpec {
             name: name.to_string(),
             dir: self.state.network_dir(name),

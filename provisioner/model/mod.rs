@@ -3,6 +3,7 @@
 //! other module of testbed. Parsing and validation live in `topology`.
 
 pub mod check;
+pub mod fault;
 mod order;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 
 pub use check::{CheckSpec, CommandProbe, HttpProbe, TcpProbe};
+pub use fault::{Fault, LinkFault, LinkShape};
 pub use order::find_cycle;
 
 /// Which VM backend runs a machine.
@@ -103,16 +105,24 @@ pub enum Builder {
     Machine(String),
 }
 
-/// `[[steps]]`: a named command run on a machine, then checks that must
-/// pass after it (the tutorial's `aurora create`, `aurora kill`).
+/// `[[steps]]`: a named fault, command or both (the fault first), then
+/// checks that must pass after them (the tutorial's `aurora create`,
+/// `aurora kill`; a partition, then "the majority still serves").
 #[derive(Debug, Clone)]
 pub struct Step {
     pub name: String,
-    pub machine: String,
-    pub run: String,
+    pub fault: Option<Fault>,
+    pub command: Option<StepCommand>,
     pub checks: Vec<CheckSpec>,
     /// How long the command may run before it is stopped as hung.
     pub timeout: Duration,
+}
+
+/// A step's `run`, on its `machine`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepCommand {
+    pub machine: String,
+    pub run: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -33,6 +33,7 @@ use super::{
     VmState,
 };
 use crate::identity::Management;
+use crate::model::LinkShape;
 
 /// The environment variable naming the connection URI (see
 /// [`super::Settings`]).
@@ -188,16 +189,14 @@ pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str, kvm: bool) -> String {
     } else {
         "<cpu mode='maximum' check='none'/>"
     };
-    let mut nics = String::new();
-    for nic in &vm.nics {
-        let network = object_name(&nic.network.dir, &nic.network.name);
-        nics.push_str(&format!(
-            "<interface type='network'><source network='{}'/><mac address='{}'/>\
-             <model type='virtio'/></interface>",
-            xml_escape(&network),
-            xml_escape(&nic.mac)
-        ));
-    }
+    let nics: String = vm
+        .nics
+        .iter()
+        .map(|nic| {
+            let network = object_name(&nic.network.dir, &nic.network.name);
+            interface_xml(&network, &nic.mac, "up")
+        })
+        .collect();
     // 0x1e: a PCI slot libvirt does not hand out itself.
     let management = [
         "-netdev".to_string(),
@@ -277,6 +276,28 @@ fn ensure_pool(conn: &Connect, cache_root: &Path) -> Result<StoragePool, Provide
     Ok(pool)
 }
 
+/// A NIC on a topology network, its link `up` or `down`.
+fn interface_xml(network: &str, mac: &str, link: &str) -> String {
+    format!(
+        "<interface type='network'><source network='{}'/><mac address='{}'/>\
+         <model type='virtio'/><link state='{link}'/></interface>",
+        xml_escape(network),
+        xml_escape(mac)
+    )
+}
+
+/// The domain of the machine in `dir`, which must have been made.
+fn running_domain(dir: &Path) -> Result<(Made, Domain), ProviderError> {
+    let not_made = || ProviderError::NotCreated {
+        machine: dir.display().to_string(),
+        missing: "its libvirt domain",
+    };
+    let made = read_made(dir).ok_or_else(not_made)?;
+    let conn = connect(&made.uri)?;
+    let domain = lookup_domain(&conn, &made.name).ok_or_else(not_made)?;
+    Ok((made, domain))
+}
+
 fn lookup_domain(conn: &Connect, name: &str) -> Option<Domain> {
     conn.lookup_domain_by_name(name).ok()
 }
@@ -325,6 +346,43 @@ impl Provider for Libvirt {
                 "drop traffic between chosen machines of one network (its bridge has no such rule)",
             help: "run the partition on the qemu provider",
         })
+    }
+
+    /// A NIC's link state is libvirt's to set; delay and loss are not.
+    fn shape_link(
+        &self,
+        dir: &Path,
+        network: &NetworkSpec,
+        mac: &str,
+        shape: &LinkShape,
+    ) -> Result<(), ProviderError> {
+        if !shape.delay.is_zero() || shape.loss > 0.0 {
+            return Err(ProviderError::Unsupported {
+                provider: "libvirt",
+                what: "delay or drop a share of a link's frames (its bridge has no such rule)",
+                help: "run delay and loss on the qemu provider; `down = true` works here",
+            });
+        }
+        let (made, domain) = running_domain(dir)?;
+        let state = if shape.down { "down" } else { "up" };
+        let xml = interface_xml(&object_name(&network.dir, &network.name), mac, state);
+        domain
+            .update_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)
+            .map_err(|e| libvirt_error(format!("setting a link of {} {state}", made.name), e))
+    }
+
+    fn pause(&self, dir: &Path) -> Result<(), ProviderError> {
+        let (made, domain) = running_domain(dir)?;
+        domain
+            .suspend()
+            .map_err(|e| libvirt_error(format!("pausing domain {}", made.name), e))
+    }
+
+    fn resume(&self, dir: &Path) -> Result<(), ProviderError> {
+        let (made, domain) = running_domain(dir)?;
+        domain
+            .resume()
+            .map_err(|e| libvirt_error(format!("resuming domain {}", made.name), e))
     }
 
     fn network_up(&self, network: &NetworkSpec) -> bool {

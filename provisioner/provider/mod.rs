@@ -15,7 +15,7 @@ use std::process::Command;
 
 use crate::identity::Management;
 use crate::image::BuiltImage;
-use crate::model::{Forward, ProviderKind};
+use crate::model::{Forward, LinkShape, ProviderKind};
 use crate::state::StateError;
 
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +232,19 @@ pub trait Provider: Send + Sync {
     /// partition); an empty list lets everything through again.
     fn block(&self, network: &NetworkSpec, pairs: &[(String, String)])
         -> Result<(), ProviderError>;
+    /// Shapes the link of the machine in `dir` whose NIC on `network` has
+    /// `mac`: down, slow or lossy; a healthy shape undoes it.
+    fn shape_link(
+        &self,
+        dir: &Path,
+        network: &NetworkSpec,
+        mac: &str,
+        shape: &LinkShape,
+    ) -> Result<(), ProviderError>;
+    /// Freezes the VM (its memory kept, its clock stopped).
+    fn pause(&self, dir: &Path) -> Result<(), ProviderError>;
+    /// Runs a paused VM again.
+    fn resume(&self, dir: &Path) -> Result<(), ProviderError>;
     /// Whether a network that was made still carries traffic (its switch or
     /// bridge is up). True when it cannot be told: a false answer reboots
     /// the machines on it.

@@ -4,6 +4,7 @@
 //! per topology network joined to that network's switch, a QMP socket and a
 //! serial console log, all inside the machine's folder.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::identity::Management;
+use crate::model::LinkShape;
 use crate::process::{process_alive, terminate, wait_until_dead};
 
 use super::{
@@ -58,16 +60,46 @@ impl Provider for Qemu {
     ) -> Result<(), ProviderError> {
         let path = network.dir.join(super::switch::BLOCKS_FILE);
         if pairs.is_empty() {
-            return match fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
-                    what: format!("cannot remove {}", path.display()),
-                    source: e,
-                }),
-                _ => Ok(()),
-            };
+            return remove_file(&path);
         }
         let text: String = pairs.iter().map(|(a, b)| format!("{a} {b}\n")).collect();
         Ok(crate::state::write_atomic(&path, text.as_bytes(), 0o600)?)
+    }
+
+    /// The switch reads each link's shape from a file beside its socket.
+    fn shape_link(
+        &self,
+        _dir: &Path,
+        network: &NetworkSpec,
+        mac: &str,
+        shape: &LinkShape,
+    ) -> Result<(), ProviderError> {
+        let path = network.dir.join(switch::LINKS_FILE);
+        let mut links: BTreeMap<String, LinkShape> = fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        if shape.is_healthy() {
+            links.remove(mac);
+        } else {
+            links.insert(mac.to_string(), *shape);
+        }
+        if links.is_empty() {
+            return remove_file(&path);
+        }
+        let text = serde_json::to_string_pretty(&links).map_err(|e| ProviderError::Internal {
+            what: "writing the switch's links",
+            detail: e.to_string(),
+        })?;
+        Ok(crate::state::write_atomic(&path, text.as_bytes(), 0o600)?)
+    }
+
+    fn pause(&self, dir: &Path) -> Result<(), ProviderError> {
+        qmp_command(dir, "stop", "pause")
+    }
+
+    fn resume(&self, dir: &Path) -> Result<(), ProviderError> {
+        qmp_command(dir, "cont", "resume")
     }
 
     fn network_up(&self, network: &NetworkSpec) -> bool {
@@ -211,6 +243,27 @@ fn pid_path(dir: &Path) -> PathBuf {
 
 fn qmp_path(dir: &Path) -> PathBuf {
     dir.join("qmp.sock")
+}
+
+/// Runs a QMP command (`doing` says what for, in the error) on the VM in `dir`.
+fn qmp_command(dir: &Path, command: &str, doing: &str) -> Result<(), ProviderError> {
+    qmp::execute(&qmp_path(dir), command)
+        .map(drop)
+        .map_err(|source| ProviderError::Io {
+            what: format!("cannot {doing} the VM of {} through QMP", dir.display()),
+            source,
+        })
+}
+
+/// Removes `path`; one already gone is fine.
+fn remove_file(path: &Path) -> Result<(), ProviderError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
+            what: format!("cannot remove {}", path.display()),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn switch_pid_path(dir: &Path) -> PathBuf {

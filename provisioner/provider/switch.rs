@@ -7,12 +7,15 @@
 //! local user; hence a switch of our own, in-process and small.)
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
+
+use crate::model::LinkShape;
 
 type Mac = [u8; 6];
 type PortId = u64;
@@ -21,6 +24,8 @@ type PortId = u64;
 const MAX_FRAME: usize = 65_536;
 /// Frames queued per port before the switch drops, as a real switch would.
 const PORT_QUEUE: usize = 256;
+/// Frames a delayed link holds before it drops (netem's default limit).
+const DELAY_QUEUE: usize = 1000;
 
 #[derive(Default)]
 struct Fabric {
@@ -29,6 +34,8 @@ struct Fabric {
     next_port: PortId,
     /// Pairs of MACs that must not reach each other (a partition), both ways.
     blocked: HashSet<(Mac, Mac)>,
+    /// Links that are down, slow or lossy, by the MAC of their machine.
+    links: HashMap<Mac, LinkShape>,
 }
 
 /// The file beside the socket listing the blocked MAC pairs, one pair per
@@ -36,8 +43,12 @@ struct Fabric {
 /// reads it again whenever it changes.
 pub const BLOCKS_FILE: &str = "blocked";
 
-/// How often the switch looks at [`BLOCKS_FILE`].
-const BLOCKS_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// The file beside the socket shaping links: a JSON object from each
+/// faulty link's MAC to its [`LinkShape`]; no file, every link healthy.
+pub const LINKS_FILE: &str = "links.json";
+
+/// How often the switch looks at [`BLOCKS_FILE`] and [`LINKS_FILE`].
+const FAULTS_POLL: Duration = Duration::from_millis(100);
 
 impl Fabric {
     fn attach(&mut self, tx: mpsc::Sender<Vec<u8>>) -> PortId {
@@ -64,7 +75,7 @@ impl Fabric {
         if src[0] & 1 == 0 {
             self.macs.insert(src, from);
         }
-        if self.blocked.contains(&(src, dst)) {
+        if self.blocked.contains(&(src, dst)) || self.is_down(&src) || self.is_down(&dst) {
             return;
         }
         let known = (dst[0] & 1 == 0)
@@ -90,14 +101,34 @@ impl Fabric {
 }
 
 impl Fabric {
-    /// The ports whose machines `src` must not reach: a flood skips them.
+    /// The ports whose machines `src` must not reach (blocked from it, or
+    /// their link down): a flood skips them.
     fn ports_blocked_from(&self, src: Mac) -> HashSet<PortId> {
         self.macs
             .iter()
-            .filter(|(mac, _)| self.blocked.contains(&(src, **mac)))
+            .filter(|(mac, _)| self.blocked.contains(&(src, **mac)) || self.is_down(mac))
             .map(|(_, port)| *port)
             .collect()
     }
+
+    fn is_down(&self, mac: &Mac) -> bool {
+        self.links.get(mac).is_some_and(|shape| shape.down)
+    }
+
+    /// How the link of the frame's sender delays or drops what it sends.
+    fn sender_shape(&self, frame: &[u8]) -> Option<LinkShape> {
+        let src: Mac = frame.get(6..12)?.try_into().ok()?;
+        self.links.get(&src).copied()
+    }
+}
+
+/// Parses a [`LINKS_FILE`]; unreadable entries are skipped.
+pub fn parse_links(text: &str) -> HashMap<Mac, LinkShape> {
+    let entries: HashMap<String, LinkShape> = serde_json::from_str(text).unwrap_or_default();
+    entries
+        .into_iter()
+        .filter_map(|(mac, shape)| Some((parse_mac(&mac)?, shape)))
+        .collect()
 }
 
 /// The MAC pairs of a [`BLOCKS_FILE`], each both ways; malformed lines are
@@ -123,16 +154,20 @@ fn parse_mac(text: &str) -> Option<Mac> {
     parts.next().is_none().then_some(mac)
 }
 
-/// Keeps the fabric's blocks in step with the [`BLOCKS_FILE`] at `path`.
-async fn follow_blocks(path: std::path::PathBuf, fabric: Arc<Mutex<Fabric>>) {
-    let mut seen: Option<String> = None;
+/// Keeps the fabric's blocks and link shapes in step with the
+/// [`BLOCKS_FILE`] and [`LINKS_FILE`] in `dir`.
+async fn follow_faults(dir: PathBuf, fabric: Arc<Mutex<Fabric>>) {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let mut seen: Option<(String, String)> = None;
     loop {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        if seen.as_deref() != Some(text.as_str()) {
-            lock(&fabric).blocked = parse_blocks(&text);
-            seen = Some(text);
+        let now = (read(BLOCKS_FILE), read(LINKS_FILE));
+        if seen.as_ref() != Some(&now) {
+            let mut fabric = lock(&fabric);
+            fabric.blocked = parse_blocks(&now.0);
+            fabric.links = parse_links(&now.1);
+            seen = Some(now);
         }
-        tokio::time::sleep(BLOCKS_POLL).await;
+        tokio::time::sleep(FAULTS_POLL).await;
     }
 }
 
@@ -142,7 +177,7 @@ pub async fn run(socket: &Path) -> std::io::Result<()> {
     let listener = UnixListener::bind(socket)?;
     let fabric = Arc::new(Mutex::new(Fabric::default()));
     if let Some(dir) = socket.parent() {
-        tokio::spawn(follow_blocks(dir.join(BLOCKS_FILE), fabric.clone()));
+        tokio::spawn(follow_faults(dir.to_path_buf(), fabric.clone()));
     }
     loop {
         let (stream, _) = listener.accept().await?;
@@ -162,11 +197,41 @@ async fn serve_port(stream: UnixStream, fabric: Arc<Mutex<Fabric>>) {
             }
         }
     });
+    let delayed = delay_line(port, fabric.clone());
+    // When the last delayed frame leaves, so that frames keep their order.
+    let mut last_release = Instant::now();
     while let Ok(frame) = read_frame(&mut reader).await {
-        lock(&fabric).forward(port, frame);
+        let shape = lock(&fabric).sender_shape(&frame);
+        match shape {
+            Some(shape) if shape.loss > 0.0 && fastrand::f64() < shape.loss => {}
+            Some(shape) if !shape.delay.is_zero() => {
+                last_release = last_release.max(Instant::now() + sample_delay(&shape));
+                // A full line drops the frame, as netem does past its limit.
+                let _ = delayed.try_send((last_release, frame));
+            }
+            _ => lock(&fabric).forward(port, frame),
+        }
     }
     lock(&fabric).detach(port);
     writing.abort();
+}
+
+/// The delay of one frame: `delay`, varied uniformly by up to `jitter`.
+fn sample_delay(shape: &LinkShape) -> Duration {
+    let spread = shape.jitter.as_secs_f64() * (2.0 * fastrand::f64() - 1.0);
+    Duration::from_secs_f64((shape.delay.as_secs_f64() + spread).max(0.0))
+}
+
+/// A queue that forwards each frame from `port` once its release time comes.
+fn delay_line(port: PortId, fabric: Arc<Mutex<Fabric>>) -> mpsc::Sender<(Instant, Vec<u8>)> {
+    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(DELAY_QUEUE);
+    tokio::spawn(async move {
+        while let Some((release, frame)) = rx.recv().await {
+            tokio::time::sleep_until(release.into()).await;
+            lock(&fabric).forward(port, frame);
+        }
+    });
+    tx
 }
 
 async fn read_frame(reader: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Vec<u8>> {
@@ -265,7 +330,7 @@ mod tests {
             "02:00:00:00:00:01 02:00:00:00:00:02\n",
         )
         .expect("blocks");
-        tokio::time::sleep(BLOCKS_POLL * 3).await;
+        tokio::time::sleep(FAULTS_POLL * 3).await;
         send(&mut pa, &frame(B, A)).await;
         send(&mut pa, &frame([0xff; 6], A)).await;
         // c gets the broadcast; b gets nothing from a, only c's frame after.
@@ -274,7 +339,71 @@ mod tests {
         assert_eq!(read_frame(&mut pb).await.expect("b"), frame(B, C));
         // Healed: a reaches b again.
         std::fs::remove_file(dir.path().join(BLOCKS_FILE)).expect("heal");
-        tokio::time::sleep(BLOCKS_POLL * 3).await;
+        tokio::time::sleep(FAULTS_POLL * 3).await;
+        send(&mut pa, &frame(B, A)).await;
+        assert_eq!(read_frame(&mut pb).await.expect("b healed"), frame(B, A));
+    }
+
+    /// Three ports with every MAC learned (each has broadcast once).
+    async fn three_learned_ports() -> (tempfile::TempDir, UnixStream, UnixStream, UnixStream) {
+        let (dir, mut pa, mut pb, mut pc) = three_ports().await;
+        for (port, mac) in [(&mut pa, A), (&mut pb, B), (&mut pc, C)] {
+            send(port, &frame([0xff; 6], mac)).await;
+        }
+        for _ in 0..2 {
+            read_frame(&mut pa).await.expect("a learns");
+            read_frame(&mut pb).await.expect("b learns");
+            read_frame(&mut pc).await.expect("c learns");
+        }
+        (dir, pa, pb, pc)
+    }
+
+    async fn shape_links(dir: &Path, json: &str) {
+        std::fs::write(dir.join(LINKS_FILE), json).expect("links");
+        tokio::time::sleep(FAULTS_POLL * 3).await;
+    }
+
+    #[tokio::test]
+    async fn a_delayed_link_holds_what_its_machine_sends_and_keeps_the_order() {
+        let (dir, mut pa, mut pb, _pc) = three_learned_ports().await;
+        shape_links(dir.path(), r#"{"02:00:00:00:00:01": {"delay": 300000}}"#).await;
+        let sent = Instant::now();
+        send(&mut pa, &frame(B, A)).await;
+        let mut second = frame(B, A);
+        second.push(2);
+        send(&mut pa, &second).await;
+        assert_eq!(read_frame(&mut pb).await.expect("first"), frame(B, A));
+        let held = sent.elapsed();
+        assert_eq!(read_frame(&mut pb).await.expect("second"), second);
+        assert!(held >= Duration::from_millis(300), "held {held:?}");
+        assert!(held < Duration::from_millis(1000), "held {held:?}");
+        // The other way is not delayed: b's link is healthy.
+        let sent = Instant::now();
+        send(&mut pb, &frame(A, B)).await;
+        read_frame(&mut pa).await.expect("b to a");
+        assert!(sent.elapsed() < Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn a_down_link_neither_sends_nor_receives_and_full_loss_drops_all() {
+        let (dir, mut pa, mut pb, mut pc) = three_learned_ports().await;
+        shape_links(dir.path(), r#"{"02:00:00:00:00:01": {"down": true}}"#).await;
+        send(&mut pa, &frame(B, A)).await;
+        send(&mut pb, &frame(A, B)).await;
+        send(&mut pb, &frame([0xff; 6], B)).await;
+        // c gets b's broadcast and nothing of a's; a gets nothing at all.
+        assert_eq!(read_frame(&mut pc).await.expect("c"), frame([0xff; 6], B));
+        send(&mut pc, &frame(B, C)).await;
+        assert_eq!(read_frame(&mut pb).await.expect("b"), frame(B, C));
+        shape_links(dir.path(), r#"{"02:00:00:00:00:01": {"loss": 1.0}}"#).await;
+        send(&mut pa, &frame(B, A)).await;
+        send(&mut pc, &frame(A, C)).await;
+        // a receives again (loss is what a sends); b still gets nothing of a's.
+        assert_eq!(read_frame(&mut pa).await.expect("a"), frame(A, C));
+        send(&mut pc, &frame(B, C)).await;
+        assert_eq!(read_frame(&mut pb).await.expect("b again"), frame(B, C));
+        std::fs::remove_file(dir.path().join(LINKS_FILE)).expect("heal");
+        tokio::time::sleep(FAULTS_POLL * 3).await;
         send(&mut pa, &frame(B, A)).await;
         assert_eq!(read_frame(&mut pb).await.expect("b healed"), frame(B, A));
     }
