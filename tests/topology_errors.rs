@@ -2084,9 +2084,14 @@ fn step_faults_are_read_with_the_network_filled_in() {
         ]))
     );
     assert_eq!(fault_of("{ heal = true }"), Some(Fault::Heal));
-    assert_eq!(fault_of(r#"{ pause = "zk-2" }"#), Some(Fault::Pause("zk-2".into())));
     assert_eq!(
-        fault_of(r#"{ link = { machine = "zk-1", delay = "300ms", jitter = "20ms", loss = "1.5%" } }"#),
+        fault_of(r#"{ pause = "zk-2" }"#),
+        Some(Fault::Pause("zk-2".into()))
+    );
+    assert_eq!(
+        fault_of(
+            r#"{ link = { machine = "zk-1", delay = "300ms", jitter = "20ms", loss = "1.5%" } }"#
+        ),
         Some(Fault::Link(LinkFault {
             machine: "zk-1".into(),
             network: "lan".into(),
@@ -2107,7 +2112,10 @@ fn a_bad_fault_is_located_and_says_what_would_do() {
     assert_fault_error(
         r#"{ partiton = [["zk-1"], ["zk-2"]] }"#,
         "partiton",
-        &["unknown key `partiton` in `fault`", "did you mean `partition`?"],
+        &[
+            "unknown key `partiton` in `fault`",
+            "did you mean `partition`?",
+        ],
     );
     assert_fault_error(
         r#"{ heal = true, kill = "zk-1" }"#,
@@ -2127,7 +2135,10 @@ fn a_bad_fault_is_located_and_says_what_would_do() {
     assert_fault_error(
         r#"{ partition = [["zk-1"], ["zk-4"]] }"#,
         "\"zk-4",
-        &["unknown machine `zk-4` in the partition", "machines defined here"],
+        &[
+            "unknown machine `zk-4` in the partition",
+            "machines defined here",
+        ],
     );
     assert_fault_error(
         r#"{ partition = [["zk-1"], ["zk-2", "zk-1"]] }"#,
@@ -2139,7 +2150,11 @@ fn a_bad_fault_is_located_and_says_what_would_do() {
         "\"zk-9",
         &["unknown machine `zk-9` in `fault.kill`"],
     );
-    assert_fault_error("{ heal = false }", "false", &["`heal = false` asks for nothing"]);
+    assert_fault_error(
+        "{ heal = false }",
+        "false",
+        &["`heal = false` asks for nothing"],
+    );
     assert_fault_error(
         r#"{ link = { machine = "zk-3", delay = "1s" } }"#,
         "\"zk-3",

@@ -9,8 +9,12 @@
 //! `provision` starts it again and says so; `verify` is green again;
 //! `logs` shows a daemon's journal and the console; the leader partitioned
 //! away loses its quorum while the others elect one, and `fault heal`
-//! brings back one leader among three; a follower killed leaves the other
-//! two serving, and `fault start` brings it back green; `destroy -f` leaves nothing. One booted ensemble serves the whole scenario.
+//! brings back one leader among three; the `slow-zk-3` step delays zk-3's
+//! link by 300 ms and its check measures it, the `heal` step undoes it;
+//! zk-3 paused answers nothing and resumes on the host's clock; a follower
+//! killed leaves the other two serving, and `fault start` brings it back
+//! green; `destroy -f` leaves nothing. One booted ensemble serves the whole
+//! scenario.
 
 mod common;
 
@@ -133,6 +137,82 @@ fn a_killed_follower_leaves_a_serving_majority_and_start_brings_it_back(bed: &Be
     assert!(!green.contains("FAIL"), "{green}");
 }
 
+/// One round trip from zk-1 to zk-3, in seconds: a TCP connect timed by bash.
+fn connect_time_to_zk_3(bed: &Bed) -> f64 {
+    let said = bed.ok(&[
+        "ssh",
+        "zk-1",
+        "--",
+        "bash -c 'TIMEFORMAT=%3R; time (exec 3<>/dev/tcp/zk-3/2181)' 2>&1",
+    ]);
+    said.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("bash's time says: {said}"))
+}
+
+/// `testbed run slow-zk-3`: the step's link fault delays what zk-3 sends
+/// by 300 ms and its check measures it; `status` lists it; the `heal` step
+/// takes it away again.
+fn a_slow_link_adds_its_delay_to_each_round_trip_until_healed(bed: &Bed) {
+    let before = connect_time_to_zk_3(bed);
+    let run = bed.ok(&["run", "slow-zk-3", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&run).expect("run --json");
+    assert_eq!(report["passed"], true, "{run}");
+    assert_eq!(
+        report["fault"], "in force: link zk-3 on lan: delay 300ms; `testbed fault heal` undoes it",
+        "{run}"
+    );
+    let status = bed.ok(&["status"]);
+    assert!(status.contains("link zk-3 on lan: delay 300ms"), "{status}");
+    let slowed = connect_time_to_zk_3(bed);
+    assert!(
+        slowed - before >= 0.29,
+        "a round trip took {before} s before, {slowed} s with the delay"
+    );
+    let healed = bed.ok(&["run", "heal"]);
+    assert!(healed.contains("healed: link zk-3 on lan"), "{healed}");
+    let after = connect_time_to_zk_3(bed);
+    assert!(after < 0.29, "{after} s after heal (before: {before} s)");
+    assert!(!bed.ok(&["status"]).contains("faults in force"));
+}
+
+/// `fault pause`: zk-3 answers nothing, `status` says `paused` and `ssh`
+/// refuses; `fault resume`: it runs again with the host's clock, not the
+/// one it stopped with.
+fn a_paused_member_is_frozen_and_resumes_on_the_hosts_clock(bed: &Bed) {
+    bed.ok(&["fault", "pause", "zk-3"]);
+    let state = bed.states().into_iter().find(|(name, _)| name == "zk-3");
+    assert_eq!(state.map(|(_, s)| s).as_deref(), Some("paused"));
+    let asked = bed.ok(&[
+        "ssh",
+        "zk-1",
+        "--",
+        "echo ruok | nc -w 2 zk-3 2181; echo done",
+    ]);
+    assert_eq!(asked.trim(), "done", "a frozen zk-3 answers nothing");
+    let refused = bed.testbed(&["ssh", "zk-3", "--", "true"]);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("zk-3 is paused"), "{message}");
+    // Long enough that a clock left alone would be seconds behind.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let resumed = bed.ok(&["fault", "resume", "zk-3"]);
+    assert!(resumed.contains("clock set from the host's"), "{resumed}");
+    let guest: f64 = bed
+        .ok(&["ssh", "zk-3", "--", "date +%s.%N"])
+        .trim()
+        .parse()
+        .expect("date +%s.%N");
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        (host - guest).abs() < 2.0,
+        "zk-3's clock is {:.1} s off the host's",
+        host - guest
+    );
+}
+
 #[test]
 fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
     let bed = Bed::installed();
@@ -220,6 +300,8 @@ fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
 
     assert_eq!(bed.ok(&["ssh", "zk-2", "--", "hostname"]).trim(), "zk-2");
     the_leader_partitioned_away_loses_its_quorum_and_heal_restores_one(&bed);
+    a_slow_link_adds_its_delay_to_each_round_trip_until_healed(&bed);
+    a_paused_member_is_frozen_and_resumes_on_the_hosts_clock(&bed);
     a_killed_follower_leaves_a_serving_majority_and_start_brings_it_back(&bed);
     bed.ok(&["destroy", "-f"]);
     let project = bed.path();

@@ -55,8 +55,12 @@ pub(super) fn exec_ssh(
         .find(|m| m.name == machine)
         .map(|m| m.state)
         .unwrap_or(MachineState::NotCreated);
-    if state != MachineState::Running {
-        anyhow::bail!("{machine} is {}: run `testbed up` first", state.as_str());
+    match state {
+        MachineState::Running => {}
+        MachineState::Paused => {
+            anyhow::bail!("{machine} is paused: `testbed fault resume {machine}` runs it again")
+        }
+        _ => anyhow::bail!("{machine} is {}: run `testbed up` first", state.as_str()),
     }
     lifecycle::wait_for_control_master(&testbed.state, machine);
     let config = testbed.state.ssh_config();

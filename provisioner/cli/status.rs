@@ -49,7 +49,8 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let faults = testbed.faults()?;
     if !faults.is_empty() {
         out!(
-            "\nfaults in force: {} (`testbed fault heal` undoes them)",
+            "\nfaults in force: {} (`testbed fault heal` undoes partitions and link \
+             faults, `testbed fault resume MACHINE` a pause)",
             faults.join(", ")
         )?;
     }

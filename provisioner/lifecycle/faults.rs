@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::identity;
 use crate::model::{Fault, LinkFault, LinkShape, Machine};
 use crate::progress::Progress;
+use crate::provider::VmState;
 use crate::state::{Access, Record};
 
 use super::{Error, Result, Testbed};
@@ -155,7 +156,7 @@ impl Testbed {
         let dir = self.state.machine_dir(name);
         super::blocking(move || provider.kill(&dir)).await?;
         let mut record = self.state.load()?;
-        set_fault(&mut record, &format!("pause {name}"), None);
+        set_fault(&mut record, &pause_fault(name), None);
         self.state.save(&record)?;
         Ok(format!(
             "{name}: killed; `testbed fault start {name}` (or `up`) brings it back"
@@ -180,10 +181,15 @@ impl Testbed {
         let machine = self.created(name)?;
         let provider = self.provider_of(&machine)?;
         let dir = self.state.machine_dir(name);
+        if provider.state(&dir) != VmState::Running {
+            return Err(Error::BadFault(format!(
+                "{name} is not running: nothing to pause"
+            )));
+        }
         super::blocking(move || provider.pause(&dir)).await?;
         let mut record = self.state.load()?;
-        let key = format!("pause {name}");
-        set_fault(&mut record, &key, Some(key.clone()));
+        let pause = pause_fault(name);
+        set_fault(&mut record, &pause, Some(pause.clone()));
         self.state.save(&record)?;
         Ok(format!(
             "{name}: paused; `testbed fault resume {name}` runs it again"
@@ -197,9 +203,14 @@ impl Testbed {
         let machine = self.created(name)?;
         let provider = self.provider_of(&machine)?;
         let dir = self.state.machine_dir(name);
+        if provider.state(&dir) != VmState::Running {
+            return Err(Error::BadFault(format!(
+                "{name} is not running: nothing to resume"
+            )));
+        }
         super::blocking(move || provider.resume(&dir)).await?;
         let mut record = self.state.load()?;
-        set_fault(&mut record, &format!("pause {name}"), None);
+        set_fault(&mut record, &pause_fault(name), None);
         self.state.save(&record)?;
         let machines = self.sessions()?;
         let set = async {
@@ -284,6 +295,16 @@ impl Testbed {
         }
         Ok(())
     }
+}
+
+/// Whether `fault pause` froze the machine called `name`.
+pub(super) fn paused(record: &Record, name: &str) -> bool {
+    let pause = pause_fault(name);
+    record.faults.contains(&pause)
+}
+
+fn pause_fault(name: &str) -> String {
+    Fault::Pause(name.to_string()).to_string()
 }
 
 /// What a fault in force is about: one partition at a time, one shape

@@ -204,6 +204,8 @@ pub enum MachineState {
     Stopped,
     /// Should run (the last command was `up`), but no VM process runs.
     Crashed,
+    /// Runs, but frozen by `fault pause`.
+    Paused,
 }
 
 impl MachineState {
@@ -213,6 +215,7 @@ impl MachineState {
             MachineState::Running => "running",
             MachineState::Stopped => "stopped",
             MachineState::Crashed => "crashed",
+            MachineState::Paused => "paused",
         }
     }
 }
@@ -470,7 +473,12 @@ impl Testbed {
                 let provider = self.provider_of(machine)?;
                 let saved = record.machines.get(&machine.name);
                 let observed = provider.state(&self.state.machine_dir(&machine.name));
-                let state = state_word(saved, observed);
+                let state = match state_word(saved, observed) {
+                    MachineState::Running if faults::paused(&record, &machine.name) => {
+                        MachineState::Paused
+                    }
+                    state => state,
+                };
                 Ok(MachineStatus {
                     name: machine.name.clone(),
                     state,
