@@ -1,7 +1,7 @@
 //! End to end on libvirt: a real libvirtd of the test's own, in a network
 //! namespace the test creates. One daemon serves, in turn: the two-machine
 //! lifecycle scenario the qemu provider runs (`scenarios`), the zk-ensemble
-//! checks (`up --provider libvirt`), and an `up` killed with SIGKILL. After
+//! checks (`up --provider libvirt`) and its faults, and an `up` killed with SIGKILL. After
 //! each `destroy`, libvirt's domains, networks and volumes are as before.
 
 mod common;
@@ -54,7 +54,66 @@ fn ensemble_checks_pass(libvirtd: &PrivateLibvirtd) {
     let checks = verify["checks"].as_array().expect("checks");
     assert_eq!(checks.len(), 6, "{verify}");
     assert!(checks.iter().all(|c| c["passed"] == true), "{verify}");
+    faults_go_through_libvirt_or_are_refused(&bed, libvirtd);
     bed.ok(&["destroy", "-f"]);
+}
+
+/// The domain of `machine` (testbed names it `tb-…-MACHINE`).
+fn domain_of(libvirtd: &PrivateLibvirtd, machine: &str) -> String {
+    let domains = libvirtd.virsh(&["list", "--all", "--name"]);
+    domains
+        .lines()
+        .find(|d| d.ends_with(&format!("-{machine}")))
+        .unwrap_or_else(|| panic!("no domain for {machine}: {domains}"))
+        .to_string()
+}
+
+/// On libvirt a link goes down and a VM pauses through libvirt's API; the
+/// zk-ensemble steps that partition or delay are refused, saying why, and
+/// leave no fault in force.
+fn faults_go_through_libvirt_or_are_refused(bed: &Bed, libvirtd: &PrivateLibvirtd) {
+    for (step, cannot) in [
+        (
+            "isolate-zk-1",
+            "cannot drop traffic between chosen machines",
+        ),
+        (
+            "slow-zk-3",
+            "cannot delay or drop a share of a link's frames",
+        ),
+    ] {
+        let refused = bed.testbed(&["run", step]);
+        let message = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{step} must be refused");
+        assert!(message.contains(cannot), "{step}: {message}");
+    }
+    assert!(!bed.ok(&["status"]).contains("faults in force"));
+
+    let zk_3 = domain_of(libvirtd, "zk-3");
+    let mac = testbed::identity::mac_address("zk-3", "lan");
+    bed.ok(&["fault", "link", "zk-3", "--down"]);
+    let link = libvirtd.virsh(&["domif-getlink", &zk_3, &mac]);
+    assert!(link.contains("down"), "{link}");
+    let asked = bed.ok(&[
+        "ssh",
+        "zk-1",
+        "--",
+        "echo ruok | nc -w 2 zk-3 2181; echo done",
+    ]);
+    assert_eq!(asked.trim(), "done", "zk-3's link is down");
+    assert!(bed
+        .ok(&["fault", "heal"])
+        .contains("healed: link zk-3 on lan: down"));
+    let link = libvirtd.virsh(&["domif-getlink", &zk_3, &mac]);
+    assert!(link.contains("up"), "{link}");
+
+    let zk_2 = domain_of(libvirtd, "zk-2");
+    bed.ok(&["fault", "pause", "zk-2"]);
+    assert!(libvirtd.virsh(&["domstate", &zk_2]).contains("paused"));
+    assert!(bed.ok(&["status"]).contains("paused"));
+    bed.ok(&["fault", "resume", "zk-2"]);
+    assert!(libvirtd.virsh(&["domstate", &zk_2]).contains("running"));
+    assert_eq!(bed.ok(&["ssh", "zk-2", "--", "hostname"]).trim(), "zk-2");
 }
 
 /// SIGKILL during `up`: `status` still tells the truth from libvirt, and

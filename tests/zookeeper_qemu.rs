@@ -172,6 +172,7 @@ fn a_slow_link_adds_its_delay_to_each_round_trip_until_healed(bed: &Bed) {
     let healed = bed.ok(&["run", "heal"]);
     assert!(healed.contains("healed: link zk-3 on lan"), "{healed}");
     let after = connect_time_to_zk_3(bed);
+    eprintln!("a round trip to zk-3: {before} s, with the delay {slowed} s, healed {after} s");
     assert!(after < 0.29, "{after} s after heal (before: {before} s)");
     assert!(!bed.ok(&["status"]).contains("faults in force"));
 }
