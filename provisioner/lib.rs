@@ -23,6 +23,7 @@ pub mod progress;
 pub mod provider;
 pub mod provision;
 pub mod settings;
+pub mod snapshot;
 pub mod ssh;
 pub mod state;
 pub mod topology;

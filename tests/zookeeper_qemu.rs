@@ -11,7 +11,9 @@
 //! away loses its quorum while the others elect one, and `fault heal`
 //! brings back one leader among three; the `slow-zk-3` step delays zk-3's
 //! link by 300 ms and its check measures it, the `heal` step undoes it;
-//! zk-3 paused answers nothing and resumes on the host's clock; a follower
+//! zk-3 paused answers nothing and resumes on the host's clock; a snapshot
+//! restored brings back a deleted znode, a stopped daemon and the clocks,
+//! and is refused on a changed topology; a follower
 //! killed leaves the other two serving, and `fault start` brings it back
 //! green; `destroy -f` leaves nothing. One booted ensemble serves the whole
 //! scenario.
@@ -214,6 +216,90 @@ fn a_paused_member_is_frozen_and_resumes_on_the_hosts_clock(bed: &Bed) {
     );
 }
 
+/// How far each guest's wall clock is from the host's, in seconds.
+fn clock_offsets(bed: &Bed) -> Vec<(String, f64)> {
+    ["zk-1", "zk-2", "zk-3"]
+        .iter()
+        .map(|machine| {
+            let guest: f64 = bed
+                .ok(&["ssh", machine, "--", "date +%s.%N"])
+                .trim()
+                .parse()
+                .expect("date +%s.%N");
+            let host = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs_f64();
+            (machine.to_string(), host - guest)
+        })
+        .collect()
+}
+
+/// `snapshot save s1` with a znode written; the znode deleted and zk-3's
+/// ZooKeeper stopped; `snapshot restore s1`: the checks green, the znode
+/// back, one leader, every clock within 1 s of the host's. A topology
+/// that changed since is refused, naming the change.
+fn a_snapshot_brings_the_whole_cluster_back_as_it_was(bed: &Bed) {
+    bed.ok(&[
+        "ssh",
+        "zk-1",
+        "--",
+        "zk-probe put zk-1:2181 /kept before-s1",
+    ]);
+    let saved = bed.ok(&["snapshot", "save", "s1"]);
+    eprintln!("{}", saved.trim());
+    let list: serde_json::Value =
+        serde_json::from_str(&bed.ok(&["snapshot", "list", "--json"])).expect("list --json");
+    assert_eq!(list[0]["name"], "s1", "{list}");
+    assert_eq!(
+        list[0]["machines"],
+        serde_json::json!(["zk-1", "zk-2", "zk-3"])
+    );
+    let size = list[0]["size"].as_u64().expect("size");
+    assert!(
+        size > 0 && size < 1 << 30,
+        "a snapshot under 1 GiB: {size} bytes"
+    );
+
+    bed.ok(&["ssh", "zk-2", "--", "zk-probe delete zk-2:2181 /kept"]);
+    bed.ok(&["ssh", "zk-3", "--", "systemctl stop zookeeper"]);
+    let gone = bed.testbed(&["ssh", "zk-1", "--", "zk-probe get zk-1:2181 /kept"]);
+    assert!(!gone.status.success(), "the znode is deleted");
+
+    let restored = bed.ok(&["snapshot", "restore", "s1"]);
+    eprintln!("{}", restored.lines().next().unwrap_or_default());
+    assert!(
+        restored.contains("PASS") && !restored.contains("FAIL"),
+        "{restored}"
+    );
+    let kept = bed.ok(&["ssh", "zk-1", "--", "zk-probe get zk-1:2181 /kept"]);
+    assert_eq!(kept.trim(), "before-s1");
+    let active = bed.ok(&["ssh", "zk-3", "--", "systemctl is-active zookeeper"]);
+    assert_eq!(active.trim(), "active");
+    let leaders = modes(bed).iter().filter(|(_, m)| m == "leader").count();
+    assert_eq!(leaders, 1, "{:?}", modes(bed));
+    for (machine, offset) in clock_offsets(bed) {
+        assert!(offset.abs() < 1.0, "{machine}'s clock is {offset:.2} s off");
+    }
+
+    let topology = bed.path().join("topology.toml");
+    let text = std::fs::read_to_string(&topology).expect("topology");
+    let bigger = text.replace(
+        "[machines.zk-3]\n",
+        "[machines.zk-3]\nmemory = \"1536MiB\"\n",
+    );
+    std::fs::write(&topology, &bigger).expect("edit topology");
+    let refused = bed.testbed(&["snapshot", "restore", "s1"]);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a changed topology is refused");
+    assert!(
+        message.contains("zk-3: memory 1024 MiB in the snapshot, 1536 MiB now"),
+        "{message}"
+    );
+    std::fs::write(&topology, &text).expect("topology back");
+    assert!(bed.ok(&["snapshot", "rm", "s1"]).contains("removed"));
+}
+
 #[test]
 fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
     let bed = Bed::installed();
@@ -303,6 +389,7 @@ fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
     the_leader_partitioned_away_loses_its_quorum_and_heal_restores_one(&bed);
     a_slow_link_adds_its_delay_to_each_round_trip_until_healed(&bed);
     a_paused_member_is_frozen_and_resumes_on_the_hosts_clock(&bed);
+    a_snapshot_brings_the_whole_cluster_back_as_it_was(&bed);
     a_killed_follower_leaves_a_serving_majority_and_start_brings_it_back(&bed);
     bed.ok(&["destroy", "-f"]);
     let project = bed.path();

@@ -33,6 +33,7 @@ mod logs;
 mod plan;
 mod provision;
 mod run;
+mod snapshot;
 mod ssh;
 mod status;
 mod up;
@@ -78,6 +79,7 @@ enum Command {
     Logs(logs::Args),
     Graph(graph::Args),
     Fault(fault::Args),
+    Snapshot(snapshot::Args),
     SshConfig(ssh::ConfigArgs),
     Halt(halt::Args),
     Destroy(destroy::Args),
@@ -211,6 +213,7 @@ async fn run(cli: Cli, settings: &Settings) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => logs::run(args, settings),
         Command::Graph(args) => graph::run(args, settings),
         Command::Fault(args) => fault::run(args, settings).await,
+        Command::Snapshot(args) => snapshot::run(args, settings).await,
         Command::SshConfig(args) => ssh::config(args, settings),
         Command::Halt(args) => halt::run(args, settings).await,
         Command::Destroy(args) => destroy::run(args, settings).await,

@@ -3,12 +3,14 @@
 //! pause/resume through its VMs. The record lists the faults in force, for
 //! `status`; `heal` undoes the network ones.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::identity;
 use crate::model::{Fault, LinkFault, LinkShape, Machine};
 use crate::progress::Progress;
 use crate::provider::VmState;
+use crate::provision::Machines;
 use crate::state::{Access, Record};
 
 use super::{Error, Result, Testbed};
@@ -212,28 +214,9 @@ impl Testbed {
         let mut record = self.state.load()?;
         set_fault(&mut record, &pause_fault(name), None);
         self.state.save(&record)?;
-        let machines = self.sessions()?;
-        let set = async {
-            let session = machines.session(name).await?;
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            let command = format!(
-                "date -u -s @{}.{:09} >/dev/null",
-                now.as_secs(),
-                now.subsec_nanos()
-            );
-            session
-                .exec(&command)
-                .await
-                .and_then(|output| output.ensure_success(&command))
-                .map_err(|source| Error::Ssh {
-                    machine: name.to_string(),
-                    source,
-                })
-        };
-        let clock = set.await;
-        machines.close().await;
+        let sessions = self.sessions()?;
+        let clock = set_clocks(&sessions, &[name.to_string()]).await;
+        sessions.close().await;
         clock?;
         Ok(format!("{name}: resumed, its clock set from the host's"))
     }
@@ -295,6 +278,49 @@ impl Testbed {
         }
         Ok(())
     }
+}
+
+/// Sets each machine's wall clock from the host's over SSH (after it stood
+/// still: a pause, a restored snapshot), all at once.
+pub(super) async fn set_clocks(sessions: &Arc<Machines>, names: &[String]) -> Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for name in names {
+        let sessions = sessions.clone();
+        let name = name.clone();
+        tasks.spawn(async move {
+            let session = sessions.session(&name).await?;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let command = format!(
+                "date -u -s @{}.{:09} >/dev/null",
+                now.as_secs(),
+                now.subsec_nanos()
+            );
+            session
+                .exec(&command)
+                .await
+                .and_then(|output| output.ensure_success(&command))
+                .map(drop)
+                .map_err(|source| Error::Ssh {
+                    machine: name.clone(),
+                    source,
+                })
+        });
+    }
+    let mut first = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        let result = done.unwrap_or_else(|e| {
+            Err(Error::Provider(crate::provider::ProviderError::Internal {
+                what: "setting a guest's clock",
+                detail: e.to_string(),
+            }))
+        });
+        if first.is_ok() {
+            first = result;
+        }
+    }
+    first
 }
 
 /// Whether `fault pause` froze the machine called `name`.

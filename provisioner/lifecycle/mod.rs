@@ -6,6 +6,7 @@
 mod destroy;
 mod faults;
 mod halt;
+mod snapshots;
 mod ssh_config;
 mod steps;
 mod up;
@@ -31,6 +32,7 @@ use crate::state::{Access, Desired, LockGuard, MachineRecord, Record, StateDir, 
 use crate::topology::{self, TopologyError};
 
 pub use destroy::destroy;
+pub use snapshots::{Restored, Saved, DEFAULT_SNAPSHOT};
 pub use ssh_config::{control_path, wait_for_control_master, write_ssh_config};
 pub use steps::StepReport;
 pub use up::UpReport;
@@ -63,6 +65,8 @@ pub enum Error {
     Internal(String),
     #[error(transparent)]
     Build(#[from] build::BuildError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("{0} has no [build]\n  help: add a [build] table with `machine`, `run`, `inputs` and `outputs`")]
     NoBuild(PathBuf),
     #[error(

@@ -245,6 +245,13 @@ pub trait Provider: Send + Sync {
     fn pause(&self, dir: &Path) -> Result<(), ProviderError>;
     /// Runs a paused VM again.
     fn resume(&self, dir: &Path) -> Result<(), ProviderError>;
+    /// Writes the paused VM's memory and disk into the folder `to`; the VM
+    /// stays paused.
+    fn save_state(&self, dir: &Path, to: &Path) -> Result<(), ProviderError>;
+    /// Replaces the machine's VM (which must not run) by the one
+    /// [`Provider::save_state`] wrote into `from`, loaded and paused:
+    /// [`Provider::resume`] runs it.
+    fn restore_state(&self, dir: &Path, from: &Path) -> Result<(), ProviderError>;
     /// Whether a network that was made still carries traffic (its switch or
     /// bridge is up). True when it cannot be told: a false answer reboots
     /// the machines on it.

@@ -102,6 +102,83 @@ impl Provider for Qemu {
         qmp_command(dir, "cont", "resume")
     }
 
+    /// Memory through QMP `migrate` into a file (the guest paused, so one
+    /// pass; zero pages take a few bytes each), the disk overlay copied
+    /// once the migration has flushed it, and qemu's command line.
+    fn save_state(&self, dir: &Path, to: &Path) -> Result<(), ProviderError> {
+        crate::state::create_private_dir(to)?;
+        let args = args_path(dir);
+        if !args.is_file() {
+            return Err(ProviderError::NotCreated {
+                machine: dir.display().to_string(),
+                missing: "a record of its qemu command line (booted by an older testbed:                           `testbed halt` and `up` boot it anew)",
+            });
+        }
+        let memory = memory_path(to);
+        let qmp = qmp_path(dir);
+        let io = |doing: &'static str| {
+            move |source| ProviderError::Io {
+                what: format!("cannot {doing} of {} through QMP", dir.display()),
+                source,
+            }
+        };
+        qmp::execute_with(
+            &qmp,
+            "migrate-set-parameters",
+            serde_json::json!({ "max-bandwidth": MIGRATION_BANDWIDTH }),
+        )
+        .map_err(io("set the migration speed"))?;
+        let uri = format!(
+            "exec:umask 077 && cat > {}",
+            crate::ssh::shell_quote(&memory.to_string_lossy())
+        );
+        qmp::execute_with(&qmp, "migrate", serde_json::json!({ "uri": uri }))
+            .map_err(io("save the memory"))?;
+        wait_for_migration(&qmp, dir)?;
+        copy_file(&disk_path(dir), &to.join(DISK))?;
+        copy_file(&args, &args_path(to))
+    }
+
+    /// A new qemu from the saved command line, told to take its memory from
+    /// the saved file and to stay paused (`-S`), over a copy of the saved disk.
+    fn restore_state(&self, dir: &Path, from: &Path) -> Result<(), ProviderError> {
+        let marker = dir.to_string_lossy().into_owned();
+        if process_alive(&pid_path(dir), &marker) {
+            return Err(ProviderError::Internal {
+                what: "restoring a snapshot",
+                detail: format!("{} still runs", dir.display()),
+            });
+        }
+        let text = fs::read(args_path(from)).map_err(|source| ProviderError::Io {
+            what: format!("cannot read {}", args_path(from).display()),
+            source,
+        })?;
+        let mut args: Vec<String> =
+            serde_json::from_slice(&text).map_err(|e| ProviderError::Internal {
+                what: "reading a snapshot's qemu command line",
+                detail: e.to_string(),
+            })?;
+        let partial = partial_disk_path(dir);
+        copy_file(&from.join(DISK), &partial)?;
+        fs::rename(&partial, disk_path(dir)).map_err(|source| ProviderError::Io {
+            what: format!("cannot move {} into place", partial.display()),
+            source,
+        })?;
+        copy_file(&args_path(from), &args_path(dir))?;
+        let _ = fs::remove_file(qmp_path(dir));
+        let incoming = format!(
+            "exec:cat {}",
+            crate::ssh::shell_quote(&memory_path(from).to_string_lossy())
+        );
+        args.extend(["-incoming".into(), incoming, "-S".into()]);
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        run_tool(QEMU, &name, Command::new(QEMU).args(&args))?;
+        wait_until_loaded(dir, &name)
+    }
+
     fn network_up(&self, network: &NetworkSpec) -> bool {
         process_alive(
             &switch_pid_path(&network.dir),
@@ -142,8 +219,15 @@ impl Provider for Qemu {
         check_socket_path(&qmp_path(&vm.dir))?;
         let _ = fs::remove_file(qmp_path(&vm.dir));
         let kvm = self.accelerator(&vm.image.kernel).kvm;
+        let args = qemu_args(vm, kvm);
+        // Kept for a restore, which must give qemu the very same devices.
+        let saved = serde_json::to_vec(&args).map_err(|e| ProviderError::Internal {
+            what: "recording qemu's command line",
+            detail: e.to_string(),
+        })?;
+        crate::state::write_atomic(&args_path(&vm.dir), &saved, 0o600)?;
         let mut command = Command::new(QEMU);
-        command.args(qemu_args(vm, kvm));
+        command.args(&args);
         run_tool(QEMU, &vm.name, &mut command).map_err(|e| match e {
             ProviderError::Start {
                 machine, message, ..
@@ -245,6 +329,98 @@ fn qmp_path(dir: &Path) -> PathBuf {
     dir.join("qmp.sock")
 }
 
+/// qemu's command line as the machine was last booted (JSON array).
+fn args_path(dir: &Path) -> PathBuf {
+    dir.join("qemu-args.json")
+}
+
+/// A saved VM's memory, in a snapshot's machine folder.
+fn memory_path(dir: &Path) -> PathBuf {
+    dir.join("memory")
+}
+
+/// A saved VM's disk overlay, in a snapshot's machine folder.
+const DISK: &str = "disk.qcow2";
+
+/// The migration's speed cap, bytes per second: unlimited in practice
+/// (qemu's default, 128 MiB/s, is meant for a live guest on a network).
+const MIGRATION_BANDWIDTH: u64 = 64 << 30;
+
+/// How long saving or loading one VM's memory may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Polls `query-migrate` until the outgoing migration has completed.
+fn wait_for_migration(qmp: &Path, dir: &Path) -> Result<(), ProviderError> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let reply = qmp::execute(qmp, "query-migrate").map_err(|source| ProviderError::Io {
+            what: format!("cannot follow the save of {}", dir.display()),
+            source,
+        })?;
+        match reply["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(ProviderError::Internal {
+                    what: "saving a VM's memory",
+                    detail: format!(
+                        "{}: {}",
+                        dir.display(),
+                        reply["error-desc"]
+                            .as_str()
+                            .unwrap_or("qemu gave no reason")
+                    ),
+                })
+            }
+            _ if Instant::now() > deadline => {
+                return Err(ProviderError::Internal {
+                    what: "saving a VM's memory",
+                    detail: format!("{}: not done after {MIGRATION_TIMEOUT:?}", dir.display()),
+                })
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Polls `query-status` until a restoring qemu has loaded its memory and
+/// stands paused.
+fn wait_until_loaded(dir: &Path, name: &str) -> Result<(), ProviderError> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let marker = dir.to_string_lossy().into_owned();
+    let failed = |detail: String| ProviderError::Start {
+        program: QEMU.into(),
+        machine: name.into(),
+        message: format!("loading its snapshot: {detail}"),
+    };
+    loop {
+        if !process_alive(&pid_path(dir), &marker) {
+            return Err(failed(
+                "qemu exited (the snapshot does not fit this VM?)".into(),
+            ));
+        }
+        if let Ok(reply) = qmp::execute(&qmp_path(dir), "query-status") {
+            match reply["status"].as_str().unwrap_or("") {
+                "inmigrate" | "prelaunch" => {}
+                "paused" => return Ok(()),
+                other => return Err(failed(format!("qemu stands `{other}`"))),
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(failed(format!("not loaded after {MIGRATION_TIMEOUT:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn copy_file(from: &Path, to: &Path) -> Result<(), ProviderError> {
+    fs::copy(from, to)
+        .map(drop)
+        .map_err(|source| ProviderError::Io {
+            what: format!("cannot copy {} to {}", from.display(), to.display()),
+            source,
+        })
+}
+
 /// Runs a QMP command (`doing` says what for, in the error) on the VM in `dir`.
 fn qmp_command(dir: &Path, command: &str, doing: &str) -> Result<(), ProviderError> {
     qmp::execute(&qmp_path(dir), command)
@@ -336,6 +512,11 @@ pub fn qemu_args(vm: &VmSpec, kvm: bool) -> Vec<String> {
     args.extend([
         "-device".into(),
         "virtio-rng-pci".into(),
+        // A new generation id on every start, a restore's included: Linux
+        // reseeds its RNG when it changes, so two restores of one snapshot
+        // do not share random state.
+        "-device".into(),
+        "vmgenid".into(),
         "-chardev".into(),
         format!(
             "file,id=console,path={},append=on",

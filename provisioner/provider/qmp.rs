@@ -9,20 +9,29 @@ use serde_json::{json, Value};
 
 /// Runs one QMP command on the socket at `path` and returns its `return`.
 pub fn execute(path: &Path, command: &str) -> std::io::Result<Value> {
+    execute_with(path, command, Value::Null)
+}
+
+/// [`execute`] with `arguments` (a JSON object; `Null` for none).
+pub fn execute_with(path: &Path, command: &str, arguments: Value) -> std::io::Result<Value> {
     let stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     read_reply(&mut reader)?; // the greeting
-    send(&mut writer, "qmp_capabilities")?;
+    send(&mut writer, "qmp_capabilities", Value::Null)?;
     read_reply(&mut reader)?;
-    send(&mut writer, command)?;
+    send(&mut writer, command, arguments)?;
     read_reply(&mut reader)
 }
 
-fn send(writer: &mut UnixStream, command: &str) -> std::io::Result<()> {
-    let mut line = json!({ "execute": command }).to_string();
+fn send(writer: &mut UnixStream, command: &str, arguments: Value) -> std::io::Result<()> {
+    let mut message = json!({ "execute": command });
+    if !arguments.is_null() {
+        message["arguments"] = arguments;
+    }
+    let mut line = message.to_string();
     line.push('\n');
     writer.write_all(line.as_bytes())
 }

@@ -1,0 +1,245 @@
+//! Whole-cluster snapshots, consistent across machines: every VM paused,
+//! then saved, then resumed together. A restore loads every VM paused on
+//! fresh networks, resumes them together, sets each guest's clock from the
+//! host's (qemu's `vmgenid` makes each reseed its RNG) and runs the checks.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::check;
+use crate::model::Machine;
+use crate::provider::{Provider, ProviderError, VmState};
+use crate::snapshot::{Listed, Manifest, SnapshotError, Snapshots};
+use crate::state::{Access, Desired, Record, STATE_VERSION};
+
+use super::destroy::stop_control_master;
+use super::ssh_config::start_control_masters;
+use super::{faults, Error, Result, Testbed};
+
+/// The name `snapshot save` and `restore` use when given none.
+pub const DEFAULT_SNAPSHOT: &str = "default";
+
+/// What `snapshot save` did.
+#[derive(Debug)]
+pub struct Saved {
+    pub name: String,
+    /// Bytes on disk.
+    pub size: u64,
+    /// How long the machines stood paused.
+    pub paused_seconds: f64,
+}
+
+/// What `snapshot restore` did.
+#[derive(Debug)]
+pub struct Restored {
+    pub name: String,
+    /// From the command's start until every machine ran again.
+    pub resumed_seconds: f64,
+    pub checks: check::Report,
+}
+
+impl Testbed {
+    fn snapshot_dir(&self) -> Snapshots {
+        Snapshots::in_state(self.state.root())
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<Listed>> {
+        Ok(self.snapshot_dir().list()?)
+    }
+
+    pub fn remove_snapshot(&self, name: &str) -> Result<()> {
+        let _lock = self.lock(Access::Exclusive)?;
+        Ok(self.snapshot_dir().remove(name)?)
+    }
+
+    /// `snapshot save`: every machine's memory and disk, taken while all
+    /// stand paused, so the snapshot is one moment of the whole cluster.
+    pub async fn save_snapshot(&self, name: &str, force: bool) -> Result<Saved> {
+        let _lock = self.lock(Access::Exclusive)?;
+        let record = self.state.load()?;
+        for machine in &self.topology.machines {
+            self.require_running(machine, record.machines.contains_key(&machine.name))?;
+        }
+        let snapshots = self.snapshot_dir();
+        let partial = snapshots.prepare(name, force)?;
+        let paused_at = Instant::now();
+        let saved = self.pause_and_save(&partial, &record).await;
+        let paused_seconds = paused_at.elapsed().as_secs_f64();
+        if let Err(e) = saved {
+            snapshots.abandon(name);
+            return Err(e);
+        }
+        snapshots.commit(&Manifest::of(name, &self.topology, &record))?;
+        let size = snapshots
+            .list()?
+            .into_iter()
+            .find(|s| s.name == name)
+            .map_or(0, |s| s.size);
+        Ok(Saved {
+            name: name.to_string(),
+            size,
+            paused_seconds,
+        })
+    }
+
+    /// Pauses every machine, saves each (in parallel) into `partial`, then
+    /// resumes all of them, whatever the saves did; a machine that a fault
+    /// paused stays paused.
+    async fn pause_and_save(&self, partial: &Path, record: &Record) -> Result<()> {
+        let machines = &self.topology.machines;
+        let mut paused = Vec::new();
+        let mut outcome = Ok(());
+        for machine in machines {
+            if faults::paused(record, &machine.name) {
+                continue;
+            }
+            match self
+                .provider_of(machine)
+                .and_then(|p| Ok(p.pause(&self.state.machine_dir(&machine.name))?))
+            {
+                Ok(()) => paused.push(machine),
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        if outcome.is_ok() {
+            let partial = partial.to_path_buf();
+            outcome = self
+                .each_machine(machines, move |provider, dir, name| {
+                    provider.save_state(&dir, &Snapshots::machine_path(&partial, &name))
+                })
+                .await;
+        }
+        for machine in paused {
+            let resumed = self
+                .provider_of(machine)
+                .and_then(|p| Ok(p.resume(&self.state.machine_dir(&machine.name))?));
+            if outcome.is_ok() {
+                outcome = resumed;
+            }
+        }
+        outcome
+    }
+
+    /// `snapshot restore`: the cluster as it was when the snapshot was
+    /// taken, then its checks.
+    pub async fn restore_snapshot(&self, name: &str) -> Result<Restored> {
+        let started = Instant::now();
+        let _lock = self.lock(Access::Exclusive)?;
+        let snapshots = self.snapshot_dir();
+        let name = match name {
+            "" => snapshots.newest()?,
+            name => name.to_string(),
+        };
+        let manifest = snapshots.load(&name)?;
+        let differences = manifest.differences(&self.topology);
+        if !differences.is_empty() {
+            return Err(SnapshotError::Mismatch { name, differences }.into());
+        }
+        self.load_paused(&snapshots.path(&name), &manifest).await?;
+        let mut record = manifest.record.clone();
+        record.version = STATE_VERSION;
+        record.topology = self.topology.path.clone();
+        record.faults.clear();
+        for saved in record.machines.values_mut() {
+            saved.desired = Desired::Running;
+        }
+        self.state.save(&record)?;
+        let machines = self.topology.machines.clone();
+        self.each_machine(&machines, |provider, dir, _| provider.resume(&dir))
+            .await?;
+        let resumed_seconds = started.elapsed().as_secs_f64();
+        let names: Vec<String> = machines.iter().map(|m| m.name.clone()).collect();
+        start_control_masters(&self.state, &names);
+        let sessions = self.sessions()?;
+        let clocks = faults::set_clocks(&sessions, &names).await;
+        let checks = match clocks {
+            Ok(()) => {
+                Ok(check::run_all(&self.topology.checks, &self.topology, sessions.clone()).await)
+            }
+            Err(e) => Err(e),
+        };
+        sessions.close().await;
+        Ok(Restored {
+            name,
+            resumed_seconds,
+            checks: checks?,
+        })
+    }
+
+    /// Every VM stopped, the networks made anew (no fault
+    /// survives), and every machine loaded from the snapshot, paused.
+    async fn load_paused(&self, snapshot: &Path, manifest: &Manifest) -> Result<()> {
+        for machine in &self.topology.machines {
+            if !self.state.machine_dir(&machine.name).is_dir() {
+                return Err(SnapshotError::NoMachine(machine.name.clone()).into());
+            }
+        }
+        let machines = self.topology.machines.clone();
+        for machine in &machines {
+            stop_control_master(&self.state, &machine.name).await;
+        }
+        self.each_machine(&machines, |provider, dir, _| provider.kill(&dir))
+            .await?;
+        for network in manifest.record.networks.keys() {
+            let Some(machine) = machines.iter().find(|m| m.ips.contains_key(network)) else {
+                continue;
+            };
+            let provider = self.provider_of(machine)?;
+            let spec = self.network_spec(network);
+            provider.remove_network(&spec)?;
+            provider.ensure_network(&spec)?;
+        }
+        let snapshot = snapshot.to_path_buf();
+        self.each_machine(&machines, move |provider, dir, name| {
+            provider.restore_state(&dir, &Snapshots::machine_path(&snapshot, &name))
+        })
+        .await
+    }
+
+    fn require_running(&self, machine: &Machine, recorded: bool) -> Result<()> {
+        let state = self
+            .provider_of(machine)?
+            .state(&self.state.machine_dir(&machine.name));
+        if recorded && state == VmState::Running {
+            return Ok(());
+        }
+        Err(SnapshotError::NotRunning(machine.name.clone()).into())
+    }
+
+    /// Runs `work(provider, machine folder, name)` for every machine at once
+    /// on blocking threads; the first error, once all have ended.
+    async fn each_machine(
+        &self,
+        machines: &[Machine],
+        work: impl Fn(Box<dyn Provider>, PathBuf, String) -> std::result::Result<(), ProviderError>
+            + Send
+            + Clone
+            + 'static,
+    ) -> Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for machine in machines {
+            let provider = self.provider_of(machine)?;
+            let dir = self.state.machine_dir(&machine.name);
+            let name = machine.name.clone();
+            let work = work.clone();
+            tasks.spawn_blocking(move || work(provider, dir, name));
+        }
+        let mut first = Ok(());
+        while let Some(done) = tasks.join_next().await {
+            let result = match done {
+                Ok(result) => result.map_err(Error::from),
+                Err(e) => Err(Error::Provider(ProviderError::Internal {
+                    what: "a provider call on every machine",
+                    detail: e.to_string(),
+                })),
+            };
+            if first.is_ok() {
+                first = result;
+            }
+        }
+        first
+    }
+}
