@@ -64,9 +64,7 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
             )?;
         }
         Command::Restore { name, json } => {
-            let restored = testbed
-                .restore_snapshot(name.as_deref().unwrap_or(""))
-                .await?;
+            let restored = testbed.restore_snapshot(name.as_deref()).await?;
             if json {
                 let mut value = restored.checks.json();
                 value["snapshot"] = restored.name.clone().into();

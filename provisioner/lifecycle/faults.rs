@@ -180,19 +180,7 @@ impl Testbed {
     /// `fault pause`: the VM frozen, its memory kept.
     async fn pause(&self, name: &str) -> Result<String> {
         let _lock = self.lock(Access::Exclusive)?;
-        let machine = self.created(name)?;
-        let provider = self.provider_of(&machine)?;
-        let dir = self.state.machine_dir(name);
-        if provider.state(&dir) != VmState::Running {
-            return Err(Error::BadFault(format!(
-                "{name} is not running: nothing to pause"
-            )));
-        }
-        super::blocking(move || provider.pause(&dir)).await?;
-        let mut record = self.state.load()?;
-        let pause = pause_fault(name);
-        set_fault(&mut record, &pause, Some(pause.clone()));
-        self.state.save(&record)?;
+        self.set_paused(name, true).await?;
         Ok(format!(
             "{name}: paused; `testbed fault resume {name}` runs it again"
         ))
@@ -202,23 +190,37 @@ impl Testbed {
     /// was frozen, is set from the host's.
     async fn resume(&self, name: &str) -> Result<String> {
         let _lock = self.lock(Access::Exclusive)?;
-        let machine = self.created(name)?;
-        let provider = self.provider_of(&machine)?;
-        let dir = self.state.machine_dir(name);
-        if provider.state(&dir) != VmState::Running {
-            return Err(Error::BadFault(format!(
-                "{name} is not running: nothing to resume"
-            )));
-        }
-        super::blocking(move || provider.resume(&dir)).await?;
-        let mut record = self.state.load()?;
-        set_fault(&mut record, &pause_fault(name), None);
-        self.state.save(&record)?;
+        self.set_paused(name, false).await?;
         let sessions = self.sessions()?;
         let clock = set_clocks(&sessions, &[name.to_string()]).await;
         sessions.close().await;
         clock?;
         Ok(format!("{name}: resumed, its clock set from the host's"))
+    }
+
+    /// Freezes (`paused`) or thaws a running machine's VM, and records it.
+    async fn set_paused(&self, name: &str, paused: bool) -> Result<()> {
+        let machine = self.created(name)?;
+        let provider = self.provider_of(&machine)?;
+        let dir = self.state.machine_dir(name);
+        if provider.state(&dir) != VmState::Running {
+            let verb = if paused { "pause" } else { "resume" };
+            return Err(Error::BadFault(format!(
+                "{name} is not running: nothing to {verb}"
+            )));
+        }
+        super::blocking(move || {
+            if paused {
+                provider.pause(&dir)
+            } else {
+                provider.resume(&dir)
+            }
+        })
+        .await?;
+        let mut record = self.state.load()?;
+        let pause = pause_fault(name);
+        set_fault(&mut record, &pause, paused.then(|| pause.clone()));
+        Ok(self.state.save(&record)?)
     }
 
     /// Has the network's provider drop the traffic between `pairs` of MACs.
@@ -308,19 +310,7 @@ pub(super) async fn set_clocks(sessions: &Arc<Machines>, names: &[String]) -> Re
                 })
         });
     }
-    let mut first = Ok(());
-    while let Some(done) = tasks.join_next().await {
-        let result = done.unwrap_or_else(|e| {
-            Err(Error::Provider(crate::provider::ProviderError::Internal {
-                what: "setting a guest's clock",
-                detail: e.to_string(),
-            }))
-        });
-        if first.is_ok() {
-            first = result;
-        }
-    }
-    first
+    super::first_error(tasks, "setting a guest's clock").await
 }
 
 /// Whether `fault pause` froze the machine called `name`.

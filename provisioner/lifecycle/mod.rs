@@ -631,6 +631,27 @@ fn lock_record(record: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Waits for every task; the first error among them (`what`: what the
+/// tasks did, should one panic).
+async fn first_error(
+    mut tasks: tokio::task::JoinSet<Result<()>>,
+    what: &'static str,
+) -> Result<()> {
+    let mut first = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        let result = done.unwrap_or_else(|e| {
+            Err(Error::Provider(ProviderError::Internal {
+                what,
+                detail: e.to_string(),
+            }))
+        });
+        if first.is_ok() {
+            first = result;
+        }
+    }
+    first
+}
+
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> std::result::Result<T, ProviderError> + Send + 'static,
 ) -> std::result::Result<T, ProviderError> {

@@ -125,13 +125,14 @@ impl Testbed {
 
     /// `snapshot restore`: the cluster as it was when the snapshot was
     /// taken, then its checks.
-    pub async fn restore_snapshot(&self, name: &str) -> Result<Restored> {
+    /// `name`: the snapshot, or the newest one.
+    pub async fn restore_snapshot(&self, name: Option<&str>) -> Result<Restored> {
         let started = Instant::now();
         let _lock = self.lock(Access::Exclusive)?;
         let snapshots = self.snapshot_dir();
         let name = match name {
-            "" => snapshots.newest()?,
-            name => name.to_string(),
+            Some(name) => name.to_string(),
+            None => snapshots.newest()?,
         };
         let manifest = snapshots.load(&name)?;
         let differences = manifest.differences(&self.topology);
@@ -225,21 +226,8 @@ impl Testbed {
             let dir = self.state.machine_dir(&machine.name);
             let name = machine.name.clone();
             let work = work.clone();
-            tasks.spawn_blocking(move || work(provider, dir, name));
+            tasks.spawn_blocking(move || work(provider, dir, name).map_err(Error::from));
         }
-        let mut first = Ok(());
-        while let Some(done) = tasks.join_next().await {
-            let result = match done {
-                Ok(result) => result.map_err(Error::from),
-                Err(e) => Err(Error::Provider(ProviderError::Internal {
-                    what: "a provider call on every machine",
-                    detail: e.to_string(),
-                })),
-            };
-            if first.is_ok() {
-                first = result;
-            }
-        }
-        first
+        super::first_error(tasks, "a provider call on every machine").await
     }
 }

@@ -315,16 +315,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_blocked_pair_gets_neither_unicast_nor_floods_from_each_other() {
-        let (dir, mut pa, mut pb, mut pc) = three_ports().await;
-        // Each port's MAC learned.
-        for (port, mac) in [(&mut pa, A), (&mut pb, B), (&mut pc, C)] {
-            send(port, &frame([0xff; 6], mac)).await;
-        }
-        for _ in 0..2 {
-            read_frame(&mut pa).await.expect("a learns");
-            read_frame(&mut pb).await.expect("b learns");
-            read_frame(&mut pc).await.expect("c learns");
-        }
+        let (dir, mut pa, mut pb, mut pc) = three_learned_ports().await;
         std::fs::write(
             dir.path().join(BLOCKS_FILE),
             "02:00:00:00:00:01 02:00:00:00:00:02\n",
