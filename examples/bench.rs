@@ -334,7 +334,7 @@ fn fresh_ssh(known_hosts: &Path, key: &Path, port: u16, command: &str) -> Comman
 
 /// The zk-ensemble by hand: bare qemu command lines on one switch, then for
 /// each machine one ssh that writes zoo.cfg, myid and the JVM options and
-/// starts ZooKeeper, then `echo stat | nc` over ssh until all three serve.
+/// starts ZooKeeper, then `printf stat | nc` over ssh until all three serve.
 /// The files are the ones testbed renders, so both do the same work.
 struct Ensemble {
     kernel: String,
@@ -547,7 +547,7 @@ impl Ensemble {
                     }
                     loop {
                         let stat =
-                            self.ssh(machine, *port, "echo stat | nc -w 3 localhost 2181", None);
+                            self.ssh(machine, *port, "printf stat | nc -w 3 localhost 2181", None);
                         if stat.is_some_and(|s| {
                             ["Mode: leader", "Mode: follower", "Mode: standalone"]
                                 .iter()
