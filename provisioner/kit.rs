@@ -132,6 +132,18 @@ impl Kits {
         }
     }
 
+    /// Each kit as written, by name: its manifest and its templates' text
+    /// (rendering is left out: it differs with each testbed's secrets).
+    pub fn as_written(&self) -> impl Iterator<Item = (&str, String)> + '_ {
+        self.kits.iter().map(|(name, kit)| {
+            let mut text = format!("{:?}", kit.manifest);
+            for (path, template) in &kit.templates {
+                text.push_str(&format!("\0{}\0{template}", path.display()));
+            }
+            (name.as_str(), text)
+        })
+    }
+
     pub fn get(&self, name: &str) -> Option<&Kit> {
         self.kits.get(name)
     }

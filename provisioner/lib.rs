@@ -11,6 +11,7 @@ pub mod build;
 pub mod check;
 pub mod cli;
 pub mod graph;
+pub mod green;
 pub mod identity;
 pub mod image;
 pub mod kit;

@@ -17,6 +17,9 @@ pub struct Settings {
     /// `$TESTBED_LIBVIRT_URI`; a topology's `[libvirt] uri` wins over it.
     pub libvirt_uri: Option<String>,
     pub search: Search,
+    /// `$TESTBED_GREEN_CACHE_MAX`: the green cache's size limit as written
+    /// (`8GiB`; `0` saves nothing), parsed where it is used.
+    pub green_cache_max: Option<String>,
     /// `--wait`: a command that finds the testbed locked waits for the lock
     /// instead of failing.
     pub wait_for_lock: bool,
@@ -54,6 +57,7 @@ impl Settings {
                 images: path("TESTBED_IMAGES"),
                 daemons: path("TESTBED_DAEMONS"),
             },
+            green_cache_max: var("TESTBED_GREEN_CACHE_MAX").and_then(|v| v.into_string().ok()),
             wait_for_lock: false,
         }
     }

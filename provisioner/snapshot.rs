@@ -209,9 +209,13 @@ pub struct Snapshots {
 
 impl Snapshots {
     pub fn in_state(state_root: &Path) -> Snapshots {
-        Snapshots {
-            root: state_root.join("snapshots"),
-        }
+        Snapshots::at(state_root.join("snapshots"))
+    }
+
+    /// Snapshots kept in `root`, one folder each (the green cache keeps one
+    /// per entry).
+    pub fn at(root: PathBuf) -> Snapshots {
+        Snapshots { root }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -247,12 +251,7 @@ impl Snapshots {
     /// any snapshot of the same name.
     pub fn commit(&self, manifest: &Manifest) -> Result<()> {
         let partial = self.partial_path(&manifest.name);
-        let text = serde_json::to_vec_pretty(manifest).map_err(|e| SnapshotError::Corrupt {
-            name: manifest.name.clone(),
-            path: partial.clone(),
-            detail: e.to_string(),
-        })?;
-        state::write_atomic(&partial.join(MANIFEST), &text, 0o600)?;
+        write_manifest(&partial, manifest)?;
         let path = self.path(&manifest.name);
         remove_dir(&path)?;
         std::fs::rename(&partial, &path).map_err(|e| StateError::Io {
@@ -311,7 +310,7 @@ impl Snapshots {
                 continue;
             };
             listed.push(Listed {
-                size: disk_usage(&self.path(&name)),
+                size: state::disk_usage(&self.path(&name)),
                 created: manifest.created,
                 machines: manifest.machines.keys().cloned().collect(),
                 name,
@@ -355,6 +354,16 @@ impl Snapshots {
     }
 }
 
+/// Writes `manifest` into the snapshot folder `dir`.
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let text = serde_json::to_vec_pretty(manifest).map_err(|e| SnapshotError::Corrupt {
+        name: manifest.name.clone(),
+        path: dir.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    Ok(state::write_atomic(&dir.join(MANIFEST), &text, 0o600)?)
+}
+
 /// Snapshot names become folder names and are typed on the command line.
 fn check_name(name: &str) -> Result<()> {
     let fine = !name.is_empty()
@@ -378,22 +387,6 @@ fn remove_dir(path: &Path) -> std::result::Result<(), StateError> {
         }),
         _ => Ok(()),
     }
-}
-
-/// Bytes the files under `path` take on disk (holes not counted).
-fn disk_usage(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|entry| match entry.metadata() {
-            Ok(meta) if meta.is_dir() => disk_usage(&entry.path()),
-            Ok(meta) => meta.blocks() * 512,
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 #[cfg(test)]

@@ -197,6 +197,30 @@ impl StateDir {
         self.root.join("secrets.json")
     }
 
+    /// What a cluster was made with, relative to `.testbed/`: the user key,
+    /// the secrets, and each machine's host key, machine id and seed. A VM
+    /// restored elsewhere needs them all to be the same machine.
+    pub fn identity_files(&self, machines: &[String]) -> Vec<PathBuf> {
+        let mut files = vec![
+            self.user_key(),
+            self.root.join("id_ed25519.pub"),
+            self.secrets_path(),
+        ];
+        for name in machines {
+            let machine = self.machine(name);
+            files.extend([
+                machine.host_key(),
+                machine.host_public_key(),
+                machine.machine_id(),
+                machine.seed(),
+            ]);
+        }
+        files
+            .into_iter()
+            .filter_map(|path| path.strip_prefix(&self.root).ok().map(Path::to_path_buf))
+            .collect()
+    }
+
     /// The testbed's secrets named in `names` that exist already (nothing
     /// is generated).
     pub fn existing_secrets(
@@ -473,6 +497,22 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateErro
     fs::File::open(dir)
         .and_then(|folder| folder.sync_all())
         .map_err(io_err(dir))
+}
+
+/// Bytes the files under `path` take on disk (holes not counted).
+pub fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => disk_usage(&entry.path()),
+            Ok(meta) => meta.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 #[cfg(test)]

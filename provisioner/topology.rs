@@ -281,6 +281,12 @@ pub fn is_valid_name(name: &str) -> bool {
 /// or a plain number of MiB (`1024`). Units are binary and case-insensitive.
 /// The error is a sentence for the user.
 pub fn parse_memory_mib(text: &str) -> std::result::Result<u64, String> {
+    parse_size_mib(text, "memory").and_then(check_memory_mib)
+}
+
+/// A size in MiB written as memory is (`8GiB`, `512M`, `1024`), zero
+/// allowed; `what` names it in the error.
+pub fn parse_size_mib(text: &str, what: &str) -> std::result::Result<u64, String> {
     let trimmed = text.trim();
     let digits_end = trimmed
         .find(|c: char| !c.is_ascii_digit())
@@ -288,21 +294,20 @@ pub fn parse_memory_mib(text: &str) -> std::result::Result<u64, String> {
     let (number, unit) = trimmed.split_at(digits_end);
     let unit = unit.trim_start();
     if number.is_empty() {
-        return Err(format!("memory `{text}` is not a size"));
+        return Err(format!("{what} `{text}` is not a size"));
     }
     if unit.starts_with(['.', ',']) {
         return Err(format!(
-            "memory `{text}` is not a whole number; use a smaller unit (e.g. `1536MiB` for 1.5 GiB)"
+            "{what} `{text}` is not a whole number; use a smaller unit (e.g. `1536MiB` for 1.5 GiB)"
         ));
     }
     let factor =
-        memory_unit_factor(unit).map_err(|message| format!("memory `{text}`: {message}"))?;
+        memory_unit_factor(unit).map_err(|message| format!("{what} `{text}`: {message}"))?;
     number
         .parse::<u64>()
         .ok()
         .and_then(|value| value.checked_mul(factor))
-        .ok_or_else(|| format!("memory `{text}` is too large"))
-        .and_then(check_memory_mib)
+        .ok_or_else(|| format!("{what} `{text}` is too large"))
 }
 
 /// MiB per unit; the error says what the unit could have meant.

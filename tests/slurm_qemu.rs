@@ -4,7 +4,9 @@
 //! `verify` is green; `testbed run submit-hello` sees the job run and print;
 //! `testbed run kill-hello` sees it gone; a second `up` is a no-op that
 //! skips the build, and an edited input rebuilds and re-pushes the job;
-//! `status`, `halt`, `destroy`. One booted cluster serves the whole scenario.
+//! `status`, `halt`, `destroy`; then `up` again restores the cluster from
+//! the green cache (saved by the first `up`). One booted cluster serves the
+//! whole scenario.
 
 mod common;
 
@@ -47,8 +49,9 @@ fn check_names_passed(json: &str) -> Vec<(String, bool)> {
 
 #[test]
 fn slurm_cluster_builds_runs_and_kills_the_hello_job() {
-    let bed = slurm_bed();
-    let up = bed.ok(&["up", "topology.toml"]);
+    let bed = slurm_bed().with_green_cache();
+    // --fresh: an entry an earlier run left in the green cache is not used.
+    let up = bed.ok(&["up", "--fresh", "topology.toml"]);
     assert!(
         up.contains("build: built dist/hello_world"),
         "up runs the build:\n{up}"
@@ -57,6 +60,7 @@ fn slurm_cluster_builds_runs_and_kills_the_hello_job() {
         up.contains("PASS") && !up.contains("FAIL"),
         "up's checks:\n{up}"
     );
+    assert!(up.contains("green cache: saved"), "{up}");
     for daemon in [
         "zookeeper: zookeeper started",
         "slurm-controller: munge started",
@@ -144,6 +148,33 @@ fn slurm_cluster_builds_runs_and_kills_the_hello_job() {
         !bed.path().join(".testbed").exists(),
         "destroy removes the state"
     );
+
+    from_the_green_cache(&bed, &source, &text, &before);
+}
+
+/// With the job's source as it was at the first `up`, an `up` after
+/// `destroy` is the green cache's: every check green without a boot, the
+/// build's output put back, and the job runs (munge takes the restored
+/// credentials, so every clock is right).
+fn from_the_green_cache(bed: &Bed, source: &std::path::Path, text: &str, built: &str) {
+    std::fs::write(source, text).expect("the source as first built");
+    std::fs::remove_dir_all(bed.path().join("dist")).expect("rm dist");
+    let up = bed.ok(&["up"]);
+    assert!(up.contains("green cache: restored this cluster"), "{up}");
+    assert!(up.contains("PASS") && !up.contains("FAIL"), "{up}");
+    assert!(!up.contains("build: built"), "no build: {up}");
+    let dist = std::fs::read(bed.path().join("dist/hello_world")).expect("dist restored");
+    assert_eq!(sha256_hex(&dist), built, "the first build's output");
+    let submit = bed.testbed(&["run", "submit-hello"]);
+    assert!(
+        submit.status.success(),
+        "submit-hello after a restore:\n{}\n{}",
+        String::from_utf8_lossy(&submit.stdout),
+        String::from_utf8_lossy(&submit.stderr)
+    );
+    let again = bed.ok(&["up"]);
+    assert!(again.contains("nothing to do"), "converged: {again}");
+    bed.ok(&["destroy", "-f"]);
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::lifecycle::Testbed;
+use crate::lifecycle::{Testbed, UpOptions};
 use crate::model::fault::parse_loss;
 use crate::model::{Fault, LinkShape};
 use crate::progress::Progress;
@@ -122,7 +122,7 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
 
 /// `fault start` with no machine: `up`, which boots every killed machine.
 async fn start_all(testbed: &Testbed) -> anyhow::Result<ExitCode> {
-    let report = testbed.up(&Progress::new(), None).await?;
+    let report = testbed.up(&Progress::new(), UpOptions::default()).await?;
     let started = report.changed();
     if started.is_empty() {
         out!("nothing to start: every machine runs")?;

@@ -19,6 +19,7 @@ macro_rules! out_raw {
 }
 
 mod build;
+mod cache;
 mod completions;
 mod destroy;
 mod doctor;
@@ -80,6 +81,7 @@ enum Command {
     Graph(graph::Args),
     Fault(fault::Args),
     Snapshot(snapshot::Args),
+    Cache(cache::Args),
     SshConfig(ssh::ConfigArgs),
     Halt(halt::Args),
     Destroy(destroy::Args),
@@ -214,6 +216,7 @@ async fn run(cli: Cli, settings: &Settings) -> anyhow::Result<ExitCode> {
         Command::Graph(args) => graph::run(args, settings),
         Command::Fault(args) => fault::run(args, settings).await,
         Command::Snapshot(args) => snapshot::run(args, settings).await,
+        Command::Cache(args) => cache::run(args, settings).await,
         Command::SshConfig(args) => ssh::config(args, settings),
         Command::Halt(args) => halt::run(args, settings).await,
         Command::Destroy(args) => destroy::run(args, settings).await,

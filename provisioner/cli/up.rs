@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::lifecycle::{Testbed, UpReport};
+use crate::lifecycle::{GreenOutcome, Testbed, UpOptions, UpReport};
 use crate::model::ProviderKind;
 use crate::progress::Progress;
 use crate::settings::Settings;
@@ -12,7 +12,8 @@ use crate::settings::Settings;
                         testbed up            # again: resumes halted machines, or does nothing\n  \
                         testbed up --provider libvirt topologies/zk-ensemble.toml\n  \
                         testbed up --json | jq '.machines[] | {name, action}'\n  \
-                        testbed up --jobs 3   # boot three machines at a time")]
+                        testbed up --jobs 3   # boot three machines at a time\n  \
+                        testbed up --fresh    # boot and provision even if the green cache has it")]
 pub struct Args {
     #[command(flatten)]
     pub(super) at: super::At,
@@ -29,6 +30,10 @@ pub struct Args {
     /// wait for a slot. Default: all at once
     #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     jobs: Option<u16>,
+    /// Boot and provision from nothing even when the green cache holds this
+    /// cluster (it is saved anew once green)
+    #[arg(long)]
+    fresh: bool,
 }
 
 pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
@@ -41,9 +46,16 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
         testbed.use_provider(kind)?;
     }
     let progress = Progress::new();
-    let report = testbed.up(&progress, args.jobs.map(usize::from)).await?;
+    let options = UpOptions {
+        boot_jobs: args.jobs.map(usize::from),
+        fresh: args.fresh,
+    };
+    let report = testbed.up(&progress, options).await?;
     if args.json {
         return print_json(&report);
+    }
+    if let Some(green) = &report.green {
+        out!("{}", green_line(green))?;
     }
     let name = &testbed.topology.name;
     let changed = report.changed();
@@ -84,9 +96,39 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// What the green cache did, in one line.
+fn green_line(green: &GreenOutcome) -> String {
+    match green {
+        GreenOutcome::Restored(r) => format!(
+            "green cache: restored this cluster as it was first green ({}), running after {:.1} s; \
+             `testbed up --fresh` boots it anew",
+            r.created, r.resumed_seconds
+        ),
+        GreenOutcome::Saved(s) => {
+            let mut line = format!(
+                "green cache: saved ({} MiB, the cluster paused {:.1} s); the next `up` of this \
+                 topology from nothing restores it",
+                s.size >> 20,
+                s.paused_seconds
+            );
+            if !s.evicted.is_empty() {
+                line.push_str(&format!("; {} older entries evicted", s.evicted.len()));
+            }
+            line
+        }
+        GreenOutcome::NotSaved(why) => format!("green cache: not saved: {why}"),
+    }
+}
+
 /// `up --json`: what was done, in `plan --json`'s shape, with the checks.
 fn print_json(report: &UpReport) -> anyhow::Result<ExitCode> {
     let mut done = report.done();
+    done["green_cache"] = match &report.green {
+        Some(GreenOutcome::Restored(r)) => serde_json::json!({ "restored": r.key }),
+        Some(GreenOutcome::Saved(s)) => serde_json::json!({ "saved": s.key, "size": s.size }),
+        Some(GreenOutcome::NotSaved(why)) => serde_json::json!({ "not_saved": why }),
+        None => serde_json::Value::Null,
+    };
     done["checks"] = match &report.checks {
         Some(checks) => checks.json(),
         None => serde_json::Value::Null,

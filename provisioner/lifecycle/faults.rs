@@ -169,7 +169,7 @@ impl Testbed {
     /// does (which converges every other machine too).
     async fn start_machine(&self, name: &str, progress: &Progress) -> Result<String> {
         self.select(&[name.to_string()])?;
-        let report = self.up(progress, None).await?;
+        let report = self.up(progress, super::UpOptions::default()).await?;
         Ok(if report.changed().iter().any(|m| m == name) {
             format!("{name}: started")
         } else {

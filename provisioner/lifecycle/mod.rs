@@ -5,6 +5,7 @@
 
 mod destroy;
 mod faults;
+mod green;
 mod halt;
 mod snapshots;
 mod ssh_config;
@@ -32,10 +33,11 @@ use crate::state::{Access, Desired, LockGuard, MachineRecord, Record, StateDir, 
 use crate::topology::{self, TopologyError};
 
 pub use destroy::destroy;
+pub use green::{green_cache_max, GreenRestored, GreenSaved};
 pub use snapshots::{Restored, Saved, DEFAULT_SNAPSHOT};
 pub use ssh_config::{control_path, wait_for_control_master, write_ssh_config};
 pub use steps::StepReport;
-pub use up::UpReport;
+pub use up::{GreenOutcome, UpOptions, UpReport};
 
 use steps::check_build;
 
@@ -67,6 +69,10 @@ pub enum Error {
     Build(#[from] build::BuildError),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Green(#[from] crate::green::GreenError),
+    #[error("{0}\n  help: write a size such as `8GiB`, or `0` to save nothing")]
+    Setting(String),
     #[error("{0} has no [build]\n  help: add a [build] table with `machine`, `run`, `inputs` and `outputs`")]
     NoBuild(PathBuf),
     #[error(

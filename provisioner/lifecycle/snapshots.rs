@@ -3,17 +3,18 @@
 //! fresh networks, resumes them together, sets each guest's clock from the
 //! host's (qemu's `vmgenid` makes each reseed its RNG) and runs the checks.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::check;
 use crate::model::Machine;
-use crate::provider::{Provider, ProviderError, VmState};
+use crate::provider::{Provider, ProviderError, Relocation, VmState};
 use crate::snapshot::{Listed, Manifest, SnapshotError, Snapshots};
 use crate::state::{Access, Desired, Record, STATE_VERSION};
 
 use super::destroy::stop_control_master;
-use super::ssh_config::start_control_masters;
+use super::ssh_config::{start_control_masters, write_ssh_config};
 use super::{faults, Error, Result, Testbed};
 
 /// The name `snapshot save` and `restore` use when given none.
@@ -85,7 +86,7 @@ impl Testbed {
     /// Pauses every machine, saves each (in parallel) into `partial`, then
     /// resumes all of them, whatever the saves did; a machine that a fault
     /// paused stays paused.
-    async fn pause_and_save(&self, partial: &Path, record: &Record) -> Result<()> {
+    pub(super) async fn pause_and_save(&self, partial: &Path, record: &Record) -> Result<()> {
         let machines = &self.topology.machines;
         let mut paused = Vec::new();
         let mut outcome = Ok(());
@@ -139,22 +140,57 @@ impl Testbed {
         if !differences.is_empty() {
             return Err(SnapshotError::Mismatch { name, differences }.into());
         }
-        self.load_paused(&snapshots.path(&name), &manifest).await?;
-        let mut record = manifest.record.clone();
-        record.version = STATE_VERSION;
-        record.topology = self.topology.path.clone();
-        record.faults.clear();
-        for saved in record.machines.values_mut() {
-            saved.desired = Desired::Running;
+        for machine in &self.topology.machines {
+            if !self.state.machine_dir(&machine.name).is_dir() {
+                return Err(SnapshotError::NoMachine(machine.name.clone()).into());
+            }
         }
-        self.state.save(&record)?;
+        let record = restored_record(&manifest, &self.topology.path);
+        let moves = self.unmoved(&record);
+        self.load_paused(&snapshots.path(&name), &record, &moves)
+            .await?;
+        let (resumed_seconds, checks) = self.resume_and_check(&record, started).await?;
+        Ok(Restored {
+            name,
+            resumed_seconds,
+            checks,
+        })
+    }
+
+    /// Each machine restored where it was saved, on the port it had.
+    fn unmoved(&self, record: &Record) -> BTreeMap<String, Relocation> {
+        record
+            .machines
+            .iter()
+            .map(|(name, saved)| {
+                let stays = Relocation {
+                    saved_root: self.state.root().to_path_buf(),
+                    root: self.state.root().to_path_buf(),
+                    saved_ssh_port: saved.ssh_port,
+                    ssh_port: saved.ssh_port,
+                };
+                (name.clone(), stays)
+            })
+            .collect()
+    }
+
+    /// Records `record`, runs every loaded machine together, gives each its
+    /// ssh config entry and ControlMaster, sets the clocks and runs the
+    /// checks. Returns the seconds from `started` until all ran.
+    pub(super) async fn resume_and_check(
+        &self,
+        record: &Record,
+        started: Instant,
+    ) -> Result<(f64, check::Report)> {
+        self.state.save(record)?;
         let machines = self.topology.machines.clone();
         self.each_machine(&machines, |provider, dir, _| provider.resume(&dir))
             .await?;
         let resumed_seconds = started.elapsed().as_secs_f64();
         let names: Vec<String> = machines.iter().map(|m| m.name.clone()).collect();
-        start_control_masters(&self.state, &names);
         let sessions = self.sessions()?;
+        write_ssh_config(&self.state, &self.topology.name, &sessions.addresses())?;
+        start_control_masters(&self.state, &names);
         let clocks = faults::set_clocks(&sessions, &names).await;
         let checks = match clocks {
             Ok(()) => {
@@ -163,28 +199,24 @@ impl Testbed {
             Err(e) => Err(e),
         };
         sessions.close().await;
-        Ok(Restored {
-            name,
-            resumed_seconds,
-            checks: checks?,
-        })
+        Ok((resumed_seconds, checks?))
     }
 
-    /// Every VM stopped, the networks made anew (no fault
-    /// survives), and every machine loaded from the snapshot, paused.
-    async fn load_paused(&self, snapshot: &Path, manifest: &Manifest) -> Result<()> {
-        for machine in &self.topology.machines {
-            if !self.state.machine_dir(&machine.name).is_dir() {
-                return Err(SnapshotError::NoMachine(machine.name.clone()).into());
-            }
-        }
+    /// Every VM stopped, the networks made anew (no fault survives), and
+    /// every machine loaded from `snapshot`, paused, where `moves` says.
+    pub(super) async fn load_paused(
+        &self,
+        snapshot: &Path,
+        record: &Record,
+        moves: &BTreeMap<String, Relocation>,
+    ) -> Result<()> {
         let machines = self.topology.machines.clone();
         for machine in &machines {
             stop_control_master(&self.state, &machine.name).await;
         }
         self.each_machine(&machines, |provider, dir, _| provider.kill(&dir))
             .await?;
-        for network in manifest.record.networks.keys() {
+        for network in record.networks.keys() {
             let Some(machine) = machines.iter().find(|m| m.ips.contains_key(network)) else {
                 continue;
             };
@@ -194,8 +226,13 @@ impl Testbed {
             provider.ensure_network(&spec)?;
         }
         let snapshot = snapshot.to_path_buf();
+        let moves = moves.clone();
         self.each_machine(&machines, move |provider, dir, name| {
-            provider.restore_state(&dir, &Snapshots::machine_path(&snapshot, &name))
+            let moved = moves.get(&name).ok_or_else(|| ProviderError::Internal {
+                what: "restoring a snapshot",
+                detail: format!("{name} has no saved record"),
+            })?;
+            provider.restore_state(&dir, &Snapshots::machine_path(&snapshot, &name), moved)
         })
         .await
     }
@@ -212,7 +249,7 @@ impl Testbed {
 
     /// Runs `work(provider, machine folder, name)` for every machine at once
     /// on blocking threads; the first error, once all have ended.
-    async fn each_machine(
+    pub(super) async fn each_machine(
         &self,
         machines: &[Machine],
         work: impl Fn(Box<dyn Provider>, PathBuf, String) -> std::result::Result<(), ProviderError>
@@ -230,4 +267,17 @@ impl Testbed {
         }
         super::first_error(tasks, "a provider call on every machine").await
     }
+}
+
+/// The record a restore of `manifest` leaves: every machine running, no
+/// fault in force, the topology where it is now.
+pub(super) fn restored_record(manifest: &Manifest, topology: &Path) -> Record {
+    let mut record = manifest.record.clone();
+    record.version = STATE_VERSION;
+    record.topology = topology.to_path_buf();
+    record.faults.clear();
+    for saved in record.machines.values_mut() {
+        saved.desired = Desired::Running;
+    }
+    record
 }

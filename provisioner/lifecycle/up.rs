@@ -19,6 +19,7 @@ use crate::provision::{self, Gate, Machines, Outcome, Readiness};
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::{Access, Desired, MachineDir, MachineRecord, Record, StateDir, StateError};
 
+use super::green::{GreenRestored, GreenSaved};
 use super::ssh_config::{start_control_masters, write_ssh_config};
 use super::steps::spawn_build;
 use super::{
@@ -41,9 +42,44 @@ pub struct UpReport {
     pub checks: Option<check::Report>,
     /// What the build step did, when the topology has one.
     pub build: Option<BuildOutcome>,
+    /// What the green cache did, when `up` started from nothing.
+    pub green: Option<GreenOutcome>,
+}
+
+/// How `up` goes about its work.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpOptions {
+    /// How many machines boot at once (until SSH answers with their
+    /// identity applied); `None` boots them all at once.
+    pub boot_jobs: Option<usize>,
+    /// Boot and provision even when the green cache has this cluster (and
+    /// save it anew once green).
+    pub fresh: bool,
+}
+
+/// The green cache's part in an `up` from nothing.
+#[derive(Debug)]
+pub enum GreenOutcome {
+    /// The cluster came from the cache instead of boots and provisioning.
+    Restored(GreenRestored),
+    /// The cluster was booted, provisioned, green, and saved.
+    Saved(GreenSaved),
+    /// It was booted, provisioned and green, but could not be saved.
+    NotSaved(String),
 }
 
 impl UpReport {
+    /// The report of an `up` the green cache answered: every machine made.
+    fn restored(mut self, restored: GreenRestored) -> UpReport {
+        for machine in &self.plan.machines {
+            self.machines
+                .insert(machine.name.clone(), MachineAction::Create);
+        }
+        self.checks = Some(restored.checks.clone());
+        self.green = Some(GreenOutcome::Restored(restored));
+        self
+    }
+
     /// Machines `up` acted on, in file order.
     pub fn changed(&self) -> Vec<String> {
         self.machines_where(|action| action != MachineAction::Nothing)
@@ -107,16 +143,15 @@ impl UpReport {
 impl Testbed {
     /// Carries out the plan: builds missing images, boots what is not
     /// running, applies identities, provisions daemons. A converged testbed
-    /// is left alone.
-    ///
-    /// `boot_jobs`: how many machines boot at once (until SSH answers with
-    /// their identity applied); `None` boots them all at once.
-    pub async fn up(&self, progress: &Progress, boot_jobs: Option<usize>) -> Result<UpReport> {
+    /// is left alone. From nothing, the green cache's copy of the cluster
+    /// is restored when it has one, and saved once green when not.
+    pub async fn up(&self, progress: &Progress, options: UpOptions) -> Result<UpReport> {
         let kits = self.kits()?;
         self.check_build(&kits)?;
         self.state.create()?;
         let _lock = self.lock(Access::Exclusive)?;
         let mut record = self.state.load()?;
+        let from_nothing = record.machines.is_empty();
         record.topology = self.topology.path.clone();
         ensure_user_key(&self.state)?;
         let secrets = self.state.secrets(&kits.secret_names(&self.topology))?;
@@ -130,6 +165,7 @@ impl Testbed {
             daemons: Vec::new(),
             checks: None,
             build: None,
+            green: None,
         };
         let build_current = plan
             .build
@@ -138,6 +174,28 @@ impl Testbed {
         if plan.converged() {
             report.build = self.topology.build.as_ref().map(|_| BuildOutcome::Skipped);
             return Ok(report);
+        }
+        let green_key = match from_nothing {
+            true => self.green_key_for(&plan, &kits, progress)?,
+            false => None,
+        };
+        if let Some(entry) = green_key
+            .as_ref()
+            .filter(|_| !options.fresh)
+            .and_then(|(key, _)| self.green_cache().lookup(key))
+        {
+            match self.restore_green(&entry).await {
+                Ok(restored) => return Ok(report.restored(restored)),
+                Err(e) => {
+                    progress.println(&format!(
+                        "green cache: restoring {} failed, booting afresh: {}",
+                        entry.info.key,
+                        first_line(&e.to_string())
+                    ));
+                    self.undo_green().await?;
+                    record = self.state.load()?;
+                }
+            }
         }
         let images = self.ensure_images(&plan, &record, progress).await?;
         self.accelerator(&plan, &images, progress);
@@ -161,7 +219,8 @@ impl Testbed {
             readiness,
             topology: Arc::new(self.topology.clone()),
             boots: Arc::new(Semaphore::new(
-                boot_jobs
+                options
+                    .boot_jobs
                     .unwrap_or_else(|| default_boot_jobs(booting))
                     .max(1),
             )),
@@ -220,7 +279,46 @@ impl Testbed {
         }
         machines.close().await;
         start_control_masters(&self.state, &report.changed());
-        all_succeeded(failures).map(|()| report)
+        all_succeeded(failures)?;
+        if let Some((key, max_size)) = green_key {
+            if report.checks.as_ref().is_none_or(|c| c.passed()) {
+                report.green = Some(match self.save_green(&key, max_size).await {
+                    Ok(saved) => GreenOutcome::Saved(saved),
+                    Err(e) => GreenOutcome::NotSaved(first_line(&e.to_string()).to_string()),
+                });
+            }
+        }
+        Ok(report)
+    }
+
+    /// The green cache key of an `up` from nothing, with the cache's size
+    /// limit; `None` when the cache saves nothing or the key cannot be
+    /// made (said on the progress lines).
+    fn green_key_for(
+        &self,
+        plan: &Plan,
+        kits: &crate::kit::Kits,
+        progress: &Progress,
+    ) -> Result<Option<(String, u64)>> {
+        let max_size = self.green_cache_max()?;
+        if max_size == 0
+            || plan
+                .machines
+                .iter()
+                .any(|m| m.action != MachineAction::Create)
+        {
+            return Ok(None);
+        }
+        match self.green_key(plan, kits) {
+            Ok(key) => Ok(Some((key, max_size))),
+            Err(e) => {
+                progress.println(&format!(
+                    "green cache: not used: {}",
+                    first_line(&e.to_string())
+                ));
+                Ok(None)
+            }
+        }
     }
 
     /// Re-renders and pushes the kits of `names` (or all machines), as the

@@ -29,8 +29,8 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
 use super::{
-    kvm, loopback, qemu, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError, VmSpec,
-    VmState,
+    kvm, loopback, qemu, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError, Relocation,
+    VmSpec, VmState,
 };
 use crate::identity::Management;
 use crate::model::LinkShape;
@@ -397,7 +397,7 @@ impl Provider for Libvirt {
         Err(snapshots_unsupported())
     }
 
-    fn restore_state(&self, _: &Path, _: &Path) -> Result<(), ProviderError> {
+    fn restore_state(&self, _: &Path, _: &Path, _: &Relocation) -> Result<(), ProviderError> {
         Err(snapshots_unsupported())
     }
 

@@ -118,6 +118,17 @@ pub struct NicSpec {
     pub mac: String,
 }
 
+/// How a saved VM's world changed before its restore: the testbed's state
+/// folder it was saved in, and its SSH port then, against those now (the
+/// green cache restores into other folders, while the saving one may run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relocation {
+    pub saved_root: PathBuf,
+    pub root: PathBuf,
+    pub saved_ssh_port: u16,
+    pub ssh_port: u16,
+}
+
 /// Everything a provider needs to create and boot one machine.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -250,8 +261,14 @@ pub trait Provider: Send + Sync {
     fn save_state(&self, dir: &Path, to: &Path) -> Result<(), ProviderError>;
     /// Replaces the machine's VM (which must not run) by the one
     /// [`Provider::save_state`] wrote into `from`, loaded and paused:
-    /// [`Provider::resume`] runs it.
-    fn restore_state(&self, dir: &Path, from: &Path) -> Result<(), ProviderError>;
+    /// [`Provider::resume`] runs it. `moved`: the VM was saved in another
+    /// state folder, or on another SSH port.
+    fn restore_state(
+        &self,
+        dir: &Path,
+        from: &Path,
+        moved: &Relocation,
+    ) -> Result<(), ProviderError>;
     /// Whether a network that was made still carries traffic (its switch or
     /// bridge is up). True when it cannot be told: a false answer reboots
     /// the machines on it.

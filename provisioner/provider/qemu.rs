@@ -17,7 +17,7 @@ use crate::process::{process_alive, terminate, wait_until_dead};
 
 use super::{
     kvm, loopback, qmp, switch, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError,
-    VmSpec, VmState,
+    Relocation, VmSpec, VmState,
 };
 
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -141,7 +141,13 @@ impl Provider for Qemu {
 
     /// A new qemu from the saved command line, told to take its memory from
     /// the saved file and to stay paused (`-S`), over a copy of the saved disk.
-    fn restore_state(&self, dir: &Path, from: &Path) -> Result<(), ProviderError> {
+    /// Paths and the SSH forward are host-side only, so a moved VM gets new ones.
+    fn restore_state(
+        &self,
+        dir: &Path,
+        from: &Path,
+        moved: &Relocation,
+    ) -> Result<(), ProviderError> {
         let marker = dir.to_string_lossy().into_owned();
         if process_alive(&pid_path(dir), &marker) {
             return Err(ProviderError::Internal {
@@ -153,18 +159,24 @@ impl Provider for Qemu {
             what: format!("cannot read {}", args_path(from).display()),
             source,
         })?;
-        let mut args: Vec<String> =
+        let saved: Vec<String> =
             serde_json::from_slice(&text).map_err(|e| ProviderError::Internal {
                 what: "reading a snapshot's qemu command line",
                 detail: e.to_string(),
             })?;
+        let mut args = relocated(&saved, moved);
+        check_socket_path(&qmp_path(dir))?;
         let partial = partial_disk_path(dir);
         copy_file(&from.join(DISK), &partial)?;
         fs::rename(&partial, disk_path(dir)).map_err(|source| ProviderError::Io {
             what: format!("cannot move {} into place", partial.display()),
             source,
         })?;
-        copy_file(&args_path(from), &args_path(dir))?;
+        let recorded = serde_json::to_vec(&args).map_err(|e| ProviderError::Internal {
+            what: "recording qemu's command line",
+            detail: e.to_string(),
+        })?;
+        crate::state::write_atomic(&args_path(dir), &recorded, 0o600)?;
         let _ = fs::remove_file(qmp_path(dir));
         let incoming = format!(
             "exec:cat {}",
@@ -311,6 +323,26 @@ impl Provider for Qemu {
             kvm::doctor_line(&self.cache_root),
         ]
     }
+}
+
+/// qemu's saved command line for where the VM is restored: the old state
+/// folder's paths under the new one, the SSH forward on the new port.
+fn relocated(args: &[String], moved: &Relocation) -> Vec<String> {
+    // With the separator: a sibling such as `.testbed-old/` is not under it.
+    let saved_root = format!("{}/", moved.saved_root.display());
+    let root = format!("{}/", moved.root.display());
+    let saved_forward = format!(
+        "hostfwd=tcp:{}:{}-:22",
+        loopback::HOST,
+        moved.saved_ssh_port
+    );
+    let forward = format!("hostfwd=tcp:{}:{}-:22", loopback::HOST, moved.ssh_port);
+    args.iter()
+        .map(|arg| {
+            arg.replace(&saved_root, &root)
+                .replace(&saved_forward, &forward)
+        })
+        .collect()
 }
 
 fn disk_path(dir: &Path) -> PathBuf {
@@ -709,6 +741,29 @@ mod tests {
             .filter(|pair| pair[0] == flag)
             .map(|pair| pair[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn a_moved_vm_gets_the_new_folder_and_ssh_port() {
+        let saved = [
+            "file=/a/.testbed/machines/zk-1/disk.qcow2,if=none".to_string(),
+            "user,id=mgmt,hostfwd=tcp:127.0.0.1:40022-:22,hostfwd=tcp:127.0.0.1:12181-:2181".into(),
+            "/a/.testbed-other/x".into(),
+        ];
+        let moved = Relocation {
+            saved_root: "/a/.testbed".into(),
+            root: "/b/.testbed".into(),
+            saved_ssh_port: 40022,
+            ssh_port: 41000,
+        };
+        assert_eq!(
+            relocated(&saved, &moved),
+            [
+                "file=/b/.testbed/machines/zk-1/disk.qcow2,if=none",
+                "user,id=mgmt,hostfwd=tcp:127.0.0.1:41000-:22,hostfwd=tcp:127.0.0.1:12181-:2181",
+                "/a/.testbed-other/x",
+            ]
+        );
     }
 
     #[test]

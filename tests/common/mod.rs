@@ -19,6 +19,8 @@ pub struct Bed {
     /// Run testbed as a user runs it after installing it (see
     /// [`Bed::installed`]); `None`: from the checkout.
     installed: Option<Installed>,
+    /// Whether `up` may use the green cache (see [`Bed::with_green_cache`]).
+    green_cache: bool,
 }
 
 /// testbed as installed: the binary alone in a folder of its own, no
@@ -59,6 +61,7 @@ impl Bed {
             dir,
             libvirtd: None,
             installed: None,
+            green_cache: false,
         }
     }
 
@@ -86,6 +89,7 @@ impl Bed {
             dir,
             libvirtd: None,
             installed: Some(Installed { binary, user }),
+            green_cache: true,
         }
     }
 
@@ -95,6 +99,14 @@ impl Bed {
         let mut bed = Bed::new(topology);
         bed.libvirtd = Some((libvirtd.netns.clone(), libvirtd.uri.clone()));
         bed
+    }
+
+    /// A bed from the checkout whose `up` saves to and restores from the
+    /// green cache. The others save nothing there: each scenario is about
+    /// boots, and saving every cluster would cost CI seconds and GiBs.
+    pub fn with_green_cache(mut self) -> Bed {
+        self.green_cache = true;
+        self
     }
 
     /// The folder testbed runs in.
@@ -129,6 +141,9 @@ impl Bed {
             .env("TESTBED_IMAGES", repo().join("images"))
             .env("TESTBED_DAEMONS", repo().join("daemons"))
             .args(args);
+        if !self.green_cache {
+            command.env("TESTBED_GREEN_CACHE_MAX", "0");
+        }
         command
     }
 
