@@ -30,8 +30,14 @@
 //!   (mmdebstrap's unshare mode), each into an empty cache of its own, then
 //!   `up` of one machine from each image to SSH-ready.
 //!
-//! `BENCH=boot`, `BENCH=slurm`, `BENCH=libvirt`, `BENCH=plan` or
-//! `BENCH=load` runs only that part (`boot`: the SSH-ready rows).
+//! - the green cache and snapshots (`BENCH=green`, not part of the default
+//!   run: about 20 minutes): for ZooKeeper ensembles of N = 1, 3, 5
+//!   (`BENCH_GREEN_N=3`), `up --fresh` to green, `up` to green from the
+//!   green cache after `destroy`, `snapshot save`, and `snapshot restore`
+//!   to green, each beside the same ensemble brought up by hand.
+//!
+//! `BENCH=boot`, `BENCH=slurm`, `BENCH=libvirt`, `BENCH=plan`, `BENCH=load`
+//! or `BENCH=green` runs only that part (`boot`: the SSH-ready rows).
 //!
 //! It prints a table of medians and ratios. Nothing here asserts: figures
 //! are for people to read and compare.
@@ -77,6 +83,9 @@ struct Bed {
     libvirt: Option<(String, String)>,
     /// The image cache, when not the invoking user's own.
     cache: Option<PathBuf>,
+    /// Whether `up` uses the green cache (only `BENCH=green` measures it;
+    /// elsewhere a repeated `up` must boot).
+    green_cache: bool,
 }
 
 impl Bed {
@@ -92,6 +101,7 @@ impl Bed {
             dir,
             libvirt: None,
             cache: None,
+            green_cache: false,
         }
     }
 
@@ -113,6 +123,9 @@ impl Bed {
             .args(args);
         if let Some(cache) = &self.cache {
             command.env("TESTBED_CACHE", cache);
+        }
+        if !self.green_cache {
+            command.env("TESTBED_GREEN_CACHE_MAX", "0");
         }
         command
     }
@@ -828,6 +841,10 @@ fn main() {
             image_builds(root.path());
             return;
         }
+        Ok("green") => {
+            green_and_snapshots(root.path());
+            return;
+        }
         Ok("plan") => {
             let zk = zk_bed(root.path());
             zk.run(&["up", "topology.toml"]);
@@ -1058,6 +1075,52 @@ fn under_load(root: &Path) {
         let took = lean.run(&["up", "--jobs", limit, "topology.toml"]);
         row(&format!("5 lean to SSH-ready, --jobs {limit}"), took, None);
         lean.run(&["destroy", "-f"]);
+    }
+}
+
+/// For ensembles of 1, 3 and 5: a cold `up` (which saves the cluster in
+/// the green cache), `up` from the green cache after `destroy`, `snapshot
+/// save` and `snapshot restore` (to green), beside the floor: the same
+/// ensemble by hand (bare qemu, ssh, nc), measured in the same run.
+fn green_and_snapshots(root: &Path) {
+    let sizes: Vec<usize> = std::env::var("BENCH_GREEN_N")
+        .ok()
+        .map(|list| {
+            list.split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_else(|| vec![1, 3, 5]);
+    let mut rows = Vec::new();
+    for n in sizes {
+        let mut bed = Bed::with_text(root, &format!("bench-green{n}"), &zk_topology(n));
+        bed.green_cache = true;
+        eprintln!("zk x{n}: up --fresh (cold; saves to the green cache)");
+        let cold = bed.run(&["up", "--fresh", "topology.toml"]);
+        let ensemble = Ensemble::from(&bed, root);
+        bed.run(&["destroy", "-f"]);
+        eprintln!("zk x{n}: by hand");
+        let floor = ensemble.by_hand(root);
+        eprintln!("zk x{n}: up from the green cache");
+        let cached = bed.run(&["up", "topology.toml"]);
+        eprintln!("zk x{n}: snapshot save, restore");
+        let save = bed.run(&["snapshot", "save", "b"]);
+        let restore = bed.run(&["snapshot", "restore", "b"]);
+        bed.run(&["destroy", "-f"]);
+        rows.push((n, cold, cached, save, restore, floor));
+    }
+    println!("\ntestbed benchmark: green cache and snapshots (TCG, 2 cores, warm image cache)\n");
+    print_header();
+    for (n, cold, cached, save, restore, floor) in rows {
+        let by_hand = Some(("by hand: qemu, ssh, nc stat", floor));
+        row(&format!("zk x{n}: up --fresh to green"), cold, by_hand);
+        row(&format!("zk x{n}: up from green cache"), cached, by_hand);
+        row(&format!("zk x{n}: snapshot save"), save, by_hand);
+        row(
+            &format!("zk x{n}: snapshot restore to green"),
+            restore,
+            by_hand,
+        );
     }
 }
 

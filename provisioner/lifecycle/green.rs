@@ -10,14 +10,15 @@ use crate::build;
 use crate::check;
 use crate::green::{self, Entry, GreenCache, KeyHasher, Listed};
 use crate::kit::Kits;
-use crate::plan::Plan;
+use crate::plan::{MachineAction, Plan};
+use crate::progress::Progress;
 use crate::provider::Relocation;
 use crate::settings::Settings;
 use crate::snapshot::{Manifest, SnapshotError, Snapshots};
 use crate::state::{self, Record};
 
 use super::snapshots::restored_record;
-use super::{Error, Result, Testbed};
+use super::{first_line, Error, Result, Testbed};
 
 /// The snapshot's name inside an entry.
 const SNAPSHOT: &str = "green";
@@ -64,12 +65,42 @@ impl Testbed {
         green_cache_max(&self.settings)
     }
 
+    /// The green cache's size limit for an `up` that makes every machine
+    /// of `plan`; `None` when it saves nothing or some machine exists.
+    pub(super) fn green_max_for(&self, plan: &Plan) -> Result<Option<u64>> {
+        let max_size = self.green_cache_max()?;
+        let all_new = plan
+            .machines
+            .iter()
+            .all(|m| m.action == MachineAction::Create);
+        Ok((max_size > 0 && all_new).then_some(max_size))
+    }
+
+    /// The green cache key of `plan`; `None` while an image is not built
+    /// or when the key cannot be made (said on the progress lines).
+    pub(super) fn green_key_for(
+        &self,
+        plan: &Plan,
+        kits: &Kits,
+        progress: &Progress,
+    ) -> Option<String> {
+        self.green_key(plan, kits).unwrap_or_else(|e| {
+            progress.println(&format!(
+                "green cache: not used: {}",
+                first_line(&e.to_string())
+            ));
+            None
+        })
+    }
+
     /// A hash of everything that made the cluster `plan` brings up: this
     /// testbed's version, the topology as written, each machine's provider
     /// and image, each kit's files as written, the build's inputs and any
     /// artifact the build does not make. The secrets are not in it: an
-    /// entry carries its own.
-    pub(super) fn green_key(&self, plan: &Plan, kits: &Kits) -> Result<String> {
+    /// entry carries its own. `None` while an image is not built: a saved
+    /// disk is an overlay on the very image it was made over, so an image
+    /// built again (same recipe, other bytes) gives another key.
+    pub(super) fn green_key(&self, plan: &Plan, kits: &Kits) -> Result<Option<String>> {
         let mut key = KeyHasher::default();
         key.part("testbed", env!("CARGO_PKG_VERSION").as_bytes());
         let topology =
@@ -79,11 +110,15 @@ impl Testbed {
             })?;
         key.part("topology", &topology);
         for machine in &plan.machines {
+            let Some(image) = self.cache.lookup(&machine.recipe) else {
+                return Ok(None);
+            };
             let made = format!(
-                "{} {} {}",
+                "{} {} {} {}",
                 machine.name,
                 machine.machine.provider.as_str(),
-                machine.recipe.key()
+                image.key(),
+                built_at(&image.disk)
             );
             key.part("machine", made.as_bytes());
         }
@@ -104,7 +139,7 @@ impl Testbed {
                 key.part(artifact, &bytes);
             }
         }
-        Ok(key.finish())
+        Ok(Some(key.finish()))
     }
 
     /// Saves the running, green cluster under `key`: every machine paused,
@@ -253,5 +288,15 @@ impl Testbed {
             .iter()
             .map(|m| m.name.clone())
             .collect()
+    }
+}
+
+/// When an image's disk was written, to the nanosecond: it tells one build
+/// of a recipe from the next.
+fn built_at(disk: &std::path::Path) -> String {
+    let written = std::fs::metadata(disk).and_then(|m| m.modified());
+    match written.map(|t| t.duration_since(std::time::UNIX_EPOCH)) {
+        Ok(Ok(since)) => since.as_nanos().to_string(),
+        _ => "unknown".into(),
     }
 }

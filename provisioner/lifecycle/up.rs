@@ -175,15 +175,16 @@ impl Testbed {
             report.build = self.topology.build.as_ref().map(|_| BuildOutcome::Skipped);
             return Ok(report);
         }
-        let green_key = match from_nothing {
-            true => self.green_key_for(&plan, &kits, progress)?,
-            false => None,
+        let green_max = if from_nothing {
+            self.green_max_for(&plan)?
+        } else {
+            None
         };
-        if let Some(entry) = green_key
-            .as_ref()
+        let cached = green_max
             .filter(|_| !options.fresh)
-            .and_then(|(key, _)| self.green_cache().lookup(key))
-        {
+            .and_then(|_| self.green_key_for(&plan, &kits, progress))
+            .and_then(|key| self.green_cache().lookup(&key));
+        if let Some(entry) = cached {
             match self.restore_green(&entry).await {
                 Ok(restored) => return Ok(report.restored(restored)),
                 Err(e) => {
@@ -280,8 +281,10 @@ impl Testbed {
         machines.close().await;
         start_control_masters(&self.state, &report.changed());
         all_succeeded(failures)?;
-        if let Some((key, max_size)) = green_key {
-            if report.checks.as_ref().is_none_or(|c| c.passed()) {
+        let green = report.checks.as_ref().is_none_or(|c| c.passed());
+        if let Some(max_size) = green_max.filter(|_| green) {
+            // The key again: the images exist now.
+            if let Some(key) = self.green_key_for(&plan, &kits, progress) {
                 report.green = Some(match self.save_green(&key, max_size).await {
                     Ok(saved) => GreenOutcome::Saved(saved),
                     Err(e) => GreenOutcome::NotSaved(first_line(&e.to_string()).to_string()),
@@ -289,36 +292,6 @@ impl Testbed {
             }
         }
         Ok(report)
-    }
-
-    /// The green cache key of an `up` from nothing, with the cache's size
-    /// limit; `None` when the cache saves nothing or the key cannot be
-    /// made (said on the progress lines).
-    fn green_key_for(
-        &self,
-        plan: &Plan,
-        kits: &crate::kit::Kits,
-        progress: &Progress,
-    ) -> Result<Option<(String, u64)>> {
-        let max_size = self.green_cache_max()?;
-        if max_size == 0
-            || plan
-                .machines
-                .iter()
-                .any(|m| m.action != MachineAction::Create)
-        {
-            return Ok(None);
-        }
-        match self.green_key(plan, kits) {
-            Ok(key) => Ok(Some((key, max_size))),
-            Err(e) => {
-                progress.println(&format!(
-                    "green cache: not used: {}",
-                    first_line(&e.to_string())
-                ));
-                Ok(None)
-            }
-        }
     }
 
     /// Re-renders and pushes the kits of `names` (or all machines), as the
