@@ -1091,7 +1091,8 @@ fn green_and_snapshots(root: &Path) {
                 .collect()
         })
         .unwrap_or_else(|| vec![1, 3, 5]);
-    let mut rows = Vec::new();
+    println!("\ntestbed benchmark: green cache and snapshots (TCG, 2 cores, warm image cache)\n");
+    print_header();
     for n in sizes {
         let mut bed = Bed::with_text(root, &format!("bench-green{n}"), &zk_topology(n));
         bed.green_cache = true;
@@ -1101,26 +1102,22 @@ fn green_and_snapshots(root: &Path) {
         bed.run(&["destroy", "-f"]);
         eprintln!("zk x{n}: by hand");
         let floor = ensemble.by_hand(root);
+        let by_hand = Some(("by hand: qemu, ssh, nc stat", floor));
+        // Printed as measured: a later failure keeps what came before.
+        row(&format!("zk x{n}: up --fresh to green"), cold, by_hand);
         eprintln!("zk x{n}: up from the green cache");
         let cached = bed.run(&["up", "topology.toml"]);
+        row(&format!("zk x{n}: up from green cache"), cached, by_hand);
         eprintln!("zk x{n}: snapshot save, restore");
         let save = bed.run(&["snapshot", "save", "b"]);
-        let restore = bed.run(&["snapshot", "restore", "b"]);
-        bed.run(&["destroy", "-f"]);
-        rows.push((n, cold, cached, save, restore, floor));
-    }
-    println!("\ntestbed benchmark: green cache and snapshots (TCG, 2 cores, warm image cache)\n");
-    print_header();
-    for (n, cold, cached, save, restore, floor) in rows {
-        let by_hand = Some(("by hand: qemu, ssh, nc stat", floor));
-        row(&format!("zk x{n}: up --fresh to green"), cold, by_hand);
-        row(&format!("zk x{n}: up from green cache"), cached, by_hand);
         row(&format!("zk x{n}: snapshot save"), save, by_hand);
+        let restore = bed.run(&["snapshot", "restore", "b"]);
         row(
             &format!("zk x{n}: snapshot restore to green"),
             restore,
             by_hand,
         );
+        bed.run(&["destroy", "-f"]);
     }
 }
 

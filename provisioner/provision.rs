@@ -136,13 +136,19 @@ impl Machines {
 
     /// The machine's session, connecting the first time.
     pub async fn session(&self, machine: &str) -> Result<Session> {
+        self.session_within(machine, CONNECT_TIMEOUT).await
+    }
+
+    /// [`Machines::session`], waiting up to `deadline` for a new connection
+    /// (a guest just resumed from a snapshot can be slow to answer).
+    pub async fn session_within(&self, machine: &str, deadline: Duration) -> Result<Session> {
         let slot = self.slot(machine);
         let mut slot = slot.lock().await;
         if let Some(session) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(session.clone());
         }
         let target = self.target(machine)?;
-        let session = Session::connect(&target, CONNECT_TIMEOUT)
+        let session = Session::connect(&target, deadline)
             .await
             .map_err(|source| ProvisionError::Ssh {
                 machine: machine.to_string(),

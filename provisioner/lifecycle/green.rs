@@ -57,18 +57,14 @@ pub fn green_cache_max(settings: &Settings) -> Result<u64> {
 }
 
 impl Testbed {
-    pub fn green_cache(&self) -> GreenCache {
+    pub(super) fn green_cache(&self) -> GreenCache {
         GreenCache::in_cache(self.cache.root())
-    }
-
-    pub fn green_cache_max(&self) -> Result<u64> {
-        green_cache_max(&self.settings)
     }
 
     /// The green cache's size limit for an `up` that makes every machine
     /// of `plan`; `None` when it saves nothing or some machine exists.
     pub(super) fn green_max_for(&self, plan: &Plan) -> Result<Option<u64>> {
-        let max_size = self.green_cache_max()?;
+        let max_size = green_cache_max(&self.settings)?;
         let all_new = plan
             .machines
             .iter()
