@@ -81,6 +81,26 @@ pub struct Listed {
     pub size: u64,
 }
 
+/// The folders of an entry, whole or being written.
+pub trait EntryFiles {
+    fn dir(&self) -> &Path;
+
+    /// The snapshot folder (a `snapshot::Snapshots` entry's shape).
+    fn snapshot(&self) -> PathBuf {
+        self.dir().join(SNAPSHOT)
+    }
+
+    /// The testbed files, at their paths relative to `.testbed/`.
+    fn state(&self) -> PathBuf {
+        self.dir().join(STATE)
+    }
+
+    /// The build's outputs, at their paths relative to the topology's folder.
+    fn outputs(&self) -> PathBuf {
+        self.dir().join(OUTPUTS)
+    }
+}
+
 /// One whole entry.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -88,20 +108,9 @@ pub struct Entry {
     dir: PathBuf,
 }
 
-impl Entry {
-    /// The snapshot folder (a `snapshot::Snapshots` entry's shape).
-    pub fn snapshot(&self) -> PathBuf {
-        self.dir.join(SNAPSHOT)
-    }
-
-    /// The testbed files, at their paths relative to `.testbed/`.
-    pub fn state(&self) -> PathBuf {
-        self.dir.join(STATE)
-    }
-
-    /// The build's outputs, at their paths relative to the topology's folder.
-    pub fn outputs(&self) -> PathBuf {
-        self.dir.join(OUTPUTS)
+impl EntryFiles for Entry {
+    fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 
@@ -112,17 +121,9 @@ pub struct Partial {
     dir: PathBuf,
 }
 
-impl Partial {
-    pub fn snapshot(&self) -> PathBuf {
-        self.dir.join(SNAPSHOT)
-    }
-
-    pub fn state(&self) -> PathBuf {
-        self.dir.join(STATE)
-    }
-
-    pub fn outputs(&self) -> PathBuf {
-        self.dir.join(OUTPUTS)
+impl EntryFiles for Partial {
+    fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 
@@ -158,7 +159,7 @@ impl GreenCache {
     pub fn prepare(&self, key: &str) -> Result<Partial> {
         state::create_private_dir(&self.root)?;
         let dir = self.root.join(format!(".{key}.partial"));
-        remove_dir(&dir)?;
+        state::remove_dir_if_present(&dir)?;
         for sub in ["", SNAPSHOT, STATE, OUTPUTS] {
             state::create_private_dir(&dir.join(sub))?;
         }
@@ -184,7 +185,7 @@ impl GreenCache {
         })?;
         state::write_atomic(&partial.dir.join(ENTRY), &text, 0o600)?;
         let path = self.root.join(&partial.key);
-        remove_dir(&path)?;
+        state::remove_dir_if_present(&path)?;
         std::fs::rename(&partial.dir, &path).map_err(|source| StateError::Io {
             path: path.clone(),
             source,
@@ -234,7 +235,7 @@ impl GreenCache {
         let mut removed = Vec::new();
         while total > max_size {
             let Some(oldest) = listed.pop() else { break };
-            remove_dir(&self.root.join(&oldest.key))?;
+            state::remove_dir_if_present(&self.root.join(&oldest.key))?;
             total -= oldest.size;
             removed.push(oldest);
         }
@@ -246,7 +247,7 @@ impl GreenCache {
         if self.lookup(key).is_none() {
             return Err(GreenError::NotFound(key.to_string()));
         }
-        Ok(remove_dir(&self.root.join(key))?)
+        Ok(state::remove_dir_if_present(&self.root.join(key))?)
     }
 
     fn remove_partials(&self) {
@@ -271,16 +272,6 @@ fn read_info(dir: &Path) -> Result<EntryInfo> {
         path,
         detail: e.to_string(),
     })
-}
-
-fn remove_dir(path: &Path) -> std::result::Result<(), StateError> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StateError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }),
-        _ => Ok(()),
-    }
 }
 
 /// Copies each of `files` (relative paths) that exists from `from` into

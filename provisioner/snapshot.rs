@@ -242,7 +242,7 @@ impl Snapshots {
         }
         state::create_private_dir(&self.root)?;
         let partial = self.partial_path(name);
-        remove_dir(&partial)?;
+        state::remove_dir_if_present(&partial)?;
         state::create_private_dir(&partial)?;
         Ok(partial)
     }
@@ -253,7 +253,7 @@ impl Snapshots {
         let partial = self.partial_path(&manifest.name);
         write_manifest(&partial, manifest)?;
         let path = self.path(&manifest.name);
-        remove_dir(&path)?;
+        state::remove_dir_if_present(&path)?;
         std::fs::rename(&partial, &path).map_err(|e| StateError::Io {
             path: path.clone(),
             source: e,
@@ -325,7 +325,7 @@ impl Snapshots {
         if !path.exists() {
             return Err(self.not_found(name));
         }
-        Ok(remove_dir(&path)?)
+        Ok(state::remove_dir_if_present(&path)?)
     }
 
     fn names(&self) -> Vec<String> {
@@ -376,16 +376,6 @@ fn check_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(SnapshotError::BadName(name.into()))
-    }
-}
-
-fn remove_dir(path: &Path) -> std::result::Result<(), StateError> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StateError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }),
-        _ => Ok(()),
     }
 }
 

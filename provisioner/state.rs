@@ -499,6 +499,15 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateErro
         .map_err(io_err(dir))
 }
 
+/// Removes the folder `path` with everything in it; one that is not there
+/// is no error.
+pub fn remove_dir_if_present(path: &Path) -> Result<(), StateError> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
 /// Bytes the files under `path` take on disk (holes not counted).
 pub fn disk_usage(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;

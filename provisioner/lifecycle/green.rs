@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::build;
 use crate::check;
-use crate::green::{self, Entry, GreenCache, KeyHasher, Listed};
+use crate::green::{self, Entry, EntryFiles, GreenCache, KeyHasher, Listed};
 use crate::kit::Kits;
 use crate::plan::{MachineAction, Plan};
 use crate::progress::Progress;
