@@ -136,24 +136,41 @@ impl Machines {
 
     /// The machine's session, connecting the first time.
     pub async fn session(&self, machine: &str) -> Result<Session> {
-        self.session_within(machine, CONNECT_TIMEOUT).await
+        self.session_with(
+            machine,
+            Session::connect(&self.target(machine)?, CONNECT_TIMEOUT),
+        )
+        .await
     }
 
-    /// [`Machines::session`], waiting up to `deadline` for a new connection
-    /// (a guest just resumed from a snapshot can be slow to answer).
-    pub async fn session_within(&self, machine: &str, deadline: Duration) -> Result<Session> {
+    /// The session of a machine just resumed (from a snapshot or a pause):
+    /// its network is up, but a loaded guest may take long to answer, so a
+    /// new connection may take up to `deadline` and is never one of many
+    /// (see [`Session::connect_running`]).
+    pub async fn resumed_session(&self, machine: &str, deadline: Duration) -> Result<Session> {
+        self.session_with(
+            machine,
+            Session::connect_running(&self.target(machine)?, deadline),
+        )
+        .await
+    }
+
+    async fn session_with(
+        &self,
+        machine: &str,
+        connecting: impl std::future::Future<
+            Output = std::result::Result<Session, crate::ssh::SshError>,
+        >,
+    ) -> Result<Session> {
         let slot = self.slot(machine);
         let mut slot = slot.lock().await;
         if let Some(session) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(session.clone());
         }
-        let target = self.target(machine)?;
-        let session = Session::connect(&target, deadline)
-            .await
-            .map_err(|source| ProvisionError::Ssh {
-                machine: machine.to_string(),
-                source,
-            })?;
+        let session = connecting.await.map_err(|source| ProvisionError::Ssh {
+            machine: machine.to_string(),
+            source,
+        })?;
         *slot = Some(session.clone());
         Ok(session)
     }

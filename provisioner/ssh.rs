@@ -288,6 +288,22 @@ impl Session {
     /// seconds to send its banner or finish the key exchange, and giving up
     /// on a connection sshd has accepted only makes it fork another.
     pub async fn connect(target: &Target, deadline: Duration) -> Result<Session, SshError> {
+        Session::connect_to(target, deadline, Guest::Booting).await
+    }
+
+    /// [`Session::connect`] to a guest whose network is known to be up (one
+    /// just resumed): connections are opened one at a time from the start,
+    /// as [`reach_first`] does once a booting guest has answered, since
+    /// every SYN that reaches a loaded guest forks an sshd there.
+    pub async fn connect_running(target: &Target, deadline: Duration) -> Result<Session, SshError> {
+        Session::connect_to(target, deadline, Guest::Running).await
+    }
+
+    async fn connect_to(
+        target: &Target,
+        deadline: Duration,
+        guest: Guest,
+    ) -> Result<Session, SshError> {
         let credentials = Credentials::load(target)?;
         let config = Arc::new(client_config(&credentials.host_key));
         let started = Instant::now();
@@ -295,7 +311,7 @@ impl Session {
         let mut tries = Tries::default();
         loop {
             let remaining = deadline.saturating_sub(started.elapsed());
-            let attempt = attempt(target, &credentials, &config, remaining, &mut tries);
+            let attempt = attempt(target, &credentials, &config, remaining, &mut tries, guest);
             let last_error = match attempt.await {
                 Ok(handle) => return Ok(Session::new(handle, target)),
                 Err(Attempt::Fatal(error)) => return Err(error),
@@ -895,10 +911,11 @@ async fn attempt(
     config: &Arc<client::Config>,
     remaining: Duration,
     tries: &mut Tries,
+    guest: Guest,
 ) -> Result<Handle<PinnedHostKey>, Attempt> {
     let limit = remaining.max(LAST_ATTEMPT);
     let started = Instant::now();
-    let reaching = reach_first(target.addr, tries);
+    let reaching = reach_first(target.addr, tries, guest);
     let Ok(stream) = tokio::time::timeout(limit, reaching).await else {
         return Err(Attempt::Retry(tries.silence(limit)));
     };
@@ -945,7 +962,7 @@ const SETTLED_SILENCE: Duration = Duration::from_secs(1);
 /// was lost while the guest's interface settled. Never more than
 /// [`SETTLED_PENDING`], and none is dropped: a slow sshd is waited for, not
 /// flooded (beyond its MaxStartups it drops connections).
-async fn reach_first(addr: SocketAddr, tries: &mut Tries) -> TcpStream {
+async fn reach_first(addr: SocketAddr, tries: &mut Tries, guest: Guest) -> TcpStream {
     let mut pending = tokio::task::JoinSet::new();
     let mut oldest_first = std::collections::VecDeque::new();
     let mut ticker = tokio::time::interval(REACH_INTERVAL);
@@ -955,7 +972,7 @@ async fn reach_first(addr: SocketAddr, tries: &mut Tries) -> TcpStream {
         tokio::select! {
             _ = ticker.tick() => {
                 oldest_first.retain(|task: &tokio::task::AbortHandle| !task.is_finished());
-                let network_up = tries.closed > 0;
+                let network_up = guest == Guest::Running || tries.closed > 0;
                 let open = opening(network_up, oldest_first.len(), last_opened.elapsed());
                 if open == Open::Replacing {
                     if let Some(oldest) = oldest_first.pop_front() {
@@ -985,6 +1002,15 @@ async fn reach_first(addr: SocketAddr, tries: &mut Tries) -> TcpStream {
             }
         }
     }
+}
+
+/// What the reach loop knows of the guest it connects to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guest {
+    /// It may still be booting: its network may not answer yet.
+    Booting,
+    /// It runs, its network up (resumed, or known to answer).
+    Running,
 }
 
 /// Whether the reach loop opens another connection now, beside the

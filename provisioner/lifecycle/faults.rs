@@ -295,7 +295,7 @@ pub(super) async fn set_clocks(sessions: &Arc<Machines>, names: &[String]) -> Re
         let sessions = sessions.clone();
         let name = name.clone();
         tasks.spawn(async move {
-            let session = sessions.session_within(&name, RESUMED_CONNECT).await?;
+            let session = sessions.resumed_session(&name, RESUMED_CONNECT).await?;
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
