@@ -166,13 +166,9 @@ impl Testbed {
             cache.abandon(partial);
             return Err(e);
         }
+        let size = state::disk_usage(partial.dir());
         cache.commit(partial, &self.topology.name, self.state.root())?;
         let evicted = cache.prune(max_size)?;
-        let size = cache
-            .list()
-            .into_iter()
-            .find(|l| l.key == key)
-            .map_or(0, |l| l.size);
         Ok(GreenSaved {
             key: key.to_string(),
             size,

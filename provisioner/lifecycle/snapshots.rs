@@ -71,11 +71,7 @@ impl Testbed {
             return Err(e);
         }
         snapshots.commit(&Manifest::of(name, &self.topology, &record))?;
-        let size = snapshots
-            .list()?
-            .into_iter()
-            .find(|s| s.name == name)
-            .map_or(0, |s| s.size);
+        let size = crate::state::disk_usage(&snapshots.path(name));
         Ok(Saved {
             name: name.to_string(),
             size,
