@@ -1096,29 +1096,78 @@ fn green_and_snapshots(root: &Path) {
     for n in sizes {
         let mut bed = Bed::with_text(root, &format!("bench-green{n}"), &zk_topology(n));
         bed.green_cache = true;
-        eprintln!("zk x{n}: up --fresh (cold; saves to the green cache)");
-        let cold = bed.run(&["up", "--fresh", "topology.toml"]);
-        let ensemble = Ensemble::from(&bed, root);
-        bed.run(&["destroy", "-f"]);
-        eprintln!("zk x{n}: by hand");
-        let floor = ensemble.by_hand(root);
-        let by_hand = Some(("by hand: qemu, ssh, nc stat", floor));
-        // Printed as measured: a later failure keeps what came before.
-        row(&format!("zk x{n}: up --fresh to green"), cold, by_hand);
-        eprintln!("zk x{n}: up from the green cache");
-        let cached = bed.run(&["up", "topology.toml"]);
-        row(&format!("zk x{n}: up from green cache"), cached, by_hand);
-        eprintln!("zk x{n}: snapshot save, restore");
-        let save = bed.run(&["snapshot", "save", "b"]);
-        row(&format!("zk x{n}: snapshot save"), save, by_hand);
-        let restore = bed.run(&["snapshot", "restore", "b"]);
-        row(
-            &format!("zk x{n}: snapshot restore to green"),
-            restore,
-            by_hand,
-        );
+        green_rows(&bed, &format!("zk x{n}"), root);
         bed.run(&["destroy", "-f"]);
     }
+    // The topology the targets name, with its six checks (a JVM-free
+    // znode round trip among them), and `verify` on it.
+    let mut zk = zk_bed(root);
+    zk.green_cache = true;
+    green_rows(&zk, "zk-ensemble", root);
+    eprintln!("zk-ensemble: verify beside a new connection per machine");
+    let (riding, connecting) = verify_riding_and_connecting(&zk);
+    row(
+        "zk-ensemble: verify (ControlMasters)",
+        riding,
+        Some(("verify, new SSH connections", connecting)),
+    );
+    zk.run(&["destroy", "-f"]);
+}
+
+/// `up --fresh`, then after `destroy` `up` from the green cache, then
+/// `snapshot save` and `restore`, each beside the ensemble by hand. Rows
+/// are printed as measured: a later failure keeps what came before.
+fn green_rows(bed: &Bed, label: &str, root: &Path) {
+    eprintln!("{label}: up --fresh (cold; saves to the green cache)");
+    let cold = bed.run(&["up", "--fresh", "topology.toml"]);
+    let ensemble = Ensemble::from(bed, root);
+    bed.run(&["destroy", "-f"]);
+    eprintln!("{label}: by hand");
+    let floor = ensemble.by_hand(root);
+    let by_hand = Some(("by hand: qemu, ssh, nc stat", floor));
+    row(&format!("{label}: up --fresh to green"), cold, by_hand);
+    eprintln!("{label}: up from the green cache");
+    let cached = bed.run(&["up", "topology.toml"]);
+    row(&format!("{label}: up from green cache"), cached, by_hand);
+    eprintln!("{label}: snapshot save, restore");
+    let save = bed.run(&["snapshot", "save", "b"]);
+    row(&format!("{label}: snapshot save"), save, by_hand);
+    let restore = bed.run(&["snapshot", "restore", "b"]);
+    row(
+        &format!("{label}: snapshot restore to green"),
+        restore,
+        by_hand,
+    );
+}
+
+/// Medians of 5 `verify` runs riding the ControlMasters, and of 5 with
+/// every master stopped first (each machine then a key exchange).
+fn verify_riding_and_connecting(bed: &Bed) -> (Duration, Duration) {
+    let machines = ["zk-1", "zk-2", "zk-3"];
+    let config = bed.dir.join(".testbed/ssh_config");
+    let stop_masters = || {
+        for machine in machines {
+            let _ = Command::new("ssh")
+                .arg("-F")
+                .arg(&config)
+                .args(["-O", "exit", machine])
+                .stderr(Stdio::null())
+                .status();
+        }
+    };
+    let start_masters = || {
+        for machine in machines {
+            bed.run(&["ssh", machine, "--", "true"]);
+        }
+    };
+    start_masters();
+    let riding = repeat(5, || bed.run(&["verify"]));
+    let connecting = repeat(5, || {
+        stop_masters();
+        bed.run(&["verify"])
+    });
+    start_masters();
+    (riding, connecting)
 }
 
 fn seconds(samples: &[Duration]) -> String {

@@ -32,6 +32,8 @@ pub enum GreenError {
     NotFound(String),
     #[error("green cache entry {path} is unreadable: {detail}\n  help: `testbed cache prune --max-size 0` empties the cache")]
     Corrupt { path: PathBuf, detail: String },
+    #[error("green cache entry {key} came back with checks failing: {}", .failed.join(", "))]
+    NotGreen { key: String, failed: Vec<String> },
     #[error(transparent)]
     State(#[from] StateError),
 }

@@ -6,10 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{watch, Mutex, OnceCell};
 
 use crate::check::{self, BoxedStream, CommandOutput, Transport};
 use crate::model::Topology;
@@ -17,6 +18,7 @@ use crate::plan::{
     artifacts_hash, daemon_hash, guest_artifact_path, Applied, DaemonAction, DaemonPlan,
     MachinePlan, PlanError, Rendered,
 };
+use crate::ssh::mux::Master;
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::StateDir;
 
@@ -64,6 +66,9 @@ pub struct Outcome {
     pub action: DaemonAction,
 }
 
+/// A machine's ControlMaster once tried: `None` when it did not answer.
+type MasterSlot = OnceCell<Option<Arc<Master>>>;
+
 /// One SSH connection per machine, opened on first use and shared by every
 /// step of a command (provisioning, readiness, checks, evidence).
 pub struct Machines {
@@ -75,6 +80,10 @@ pub struct Machines {
     /// A slot per machine, so machines connect in parallel while two steps
     /// on one machine share a single connection.
     sessions: std::sync::Mutex<BTreeMap<String, Arc<Mutex<Option<Session>>>>>,
+    /// The ControlMaster socket to try first, by machine; a machine leaves
+    /// the map when its master is gone, and then gets a connection of its own.
+    control_sockets: std::sync::Mutex<BTreeMap<String, PathBuf>>,
+    masters: std::sync::Mutex<BTreeMap<String, Arc<MasterSlot>>>,
 }
 
 impl Machines {
@@ -86,22 +95,44 @@ impl Machines {
             addresses: std::sync::Mutex::new(BTreeMap::new()),
             services,
             sessions: std::sync::Mutex::new(BTreeMap::new()),
+            control_sockets: std::sync::Mutex::new(BTreeMap::new()),
+            masters: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
+    /// Commands, uploads and tunnels to `machine` ride the OpenSSH
+    /// ControlMaster at `socket` while it is alive, instead of a connection
+    /// of their own.
+    pub fn prefer_control_master(&self, machine: &str, socket: PathBuf) {
+        lock(&self.control_sockets).insert(machine.to_string(), socket);
+    }
+
+    /// The machine's ControlMaster, attached on first use, when it has a
+    /// live one.
+    async fn master(&self, machine: &str) -> Option<Arc<Master>> {
+        let socket = lock(&self.control_sockets).get(machine).cloned()?;
+        let cell = lock(&self.masters)
+            .entry(machine.to_string())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async { Master::attach(&socket).await.map(Arc::new) })
+            .await
+            .clone()
+    }
+
+    /// After a master failed: the machine's next commands take a
+    /// connection of their own.
+    fn stop_preferring_master(&self, machine: &str) {
+        lock(&self.control_sockets).remove(machine);
+    }
+
     pub fn set_address(&self, machine: &str, address: SocketAddr) {
-        self.lock_addresses().insert(machine.to_string(), address);
+        lock(&self.addresses).insert(machine.to_string(), address);
     }
 
     /// Where each machine's SSH is reached, by machine.
     pub fn addresses(&self) -> BTreeMap<String, SocketAddr> {
-        self.lock_addresses().clone()
-    }
-
-    fn lock_addresses(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SocketAddr>> {
-        self.addresses
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.addresses).clone()
     }
 
     /// Hands over a connection opened elsewhere (by `up`'s boot step).
@@ -110,17 +141,14 @@ impl Machines {
     }
 
     fn slot(&self, machine: &str) -> Arc<Mutex<Option<Session>>> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.sessions)
             .entry(machine.to_string())
             .or_default()
             .clone()
     }
 
     fn target(&self, machine: &str) -> Result<Target> {
-        let addr = self
-            .lock_addresses()
+        let addr = lock(&self.addresses)
             .get(machine)
             .copied()
             .filter(|addr| addr.port() != 0)
@@ -176,21 +204,28 @@ impl Machines {
     }
 
     pub async fn close(&self) {
-        let slots: Vec<_> = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let slots: Vec<_> = lock(&self.sessions).values().cloned().collect();
         for slot in slots {
             if let Some(session) = slot.lock().await.take() {
                 session.close().await;
             }
         }
+        let masters: Vec<_> = lock(&self.masters).values().cloned().collect();
+        for master in masters
+            .iter()
+            .filter_map(|cell| cell.get().cloned().flatten())
+        {
+            master.close().await;
+        }
     }
 
     async fn run(&self, machine: &str, command: &str) -> Result<crate::ssh::ExecOutput> {
+        if let Some(master) = self.master(machine).await {
+            match master.exec(command).await {
+                Ok(output) => return Ok(output),
+                Err(_) => self.stop_preferring_master(machine),
+            }
+        }
         self.on_session(
             machine,
             |session| async move { session.exec(command).await },
@@ -200,6 +235,20 @@ impl Machines {
 
     /// Writes `data` to `dest` on the machine (see [`Session::upload`]).
     async fn upload(&self, machine: &str, data: &[u8], dest: &str, mode: u32) -> Result<()> {
+        if let Some(master) = self.master(machine).await {
+            match master.upload(data, dest, mode).await {
+                Ok(output) if output.success() => return Ok(()),
+                Ok(output) => {
+                    return Err(ProvisionError::Command {
+                        machine: machine.to_string(),
+                        command: format!("writing {dest}"),
+                        status: output.exit_status,
+                        stderr: output.stderr_lossy().trim().to_string(),
+                    })
+                }
+                Err(_) => self.stop_preferring_master(machine),
+            }
+        }
         self.on_session(machine, |session| async move {
             session.upload(data, dest, mode).await
         })
@@ -254,12 +303,24 @@ impl Machines {
     }
 }
 
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn io_error(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
 impl Transport for Machines {
     async fn open_tcp(&self, via: &str, host: &str, port: u16) -> std::io::Result<BoxedStream> {
+        if let Some(master) = self.master(via).await {
+            match master.open_tcp(host, port).await {
+                Ok(stream) => return Ok(Box::new(stream)),
+                Err(_) => self.stop_preferring_master(via),
+            }
+        }
         let session = self.session(via).await.map_err(io_error)?;
         let stream = session.open_tcp(host, port).await.map_err(io_error)?;
         Ok(Box::new(stream))

@@ -28,6 +28,8 @@ use russh::keys::{
 use russh::{cipher, compression, kex, ChannelMsg, ChannelReadHalf, Disconnect, Preferred};
 use tokio::net::TcpStream;
 
+pub mod mux;
+
 /// Least time given to one attempt near the deadline, so the last one can
 /// still succeed.
 const LAST_ATTEMPT: Duration = Duration::from_secs(1);

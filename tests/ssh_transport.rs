@@ -595,3 +595,149 @@ fn processes_named(needle: &str) -> usize {
         .filter(|cmdline| cmdline.starts_with(needle))
         .count()
 }
+
+/// An OpenSSH ControlMaster to the test's sshd, as `up` leaves one per
+/// machine (`ssh -fN` with the host key pinned); exits when dropped.
+struct ControlMaster {
+    socket: PathBuf,
+}
+
+impl ControlMaster {
+    fn start(sshd: &Sshd) -> ControlMaster {
+        let socket = sshd.path("master.sock");
+        std::fs::write(
+            sshd.path("known_hosts"),
+            format!(
+                "[127.0.0.1]:{} {}",
+                sshd.port,
+                std::fs::read_to_string(sshd.path("host_key.pub")).expect("host key")
+            ),
+        )
+        .expect("known_hosts");
+        let status = Command::new("ssh")
+            .args(["-o", "ControlMaster=yes", "-o", "BatchMode=yes"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                sshd.path("known_hosts").display()
+            ))
+            .arg("-S")
+            .arg(&socket)
+            .arg("-i")
+            .arg(sshd.path("client_key"))
+            .args(["-p", &sshd.port.to_string(), "-fN"])
+            .arg(format!("{}@127.0.0.1", current_user()))
+            .stdin(Stdio::null())
+            .status()
+            .expect("run ssh");
+        assert!(
+            status.success(),
+            "ssh -fN failed\nsshd log:\n{}",
+            sshd.log()
+        );
+        ControlMaster { socket }
+    }
+
+    /// Connections sshd accepted so far: a command through the master
+    /// must not add one.
+    fn accepted(sshd: &Sshd) -> usize {
+        sshd.log().matches("Accepted publickey").count()
+    }
+}
+
+impl Drop for ControlMaster {
+    fn drop(&mut self) {
+        let _ = Command::new("ssh")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(["-O", "exit", "none"])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_control_master_carries_commands_uploads_and_tunnels_without_a_new_login() {
+    let sshd = Sshd::started();
+    // Once sshd answers (the master's ssh would not retry).
+    sshd.connect().await.close().await;
+    let master = ControlMaster::start(&sshd);
+    let logins = ControlMaster::accepted(&sshd);
+    assert!(logins >= 2, "sshd logs its logins:\n{}", sshd.log());
+    let mux = testbed::ssh::mux::Master::attach(&master.socket)
+        .await
+        .expect("the master answers");
+
+    let output = mux
+        .exec("echo hi; echo err >&2; exit 3")
+        .await
+        .expect("exec");
+    assert_eq!(
+        (
+            output.stdout.as_slice(),
+            output.stderr.as_slice(),
+            output.exit_status
+        ),
+        (&b"hi\n"[..], &b"err\n"[..], 3)
+    );
+
+    let dest = sshd.path("uploaded");
+    let written = mux
+        .upload(b"through the master\n", &dest.display().to_string(), 0o640)
+        .await
+        .expect("upload");
+    assert!(written.success(), "{}", written.stderr_lossy());
+    assert_eq!(
+        std::fs::read_to_string(&dest).expect("read"),
+        "through the master\n"
+    );
+    assert_eq!(mode_of(&dest), 0o640);
+
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind echo");
+    let echo_port = echo.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    // Twice: the second tunnel reuses the forward the first one asked for.
+    for message in [&b"ruok"[..], &b"stat"[..]] {
+        let mut tunnel = mux.open_tcp("127.0.0.1", echo_port).await.expect("tunnel");
+        tunnel.write_all(message).await.expect("write");
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(10), tunnel.read_exact(&mut echoed))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert_eq!(echoed, message);
+    }
+    mux.close().await;
+
+    assert_eq!(
+        ControlMaster::accepted(&sshd),
+        logins,
+        "a command through the master logged in again"
+    );
+}
+
+#[tokio::test]
+async fn no_master_is_attached_where_none_listens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("master.sock");
+    assert!(testbed::ssh::mux::Master::attach(&missing).await.is_none());
+    // A socket file nobody listens on (a master that died).
+    drop(std::os::unix::net::UnixListener::bind(&missing).expect("bind"));
+    assert!(missing.exists());
+    assert!(testbed::ssh::mux::Master::attach(&missing).await.is_none());
+}

@@ -7,6 +7,8 @@
 //! modes and setuid bits as a root build gives them); the leader's daemon
 //! is stopped by hand; `verify` fails and names it, with the evidence;
 //! `provision` starts it again and says so; `verify` is green again;
+//! `verify` rides the ControlMasters `up` left (the guests log no new
+//! login) and, with one gone, connects anew and is still green;
 //! `logs` shows a daemon's journal and the console; the leader partitioned
 //! away loses its quorum while the others elect one, and `fault heal`
 //! brings back one leader among three; the `slow-zk-3` step delays zk-3's
@@ -26,6 +28,77 @@ use common::{processes_mentioning, Bed};
 /// left unread makes ZooKeeper's close a reset, and nc then loses the reply
 /// about half the time (measured: 9 of 20 answered with `echo`, 30 of 30 without).
 const SRVR: &str = "printf srvr | nc -w 3 127.0.0.1 2181";
+
+/// Logins zk-1's sshd accepted so far. Asked through `testbed ssh`, which
+/// rides zk-1's ControlMaster (or starts one: one login more).
+fn logins_to_zk_1(bed: &Bed) -> usize {
+    let count = bed.ok(&[
+        "ssh",
+        "zk-1",
+        "--",
+        "journalctl --no-pager -o cat | grep -c 'Accepted publickey'",
+    ]);
+    count.trim().parse().expect("a count of logins")
+}
+
+/// Stops the OpenSSH ControlMaster(s) of `machine` the way a master dies
+/// (its `ControlPersist` ran out, or it was killed), and waits for it.
+fn kill_control_master(bed: &Bed, machine: &str) {
+    let config = bed.path().join(".testbed/ssh_config");
+    let pids = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|entry| {
+                let pid = entry.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                let ours = args.iter().any(|a| *a == config.to_string_lossy())
+                    && args.iter().any(|a| a == machine);
+                ours.then_some(pid)
+            })
+            .collect()
+    };
+    let found = pids();
+    assert!(!found.is_empty(), "{machine} has a ControlMaster");
+    for pid in found {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pids().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the master exits");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `verify` rides the ControlMasters `up` left: zk-1, which every kind of
+/// check reaches (a command, a tunnel, a tunnel from it to zk-2), logs no
+/// new login. With zk-1's master gone, `verify` connects on its own.
+fn verify_rides_the_control_masters_and_connects_anew_without_one(bed: &Bed) {
+    let before = logins_to_zk_1(bed);
+    let green = bed.ok(&["verify"]);
+    assert!(!green.contains("FAIL"), "{green}");
+    assert_eq!(
+        logins_to_zk_1(bed),
+        before,
+        "verify logged in to zk-1 beside its ControlMaster"
+    );
+
+    kill_control_master(bed, "zk-1");
+    let green = bed.ok(&["verify"]);
+    assert!(!green.contains("FAIL"), "without a master:\n{green}");
+    assert_eq!(
+        logins_to_zk_1(bed),
+        before + 2,
+        "verify's own login, then the new master of `testbed ssh`"
+    );
+}
 
 /// The machine whose ZooKeeper says it leads. Under TCG on a loaded host an
 /// ensemble can lose its leader for a moment and re-elect, so ask for a while.
@@ -349,6 +422,7 @@ fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
         "every check of zk-ensemble.toml runs: {verify}"
     );
     assert!(results.iter().all(|r| r["passed"] == true), "{verify}");
+    verify_rides_the_control_masters_and_connects_anew_without_one(&bed);
 
     let leader = leader(&bed);
     bed.ok(&["ssh", &leader, "--", "systemctl stop zookeeper"]);

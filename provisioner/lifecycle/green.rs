@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::build;
 use crate::check;
-use crate::green::{self, Entry, EntryFiles, GreenCache, KeyHasher, Listed};
+use crate::green::{self, Entry, EntryFiles, GreenCache, GreenError, KeyHasher, Listed};
 use crate::kit::Kits;
 use crate::plan::{MachineAction, Plan};
 use crate::progress::Progress;
@@ -209,6 +209,19 @@ impl Testbed {
         self.load_paused(&entry.snapshot().join(SNAPSHOT), &record, &moves)
             .await?;
         let (resumed_seconds, checks) = self.resume_and_check(&record, started).await?;
+        // Not green is not what the cache promised: `up` boots afresh.
+        if !checks.passed() {
+            return Err(GreenError::NotGreen {
+                key: entry.info.key.clone(),
+                failed: checks
+                    .results
+                    .iter()
+                    .filter(|r| !r.passed)
+                    .map(|r| r.name.clone())
+                    .collect(),
+            }
+            .into());
+        }
         Ok(GreenRestored {
             key: entry.info.key.clone(),
             created: entry.info.created.clone(),

@@ -576,7 +576,18 @@ impl Testbed {
             .iter()
             .flat_map(|m| m.daemons.clone());
         kits.load_also(daemons, self.topology.dir(), &self.settings.search);
-        self.machines(&record, &kits)
+        let machines = self.machines(&record, &kits)?;
+        self.prefer_control_masters(&machines, &record);
+        Ok(machines)
+    }
+
+    /// Short commands ride the ControlMasters left for `testbed ssh`, where
+    /// they are alive: a key exchange costs a guest under emulation more
+    /// than most checks do.
+    fn prefer_control_masters(&self, machines: &Machines, record: &Record) {
+        for name in record.machines.keys() {
+            machines.prefer_control_master(name, control_path(&self.state, name));
+        }
     }
 
     /// A session pool knowing where each recorded machine's SSH is.

@@ -94,7 +94,8 @@ fn ssh_config_block(state: &StateDir, name: &str, address: SocketAddr, alias: &s
     format!(
         "Host {name}\n  HostName {host}\n  Port {port}\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  \
          UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n  HostKeyAlias {alias}\n  \
-         ControlMaster auto\n  ControlPath {control}\n  ControlPersist 10m\n  LogLevel ERROR\n\n",
+         ControlMaster auto\n  ControlPath {control}\n  ControlPersist 10m\n  \
+         ServerAliveInterval 15\n  ServerAliveCountMax 4\n  LogLevel ERROR\n\n",
         key = quote_ssh(&state.user_key()),
         known = quote_ssh(&state.known_hosts()),
         control = quote_ssh(&control_path(state, name)),

@@ -305,6 +305,7 @@ impl Testbed {
         let secrets = self.state.secrets(&kits.secret_names(&self.topology))?;
         let plan = Arc::new(self.resolve(&record, &kits, &secrets)?);
         let machines = self.machines(&record, &kits)?;
+        self.prefer_control_masters(&machines, &record);
         let readiness = Arc::new(Readiness::new(&self.topology));
         for machine in &self.topology.machines {
             if !selected.iter().any(|m| m.name == machine.name) {
