@@ -1103,11 +1103,11 @@ fn green_and_snapshots(root: &Path) {
     // znode round trip among them), and `verify` on it.
     let mut zk = zk_bed(root);
     zk.green_cache = true;
-    green_rows(&zk, "zk-ensemble", root);
+    green_rows(&zk, "zk-ens", root);
     eprintln!("zk-ensemble: verify beside a new connection per machine");
     let (riding, connecting) = verify_riding_and_connecting(&zk);
     row(
-        "zk-ensemble: verify (ControlMasters)",
+        "zk-ens: verify (ControlMasters)",
         riding,
         Some(("verify, new SSH connections", connecting)),
     );
@@ -1132,6 +1132,12 @@ fn green_rows(bed: &Bed, label: &str, root: &Path) {
     eprintln!("{label}: snapshot save, restore");
     let save = bed.run(&["snapshot", "save", "b"]);
     row(&format!("{label}: snapshot save"), save, by_hand);
+    let stored = testbed::state::disk_usage(&bed.dir.join(".testbed/snapshots/b"));
+    println!(
+        "{:<34} {:>7.0} MiB on disk",
+        format!("{label}: the snapshot"),
+        stored as f64 / f64::from(1 << 20)
+    );
     let restore = bed.run(&["snapshot", "restore", "b"]);
     row(
         &format!("{label}: snapshot restore to green"),

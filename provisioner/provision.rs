@@ -108,8 +108,12 @@ impl Machines {
     }
 
     /// The machine's ControlMaster, attached on first use, when it has a
-    /// live one.
+    /// live one. None once interrupted: the own connection's path refuses
+    /// to start anything new and says why.
     async fn master(&self, machine: &str) -> Option<Arc<Master>> {
+        if crate::process::interrupted() {
+            return None;
+        }
         let socket = lock(&self.control_sockets).get(machine).cloned()?;
         let cell = lock(&self.masters)
             .entry(machine.to_string())

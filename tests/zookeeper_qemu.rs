@@ -13,7 +13,8 @@
 //! away loses its quorum while the others elect one, and `fault heal`
 //! brings back one leader among three; the `slow-zk-3` step delays zk-3's
 //! link by 300 ms and its check measures it, the `heal` step undoes it;
-//! zk-3 paused answers nothing and resumes on the host's clock; a snapshot
+//! zk-3 paused answers nothing and resumes on the host's clock (by `fault
+//! resume`, then again by `up`); a snapshot
 //! restored brings back a deleted znode, a stopped daemon and the clocks,
 //! and is refused on a changed topology; a follower
 //! killed leaves the other two serving, and `fault start` brings it back
@@ -282,6 +283,21 @@ fn a_paused_member_is_frozen_and_resumes_on_the_hosts_clock(bed: &Bed) {
     assert!(
         offset.abs() < 2.0,
         "zk-3's clock is {offset:.1} s off the host's"
+    );
+
+    // `up` brings a frozen member back too, as it brings back a stopped one.
+    bed.ok(&["fault", "pause", "zk-3"]);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let up = bed.testbed(&["up"]);
+    let said = String::from_utf8_lossy(&up.stderr);
+    assert!(up.status.success(), "{said}");
+    assert!(said.contains("zk-3: resumed"), "{said}");
+    let state = bed.states().into_iter().find(|(name, _)| name == "zk-3");
+    assert_eq!(state.map(|(_, s)| s).as_deref(), Some("running"));
+    let offset = clock_offset(bed, "zk-3");
+    assert!(
+        offset.abs() < 2.0,
+        "after up, zk-3's clock is {offset:.1} s off the host's"
     );
 }
 

@@ -199,6 +199,34 @@ impl Testbed {
     }
 
     /// Freezes (`paused`) or thaws a running machine's VM, and records it.
+    /// `up` on a cluster with machines a `fault pause` froze: they run
+    /// again, on the host's clock. Returns a line per machine resumed.
+    pub(super) async fn resume_paused(&self, record: &Record) -> Result<Vec<String>> {
+        let paused: Vec<String> = self
+            .topology
+            .machines
+            .iter()
+            .filter(|m| paused(record, &m.name))
+            .map(|m| m.name.clone())
+            .collect();
+        if paused.is_empty() {
+            return Ok(Vec::new());
+        }
+        for name in &paused {
+            self.set_paused(name, false).await?;
+        }
+        let sessions = self.sessions()?;
+        let clocks = set_clocks(&sessions, &paused).await;
+        sessions.close().await;
+        clocks?;
+        Ok(paused
+            .iter()
+            .map(|name| {
+                format!("{name}: resumed (`testbed fault pause` froze it), its clock set from the host's")
+            })
+            .collect())
+    }
+
     async fn set_paused(&self, name: &str, paused: bool) -> Result<()> {
         let machine = self.created(name)?;
         let provider = self.provider_of(&machine)?;

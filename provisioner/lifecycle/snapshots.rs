@@ -171,8 +171,8 @@ impl Testbed {
     }
 
     /// Records `record`, runs every loaded machine together, gives each its
-    /// ssh config entry and ControlMaster, sets the clocks and runs the
-    /// checks. Returns the seconds from `started` until all ran.
+    /// ssh config entry, sets the clocks, runs the checks and then starts
+    /// each machine's ControlMaster. Returns the seconds from `started` until all ran.
     pub(super) async fn resume_and_check(
         &self,
         record: &Record,
@@ -186,7 +186,6 @@ impl Testbed {
         let names: Vec<String> = machines.iter().map(|m| m.name.clone()).collect();
         let sessions = self.sessions()?;
         write_ssh_config(&self.state, &self.topology.name, &sessions.addresses())?;
-        start_control_masters(&self.state, &names);
         let clocks = faults::set_clocks(&sessions, &names).await;
         let checks = match clocks {
             Ok(()) => {
@@ -195,6 +194,9 @@ impl Testbed {
             Err(e) => Err(e),
         };
         sessions.close().await;
+        // Only now: a second key exchange per guest while the clocks are
+        // set and the checks run would take their CPU.
+        start_control_masters(&self.state, &names);
         Ok((resumed_seconds, checks?))
     }
 

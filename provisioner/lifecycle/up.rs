@@ -151,6 +151,10 @@ impl Testbed {
         self.state.create()?;
         let _lock = self.lock(Access::Exclusive)?;
         let mut record = self.state.load()?;
+        for resumed in self.resume_paused(&record).await? {
+            progress.println(&resumed);
+            record = self.state.load()?;
+        }
         let from_nothing = record.machines.is_empty();
         record.topology = self.topology.path.clone();
         ensure_user_key(&self.state)?;
