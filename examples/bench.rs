@@ -769,9 +769,17 @@ impl Drop for Libvirtd {
     }
 }
 
+/// libvirt's figures, each beside the qemu provider's.
+struct LibvirtFigures {
+    up: (Duration, Duration),
+    save: (Duration, Duration),
+    restore: (Duration, Duration),
+}
+
 /// `up` to SSH-ready for 3 machines on libvirt and on qemu, interleaved
-/// round by round; `None` when no libvirtd can be started here.
-fn libvirt_beside_qemu(root: &Path, rounds: usize) -> Option<(Duration, Duration)> {
+/// round by round, then `snapshot save` and `restore` of each; `None` when
+/// no libvirtd can be started here.
+fn libvirt_beside_qemu(root: &Path, rounds: usize) -> Option<LibvirtFigures> {
     let libvirtd = match Libvirtd::start() {
         Ok(daemon) => daemon,
         Err(why) => {
@@ -793,17 +801,43 @@ fn libvirt_beside_qemu(root: &Path, rounds: usize) -> Option<(Duration, Duration
     for round in 0..rounds {
         eprintln!("round {}/{rounds}: libvirt and qemu, 3 machines", round + 1);
         libvirt.push(on_libvirt.run(&["up", "topology.toml"]));
-        on_libvirt.run(&["destroy", "-f"]);
+        if round + 1 < rounds {
+            on_libvirt.run(&["destroy", "-f"]);
+        }
         qemu.push(on_qemu.run(&["up", "topology.toml"]));
-        on_qemu.run(&["destroy", "-f"]);
+        if round + 1 < rounds {
+            on_qemu.run(&["destroy", "-f"]);
+        }
     }
-    Some((median(libvirt), median(qemu)))
+    eprintln!("libvirt and qemu: snapshot save, restore");
+    let save = (
+        on_libvirt.run(&["snapshot", "save", "b"]),
+        on_qemu.run(&["snapshot", "save", "b"]),
+    );
+    let restore = (
+        on_libvirt.run(&["snapshot", "restore", "b"]),
+        on_qemu.run(&["snapshot", "restore", "b"]),
+    );
+    on_libvirt.run(&["destroy", "-f"]);
+    on_qemu.run(&["destroy", "-f"]);
+    Some(LibvirtFigures {
+        up: (median(libvirt), median(qemu)),
+        save,
+        restore,
+    })
 }
 
-fn print_libvirt_row(figures: Option<(Duration, Duration)>) {
-    if let Some((libvirt, qemu)) = figures {
+fn print_libvirt_rows(figures: Option<LibvirtFigures>) {
+    let Some(figures) = figures else {
+        return;
+    };
+    for (what, (libvirt, qemu)) in [
+        ("up to SSH-ready", figures.up),
+        ("snapshot save", figures.save),
+        ("snapshot restore", figures.restore),
+    ] {
         row(
-            "libvirt: up to SSH-ready, 3 machines",
+            &format!("libvirt x3: {what}"),
             libvirt,
             Some(("qemu provider, 3 machines", qemu)),
         );
@@ -826,7 +860,7 @@ fn main() {
             println!(
                 "\ntestbed benchmark: libvirt beside qemu (TCG, warm image cache, medians of {rounds})\n"
             );
-            print_libvirt_row(figures);
+            print_libvirt_rows(figures);
             return;
         }
         Ok("slurm") => {
@@ -934,7 +968,7 @@ fn main() {
         Some(("plain ssh, new connection", plain)),
     );
     print_converged(&converged_zk, large);
-    print_libvirt_row(libvirt);
+    print_libvirt_rows(libvirt);
     slurm_breakdown(root.path());
 }
 

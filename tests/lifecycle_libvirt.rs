@@ -1,7 +1,8 @@
 //! End to end on libvirt: a real libvirtd of the test's own, in a network
 //! namespace the test creates. One daemon serves, in turn: the two-machine
 //! lifecycle scenario the qemu provider runs (`scenarios`), the zk-ensemble
-//! checks (`up --provider libvirt`) and its faults, and an `up` killed with SIGKILL. After
+//! checks (`up --provider libvirt`), its faults and a snapshot saved and
+//! restored through libvirt, and an `up` killed with SIGKILL. After
 //! each `destroy`, libvirt's domains, networks and volumes are as before.
 
 mod common;
@@ -55,7 +56,43 @@ fn ensemble_checks_pass(libvirtd: &PrivateLibvirtd) {
     assert_eq!(checks.len(), 6, "{verify}");
     assert!(checks.iter().all(|c| c["passed"] == true), "{verify}");
     faults_go_through_libvirt_or_are_refused(&bed, libvirtd);
+    a_snapshot_is_libvirts_own_and_brings_the_cluster_back(&bed, libvirtd);
     bed.ok(&["destroy", "-f"]);
+}
+
+/// `snapshot save` on libvirt takes a libvirt snapshot of every domain
+/// (memory and disk, in its volume); with a znode deleted and zk-3's
+/// ZooKeeper stopped, `snapshot restore` brings back both, every check
+/// green; `snapshot rm` leaves libvirt no snapshot.
+fn a_snapshot_is_libvirts_own_and_brings_the_cluster_back(bed: &Bed, libvirtd: &PrivateLibvirtd) {
+    bed.ok(&[
+        "ssh",
+        "zk-1",
+        "--",
+        "zk-probe put zk-1:2181 /kept before-s1",
+    ]);
+    bed.ok(&["snapshot", "save", "s1"]);
+    let snapshots_of =
+        |machine: &str| libvirtd.virsh(&["snapshot-list", "--name", &domain_of(libvirtd, machine)]);
+    for machine in ["zk-1", "zk-2", "zk-3"] {
+        let listed = snapshots_of(machine);
+        assert_eq!(listed.lines().count(), 1, "{machine}: {listed}");
+    }
+
+    bed.ok(&["ssh", "zk-2", "--", "zk-probe delete zk-2:2181 /kept"]);
+    bed.ok(&["ssh", "zk-3", "--", "systemctl stop zookeeper"]);
+    let restored = bed.ok(&["snapshot", "restore", "s1"]);
+    assert!(!restored.contains("FAIL"), "{restored}");
+    let kept = bed.ok(&["ssh", "zk-1", "--", "zk-probe get zk-1:2181 /kept"]);
+    assert_eq!(kept.trim(), "before-s1");
+    let active = bed.ok(&["ssh", "zk-3", "--", "systemctl is-active zookeeper"]);
+    assert_eq!(active.trim(), "active");
+
+    bed.ok(&["snapshot", "rm", "s1"]);
+    for machine in ["zk-1", "zk-2", "zk-3"] {
+        let listed = snapshots_of(machine);
+        assert!(listed.trim().is_empty(), "{machine} keeps {listed}");
+    }
 }
 
 /// The domain of `machine` (testbed names it `tb-…-MACHINE`).

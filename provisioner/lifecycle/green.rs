@@ -143,6 +143,9 @@ impl Testbed {
     /// it was made with and the build's outputs; then the cache pruned to
     /// `max_size`.
     pub(super) async fn save_green(&self, key: &str, max_size: u64) -> Result<GreenSaved> {
+        for machine in &self.topology.machines {
+            self.provider_of(machine)?.check_saves_travel()?;
+        }
         let record = self.state.load()?;
         let cache = self.green_cache();
         let partial = cache.prepare(key)?;

@@ -50,7 +50,24 @@ impl Testbed {
 
     pub fn remove_snapshot(&self, name: &str) -> Result<()> {
         let _lock = self.lock(Access::Exclusive)?;
-        Ok(self.snapshot_dir().remove(name)?)
+        let snapshots = self.snapshot_dir();
+        if snapshots.path(name).is_dir() {
+            self.forget_saved(&snapshots.path(name))?;
+        }
+        Ok(snapshots.remove(name)?)
+    }
+
+    /// Has each machine's provider drop what it keeps of the snapshot in
+    /// `folder` outside that folder (libvirt: the snapshot in its volume).
+    fn forget_saved(&self, folder: &Path) -> Result<()> {
+        for machine in &self.topology.machines {
+            let from = Snapshots::machine_path(folder, &machine.name);
+            if from.is_dir() {
+                self.provider_of(machine)?
+                    .forget_state(&self.state.machine_dir(&machine.name), &from)?;
+            }
+        }
+        Ok(())
     }
 
     /// `snapshot save`: every machine's memory and disk, taken while all
@@ -67,8 +84,13 @@ impl Testbed {
         let saved = self.pause_and_save(&partial, &record).await;
         let paused_seconds = paused_at.elapsed().as_secs_f64();
         if let Err(e) = saved {
+            let _ = self.forget_saved(&partial);
             snapshots.abandon(name);
             return Err(e);
+        }
+        // The snapshot this one replaces (`--force`).
+        if snapshots.path(name).is_dir() {
+            self.forget_saved(&snapshots.path(name))?;
         }
         snapshots.commit(&Manifest::of(name, &self.topology, &record))?;
         let size = crate::state::disk_usage(&snapshots.path(name));

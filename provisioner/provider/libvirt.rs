@@ -180,7 +180,9 @@ fn network_xml(name: &str, bridge: &str) -> String {
 
 /// The domain: our kernel booted directly, the volume, the seed disk, the
 /// console log, the management NIC (qemu user networking, passed through)
-/// and one NIC per topology network. `kvm`: a domain of type `kvm` (only
+/// and one NIC per topology network. `<genid/>`: libvirt gives the guest a
+/// new VM generation id on each start from a snapshot, so a reverted guest
+/// reseeds its RNG. `kvm`: a domain of type `kvm` (only
 /// when the KVM probe passed), else `qemu`.
 pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str, kvm: bool) -> String {
     let kind = if kvm { "kvm" } else { "qemu" };
@@ -212,7 +214,7 @@ pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str, kvm: bool) -> String {
     .collect::<String>();
     format!(
         "<domain type='{kind}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>\
-         <name>{name}</name>\
+         <name>{name}</name><genid/>\
          <metadata><testbed:machine xmlns:testbed='{METADATA_NS}' name='{machine}' dir='{dir}'/></metadata>\
          <memory unit='MiB'>{memory}</memory><vcpu>{cpus}</vcpu>\
          <os><type arch='x86_64' machine='pc'>hvm</type>\
@@ -276,11 +278,53 @@ fn ensure_pool(conn: &Connect, cache_root: &Path) -> Result<StoragePool, Provide
     Ok(pool)
 }
 
-fn snapshots_unsupported() -> ProviderError {
+/// In a machine's snapshot folder: which libvirt snapshot holds it.
+const SNAPSHOT_RECORD: &str = "libvirt-snapshot.json";
+
+/// A machine's share of a testbed snapshot: a libvirt snapshot of its domain.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedSnapshot {
+    domain: String,
+    snapshot: String,
+}
+
+/// A libvirt snapshot name of its own for the save into `to`: the folder
+/// and the moment (a save under a name used before is another snapshot).
+fn snapshot_name(to: &Path) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let digest = Sha256::digest(format!("{}\0{now}", to.display()).as_bytes());
+    format!("testbed-{}", &hex::encode(digest)[..12])
+}
+
+fn snapshot_xml(name: &str) -> String {
+    format!(
+        "<domainsnapshot><name>{}</name><description>taken by testbed</description>\
+         <memory snapshot='internal'/></domainsnapshot>",
+        xml_escape(name)
+    )
+}
+
+fn read_saved_snapshot(from: &Path) -> Result<SavedSnapshot, ProviderError> {
+    let path = from.join(SNAPSHOT_RECORD);
+    let bytes = fs::read(&path).map_err(|source| ProviderError::Io {
+        what: format!("cannot read {}", path.display()),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ProviderError::Internal {
+        what: "reading a libvirt snapshot's record",
+        detail: format!("{}: {e}", path.display()),
+    })
+}
+
+fn snapshots_stay_home() -> ProviderError {
     ProviderError::Unsupported {
         provider: "libvirt",
-        what: "take or restore snapshots yet (testbed does not drive libvirt's save API)",
-        help: "snapshots work on the qemu provider",
+        what: "restore a snapshot after `destroy`, in another folder or on another SSH port \
+               (libvirt keeps it inside the machine's disk)",
+        help: "restore it where it was taken; the green cache works on the qemu provider",
     }
 }
 
@@ -393,12 +437,74 @@ impl Provider for Libvirt {
             .map_err(|e| libvirt_error(format!("resuming domain {}", made.name), e))
     }
 
-    fn save_state(&self, _: &Path, _: &Path) -> Result<(), ProviderError> {
-        Err(snapshots_unsupported())
+    /// A libvirt snapshot of the paused domain, memory and disk (kept
+    /// inside its qcow2 volume); `to` records its name. The domain stays
+    /// paused.
+    fn save_state(&self, dir: &Path, to: &Path) -> Result<(), ProviderError> {
+        crate::state::create_private_dir(to)?;
+        let (made, domain) = running_domain(dir)?;
+        let saved = SavedSnapshot {
+            domain: made.name.clone(),
+            snapshot: snapshot_name(to),
+        };
+        let json = serde_json::to_vec_pretty(&saved).map_err(|e| ProviderError::Internal {
+            what: "encoding a libvirt snapshot's record",
+            detail: e.to_string(),
+        })?;
+        crate::state::write_atomic(&to.join(SNAPSHOT_RECORD), &json, 0o600)?;
+        domain
+            .create_snapshot_xml(&snapshot_xml(&saved.snapshot), 0)
+            .map_err(|e| libvirt_error(format!("taking a snapshot of {}", made.name), e))?;
+        Ok(())
     }
 
-    fn restore_state(&self, _: &Path, _: &Path, _: &Relocation) -> Result<(), ProviderError> {
-        Err(snapshots_unsupported())
+    /// Reverts the domain to the snapshot `from` names, paused. Only onto
+    /// the machine it was taken of, in place: the snapshot lives inside
+    /// that machine's volume.
+    fn restore_state(
+        &self,
+        dir: &Path,
+        from: &Path,
+        moved: &Relocation,
+    ) -> Result<(), ProviderError> {
+        if moved.root != moved.saved_root || moved.ssh_port != moved.saved_ssh_port {
+            return Err(snapshots_stay_home());
+        }
+        let (made, domain) = running_domain(dir)?;
+        let saved = read_saved_snapshot(from)?;
+        let snapshot =
+            Domain::lookup_snapshot_by_name(&domain, &saved.snapshot, 0).map_err(|e| {
+                libvirt_error(
+                    format!("finding snapshot {} of {}", saved.snapshot, made.name),
+                    e,
+                )
+            })?;
+        snapshot
+            .revert(virt::sys::VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED)
+            .map_err(|e| libvirt_error(format!("reverting {} to a snapshot", made.name), e))
+    }
+
+    fn check_saves_travel(&self) -> Result<(), ProviderError> {
+        Err(snapshots_stay_home())
+    }
+
+    fn forget_state(&self, dir: &Path, from: &Path) -> Result<(), ProviderError> {
+        let (Some(made), Ok(saved)) = (read_made(dir), read_saved_snapshot(from)) else {
+            return Ok(());
+        };
+        let conn = connect(&made.uri)?;
+        let Some(domain) = lookup_domain(&conn, &made.name) else {
+            return Ok(());
+        };
+        match Domain::lookup_snapshot_by_name(&domain, &saved.snapshot, 0) {
+            Ok(snapshot) => snapshot.delete(0).map_err(|e| {
+                libvirt_error(
+                    format!("removing snapshot {} of {}", saved.snapshot, made.name),
+                    e,
+                )
+            }),
+            Err(_) => Ok(()),
+        }
     }
 
     fn network_up(&self, network: &NetworkSpec) -> bool {
@@ -527,8 +633,10 @@ impl Provider for Libvirt {
         self.kill(dir)?;
         let conn = connect(&made.uri)?;
         if let Some(domain) = lookup_domain(&conn, &made.name) {
+            // With its snapshots' metadata: libvirt refuses to forget a
+            // domain that still has some (their data goes with the volume).
             domain
-                .undefine()
+                .undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
                 .map_err(|e| libvirt_error(format!("removing domain {}", made.name), e))?;
         }
         if let Some(volume) = made.volume.as_deref().and_then(|v| lookup_volume(&conn, v)) {

@@ -269,6 +269,17 @@ pub trait Provider: Send + Sync {
         from: &Path,
         moved: &Relocation,
     ) -> Result<(), ProviderError>;
+    /// Ok when what [`Provider::save_state`] writes is whole in its folder,
+    /// so that it restores after `destroy` or into another folder (what the
+    /// green cache needs); else why not.
+    fn check_saves_travel(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+    /// Drops whatever [`Provider::save_state`] kept outside the folder
+    /// `from`, before the folder goes.
+    fn forget_state(&self, _dir: &Path, _from: &Path) -> Result<(), ProviderError> {
+        Ok(())
+    }
     /// Whether a network that was made still carries traffic (its switch or
     /// bridge is up). True when it cannot be told: a false answer reboots
     /// the machines on it.
