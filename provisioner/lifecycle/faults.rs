@@ -198,7 +198,6 @@ impl Testbed {
         Ok(format!("{name}: resumed, its clock set from the host's"))
     }
 
-    /// Freezes (`paused`) or thaws a running machine's VM, and records it.
     /// `up` on a cluster with machines a `fault pause` froze: they run
     /// again, on the host's clock. Returns a line per machine resumed.
     pub(super) async fn resume_paused(&self, record: &Record) -> Result<Vec<String>> {
@@ -227,6 +226,7 @@ impl Testbed {
             .collect())
     }
 
+    /// Freezes (`paused`) or thaws a running machine's VM, and records it.
     async fn set_paused(&self, name: &str, paused: bool) -> Result<()> {
         let machine = self.created(name)?;
         let provider = self.provider_of(&machine)?;

@@ -582,9 +582,11 @@ impl Testbed {
     }
 
     /// Short commands ride the ControlMasters left for `testbed ssh`, where
-    /// they are alive: a key exchange costs a guest under emulation more
-    /// than most checks do.
+    /// they are alive (once those `up` just started have authenticated): a
+    /// key exchange costs a guest under emulation more than most checks do.
     fn prefer_control_masters(&self, machines: &Machines, record: &Record) {
+        let names: Vec<String> = record.machines.keys().cloned().collect();
+        ssh_config::wait_for_control_masters(&self.state, &names);
         for name in record.machines.keys() {
             machines.prefer_control_master(name, control_path(&self.state, name));
         }

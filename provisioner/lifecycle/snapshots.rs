@@ -194,7 +194,8 @@ impl Testbed {
 
     /// Records `record`, runs every loaded machine together, gives each its
     /// ssh config entry, sets the clocks, runs the checks and then starts
-    /// each machine's ControlMaster. Returns the seconds from `started` until all ran.
+    /// each machine's ControlMaster. Returns the seconds from `started`
+    /// until all ran.
     pub(super) async fn resume_and_check(
         &self,
         record: &Record,

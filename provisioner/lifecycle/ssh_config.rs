@@ -47,9 +47,19 @@ pub(super) fn master_pid_path(state: &StateDir, name: &str) -> PathBuf {
 /// Waits (a few seconds at most) while the ControlMaster that `up` started
 /// for `name` is still authenticating.
 pub fn wait_for_control_master(state: &StateDir, name: &str) {
-    let pid_file = master_pid_path(state, name);
+    wait_for_control_masters(state, std::slice::from_ref(&name.to_string()));
+}
+
+/// [`wait_for_control_master`] for each of `names`, within one deadline.
+/// Riding a master beats a connection of one's own made beside it: two
+/// key exchanges at once on a guest just booted took `verify` from 1 s to
+/// 18 s here (libvirt, 3 TCG guests).
+pub fn wait_for_control_masters(state: &StateDir, names: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while process::process_alive(&pid_file, CONTROL_MASTER_MARKER) && Instant::now() < deadline {
+    let authenticating = |name: &String| {
+        process::process_alive(&master_pid_path(state, name), CONTROL_MASTER_MARKER)
+    };
+    while names.iter().any(authenticating) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }

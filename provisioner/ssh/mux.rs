@@ -125,17 +125,9 @@ impl Master {
             return Ok(path.clone());
         }
         let path = self.scratch.path().join(format!("{}.sock", forwards.len()));
+        let (listen, connect) = local_forward(&path, host, port);
         self.session
-            .request_port_forward(
-                ForwardType::Local,
-                Socket::UnixSocket {
-                    path: path.as_path().into(),
-                },
-                Socket::TcpSocket {
-                    host: host.into(),
-                    port,
-                },
-            )
+            .request_port_forward(ForwardType::Local, listen, connect)
             .await
             .map_err(|e| self.error(format!("forwarding to {host}:{port}"), e))?;
         forwards.insert(key, path.clone());
@@ -146,18 +138,10 @@ impl Master {
     pub async fn close(&self) {
         let forwards = std::mem::take(&mut *self.forwards.lock().await);
         for ((host, port), path) in forwards {
+            let (listen, connect) = local_forward(&path, &host, port);
             let _ = self
                 .session
-                .close_port_forward(
-                    ForwardType::Local,
-                    Socket::UnixSocket {
-                        path: path.as_path().into(),
-                    },
-                    Socket::TcpSocket {
-                        host: host.into(),
-                        port,
-                    },
-                )
+                .close_port_forward(ForwardType::Local, listen, connect)
                 .await;
         }
     }
@@ -173,6 +157,17 @@ impl Master {
             source,
         }
     }
+}
+
+/// A forward from the local socket `path` to `host:port` seen from the guest.
+fn local_forward<'a>(path: &'a Path, host: &'a str, port: u16) -> (Socket<'a>, Socket<'a>) {
+    (
+        Socket::UnixSocket { path: path.into() },
+        Socket::TcpSocket {
+            host: host.into(),
+            port,
+        },
+    )
 }
 
 fn exec_output(output: std::process::Output) -> ExecOutput {
