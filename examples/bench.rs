@@ -11,7 +11,8 @@
 //!
 //! - with a private libvirtd (root; tests/support/libvirtd-netns.sh), `up`
 //!   to SSH-ready for 3 machines on the libvirt provider beside the qemu
-//!   provider, interleaved round by round.
+//!   provider, interleaved round by round, then `snapshot save` and
+//!   `restore` of each.
 //!
 //! - the cost of testbed's own work: `plan`, converged `up` and `status` on
 //!   the zk-ensemble, and `plan` of a generated 200-machine topology whose
@@ -34,7 +35,9 @@
 //!   run: about 20 minutes): for ZooKeeper ensembles of N = 1, 3, 5
 //!   (`BENCH_GREEN_N=3`), `up --fresh` to green, `up` to green from the
 //!   green cache after `destroy`, `snapshot save`, and `snapshot restore`
-//!   to green, each beside the same ensemble brought up by hand.
+//!   to green, each beside the same ensemble brought up by hand; then the
+//!   same for `topologies/zk-ensemble.toml`, with the snapshot's size and
+//!   `verify` riding the ControlMasters beside `verify` without them.
 //!
 //! `BENCH=boot`, `BENCH=slurm`, `BENCH=libvirt`, `BENCH=plan`, `BENCH=load`
 //! or `BENCH=green` runs only that part (`boot`: the SSH-ready rows).
@@ -1058,14 +1061,7 @@ fn under_load(root: &Path) {
     println!("\ntestbed benchmark: under load (TCG, 2 cores, warm image cache)\n");
     // The largest first: what fails under load fails early.
     // `BENCH_LOAD_N=5,3` measures only those sizes.
-    let sizes: Vec<usize> = std::env::var("BENCH_LOAD_N")
-        .ok()
-        .map(|list| {
-            list.split(',')
-                .filter_map(|n| n.trim().parse().ok())
-                .collect()
-        })
-        .unwrap_or_else(|| vec![8, 5, 3, 1]);
+    let sizes = sizes_from_env("BENCH_LOAD_N", &[8, 5, 3, 1]);
     for n in sizes {
         let rounds = if n == 3 { 3 } else { 1 };
         let bed = Bed::with_text(root, &format!("bench-zk{n}"), &zk_topology(n));
@@ -1117,14 +1113,7 @@ fn under_load(root: &Path) {
 /// save` and `snapshot restore` (to green), beside the floor: the same
 /// ensemble by hand (bare qemu, ssh, nc), measured in the same run.
 fn green_and_snapshots(root: &Path) {
-    let sizes: Vec<usize> = std::env::var("BENCH_GREEN_N")
-        .ok()
-        .map(|list| {
-            list.split(',')
-                .filter_map(|n| n.trim().parse().ok())
-                .collect()
-        })
-        .unwrap_or_else(|| vec![1, 3, 5]);
+    let sizes = sizes_from_env("BENCH_GREEN_N", &[1, 3, 5]);
     println!("\ntestbed benchmark: green cache and snapshots (TCG, 2 cores, warm image cache)\n");
     print_header();
     for n in sizes {
@@ -1208,6 +1197,17 @@ fn verify_riding_and_connecting(bed: &Bed) -> (Duration, Duration) {
     });
     start_masters();
     (riding, connecting)
+}
+
+/// The ensemble sizes `variable` lists (`5,3`; empty: none), else `default`.
+fn sizes_from_env(variable: &str, default: &[usize]) -> Vec<usize> {
+    match std::env::var(variable) {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|n| n.trim().parse().ok())
+            .collect(),
+        Err(_) => default.to_vec(),
+    }
 }
 
 fn seconds(samples: &[Duration]) -> String {
