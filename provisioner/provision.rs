@@ -18,7 +18,7 @@ use crate::plan::{
     artifacts_hash, daemon_hash, guest_artifact_path, Applied, DaemonAction, DaemonPlan,
     MachinePlan, PlanError, Rendered,
 };
-use crate::ssh::mux::Master;
+use crate::ssh::mux::{Master, MuxError};
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::StateDir;
 
@@ -124,10 +124,25 @@ impl Machines {
             .clone()
     }
 
-    /// After a master failed: the machine's next commands take a
-    /// connection of their own.
-    fn stop_preferring_master(&self, machine: &str) {
-        lock(&self.control_sockets).remove(machine);
+    /// `operation` through the machine's ControlMaster; `None` when it has
+    /// none alive, or when it failed there: then the machine's commands
+    /// take a connection of their own from now on.
+    async fn through_master<T, F>(
+        &self,
+        machine: &str,
+        operation: impl FnOnce(Arc<Master>) -> F,
+    ) -> Option<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, MuxError>>,
+    {
+        let master = self.master(machine).await?;
+        match operation(master).await {
+            Ok(value) => Some(value),
+            Err(_) => {
+                lock(&self.control_sockets).remove(machine);
+                None
+            }
+        }
     }
 
     pub fn set_address(&self, machine: &str, address: SocketAddr) {
@@ -224,11 +239,11 @@ impl Machines {
     }
 
     async fn run(&self, machine: &str, command: &str) -> Result<crate::ssh::ExecOutput> {
-        if let Some(master) = self.master(machine).await {
-            match master.exec(command).await {
-                Ok(output) => return Ok(output),
-                Err(_) => self.stop_preferring_master(machine),
-            }
+        if let Some(output) = self
+            .through_master(machine, |master| async move { master.exec(command).await })
+            .await
+        {
+            return Ok(output);
         }
         self.on_session(
             machine,
@@ -239,19 +254,18 @@ impl Machines {
 
     /// Writes `data` to `dest` on the machine (see [`Session::upload`]).
     async fn upload(&self, machine: &str, data: &[u8], dest: &str, mode: u32) -> Result<()> {
-        if let Some(master) = self.master(machine).await {
-            match master.upload(data, dest, mode).await {
-                Ok(output) if output.success() => return Ok(()),
-                Ok(output) => {
-                    return Err(ProvisionError::Command {
-                        machine: machine.to_string(),
-                        command: format!("writing {dest}"),
-                        status: output.exit_status,
-                        stderr: output.stderr_lossy().trim().to_string(),
-                    })
-                }
-                Err(_) => self.stop_preferring_master(machine),
+        let uploading = |master: Arc<Master>| async move { master.upload(data, dest, mode).await };
+        match self.through_master(machine, uploading).await {
+            Some(output) if output.success() => return Ok(()),
+            Some(output) => {
+                return Err(ProvisionError::Command {
+                    machine: machine.to_string(),
+                    command: format!("writing {dest}"),
+                    status: output.exit_status,
+                    stderr: output.stderr_lossy().trim().to_string(),
+                })
             }
+            None => {}
         }
         self.on_session(machine, |session| async move {
             session.upload(data, dest, mode).await
@@ -319,11 +333,14 @@ fn io_error(e: impl std::fmt::Display) -> std::io::Error {
 
 impl Transport for Machines {
     async fn open_tcp(&self, via: &str, host: &str, port: u16) -> std::io::Result<BoxedStream> {
-        if let Some(master) = self.master(via).await {
-            match master.open_tcp(host, port).await {
-                Ok(stream) => return Ok(Box::new(stream)),
-                Err(_) => self.stop_preferring_master(via),
-            }
+        if let Some(stream) = self
+            .through_master(
+                via,
+                |master| async move { master.open_tcp(host, port).await },
+            )
+            .await
+        {
+            return Ok(Box::new(stream));
         }
         let session = self.session(via).await.map_err(io_error)?;
         let stream = session.open_tcp(host, port).await.map_err(io_error)?;

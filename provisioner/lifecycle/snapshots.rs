@@ -51,14 +51,13 @@ impl Testbed {
     pub fn remove_snapshot(&self, name: &str) -> Result<()> {
         let _lock = self.lock(Access::Exclusive)?;
         let snapshots = self.snapshot_dir();
-        if snapshots.path(name).is_dir() {
-            self.forget_saved(&snapshots.path(name))?;
-        }
+        self.forget_saved(&snapshots.path(name))?;
         Ok(snapshots.remove(name)?)
     }
 
     /// Has each machine's provider drop what it keeps of the snapshot in
-    /// `folder` outside that folder (libvirt: the snapshot in its volume).
+    /// `folder` outside that folder (libvirt: the snapshot in its volume);
+    /// nothing when there is no such folder.
     fn forget_saved(&self, folder: &Path) -> Result<()> {
         for machine in &self.topology.machines {
             let from = Snapshots::machine_path(folder, &machine.name);
@@ -88,10 +87,8 @@ impl Testbed {
             snapshots.abandon(name);
             return Err(e);
         }
-        // The snapshot this one replaces (`--force`).
-        if snapshots.path(name).is_dir() {
-            self.forget_saved(&snapshots.path(name))?;
-        }
+        // The snapshot this one replaces (`--force`), if any.
+        self.forget_saved(&snapshots.path(name))?;
         snapshots.commit(&Manifest::of(name, &self.topology, &record))?;
         let size = crate::state::disk_usage(&snapshots.path(name));
         Ok(Saved {

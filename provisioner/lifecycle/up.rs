@@ -151,8 +151,9 @@ impl Testbed {
         self.state.create()?;
         let _lock = self.lock(Access::Exclusive)?;
         let mut record = self.state.load()?;
-        for resumed in self.resume_paused(&record).await? {
-            progress.println(&resumed);
+        let resumed = self.resume_paused(&record).await?;
+        if !resumed.is_empty() {
+            resumed.iter().for_each(|line| progress.println(line));
             record = self.state.load()?;
         }
         let from_nothing = record.machines.is_empty();

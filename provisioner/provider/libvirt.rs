@@ -281,10 +281,10 @@ fn ensure_pool(conn: &Connect, cache_root: &Path) -> Result<StoragePool, Provide
 /// In a machine's snapshot folder: which libvirt snapshot holds it.
 const SNAPSHOT_RECORD: &str = "libvirt-snapshot.json";
 
-/// A machine's share of a testbed snapshot: a libvirt snapshot of its domain.
+/// A machine's share of a testbed snapshot: a libvirt snapshot of its
+/// domain (the one `libvirt.json` in the machine's folder names).
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedSnapshot {
-    domain: String,
     snapshot: String,
 }
 
@@ -444,7 +444,6 @@ impl Provider for Libvirt {
         crate::state::create_private_dir(to)?;
         let (made, domain) = running_domain(dir)?;
         let saved = SavedSnapshot {
-            domain: made.name.clone(),
             snapshot: snapshot_name(to),
         };
         let json = serde_json::to_vec_pretty(&saved).map_err(|e| ProviderError::Internal {
