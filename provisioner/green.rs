@@ -157,10 +157,13 @@ impl GreenCache {
             .and_then(|f| f.set_modified(SystemTime::now()));
     }
 
-    /// A fresh partial entry for `key`, clearing what a save cut short left.
+    /// A fresh partial entry for `key`, clearing what a save of this
+    /// process cut short left (another `up` may be saving the same key).
     pub fn prepare(&self, key: &str) -> Result<Partial> {
         state::create_private_dir(&self.root)?;
-        let dir = self.root.join(format!(".{key}.partial"));
+        let dir = self
+            .root
+            .join(format!(".{key}.{}.partial", std::process::id()));
         state::remove_dir_if_present(&dir)?;
         for sub in ["", SNAPSHOT, STATE, OUTPUTS] {
             state::create_private_dir(&dir.join(sub))?;
@@ -174,6 +177,33 @@ impl GreenCache {
     /// Writes the entry's description and puts it in place of any older
     /// entry of the key.
     pub fn commit(&self, partial: Partial, topology: &str, saved_root: &Path) -> Result<()> {
+        let path = self.root.join(&partial.key);
+        self.describe(&partial, topology, saved_root)?;
+        state::remove_dir_if_present(&path)?;
+        std::fs::rename(&partial.dir, &path).map_err(|source| StateError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Puts the entry in place unless another process committed one of
+    /// the key meanwhile (which may be in use: it is kept, this one
+    /// dropped); returns the entry in place.
+    pub fn commit_or_keep(&self, partial: Partial, topology: &str) -> Result<Entry> {
+        let path = self.root.join(&partial.key);
+        self.describe(&partial, topology, &partial.dir)?;
+        if std::fs::rename(&partial.dir, &path).is_err() {
+            self.abandon_dir(&partial.dir);
+        }
+        self.lookup(&partial.key)
+            .ok_or_else(|| GreenError::Corrupt {
+                path,
+                detail: "not in place after its save".into(),
+            })
+    }
+
+    fn describe(&self, partial: &Partial, topology: &str, saved_root: &Path) -> Result<()> {
         let info = EntryInfo {
             layout: LAYOUT,
             key: partial.key.clone(),
@@ -185,19 +215,16 @@ impl GreenCache {
             path: partial.dir.clone(),
             detail: e.to_string(),
         })?;
-        state::write_atomic(&partial.dir.join(ENTRY), &text, 0o600)?;
-        let path = self.root.join(&partial.key);
-        state::remove_dir_if_present(&path)?;
-        std::fs::rename(&partial.dir, &path).map_err(|source| StateError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(())
+        Ok(state::write_atomic(&partial.dir.join(ENTRY), &text, 0o600)?)
     }
 
     /// Drops a partial entry (a save that failed).
     pub fn abandon(&self, partial: Partial) {
-        let _ = std::fs::remove_dir_all(partial.dir);
+        self.abandon_dir(&partial.dir);
+    }
+
+    fn abandon_dir(&self, dir: &Path) {
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Every whole entry, most recently used first.

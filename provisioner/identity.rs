@@ -179,9 +179,48 @@ pub fn build_seed(
     authorized_key: &str,
     management: &Management,
 ) -> Result<Seed, IdentityError> {
+    let nics = static_nics(topology, machine);
+    seed_of(
+        &machine.name,
+        hosts_file(topology, machine),
+        keys,
+        authorized_key,
+        management,
+        &nics,
+    )
+}
+
+/// The name a warm-boot template answers to: no machine of any topology.
+pub const TEMPLATE_HOSTNAME: &str = "testbed-template";
+
+/// The seed of a warm-boot template: its own keys, its management NIC
+/// only (the others stay down until a machine's identity names them).
+pub fn template_seed(
+    keys: &MachineKeys,
+    authorized_key: &str,
+    management: &Management,
+) -> Result<Seed, IdentityError> {
+    let hosts = format!("127.0.0.1 localhost\n127.0.1.1 {TEMPLATE_HOSTNAME}\n");
+    seed_of(
+        TEMPLATE_HOSTNAME,
+        hosts,
+        keys,
+        authorized_key,
+        management,
+        &[],
+    )
+}
+
+fn seed_of(
+    hostname: &str,
+    hosts: String,
+    keys: &MachineKeys,
+    authorized_key: &str,
+    management: &Management,
+    nics: &[(String, StaticNic)],
+) -> Result<Seed, IdentityError> {
     let private = std::fs::read(&keys.host_key)
         .map_err(io_err(format!("cannot read {}", keys.host_key.display())))?;
-    let nics = static_nics(topology, machine);
     // Paths relative to the guest's root: the guest extracts the archive
     // over / in one step.
     let entries: Vec<(&str, Vec<u8>, u32)> = vec![
@@ -196,16 +235,8 @@ pub fn build_seed(
             format!("{}\n", authorized_key.trim()).into_bytes(),
             0o600,
         ),
-        (
-            "etc/hostname",
-            format!("{}\n", machine.name).into_bytes(),
-            0o644,
-        ),
-        (
-            "etc/hosts",
-            hosts_file(topology, machine).into_bytes(),
-            0o644,
-        ),
+        ("etc/hostname", format!("{hostname}\n").into_bytes(), 0o644),
+        ("etc/hosts", hosts.into_bytes(), 0o644),
         (
             "etc/machine-id",
             format!("{}\n", keys.machine_id).into_bytes(),
@@ -218,7 +249,7 @@ pub fn build_seed(
         ),
         (
             "etc/testbed/interfaces",
-            interfaces_file(management, &nics).into_bytes(),
+            interfaces_file(management, nics).into_bytes(),
             0o644,
         ),
     ];
@@ -262,6 +293,21 @@ fn entries_hash(entries: &[(&str, Vec<u8>, u32)]) -> String {
 /// The shell command that applies an uploaded seed on the guest.
 pub fn apply_command() -> String {
     format!("{GUEST_APPLY} {GUEST_SEED}")
+}
+
+/// The MACs a warm-booted machine's NICs had in its template, each with
+/// the machine's own (in the order the provider attaches them).
+pub type Renames = [(String, String)];
+
+/// The shell command that applies the seed given on its stdin, giving the
+/// NICs their MACs first (after a warm boot): one command, no upload.
+pub fn apply_from_stdin_command(renames: &Renames) -> String {
+    let mut command = format!("{GUEST_APPLY} -");
+    for (old, new) in renames {
+        command.push(' ');
+        command.push_str(&crate::ssh::shell_quote(&format!("{old}={new}")));
+    }
+    command
 }
 
 #[cfg(test)]

@@ -69,6 +69,17 @@ impl Task {
         }
     }
 
+    /// A line that stays, `label: message`, above the bars; the task goes on.
+    pub fn println(&self, message: &str) {
+        let line = format!("{}: {message}", self.label);
+        match &self.multi {
+            Some(multi) => {
+                let _ = multi.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
     /// Ends the task with a line that stays: the bar is replaced by
     /// `label: message` above the bars still running, so what is printed
     /// on stdout after the last task never lands on a bar's line.

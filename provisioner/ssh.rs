@@ -423,6 +423,15 @@ impl Session {
         })))
     }
 
+    /// Runs `command` with `input` on its stdin, collecting its output.
+    pub async fn exec_with_input(
+        &self,
+        command: &str,
+        input: &[u8],
+    ) -> Result<ExecOutput, SshError> {
+        self.run(command, input, |_, _| {}).await
+    }
+
     /// Open a TCP connection to `host:port` as seen from the remote machine
     /// (a `direct-tcpip` channel; the server must allow TCP forwarding).
     pub async fn open_tcp(&self, host: &str, port: u16) -> Result<TunnelStream, SshError> {

@@ -13,7 +13,12 @@ use crate::settings::Settings;
                         testbed up --provider libvirt topologies/zk-ensemble.toml\n  \
                         testbed up --json | jq '.machines[] | {name, action}'\n  \
                         testbed up --jobs 3   # boot three machines at a time\n  \
-                        testbed up --fresh    # boot and provision even if the green cache has it")]
+                        testbed up --fresh    # boot and provision even if the green cache has it\n  \
+                        testbed up --fresh --cold   # and boot every machine from its kernel\n\n\
+                        A fresh machine warm-boots: it resumes a booted template of its image, \
+                        cpus, memory and NIC count (made once, kept in the cache: `testbed cache \
+                        list`) and is then given its own identity, clock and MACs. A provider that \
+                        cannot restore one says so, and its machines boot cold.")]
 pub struct Args {
     #[command(flatten)]
     pub(super) at: super::At,
@@ -34,6 +39,10 @@ pub struct Args {
     /// cluster (it is saved anew once green)
     #[arg(long)]
     fresh: bool,
+    /// Boot fresh machines from their kernel instead of resuming a booted
+    /// template of their image (a warm boot)
+    #[arg(long)]
+    cold: bool,
 }
 
 pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
@@ -49,6 +58,7 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let options = UpOptions {
         boot_jobs: args.jobs.map(usize::from),
         fresh: args.fresh,
+        cold: args.cold,
     };
     let report = testbed.up(&progress, options).await?;
     if args.json {
@@ -62,6 +72,16 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let unchanged = report.unchanged();
     if let Some(build) = &report.build {
         out!("{build}")?;
+    }
+    for (template, seconds) in &report.templates_made {
+        out!("warm boot: made a template ({template}) in {seconds:.1} s, kept in the cache")?;
+    }
+    if !report.warm.is_empty() {
+        let machines: Vec<&str> = report.warm.keys().map(String::as_str).collect();
+        out!(
+            "warm boot: {} resumed a booted template instead of booting cold (`--cold` boots them)",
+            machines.join(", ")
+        )?;
     }
     for outcome in &report.daemons {
         let action = outcome.action.past_tense();
@@ -129,6 +149,7 @@ fn print_json(report: &UpReport) -> anyhow::Result<ExitCode> {
         Some(GreenOutcome::NotSaved(why)) => serde_json::json!({ "not_saved": why }),
         None => serde_json::Value::Null,
     };
+    done["warm"] = serde_json::json!(report.warm);
     done["checks"] = match &report.checks {
         Some(checks) => checks.json(),
         None => serde_json::Value::Null,

@@ -11,6 +11,7 @@ mod snapshots;
 mod ssh_config;
 mod steps;
 mod up;
+mod warm;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

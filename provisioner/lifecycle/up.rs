@@ -22,6 +22,7 @@ use crate::state::{Access, Desired, MachineDir, MachineRecord, Record, StateDir,
 use super::green::{GreenRestored, GreenSaved};
 use super::ssh_config::{start_control_masters, write_ssh_config};
 use super::steps::spawn_build;
+use super::warm::{warm_identity_command, Fresh, Template};
 use super::{
     all_succeeded, blocking, first_line, join_machines, lock_record, observe, Error,
     MachineFailure, Result, Testbed,
@@ -44,6 +45,11 @@ pub struct UpReport {
     pub build: Option<BuildOutcome>,
     /// What the green cache did, when `up` started from nothing.
     pub green: Option<GreenOutcome>,
+    /// The machines that resumed a template instead of booting cold, each
+    /// with the template's description.
+    pub warm: BTreeMap<String, String>,
+    /// The templates this `up` made (description, seconds it took).
+    pub templates_made: Vec<(String, f64)>,
 }
 
 /// How `up` goes about its work.
@@ -55,6 +61,8 @@ pub struct UpOptions {
     /// Boot and provision even when the green cache has this cluster (and
     /// save it anew once green).
     pub fresh: bool,
+    /// Boot fresh machines cold instead of from a template.
+    pub cold: bool,
 }
 
 /// The green cache's part in an `up` from nothing.
@@ -171,6 +179,8 @@ impl Testbed {
             checks: None,
             build: None,
             green: None,
+            warm: BTreeMap::new(),
+            templates_made: Vec::new(),
         };
         let build_current = plan
             .build
@@ -245,15 +255,28 @@ impl Testbed {
             work.push((index, boot, self.ssh_target(&machine.machine, 0)?));
         }
         let build_task = spawn_build(&ctx, build_current, progress);
+        let mut templates = if options.cold {
+            BTreeMap::new()
+        } else {
+            self.warm_templates(&fresh_machines(&plan, &work), progress)
+                .await
+        };
+        for template in templates.values().filter_map(|t| t.made_in.map(|d| (t, d))) {
+            let made = (template.0.label.clone(), template.1.as_secs_f64());
+            if !report.templates_made.contains(&made) {
+                report.templates_made.push(made);
+            }
+        }
         let mut tasks = Vec::new();
         for (index, boot, target) in work {
             let task = progress.task(&plan.machines[index].name);
             let ctx = ctx.clone();
             let plan = plan.clone();
+            let warm = templates.remove(&plan.machines[index].name);
             tasks.push(tokio::spawn(async move {
                 let machine = &plan.machines[index];
                 let name = machine.name.clone();
-                let result = up_machine(machine, boot, target, &ctx, &task).await;
+                let result = up_machine(machine, boot, warm, target, &ctx, &task).await;
                 ctx.readiness
                     .set(&Gate::Daemons(name.clone()), result.is_ok());
                 ctx.readiness.settle(&Gate::Reachable(name.clone()), false);
@@ -265,7 +288,10 @@ impl Testbed {
             }));
         }
         let (done, mut failures) = join_machines(tasks).await;
-        for (name, (action, outcomes)) in done {
+        for (name, (action, outcomes, warm)) in done {
+            if let Some(label) = warm {
+                report.warm.insert(name.clone(), label);
+            }
             report.machines.insert(name, action);
             report.daemons.extend(outcomes);
         }
@@ -570,30 +596,50 @@ impl UpContext {
     }
 }
 
-/// One machine's way through `up`: boot and identity when the plan says,
-/// then its daemons once its dependencies are ready. Returns what was done
-/// to the machine and to its daemons.
+/// The machines `up` creates anew, which may warm-boot.
+fn fresh_machines<'a>(
+    plan: &'a Plan,
+    work: &'a [(usize, Option<VmSpec>, Target)],
+) -> Vec<Fresh<'a>> {
+    work.iter()
+        .filter_map(|(index, boot, _)| {
+            let machine = &plan.machines[*index];
+            let spec = boot.as_ref()?;
+            (machine.action == MachineAction::Create).then(|| Fresh {
+                name: &machine.name,
+                provider: machine.provider.clone(),
+                spec,
+            })
+        })
+        .collect()
+}
+
+/// One machine's way through `up`: boot (from `warm` when given) and
+/// identity when the plan says, then its daemons once its dependencies are
+/// ready. Returns what was done to the machine and to its daemons, and the
+/// template it warm-booted from.
 async fn up_machine(
     machine: &MachinePlan,
     boot: Option<VmSpec>,
+    warm: Option<Template>,
     target: Target,
     ctx: &UpContext,
     task: &Task,
-) -> Result<(MachineAction, Vec<Outcome>)> {
-    let done = if machine.apply_identity {
+) -> Result<(MachineAction, Vec<Outcome>, Option<String>)> {
+    let (done, warm) = if machine.apply_identity {
         let _slot = if boot.is_some() {
             Some(boot_slot(ctx, task).await?)
         } else {
             None
         };
-        bring_up(machine, boot, target, ctx, task).await?
+        bring_up(machine, boot, warm, target, ctx, task).await?
     } else {
-        MachineAction::Provision
+        (MachineAction::Provision, None)
     };
     ctx.readiness
         .set(&Gate::Reachable(machine.name.clone()), true);
     let outcomes = provision_and_record(machine, ctx, task).await?;
-    Ok((done, outcomes))
+    Ok((done, outcomes, warm.map(|t| t.label)))
 }
 
 /// Waits for one of the `--jobs` boot slots, saying so when it must wait.
@@ -652,22 +698,25 @@ async fn provision_and_record(
     Ok(outcomes)
 }
 
-/// Boots the machine when `boot` is given (create its disk first when it
-/// has none), reaches SSH, applies identity; says which of these it did.
+/// Boots the machine when `boot` is given (from the template `warm`, else
+/// cold, creating its disk first when it has none), reaches SSH, applies
+/// identity; says which of these it did, and the template it booted from.
 /// The record is written before each step that starts something, so a
 /// killed `up` leaves a state that `status`, `up` and `destroy` can read.
 async fn bring_up(
     machine: &MachinePlan,
     boot: Option<VmSpec>,
+    mut warm: Option<Template>,
     mut target: Target,
     ctx: &UpContext,
     task: &Task,
-) -> Result<MachineAction> {
+) -> Result<(MachineAction, Option<Template>)> {
     let mut done = MachineAction::Provision;
     let name = machine.name.clone();
     let provider = machine.provider.clone();
     let seed = machine_seed(machine, ctx)?;
     let layout = ctx.state.machine(&name);
+    let mut renames = Vec::new();
     if let Some(mut spec) = boot {
         if machine.observed == VmState::Running {
             // Booting a VM that runs: its network was lost (see the plan).
@@ -693,15 +742,34 @@ async fn bring_up(
             fresh_disk,
         )?;
         done = MachineAction::Start;
-        if fresh_disk {
-            task.set("creating disk");
-            let spec = spec.clone();
-            let p = provider.clone();
-            blocking(move || p.create(&spec)).await?;
-            done = MachineAction::Create;
+        if let Some(template) = warm.clone().filter(|_| fresh_disk) {
+            task.set("warm boot from a template");
+            if let Err(e) = warm_boot(provider.clone(), &mut spec, &template, ctx).await {
+                task.println(&format!(
+                    "warm boot failed, booting cold: {}",
+                    first_line(&e.to_string())
+                ));
+                let (p, dir) = (provider.clone(), layout.path().to_path_buf());
+                blocking(move || p.kill(&dir)).await?;
+                warm = None;
+            } else {
+                renames = template.renames(&spec);
+                done = MachineAction::Create;
+            }
+        } else {
+            warm = None;
         }
-        task.set("booting");
-        boot_with_free_port(provider.clone(), &mut spec, ctx).await?;
+        if warm.is_none() {
+            if fresh_disk {
+                task.set("creating disk");
+                let spec = spec.clone();
+                let p = provider.clone();
+                blocking(move || p.create(&spec)).await?;
+                done = MachineAction::Create;
+            }
+            task.set("booting");
+            boot_with_free_port(provider.clone(), &mut spec, ctx, |p, s| p.start(s)).await?;
+        }
     }
     let port = lock_record(&ctx.record)
         .machines
@@ -714,15 +782,22 @@ async fn bring_up(
     target.addr = provider.ssh_address(port);
     ctx.machines.set_address(&name, target.addr);
     task.set("waiting for SSH");
+    // Until its identity is applied, a warm-booted guest is the template.
+    let first = match &warm {
+        Some(template) => template.target(&target),
+        None => target.clone(),
+    };
     let session =
-        connect_while_running(&name, &target, provider.clone(), layout.path(), &layout).await?;
+        connect_while_running(&name, &first, provider.clone(), &layout, warm.is_some()).await?;
     task.set("applying identity");
-    apply_identity(&session, &seed)
-        .await
-        .map_err(|source| Error::Ssh {
-            machine: name.clone(),
-            source,
-        })?;
+    let applied = match &warm {
+        Some(_) => apply_warm_identity(&session, &seed, &renames).await,
+        None => apply_identity(&session, &seed).await,
+    };
+    applied.map_err(|source| Error::Ssh {
+        machine: name.clone(),
+        source,
+    })?;
     // The same connection serves the daemons' steps and the checks.
     ctx.machines.adopt(&name, session).await;
     let hash = seed.hash.clone();
@@ -732,7 +807,19 @@ async fn bring_up(
     })?;
     // `testbed ssh NAME` works from here on, while the rest of `up` goes on.
     write_ssh_config(&ctx.state, &ctx.topology.name, &ctx.machines.addresses())?;
-    Ok(done)
+    Ok((done, warm))
+}
+
+/// Starts a fresh machine from `template`: the template's disk and memory
+/// under the machine's own VM definition.
+async fn warm_boot(
+    provider: Arc<dyn Provider>,
+    spec: &mut VmSpec,
+    template: &Template,
+    ctx: &UpContext,
+) -> Result<()> {
+    let saved = template.saved().to_path_buf();
+    boot_with_free_port(provider, spec, ctx, move |p, s| p.start_from(s, &saved)).await
 }
 
 /// The plan's seed, or for a machine whose keys were made by this `up`,
@@ -759,13 +846,17 @@ fn machine_seed(machine: &MachinePlan, ctx: &UpContext) -> Result<Seed> {
     })
 }
 
-/// Boots, retrying with another port when the chosen one was taken meanwhile.
-/// Each port is recorded before the provider gets it, so the record never
-/// lags a VM.
+/// Boots with `start`, retrying with another port when the chosen one was
+/// taken meanwhile. Each port is recorded before the provider gets it, so
+/// the record never lags a VM.
 async fn boot_with_free_port(
     provider: Arc<dyn Provider>,
     spec: &mut VmSpec,
     ctx: &UpContext,
+    start: impl Fn(&dyn Provider, &VmSpec) -> std::result::Result<(), ProviderError>
+        + Clone
+        + Send
+        + 'static,
 ) -> Result<()> {
     let mut last = None;
     for attempt in 0..3 {
@@ -774,7 +865,8 @@ async fn boot_with_free_port(
         ctx.update(&spec.name, |saved| saved.ssh_port = port)?;
         let p = provider.clone();
         let s = spec.clone();
-        match blocking(move || p.start(&s)).await {
+        let start = start.clone();
+        match blocking(move || start(&*p, &s)).await {
             Ok(()) => return Ok(()),
             Err(e @ ProviderError::PortInUse { .. }) => last = Some(e),
             Err(e) => return Err(e.into()),
@@ -784,15 +876,22 @@ async fn boot_with_free_port(
 }
 
 /// Connects to the machine's SSH, failing fast (with the console's tail)
-/// when the VM process dies before SSH answers.
-async fn connect_while_running(
+/// when the VM process dies before SSH answers. `resumed`: the guest runs
+/// already (a warm boot), its network up.
+pub(super) async fn connect_while_running(
     name: &str,
     target: &Target,
     provider: Arc<dyn Provider>,
-    dir: &Path,
     layout: &MachineDir,
+    resumed: bool,
 ) -> Result<Session> {
-    let connecting = Session::connect(target, BOOT_TIMEOUT);
+    let connecting = async {
+        if resumed {
+            Session::connect_running(target, BOOT_TIMEOUT).await
+        } else {
+            Session::connect(target, BOOT_TIMEOUT).await
+        }
+    };
     tokio::pin!(connecting);
     loop {
         tokio::select! {
@@ -805,7 +904,7 @@ async fn connect_while_running(
                 });
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if observe(provider.clone(), dir).await != VmState::Running {
+                if observe(provider.clone(), layout.path()).await != VmState::Running {
                     return Err(Error::Crashed {
                         machine: name.to_string(),
                         log: layout.console_log(),
@@ -833,6 +932,21 @@ async fn apply_identity(session: &Session, seed: &Seed) -> std::result::Result<(
         .await?;
     let command = identity::apply_command();
     session.exec(&command).await?.ensure_success(&command)?;
+    Ok(())
+}
+
+/// A warm-booted guest has the template's identity: its clock, MACs and
+/// seed in one command (every process costs under emulation).
+async fn apply_warm_identity(
+    session: &Session,
+    seed: &Seed,
+    renames: &identity::Renames,
+) -> std::result::Result<(), SshError> {
+    let command = warm_identity_command(renames);
+    session
+        .exec_with_input(&command, &seed.bytes)
+        .await?
+        .ensure_success(&command)?;
     Ok(())
 }
 

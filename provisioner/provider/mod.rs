@@ -269,6 +269,19 @@ pub trait Provider: Send + Sync {
         from: &Path,
         moved: &Relocation,
     ) -> Result<(), ProviderError>;
+    /// Boots a machine (whose disk [`Provider::create`] has not made) from
+    /// a warm-boot template: the memory and disk [`Provider::save_state`]
+    /// wrote into `from` for a VM of the same image, cpus, memory and
+    /// number of NICs. Returns once the VM runs; its guest goes on where the
+    /// template stood, with the template's identity and MACs (NIC for NIC,
+    /// in [`VmSpec`]'s order: management first) until `up` applies its own.
+    fn start_from(&self, _vm: &VmSpec, _from: &Path) -> Result<(), ProviderError> {
+        Err(ProviderError::Unsupported {
+            provider: self.name(),
+            what: "boot a machine from a template",
+            help: "the machine boots cold",
+        })
+    }
     /// Ok when what [`Provider::save_state`] writes is whole in its folder,
     /// so that it restores after `destroy` or into another folder (what the
     /// green cache needs); else why not.

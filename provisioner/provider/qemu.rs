@@ -164,31 +164,18 @@ impl Provider for Qemu {
                 what: "reading a snapshot's qemu command line",
                 detail: e.to_string(),
             })?;
-        let mut args = relocated(&saved, moved);
-        check_socket_path(&qmp_path(dir))?;
-        let partial = partial_disk_path(dir);
-        copy_file(&from.join(DISK), &partial)?;
-        fs::rename(&partial, disk_path(dir)).map_err(|source| ProviderError::Io {
-            what: format!("cannot move {} into place", partial.display()),
-            source,
-        })?;
-        let recorded = serde_json::to_vec(&args).map_err(|e| ProviderError::Internal {
-            what: "recording qemu's command line",
-            detail: e.to_string(),
-        })?;
-        crate::state::write_atomic(&args_path(dir), &recorded, 0o600)?;
-        let _ = fs::remove_file(qmp_path(dir));
-        let incoming = format!(
-            "exec:cat {}",
-            crate::ssh::shell_quote(&memory_path(from).to_string_lossy())
-        );
-        args.extend(["-incoming".into(), incoming, "-S".into()]);
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        run_tool(QEMU, &name, Command::new(QEMU).args(&args))?;
-        wait_until_loaded(dir, &name)
+        let args = relocated(&saved, moved);
+        let name = machine_name(dir);
+        boot_incoming(dir, &name, args, from)
+    }
+
+    /// The machine's own command line, as a cold boot would have it, with
+    /// the template's memory and disk: qemu checks only what the guest sees
+    /// (devices, memory size), and those are the same by the template's key.
+    fn start_from(&self, vm: &VmSpec, from: &Path) -> Result<(), ProviderError> {
+        let kvm = self.accelerator(&vm.image.kernel).kvm;
+        boot_incoming(&vm.dir, &vm.name, qemu_args(vm, kvm), from).map_err(port_in_use)?;
+        self.resume(&vm.dir)
     }
 
     fn network_up(&self, network: &NetworkSpec) -> bool {
@@ -240,14 +227,7 @@ impl Provider for Qemu {
         crate::state::write_atomic(&args_path(&vm.dir), &saved, 0o600)?;
         let mut command = Command::new(QEMU);
         command.args(&args);
-        run_tool(QEMU, &vm.name, &mut command).map_err(|e| match e {
-            ProviderError::Start {
-                machine, message, ..
-            } if message.contains("hostfwd") || message.contains("host forwarding") => {
-                ProviderError::PortInUse { machine, message }
-            }
-            other => other,
-        })
+        run_tool(QEMU, &vm.name, &mut command).map_err(port_in_use)
     }
 
     fn state(&self, dir: &Path) -> VmState {
@@ -323,6 +303,58 @@ impl Provider for Qemu {
             kvm::doctor_line(&self.cache_root),
         ]
     }
+}
+
+/// qemu's complaint that a forwarded port is taken, as the error `up`
+/// retries on another port.
+fn port_in_use(error: ProviderError) -> ProviderError {
+    match error {
+        ProviderError::Start {
+            machine, message, ..
+        } if message.contains("hostfwd") || message.contains("host forwarding") => {
+            ProviderError::PortInUse { machine, message }
+        }
+        other => other,
+    }
+}
+
+/// The machine's name: its folder's.
+fn machine_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Starts qemu with `args` over a copy of the disk saved in `from`, told
+/// to take its memory from the saved file and to stay paused (`-S`);
+/// returns once the memory is loaded. `args` are recorded first: a later
+/// save or restore of this VM needs them.
+fn boot_incoming(
+    dir: &Path,
+    name: &str,
+    mut args: Vec<String>,
+    from: &Path,
+) -> Result<(), ProviderError> {
+    check_socket_path(&qmp_path(dir))?;
+    let partial = partial_disk_path(dir);
+    copy_file(&from.join(DISK), &partial)?;
+    fs::rename(&partial, disk_path(dir)).map_err(|source| ProviderError::Io {
+        what: format!("cannot move {} into place", partial.display()),
+        source,
+    })?;
+    let recorded = serde_json::to_vec(&args).map_err(|e| ProviderError::Internal {
+        what: "recording qemu's command line",
+        detail: e.to_string(),
+    })?;
+    crate::state::write_atomic(&args_path(dir), &recorded, 0o600)?;
+    let _ = fs::remove_file(qmp_path(dir));
+    let incoming = format!(
+        "exec:cat {}",
+        crate::ssh::shell_quote(&memory_path(from).to_string_lossy())
+    );
+    args.extend(["-incoming".into(), incoming, "-S".into()]);
+    run_tool(QEMU, name, Command::new(QEMU).args(&args))?;
+    wait_until_loaded(dir, name)
 }
 
 /// qemu's saved command line for where the VM is restored: the old state

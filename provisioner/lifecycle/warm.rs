@@ -1,0 +1,470 @@
+//! Warm boots: a fresh machine resumes a booted template of its image
+//! instead of booting cold, then takes its own identity over SSH.
+//!
+//! A template is one VM of an image, cpus, memory and NIC count, booted
+//! once with an identity of its own (`testbed-template`, its own keys),
+//! saved by the provider and kept as an entry of the green cache (so
+//! `cache list` shows it and the cache's size bound covers it). A machine
+//! that warm-boots gets a copy of the template's disk and memory under its
+//! own VM definition; `up` then reaches it with the template's keys, sets
+//! its clock, renames its NICs to the machine's MACs and applies its seed
+//! (hostname, addresses, host key, machine-id), which restarts the daemons
+//! that read them. The kernel reseeds its RNG on the new VM generation id.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::green::{EntryFiles, GreenCache, KeyHasher};
+use crate::identity::{self, MachineKeys, Renames, MANAGEMENT_NIC, TEMPLATE_HOSTNAME};
+use crate::progress::{Progress, Task};
+use crate::provider::{NetworkSpec, NicSpec, Provider, ProviderError, VmSpec};
+use crate::ssh::{self, Target};
+use crate::state::StateDir;
+
+use super::{blocking, first_line, Error, Result, Testbed};
+
+/// Part of every template's key: a change to how templates are made or
+/// identities applied makes new ones.
+const TEMPLATE_LAYOUT: &str = "1";
+
+/// The files of a template's entry beside its saved VM, in the entry's
+/// `state/` folder: the key `up` logs in with, and the host key it pins.
+const CLIENT_KEY: &str = "id_ed25519";
+const HOST_PUBLIC_KEY: &str = "ssh_host_ed25519_key.pub";
+
+/// A template a machine can warm-boot from.
+#[derive(Debug, Clone)]
+pub(super) struct Template {
+    /// Where the provider's saved VM is.
+    saved: PathBuf,
+    state: PathBuf,
+    nics: usize,
+    /// In a user's words: image, cpus, memory, NICs.
+    pub(super) label: String,
+    /// How long making it took, when this `up` made it.
+    pub(super) made_in: Option<Duration>,
+}
+
+impl Template {
+    pub(super) fn saved(&self) -> &std::path::Path {
+        &self.saved
+    }
+
+    /// How `up` reaches a machine warm-booted from this template until
+    /// the machine has its own identity: the template's key and host key.
+    pub(super) fn target(&self, machine: &Target) -> Target {
+        Target {
+            key_path: self.state.join(CLIENT_KEY),
+            host_key_path: self.state.join(HOST_PUBLIC_KEY),
+            ..machine.clone()
+        }
+    }
+
+    /// Each of the template's MACs with the machine's, NIC for NIC.
+    pub(super) fn renames(&self, spec: &VmSpec) -> Vec<(String, String)> {
+        let machine = std::iter::once(spec.management_mac.clone())
+            .chain(spec.nics.iter().map(|nic| nic.mac.clone()));
+        template_macs(self.nics).into_iter().zip(machine).collect()
+    }
+}
+
+/// The template's MACs: management first, then one per NIC.
+fn template_macs(nics: usize) -> Vec<String> {
+    std::iter::once(identity::mac_address(TEMPLATE_HOSTNAME, MANAGEMENT_NIC))
+        .chain((0..nics).map(|i| identity::mac_address(TEMPLATE_HOSTNAME, &format!("nic{i}"))))
+        .collect()
+}
+
+/// What a template must share with the machines it serves: everything the
+/// guest sees of its VM, and what the guest runs.
+fn template_key(provider: &dyn Provider, spec: &VmSpec) -> String {
+    let accelerator = provider.accelerator(&spec.image.kernel);
+    let mut key = KeyHasher::default();
+    key.part("template", TEMPLATE_LAYOUT.as_bytes());
+    key.part("testbed", env!("CARGO_PKG_VERSION").as_bytes());
+    key.part("provider", provider.name().as_bytes());
+    key.part("accelerator", accelerator.name.as_bytes());
+    key.part("image", spec.image.hash.as_bytes());
+    key.part("cpus", &spec.cpus.to_le_bytes());
+    key.part("memory", &spec.memory_mib.to_le_bytes());
+    key.part("nics", &(spec.nics.len() as u64).to_le_bytes());
+    key.finish()
+}
+
+fn template_label(spec: &VmSpec) -> String {
+    format!(
+        "{}, {} cpu, {} MiB, {} NIC",
+        spec.image.name,
+        spec.cpus,
+        spec.memory_mib,
+        spec.nics.len()
+    )
+}
+
+/// A fresh machine `up` is about to boot.
+pub(super) struct Fresh<'a> {
+    pub(super) name: &'a str,
+    pub(super) provider: Arc<dyn Provider>,
+    pub(super) spec: &'a VmSpec,
+}
+
+/// One template the fresh machines need: the provider and VM of the
+/// first of them, and all their names.
+struct Wanted {
+    provider: Arc<dyn Provider>,
+    spec: VmSpec,
+    machines: Vec<String>,
+}
+
+impl Testbed {
+    /// The template each of the `fresh` machines warm-boots from, made now
+    /// when the cache lacks it (one per key, all at once). A machine whose
+    /// provider cannot, or whose template could not be made, is left out
+    /// and boots cold; `up` says why once per template.
+    pub(super) async fn warm_templates(
+        &self,
+        fresh: &[Fresh<'_>],
+        progress: &Progress,
+    ) -> BTreeMap<String, Template> {
+        let cache = self.green_cache();
+        let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
+        for machine in fresh {
+            if let Err(e) = machine.provider.check_saves_travel() {
+                progress.println(&format!(
+                    "{}: boots cold: {}",
+                    machine.name,
+                    first_line(&e.to_string())
+                ));
+                continue;
+            }
+            let key = template_key(&*machine.provider, machine.spec);
+            wanted
+                .entry(key)
+                .or_insert_with(|| Wanted {
+                    provider: machine.provider.clone(),
+                    spec: machine.spec.clone(),
+                    machines: Vec::new(),
+                })
+                .machines
+                .push(machine.name.to_string());
+        }
+        let mut making = tokio::task::JoinSet::new();
+        let mut templates = BTreeMap::new();
+        for (key, wanted) in wanted {
+            let Wanted {
+                provider,
+                spec,
+                machines,
+            } = wanted;
+            if let Some(entry) = cache.lookup(&key) {
+                cache.touch(&entry);
+                let template = template_of(&entry, &spec, None);
+                for machine in machines {
+                    templates.insert(machine, template.clone());
+                }
+                continue;
+            }
+            let task = progress.task(&format!("template ({})", template_label(&spec)));
+            let cache = cache.clone();
+            making.spawn(async move {
+                let made = make_template(&cache, &key, provider, &spec, &task).await;
+                match &made {
+                    Ok(template) => task.finish(&format!(
+                        "made in {:.1} s",
+                        template.made_in.unwrap_or_default().as_secs_f64()
+                    )),
+                    Err(e) => task.finish(&format!(
+                        "failed, {} boot cold: {}",
+                        machines.join(", "),
+                        first_line(&e.to_string())
+                    )),
+                }
+                (machines, made)
+            });
+        }
+        while let Some(joined) = making.join_next().await {
+            let Ok((machines, Ok(template))) = joined else {
+                continue;
+            };
+            for machine in machines {
+                templates.insert(machine, template.clone());
+            }
+        }
+        templates
+    }
+}
+
+fn template_of(entry: &impl EntryFiles, spec: &VmSpec, made_in: Option<Duration>) -> Template {
+    Template {
+        saved: entry.snapshot(),
+        state: entry.state(),
+        nics: spec.nics.len(),
+        label: template_label(spec),
+        made_in,
+    }
+}
+
+/// Boots a VM like `like` with the template's identity in a temporary
+/// folder, waits until its boot is done, saves it into a new cache entry
+/// and removes the VM.
+async fn make_template(
+    cache: &GreenCache,
+    key: &str,
+    provider: Arc<dyn Provider>,
+    like: &VmSpec,
+    task: &Task,
+) -> Result<Template> {
+    let started = Instant::now();
+    let partial = cache.prepare(key)?;
+    if let Err(e) = boot_and_save(&partial, provider, like, task).await {
+        cache.abandon(partial);
+        return Err(e);
+    }
+    let label = format!("(warm template) {}", template_label(like));
+    let entry = cache.commit_or_keep(partial, &label)?;
+    Ok(template_of(&entry, like, Some(started.elapsed())))
+}
+
+/// The template VM: stopped and removed, with its networks, however
+/// making the template ends (an interrupted `up` drops it too).
+struct TemplateVm {
+    provider: Arc<dyn Provider>,
+    dir: PathBuf,
+    networks: Vec<NetworkSpec>,
+    /// The temporary folder everything is in (short socket paths).
+    _root: tempfile::TempDir,
+}
+
+impl Drop for TemplateVm {
+    fn drop(&mut self) {
+        let _ = self.provider.destroy(&self.dir);
+        for network in &self.networks {
+            let _ = self.provider.remove_network(network);
+        }
+    }
+}
+
+/// The temporary folders template VMs run in, and the file in each that
+/// names the process making it.
+const TEMPLATE_RUN_PREFIX: &str = "testbed-template-";
+const MAKER_PID: &str = "maker.pid";
+
+/// Stops and removes what a killed `up` left of the templates it was making
+/// (its VM and switches run on: they are processes of their own).
+fn sweep_abandoned_templates(provider: &dyn Provider) {
+    let Ok(dirs) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        let root = dir.path();
+        let ours = dir
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TEMPLATE_RUN_PREFIX);
+        if !ours || crate::process::process_alive(&root.join(MAKER_PID), "testbed") {
+            continue;
+        }
+        let state = StateDir::beside(&root);
+        let _ = provider.destroy(&state.machine_dir(TEMPLATE_HOSTNAME));
+        let networks = std::fs::read_dir(state.root().join("networks"));
+        for network in networks.into_iter().flatten().flatten() {
+            let _ = provider.remove_network(&NetworkSpec {
+                name: network.file_name().to_string_lossy().into_owned(),
+                dir: network.path(),
+            });
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
+async fn boot_and_save(
+    partial: &impl EntryFiles,
+    provider: Arc<dyn Provider>,
+    like: &VmSpec,
+    task: &Task,
+) -> Result<()> {
+    task.set("booting");
+    let p = provider.clone();
+    blocking(move || {
+        sweep_abandoned_templates(&*p);
+        Ok(())
+    })
+    .await?;
+    let root = tempfile::Builder::new()
+        .prefix(TEMPLATE_RUN_PREFIX)
+        .tempdir()
+        .map_err(|source| crate::state::StateError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    crate::state::write_atomic(
+        &root.path().join(MAKER_PID),
+        std::process::id().to_string().as_bytes(),
+        0o644,
+    )?;
+    let state = StateDir::beside(root.path());
+    state.create()?;
+    let layout = state.machine(TEMPLATE_HOSTNAME);
+    crate::state::create_private_dir(layout.path())?;
+    let networks: Vec<NetworkSpec> = (0..like.nics.len())
+        .map(|i| NetworkSpec {
+            name: format!("template-{i}"),
+            dir: state.network_dir(&format!("n{i}")),
+        })
+        .collect();
+    let vm = TemplateVm {
+        provider: provider.clone(),
+        dir: layout.path().to_path_buf(),
+        networks: networks.clone(),
+        _root: root,
+    };
+    let keys = MachineKeys::ensure(&layout, TEMPLATE_HOSTNAME)?;
+    let client_key = partial.state().join(CLIENT_KEY);
+    let client_public =
+        ssh::generate_keypair(&client_key, "testbed-template").map_err(ssh_error)?;
+    crate::state::write_atomic(
+        &partial.state().join(HOST_PUBLIC_KEY),
+        format!("{}\n", keys.host_public).as_bytes(),
+        0o644,
+    )?;
+    let macs = template_macs(like.nics.len());
+    let management = provider.management(&macs[0]);
+    let seed = identity::template_seed(&keys, &client_public, &management)?;
+    crate::state::write_atomic(&layout.seed(), &seed.bytes, 0o600)?;
+    for network in &networks {
+        let (p, n) = (provider.clone(), network.clone());
+        blocking(move || p.ensure_network(&n)).await?;
+    }
+    let mut spec = VmSpec {
+        name: TEMPLATE_HOSTNAME.into(),
+        dir: vm.dir.clone(),
+        image: like.image.clone(),
+        cpus: like.cpus,
+        memory_mib: like.memory_mib,
+        seed: layout.seed(),
+        machine_id: keys.machine_id.clone(),
+        management_mac: macs[0].clone(),
+        ssh_port: 0,
+        forwards: Vec::new(),
+        nics: networks
+            .iter()
+            .zip(&macs[1..])
+            .map(|(network, mac)| NicSpec {
+                network: network.clone(),
+                mac: mac.clone(),
+            })
+            .collect(),
+        internet: false,
+    };
+    let (p, s) = (provider.clone(), spec.clone());
+    blocking(move || p.create(&s)).await?;
+    spec.ssh_port = start_on_a_free_port(provider.clone(), &spec).await?;
+    let target = Target {
+        addr: provider.ssh_address(spec.ssh_port),
+        user: "root".into(),
+        key_path: client_key,
+        host_key_path: partial.state().join(HOST_PUBLIC_KEY),
+    };
+    task.set("waiting for SSH");
+    let session = super::up::connect_while_running(
+        TEMPLATE_HOSTNAME,
+        &target,
+        provider.clone(),
+        &layout,
+        false,
+    )
+    .await?;
+    task.set("waiting for its boot to finish");
+    // Degraded is fine (a unit the lean image does not need); a template
+    // saved mid-boot would resume half-started jobs in every machine.
+    let wait = "systemctl is-system-running --wait >/dev/null 2>&1; true";
+    session.exec(wait).await.map_err(ssh_error)?;
+    session.close().await;
+    task.set("saving");
+    let (p, dir, to) = (provider.clone(), vm.dir.clone(), partial.snapshot());
+    blocking(move || {
+        p.pause(&dir)?;
+        p.save_state(&dir, &to)
+    })
+    .await?;
+    drop(vm);
+    Ok(())
+}
+
+/// Starts the template VM, on another port when the chosen one was taken.
+async fn start_on_a_free_port(
+    provider: Arc<dyn Provider>,
+    spec: &VmSpec,
+) -> std::result::Result<u16, ProviderError> {
+    let mut last = None;
+    for attempt in 0..3 {
+        let mut spec = spec.clone();
+        spec.ssh_port = provider.ssh_port(0, attempt > 0)?;
+        let port = spec.ssh_port;
+        let p = provider.clone();
+        match blocking(move || p.start(&spec)).await {
+            Ok(()) => return Ok(port),
+            Err(e @ ProviderError::PortInUse { .. }) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or(ProviderError::NoFreePort))
+}
+
+fn ssh_error(source: ssh::SshError) -> Error {
+    Error::Ssh {
+        machine: TEMPLATE_HOSTNAME.into(),
+        source,
+    }
+}
+
+/// The command a warm-booted machine's first connection runs, its seed on
+/// stdin: the clock from the host's (it stood still in the template), then
+/// the identity.
+pub(super) fn warm_identity_command(renames: &Renames) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "date -u -s @{}.{:09} >/dev/null && {}",
+        now.as_secs(),
+        now.subsec_nanos(),
+        identity::apply_from_stdin_command(renames)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_has_a_mac_per_nic_distinct_from_any_machines() {
+        let macs = template_macs(2);
+        assert_eq!(macs.len(), 3);
+        assert_eq!(
+            macs[0],
+            identity::mac_address(TEMPLATE_HOSTNAME, MANAGEMENT_NIC)
+        );
+        assert_ne!(macs[1], macs[2]);
+        assert_ne!(macs[0], identity::mac_address("zk-1", MANAGEMENT_NIC));
+    }
+
+    #[test]
+    fn the_first_command_sets_the_clock_then_applies_the_identity_with_quoted_renames() {
+        let renames = [(
+            "52:54:00:00:00:01".to_string(),
+            "52:54:00:aa:bb:cc".to_string(),
+        )];
+        let command = warm_identity_command(&renames);
+        assert!(command.starts_with("date -u -s @"), "{command}");
+        assert!(
+            command.ends_with(&format!(
+                "&& {} - '52:54:00:00:00:01=52:54:00:aa:bb:cc'",
+                identity::GUEST_APPLY
+            )),
+            "{command}"
+        );
+    }
+}
