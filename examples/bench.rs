@@ -1,8 +1,9 @@
 //! The boot benchmark: `make bench` (or `cargo build --release && cargo run
 //! --release --example bench`). With a warm image cache it measures, side by
 //! side in one run:
-//! - `testbed up` to SSH-ready for 1 and 3 machines, beside the same boots
-//!   done by bare `qemu-system-x86_64` command lines with ssh polling;
+//! - `testbed up` to SSH-ready for 1 and 3 machines, booting cold (`--cold`)
+//!   and warm (resuming a template), beside the same boots done by bare
+//!   `qemu-system-x86_64` command lines with ssh polling;
 //! - a converged `up`, and `status`;
 //! - `testbed ssh NAME -- true` beside plain `ssh` with a fresh connection;
 //! - topologies/slurm.toml from `up` to all checks green (build, four
@@ -33,7 +34,9 @@
 //!
 //! - the green cache and snapshots (`BENCH=green`, not part of the default
 //!   run: about 20 minutes): for ZooKeeper ensembles of N = 1, 3, 5
-//!   (`BENCH_GREEN_N=3`), `up --fresh` to green, `up` to green from the
+//!   (`BENCH_GREEN_N=3`), `up --fresh --cold` and `up --fresh` with warm
+//!   boots to green (and the first warm one, when it made its template),
+//!   `up` to green from the
 //!   green cache after `destroy`, `snapshot save`, and `snapshot restore`
 //!   to green, each beside the same ensemble brought up by hand; then the
 //!   same for `topologies/zk-ensemble.toml`, with the snapshot's size and
@@ -960,7 +963,7 @@ fn main() {
     row("converged up", converged, None);
     row("status", status, None);
     row(
-        "zk-ensemble: up to all checks green",
+        "zk-ensemble: up to green (warm)",
         median(zk_up),
         Some(("by hand: qemu, ssh, nc stat", median(zk_hand))),
     );
@@ -976,10 +979,18 @@ fn main() {
 }
 
 /// `up` to SSH-ready beside bare qemu, 1 and 3 machines, alternated round
-/// by round: each run's figures, testbed's then the baseline's.
+/// by round: each run's figures, testbed's cold then warm, then the
+/// baseline's.
 struct Boots {
-    one: (Vec<Duration>, Vec<Duration>),
-    three: (Vec<Duration>, Vec<Duration>),
+    one: BootFigures,
+    three: BootFigures,
+}
+
+#[derive(Default)]
+struct BootFigures {
+    cold: Vec<Duration>,
+    warm: Vec<Duration>,
+    bare: Vec<Duration>,
 }
 
 /// Warms the image cache, then alternates the boots; returns the
@@ -993,17 +1004,21 @@ fn boot_rounds(root: &Path, rounds: usize) -> (Bed, BareKit, Boots) {
 
     let three = Bed::new(root, "bench-three", 3);
     let mut boots = Boots {
-        one: (vec![], vec![]),
-        three: (vec![], vec![]),
+        one: BootFigures::default(),
+        three: BootFigures::default(),
     };
     for round in 0..rounds {
         eprintln!("round {}/{rounds}: boots", round + 1);
-        boots.one.1.push(bare_boot(&kit, root, 1));
-        boots.one.0.push(one.run(&["up", "topology.toml"]));
-        one.run(&["destroy", "-f"]);
-        boots.three.1.push(bare_boot(&kit, root, 3));
-        boots.three.0.push(three.run(&["up", "topology.toml"]));
-        three.run(&["destroy", "-f"]);
+        for (bed, figures, count) in [(&one, &mut boots.one, 1), (&three, &mut boots.three, 3)] {
+            figures.bare.push(bare_boot(&kit, root, count));
+            figures
+                .cold
+                .push(bed.run(&["up", "--cold", "topology.toml"]));
+            bed.run(&["destroy", "-f"]);
+            // The warm-up's `up` made the template these resume.
+            figures.warm.push(bed.run(&["up", "topology.toml"]));
+            bed.run(&["destroy", "-f"]);
+        }
     }
     (one, kit, boots)
 }
@@ -1016,20 +1031,23 @@ fn print_header() {
 }
 
 fn print_boot_rows(boots: Boots) {
-    eprintln!(
-        "boots, each run (testbed / bare): 1 machine {:?} / {:?}; 3 machines {:?} / {:?}",
-        boots.one.0, boots.one.1, boots.three.0, boots.three.1
-    );
-    row(
-        "up to SSH-ready, 1 machine",
-        median(boots.one.0),
-        Some(("bare qemu + ssh poll", median(boots.one.1))),
-    );
-    row(
-        "up to SSH-ready, 3 machines",
-        median(boots.three.0),
-        Some(("bare qemu + ssh poll", median(boots.three.1))),
-    );
+    for (figures, machines) in [(boots.one, "1 machine"), (boots.three, "3 machines")] {
+        eprintln!(
+            "boots of {machines}, each run: cold {:?}, warm {:?}, bare {:?}",
+            figures.cold, figures.warm, figures.bare
+        );
+        let bare = Some(("bare qemu + ssh poll", median(figures.bare)));
+        row(
+            &format!("up to SSH-ready, {machines}, cold"),
+            median(figures.cold),
+            bare,
+        );
+        row(
+            &format!("up to SSH-ready, {machines}, warm"),
+            median(figures.warm),
+            bare,
+        );
+    }
 }
 
 /// A ZooKeeper ensemble of `n` machines (zk-1 … zk-n, one standalone when
@@ -1108,8 +1126,8 @@ fn under_load(root: &Path) {
     }
 }
 
-/// For ensembles of 1, 3 and 5: a cold `up` (which saves the cluster in
-/// the green cache), `up` from the green cache after `destroy`, `snapshot
+/// For ensembles of 1, 3 and 5: a cold and a warm `up` (each saves the
+/// cluster in the green cache), `up` from the green cache after `destroy`, `snapshot
 /// save` and `snapshot restore` (to green), beside the floor: the same
 /// ensemble by hand (bare qemu, ssh, nc), measured in the same run.
 fn green_and_snapshots(root: &Path) {
@@ -1137,18 +1155,34 @@ fn green_and_snapshots(root: &Path) {
     zk.run(&["destroy", "-f"]);
 }
 
-/// `up --fresh`, then after `destroy` `up` from the green cache, then
+/// `up --fresh --cold` and `up --fresh` with warm boots (the first of
+/// these makes the template when the cache lacks it: then that row too,
+/// and a second), then after `destroy` `up` from the green cache, then
 /// `snapshot save` and `restore`, each beside the ensemble by hand. Rows
 /// are printed as measured: a later failure keeps what came before.
 fn green_rows(bed: &Bed, label: &str, root: &Path) {
-    eprintln!("{label}: up --fresh (cold; saves to the green cache)");
-    let cold = bed.run(&["up", "--fresh", "topology.toml"]);
+    eprintln!("{label}: up --fresh --cold (saves to the green cache)");
+    let cold = bed.run(&["up", "--fresh", "--cold", "topology.toml"]);
     let ensemble = Ensemble::from(bed, root);
     bed.run(&["destroy", "-f"]);
     eprintln!("{label}: by hand");
     let floor = ensemble.by_hand(root);
     let by_hand = Some(("by hand: qemu, ssh, nc stat", floor));
-    row(&format!("{label}: up --fresh to green"), cold, by_hand);
+    row(&format!("{label}: up --fresh, cold"), cold, by_hand);
+    eprintln!("{label}: up --fresh (warm boots)");
+    let templates = templates_in_cache(bed);
+    let mut warm = bed.run(&["up", "--fresh", "topology.toml"]);
+    bed.run(&["destroy", "-f"]);
+    if templates_in_cache(bed) > templates {
+        row(
+            &format!("{label}: up --fresh, making template"),
+            warm,
+            by_hand,
+        );
+        warm = bed.run(&["up", "--fresh", "topology.toml"]);
+        bed.run(&["destroy", "-f"]);
+    }
+    row(&format!("{label}: up --fresh, warm"), warm, by_hand);
     eprintln!("{label}: up from the green cache");
     let cached = bed.run(&["up", "topology.toml"]);
     row(&format!("{label}: up from green cache"), cached, by_hand);
@@ -1167,6 +1201,24 @@ fn green_rows(bed: &Bed, label: &str, root: &Path) {
         restore,
         by_hand,
     );
+}
+
+/// How many warm-boot templates the cache holds (`cache list --json`).
+fn templates_in_cache(bed: &Bed) -> usize {
+    let output = bed
+        .command(&["cache", "list", "--json"])
+        .output()
+        .expect("cache list");
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).expect("cache list --json");
+    entries
+        .iter()
+        .filter(|e| {
+            e["topology"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("(warm template)"))
+        })
+        .count()
 }
 
 /// Medians of 5 `verify` runs riding the ControlMasters, and of 5 with

@@ -460,6 +460,13 @@ impl MachineResolver<'_> {
                 "runs, but this testbed has no record of it".into(),
                 true,
             ),
+            (Some(saved), VmState::Running) if saved.warm_boot => (
+                MachineAction::Start,
+                "running with its template's identity (an earlier up stopped during its warm \
+                 boot): boots from its disk"
+                    .into(),
+                true,
+            ),
             (Some(saved), VmState::Running) => {
                 let current = seed.map(|s| s.hash.as_str());
                 if saved.identity.is_none() {

@@ -84,6 +84,10 @@ pub struct MachineRecord {
     /// Hash of the machine's own `artifacts` last pushed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifacts: Option<String>,
+    /// Resumed from a warm-boot template and not yet given its identity:
+    /// until then it answers with the template's host key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm_boot: bool,
     /// Fields of a later testbed of the same version, kept as they are.
     #[serde(flatten)]
     pub unknown: serde_json::Map<String, serde_json::Value>,
@@ -546,6 +550,7 @@ mod tests {
                 identity: None,
                 daemons: BTreeMap::new(),
                 artifacts: None,
+                warm_boot: false,
                 unknown: Default::default(),
             },
         );

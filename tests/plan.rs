@@ -134,6 +134,7 @@ fn a_stopped_machine_starts_and_a_daemon_it_no_longer_runs_is_stopped() {
             identity: None,
             daemons: BTreeMap::from([("retired".to_string(), "h".to_string())]),
             artifacts: None,
+            warm_boot: false,
             unknown: Default::default(),
         },
     );

@@ -3,8 +3,10 @@
 //! variable, an ordinary user (`$TESTBED_TEST_USER` when the tests run as
 //! root) whose own cache starts empty on a fresh machine. `testbed init
 //! --example zk-ensemble` writes the topology; `up` builds its image
-//! without root and comes up with every check green (the image's owners,
-//! modes and setuid bits as a root build gives them); the leader's daemon
+//! without root, warm-boots the members from a template of it (each with
+//! its own name, machine-id, MACs, host key and clock) and comes up with
+//! every check green (the image's owners, modes and setuid bits as a root
+//! build gives them); the leader's daemon
 //! is stopped by hand; `verify` fails and names it, with the evidence;
 //! `provision` starts it again and says so; `verify` is green again;
 //! `verify` rides the ControlMasters `up` left (the guests log no new
@@ -301,6 +303,54 @@ fn a_paused_member_is_frozen_and_resumes_on_the_hosts_clock(bed: &Bed) {
     );
 }
 
+/// Each warm-booted member has its own name, machine-id (journald writes
+/// under it), MACs and clock, none of the template's; that `testbed ssh`
+/// works at all shows sshd presents the member's own pinned host key.
+fn warm_booted_members_have_their_own_identity(bed: &Bed) {
+    use testbed::identity::{mac_address, MANAGEMENT_NIC, TEMPLATE_HOSTNAME};
+    let machines = bed.path().join(".testbed/machines");
+    let template_mac = mac_address(TEMPLATE_HOSTNAME, MANAGEMENT_NIC);
+    for machine in ["zk-1", "zk-2", "zk-3"] {
+        let facts = bed.ok(&[
+            "ssh",
+            machine,
+            "--",
+            "hostname; cat /etc/machine-id /sys/class/net/*/address; \
+             journalctl -q --no-pager -o cat _HOSTNAME=$(hostname) _COMM=sshd \
+             | grep -c 'Accepted publickey'",
+        ]);
+        let lines: Vec<&str> = facts.lines().collect();
+        assert_eq!(lines[0], machine, "{facts}");
+        let machine_id =
+            std::fs::read_to_string(machines.join(machine).join("machine-id")).expect("id");
+        assert_eq!(
+            lines[1],
+            machine_id.trim(),
+            "{machine}'s machine-id: {facts}"
+        );
+        for mac in [
+            mac_address(machine, MANAGEMENT_NIC),
+            mac_address(machine, "lan"),
+        ] {
+            assert!(
+                lines.contains(&mac.as_str()),
+                "{machine} lacks {mac}: {facts}"
+            );
+        }
+        assert!(
+            !facts.contains(&template_mac),
+            "the template's MAC: {facts}"
+        );
+        let logins: usize = lines.last().and_then(|l| l.parse().ok()).unwrap_or(0);
+        assert!(
+            logins > 0,
+            "{machine}'s journal (under its machine-id) has its logins: {facts}"
+        );
+        let offset = clock_offset(bed, machine);
+        assert!(offset.abs() < 1.0, "{machine}'s clock is {offset:.2} s off");
+    }
+}
+
 /// How far `machine`'s wall clock is behind the host's, in seconds.
 fn clock_offset(bed: &Bed, machine: &str) -> f64 {
     let guest: f64 = bed
@@ -395,6 +445,13 @@ fn ensemble_verifies_fails_when_the_leader_stops_and_provision_heals_it() {
     assert!(up.contains("PASS"), "up runs the checks last:\n{up}");
     assert!(up.contains("green cache: saved"), "{up}");
     assert!(!up.contains("FAIL"), "up's checks:\n{up}");
+    // The members resumed a booted template of their image (made by this
+    // `up` when the user's cache had none) instead of booting cold.
+    assert!(
+        up.contains("warm boot: zk-1, zk-2, zk-3 resumed a booted template"),
+        "{up}"
+    );
+    warm_booted_members_have_their_own_identity(&bed);
 
     // Built without root, the image has the owners, modes and setuid bits
     // a root build gives.

@@ -723,6 +723,7 @@ mod tests {
             identity: None,
             daemons: BTreeMap::new(),
             artifacts: None,
+            warm_boot: false,
             unknown: Default::default(),
         }
     }

@@ -706,12 +706,14 @@ async fn provision_and_record(
 async fn bring_up(
     machine: &MachinePlan,
     boot: Option<VmSpec>,
-    mut warm: Option<Template>,
+    template: Option<Template>,
     mut target: Target,
     ctx: &UpContext,
     task: &Task,
 ) -> Result<(MachineAction, Option<Template>)> {
     let mut done = MachineAction::Provision;
+    // The template the VM resumed, when it did.
+    let mut warm = None;
     let name = machine.name.clone();
     let provider = machine.provider.clone();
     let seed = machine_seed(machine, ctx)?;
@@ -737,38 +739,20 @@ async fn bring_up(
                 identity: None,
                 daemons: BTreeMap::new(),
                 artifacts: None,
+                warm_boot: false,
                 unknown: Default::default(),
             },
             fresh_disk,
         )?;
-        done = MachineAction::Start;
-        if let Some(template) = warm.clone().filter(|_| fresh_disk) {
-            task.set("warm boot from a template");
-            if let Err(e) = warm_boot(provider.clone(), &mut spec, &template, ctx).await {
-                task.println(&format!(
-                    "warm boot failed, booting cold: {}",
-                    first_line(&e.to_string())
-                ));
-                let (p, dir) = (provider.clone(), layout.path().to_path_buf());
-                blocking(move || p.kill(&dir)).await?;
-                warm = None;
-            } else {
-                renames = template.renames(&spec);
-                done = MachineAction::Create;
-            }
+        done = if fresh_disk {
+            MachineAction::Create
         } else {
-            warm = None;
-        }
-        if warm.is_none() {
-            if fresh_disk {
-                task.set("creating disk");
-                let spec = spec.clone();
-                let p = provider.clone();
-                blocking(move || p.create(&spec)).await?;
-                done = MachineAction::Create;
-            }
-            task.set("booting");
-            boot_with_free_port(provider.clone(), &mut spec, ctx, |p, s| p.start(s)).await?;
+            MachineAction::Start
+        };
+        let template = template.filter(|_| fresh_disk);
+        warm = start_vm(provider.clone(), &mut spec, template, fresh_disk, ctx, task).await?;
+        if let Some(template) = &warm {
+            renames = template.renames(&spec);
         }
     }
     let port = lock_record(&ctx.record)
@@ -804,10 +788,48 @@ async fn bring_up(
     ctx.update(&name, |saved| {
         saved.identity = Some(hash);
         saved.desired = Desired::Running;
+        saved.warm_boot = false;
     })?;
     // `testbed ssh NAME` works from here on, while the rest of `up` goes on.
     write_ssh_config(&ctx.state, &ctx.topology.name, &ctx.machines.addresses())?;
     Ok((done, warm))
+}
+
+/// Starts the machine's VM from `warm` when given, else (or when that
+/// fails) boots it cold, making its disk first when `fresh_disk`. Returns
+/// the template it resumed.
+async fn start_vm(
+    provider: Arc<dyn Provider>,
+    spec: &mut VmSpec,
+    warm: Option<Template>,
+    fresh_disk: bool,
+    ctx: &UpContext,
+    task: &Task,
+) -> Result<Option<Template>> {
+    if let Some(template) = warm {
+        task.set("warm boot from a template");
+        ctx.update(&spec.name, |saved| saved.warm_boot = true)?;
+        match warm_boot(provider.clone(), spec, &template, ctx).await {
+            Ok(()) => return Ok(Some(template)),
+            Err(e) => {
+                task.println(&format!(
+                    "warm boot failed, booting cold: {}",
+                    first_line(&e.to_string())
+                ));
+                template.discard();
+                let (p, dir) = (provider.clone(), spec.dir.clone());
+                blocking(move || p.kill(&dir)).await?;
+            }
+        }
+    }
+    if fresh_disk {
+        task.set("creating disk");
+        let (p, s) = (provider.clone(), spec.clone());
+        blocking(move || p.create(&s)).await?;
+    }
+    task.set("booting");
+    boot_with_free_port(provider, spec, ctx, |p, s| p.start(s)).await?;
+    Ok(None)
 }
 
 /// Starts a fresh machine from `template`: the template's disk and memory

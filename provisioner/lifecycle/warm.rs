@@ -37,6 +37,8 @@ const HOST_PUBLIC_KEY: &str = "ssh_host_ed25519_key.pub";
 /// A template a machine can warm-boot from.
 #[derive(Debug, Clone)]
 pub(super) struct Template {
+    /// Its cache entry.
+    dir: PathBuf,
     /// Where the provider's saved VM is.
     saved: PathBuf,
     state: PathBuf,
@@ -50,6 +52,12 @@ pub(super) struct Template {
 impl Template {
     pub(super) fn saved(&self) -> &std::path::Path {
         &self.saved
+    }
+
+    /// Removes a template that failed to start a machine: the next `up`
+    /// makes it anew instead of failing again.
+    pub(super) fn discard(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 
     /// How `up` reaches a machine warm-booted from this template until
@@ -130,13 +138,15 @@ impl Testbed {
     ) -> BTreeMap<String, Template> {
         let cache = self.green_cache();
         let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
+        // Why a provider cannot, and the machines it then boots cold.
+        let mut refused: BTreeMap<&str, (String, Vec<&str>)> = BTreeMap::new();
         for machine in fresh {
             if let Err(e) = machine.provider.check_saves_travel() {
-                progress.println(&format!(
-                    "{}: boots cold: {}",
-                    machine.name,
-                    first_line(&e.to_string())
-                ));
+                refused
+                    .entry(machine.provider.name())
+                    .or_insert_with(|| (first_line(&e.to_string()).to_string(), Vec::new()))
+                    .1
+                    .push(machine.name);
                 continue;
             }
             let key = template_key(&*machine.provider, machine.spec);
@@ -149,6 +159,12 @@ impl Testbed {
                 })
                 .machines
                 .push(machine.name.to_string());
+        }
+        for (why, machines) in refused.values() {
+            progress.println(&format!(
+                "warm boot: {} boot cold: {why}",
+                machines.join(", ")
+            ));
         }
         let mut making = tokio::task::JoinSet::new();
         let mut templates = BTreeMap::new();
@@ -198,6 +214,7 @@ impl Testbed {
 
 fn template_of(entry: &impl EntryFiles, spec: &VmSpec, made_in: Option<Duration>) -> Template {
     Template {
+        dir: entry.dir().to_path_buf(),
         saved: entry.snapshot(),
         state: entry.state(),
         nics: spec.nics.len(),
@@ -422,13 +439,14 @@ fn ssh_error(source: ssh::SshError) -> Error {
 
 /// The command a warm-booted machine's first connection runs, its seed on
 /// stdin: the clock from the host's (it stood still in the template), then
-/// the identity.
+/// the identity, which says so on the console as a cold boot does (the
+/// console log is where `logs --console` and `up`'s errors look).
 pub(super) fn warm_identity_command(renames: &Renames) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     format!(
-        "date -u -s @{}.{:09} >/dev/null && {}",
+        "date -u -s @{}.{:09} >/dev/null && {} >/dev/console",
         now.as_secs(),
         now.subsec_nanos(),
         identity::apply_from_stdin_command(renames)
@@ -461,7 +479,7 @@ mod tests {
         assert!(command.starts_with("date -u -s @"), "{command}");
         assert!(
             command.ends_with(&format!(
-                "&& {} - '52:54:00:00:00:01=52:54:00:aa:bb:cc'",
+                "&& {} - '52:54:00:00:00:01=52:54:00:aa:bb:cc' >/dev/console",
                 identity::GUEST_APPLY
             )),
             "{command}"
