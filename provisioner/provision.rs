@@ -715,20 +715,41 @@ async fn push_artifacts(
 
 /// Writes a kit's files on the guest (atomically, with mode and owner) and
 /// reloads systemd when the kit brings its own unit.
+/// Writes the kit's rendered files: their folders in one command, each file
+/// in one, their owners in one (under emulation each command costs a
+/// fraction of a second: 12 became 5 for the zookeeper kit).
 async fn push_files(machines: &Machines, machine: &str, rendered: &Rendered) -> Result<()> {
-    for file in &rendered.files {
-        let dest = ssh::shell_quote(&file.dest);
-        let parent = ssh::shell_quote(&parent_dir(&file.dest));
+    let parents: std::collections::BTreeSet<String> = rendered
+        .files
+        .iter()
+        .map(|file| ssh::shell_quote(&parent_dir(&file.dest)))
+        .collect();
+    if !parents.is_empty() {
+        let parents: Vec<String> = parents.into_iter().collect();
         machines
-            .run_ok(machine, &format!("mkdir -p {parent}"))
+            .run_ok(machine, &format!("mkdir -p {}", parents.join(" ")))
             .await?;
+    }
+    for file in &rendered.files {
         machines
             .upload(machine, file.contents.as_bytes(), &file.dest, file.mode)
             .await?;
-        let owner = ssh::shell_quote(&file.owner);
-        machines
-            .run_ok(machine, &format!("chown {owner} {dest}"))
-            .await?;
+    }
+    // Uploaded as root, a file is root's already.
+    let chowns: Vec<String> = rendered
+        .files
+        .iter()
+        .filter(|file| file.owner != "root:root" && file.owner != "root")
+        .map(|file| {
+            format!(
+                "chown {} {}",
+                ssh::shell_quote(&file.owner),
+                ssh::shell_quote(&file.dest)
+            )
+        })
+        .collect();
+    if !chowns.is_empty() {
+        machines.run_ok(machine, &chowns.join(" && ")).await?;
     }
     if rendered.kit.manifest.unit.is_some() {
         machines.run_ok(machine, "systemctl daemon-reload").await?;
