@@ -99,8 +99,10 @@ impl Testbed {
     }
 
     /// Pauses every machine, saves each (in parallel) into `partial`, then
-    /// resumes all of them, whatever the saves did; a machine that a fault
-    /// paused stays paused.
+    /// resumes all of them, whatever the saves did, and sets their clocks,
+    /// which stood still meanwhile (measured: 1.5 s behind after the green
+    /// cache saved a zk-ensemble); a machine that a fault paused stays
+    /// paused.
     pub(super) async fn pause_and_save(&self, partial: &Path, record: &Record) -> Result<()> {
         let machines = &self.topology.machines;
         let mut paused = Vec::new();
@@ -128,7 +130,7 @@ impl Testbed {
                 })
                 .await;
         }
-        for machine in paused {
+        for machine in &paused {
             let resumed = self
                 .provider_of(machine)
                 .and_then(|p| Ok(p.resume(&self.state.machine_dir(&machine.name))?));
@@ -136,7 +138,12 @@ impl Testbed {
                 outcome = resumed;
             }
         }
-        outcome
+        outcome?;
+        let names: Vec<String> = paused.iter().map(|m| m.name.clone()).collect();
+        let sessions = self.sessions()?;
+        let clocks = faults::set_clocks(&sessions, &names).await;
+        sessions.close().await;
+        clocks
     }
 
     /// `snapshot restore`: the cluster as it was when the snapshot was

@@ -969,7 +969,7 @@ async fn apply_warm_identity(
         .exec_with_input(&command, &seed.bytes)
         .await?
         .ensure_success(&command)?;
-    Ok(())
+    super::warm::correct_clock(session).await
 }
 
 fn write_seed(path: &Path, seed: &Seed) -> Result<()> {
