@@ -1,10 +1,12 @@
 //! The plan, resolved by the library from a topology in a folder of its own
-//! (no VMs): what it says for fresh and stopped machines, that kits are read
+//! (no VMs): what it says for fresh and stopped machines and for one left
+//! with its warm-boot template's identity, that kits are read
 //! from disk once, and the JSON contract of `plan --json`.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 
 use testbed::kit::Kits;
@@ -164,6 +166,51 @@ fn a_stopped_machine_starts_and_a_daemon_it_no_longer_runs_is_stopped() {
         plan.machine("two").expect("two").action,
         MachineAction::Create
     );
+}
+
+#[test]
+fn a_running_machine_still_with_its_templates_identity_boots_from_its_disk() {
+    let dir = folder();
+    let state = StateDir::beside(dir.path());
+    // A process naming the machine's folder in the pid file: the qemu
+    // provider sees the VM running.
+    let machine_dir = state.machine_dir("one");
+    std::fs::create_dir_all(&machine_dir).expect("machine dir");
+    std::fs::write(machine_dir.join("disk.qcow2"), "").expect("disk");
+    // `; true`: the shell stays, its command line naming the folder.
+    let mut vm = std::process::Command::new("sh")
+        .args(["-c", "sleep 60; true", "vm"])
+        .arg(&machine_dir)
+        .process_group(0)
+        .spawn()
+        .expect("a stand-in VM process");
+    std::fs::write(machine_dir.join("qemu.pid"), vm.id().to_string()).expect("pid");
+    let saved = |warm_boot| MachineRecord {
+        provider: testbed::model::ProviderKind::Qemu,
+        image: "debian-12-old".into(),
+        spec: String::new(),
+        ssh_port: 2222,
+        desired: Desired::Running,
+        identity: None,
+        daemons: BTreeMap::new(),
+        artifacts: None,
+        warm_boot,
+        unknown: Default::default(),
+    };
+    let mut record = Record::default();
+    record.machines.insert("one".into(), saved(true));
+    let plan = resolve(dir.path(), &record, &kits(dir.path()));
+    let one = plan.machine("one").expect("one");
+    assert_eq!(one.action, MachineAction::Start, "{}", one.why);
+    assert!(one.why.contains("its template's identity"), "{}", one.why);
+
+    record.machines.insert("one".into(), saved(false));
+    let plan = resolve(dir.path(), &record, &kits(dir.path()));
+    let one = plan.machine("one").expect("one");
+    assert_eq!(one.action, MachineAction::Provision, "{}", one.why);
+    let group = nix::unistd::Pid::from_raw(vm.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    let _ = vm.wait();
 }
 
 #[test]

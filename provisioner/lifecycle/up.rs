@@ -261,12 +261,7 @@ impl Testbed {
             self.warm_templates(&fresh_machines(&plan, &work), progress)
                 .await
         };
-        for template in templates.values().filter_map(|t| t.made_in.map(|d| (t, d))) {
-            let made = (template.0.label.clone(), template.1.as_secs_f64());
-            if !report.templates_made.contains(&made) {
-                report.templates_made.push(made);
-            }
-        }
+        report.templates_made = made_now(&templates);
         let mut tasks = Vec::new();
         for (index, boot, target) in work {
             let task = progress.task(&plan.machines[index].name);
@@ -594,6 +589,17 @@ impl UpContext {
         self.state.save(&record)?;
         Ok(())
     }
+}
+
+/// The templates this `up` made, once each, with the seconds each took.
+fn made_now(templates: &BTreeMap<String, Template>) -> Vec<(String, f64)> {
+    let made: BTreeMap<&str, f64> = templates
+        .values()
+        .filter_map(|t| Some((t.label.as_str(), t.made_in?.as_secs_f64())))
+        .collect();
+    made.into_iter()
+        .map(|(label, seconds)| (label.to_string(), seconds))
+        .collect()
 }
 
 /// The machines `up` creates anew, which may warm-boot.

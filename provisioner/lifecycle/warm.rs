@@ -263,10 +263,24 @@ impl Drop for TemplateVm {
     }
 }
 
-/// The temporary folders template VMs run in, and the file in each that
-/// names the process making it.
+/// The temporary folders template VMs run in: `testbed-template-PID-…`,
+/// PID the process making it (in the name, so no moment exists when a
+/// folder does not say whose it is).
 const TEMPLATE_RUN_PREFIX: &str = "testbed-template-";
-const MAKER_PID: &str = "maker.pid";
+
+/// Whether the process that made the temp folder `name` still runs.
+fn maker_alive(name: &str) -> bool {
+    let pid = name
+        .strip_prefix(TEMPLATE_RUN_PREFIX)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<i32>().ok());
+    let Some(pid) = pid else {
+        return false;
+    };
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("testbed"))
+        && !crate::process::is_zombie(pid)
+}
 
 /// Stops and removes what a killed `up` left of the templates it was making
 /// (its VM and switches run on: they are processes of their own).
@@ -276,11 +290,8 @@ fn sweep_abandoned_templates(provider: &dyn Provider) {
     };
     for dir in dirs.flatten() {
         let root = dir.path();
-        let ours = dir
-            .file_name()
-            .to_string_lossy()
-            .starts_with(TEMPLATE_RUN_PREFIX);
-        if !ours || crate::process::process_alive(&root.join(MAKER_PID), "testbed") {
+        let name = dir.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(TEMPLATE_RUN_PREFIX) || maker_alive(&name) {
             continue;
         }
         let state = StateDir::beside(&root);
@@ -310,17 +321,12 @@ async fn boot_and_save(
     })
     .await?;
     let root = tempfile::Builder::new()
-        .prefix(TEMPLATE_RUN_PREFIX)
+        .prefix(&format!("{TEMPLATE_RUN_PREFIX}{}-", std::process::id()))
         .tempdir()
         .map_err(|source| crate::state::StateError::Io {
             path: std::env::temp_dir(),
             source,
         })?;
-    crate::state::write_atomic(
-        &root.path().join(MAKER_PID),
-        std::process::id().to_string().as_bytes(),
-        0o644,
-    )?;
     let state = StateDir::beside(root.path());
     state.create()?;
     let layout = state.machine(TEMPLATE_HOSTNAME);
@@ -521,6 +527,16 @@ mod tests {
             .expect("seconds");
         let now = now_ns() as f64 / 1e9;
         assert!((shifted - now - 1.8).abs() < 0.5, "{shifted} against {now}");
+    }
+
+    #[test]
+    fn a_template_folder_names_its_maker() {
+        let ours = format!("{TEMPLATE_RUN_PREFIX}{}-Ab12Cd", std::process::id());
+        assert!(maker_alive(&ours), "this test runs from a testbed binary");
+        assert!(!maker_alive(&format!(
+            "{TEMPLATE_RUN_PREFIX}999999999-Ab12Cd"
+        )));
+        assert!(!maker_alive(&format!("{TEMPLATE_RUN_PREFIX}Ab12Cd")));
     }
 
     #[test]
