@@ -470,8 +470,7 @@ fn now_ns() -> i128 {
 }
 
 /// Sets the guest's clock right after the rough setting of the first
-/// command, which a loaded guest may run seconds after it was written
-/// (measured: 1.8 s behind with three guests resuming on two cores). The
+/// command, which a loaded guest may run well after it was written. The
 /// guest's clock is read as its answer arrives (a command's start-up comes
 /// before `date` runs, its answer right after), then shifted by the
 /// difference relative to itself: the second command's latency no longer
