@@ -40,6 +40,7 @@ fn libvirt_runs_the_lifecycle_the_ensemble_and_survives_a_killed_up() {
 fn ensemble_checks_pass(libvirtd: &PrivateLibvirtd) {
     let text = std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml"))
         .expect("zk-ensemble.toml");
+    common::libvirtd::build_images_outside(&text);
     let bed = Bed::with_libvirtd(&text, libvirtd);
     let up = bed.ok(&["up", "--provider", "libvirt", "topology.toml"]);
     assert!(up.contains("PASS") && !up.contains("FAIL"), "{up}");
