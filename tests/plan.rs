@@ -116,30 +116,39 @@ fn kits_are_read_once_then_the_plan_renders_without_the_disk() {
     assert_eq!(rendered.files[0].contents, "one of 2\n");
 }
 
+/// The machine's folder in the testbed beside `dir`, holding a disk.
+fn machine_with_a_disk(dir: &Path, name: &str) -> std::path::PathBuf {
+    let machine_dir = StateDir::beside(dir).machine_dir(name);
+    std::fs::create_dir_all(&machine_dir).expect("machine dir");
+    std::fs::write(machine_dir.join("disk.qcow2"), "").expect("disk");
+    machine_dir
+}
+
+/// A qemu machine's record, its identity not applied yet.
+fn machine_record(desired: Desired, warm_boot: bool) -> MachineRecord {
+    MachineRecord {
+        provider: testbed::model::ProviderKind::Qemu,
+        image: "debian-12-old".into(),
+        spec: String::new(),
+        ssh_port: 2222,
+        desired,
+        identity: None,
+        daemons: BTreeMap::new(),
+        artifacts: None,
+        warm_boot,
+        unknown: Default::default(),
+    }
+}
+
 #[test]
 fn a_stopped_machine_starts_and_a_daemon_it_no_longer_runs_is_stopped() {
     let dir = folder();
-    let state = StateDir::beside(dir.path());
     // A disk and no qemu process: the qemu provider sees it stopped.
-    let machine_dir = state.machine_dir("one");
-    std::fs::create_dir_all(&machine_dir).expect("machine dir");
-    std::fs::write(machine_dir.join("disk.qcow2"), "").expect("disk");
+    machine_with_a_disk(dir.path(), "one");
     let mut record = Record::default();
-    record.machines.insert(
-        "one".into(),
-        MachineRecord {
-            provider: testbed::model::ProviderKind::Qemu,
-            image: "debian-12-old".into(),
-            spec: String::new(),
-            ssh_port: 2222,
-            desired: Desired::Stopped,
-            identity: None,
-            daemons: BTreeMap::from([("retired".to_string(), "h".to_string())]),
-            artifacts: None,
-            warm_boot: false,
-            unknown: Default::default(),
-        },
-    );
+    let mut saved = machine_record(Desired::Stopped, false);
+    saved.daemons = BTreeMap::from([("retired".to_string(), "h".to_string())]);
+    record.machines.insert("one".into(), saved);
     let plan = resolve(dir.path(), &record, &kits(dir.path()));
     let one = plan.machine("one").expect("one");
     assert_eq!(one.action, MachineAction::Start, "{}", one.why);
@@ -171,12 +180,9 @@ fn a_stopped_machine_starts_and_a_daemon_it_no_longer_runs_is_stopped() {
 #[test]
 fn a_running_machine_still_with_its_templates_identity_boots_from_its_disk() {
     let dir = folder();
-    let state = StateDir::beside(dir.path());
     // A process naming the machine's folder in the pid file: the qemu
     // provider sees the VM running.
-    let machine_dir = state.machine_dir("one");
-    std::fs::create_dir_all(&machine_dir).expect("machine dir");
-    std::fs::write(machine_dir.join("disk.qcow2"), "").expect("disk");
+    let machine_dir = machine_with_a_disk(dir.path(), "one");
     // `; true`: the shell stays, its command line naming the folder.
     let mut vm = std::process::Command::new("sh")
         .args(["-c", "sleep 60; true", "vm"])
@@ -185,18 +191,7 @@ fn a_running_machine_still_with_its_templates_identity_boots_from_its_disk() {
         .spawn()
         .expect("a stand-in VM process");
     std::fs::write(machine_dir.join("qemu.pid"), vm.id().to_string()).expect("pid");
-    let saved = |warm_boot| MachineRecord {
-        provider: testbed::model::ProviderKind::Qemu,
-        image: "debian-12-old".into(),
-        spec: String::new(),
-        ssh_port: 2222,
-        desired: Desired::Running,
-        identity: None,
-        daemons: BTreeMap::new(),
-        artifacts: None,
-        warm_boot,
-        unknown: Default::default(),
-    };
+    let saved = |warm_boot| machine_record(Desired::Running, warm_boot);
     let mut record = Record::default();
     record.machines.insert("one".into(), saved(true));
     let plan = resolve(dir.path(), &record, &kits(dir.path()));

@@ -834,8 +834,13 @@ async fn start_vm(
         blocking(move || p.create(&s)).await?;
     }
     task.set("booting");
-    boot_with_free_port(provider, spec, ctx, |p, s| p.start(s)).await?;
+    boot_with_free_port(provider, spec, record_port(ctx), |p, s| p.start(s)).await?;
     Ok(None)
+}
+
+/// Records a machine's SSH port in the state.
+fn record_port(ctx: &UpContext) -> impl FnMut(&str, u16) -> Result<()> + '_ {
+    move |name, port| ctx.update(name, |saved| saved.ssh_port = port)
 }
 
 /// Starts a fresh machine from `template`: the template's disk and memory
@@ -847,7 +852,10 @@ async fn warm_boot(
     ctx: &UpContext,
 ) -> Result<()> {
     let saved = template.saved().to_path_buf();
-    boot_with_free_port(provider, spec, ctx, move |p, s| p.start_from(s, &saved)).await
+    boot_with_free_port(provider, spec, record_port(ctx), move |p, s| {
+        p.start_from(s, &saved)
+    })
+    .await
 }
 
 /// The plan's seed, or for a machine whose keys were made by this `up`,
@@ -875,12 +883,12 @@ fn machine_seed(machine: &MachinePlan, ctx: &UpContext) -> Result<Seed> {
 }
 
 /// Boots with `start`, retrying with another port when the chosen one was
-/// taken meanwhile. Each port is recorded before the provider gets it, so
-/// the record never lags a VM.
-async fn boot_with_free_port(
+/// taken meanwhile. Each port goes to `record` before the provider gets it,
+/// so a record never lags a VM.
+pub(super) async fn boot_with_free_port(
     provider: Arc<dyn Provider>,
     spec: &mut VmSpec,
-    ctx: &UpContext,
+    mut record: impl FnMut(&str, u16) -> Result<()>,
     start: impl Fn(&dyn Provider, &VmSpec) -> std::result::Result<(), ProviderError>
         + Clone
         + Send
@@ -889,8 +897,7 @@ async fn boot_with_free_port(
     let mut last = None;
     for attempt in 0..3 {
         spec.ssh_port = provider.ssh_port(spec.ssh_port, attempt > 0)?;
-        let port = spec.ssh_port;
-        ctx.update(&spec.name, |saved| saved.ssh_port = port)?;
+        record(&spec.name, spec.ssh_port)?;
         let p = provider.clone();
         let s = spec.clone();
         let start = start.clone();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::green::{EntryFiles, GreenCache, KeyHasher};
 use crate::identity::{self, MachineKeys, Renames, MANAGEMENT_NIC, TEMPLATE_HOSTNAME};
 use crate::progress::{Progress, Task};
-use crate::provider::{NetworkSpec, NicSpec, Provider, ProviderError, VmSpec};
+use crate::provider::{NetworkSpec, NicSpec, Provider, VmSpec};
 use crate::ssh::{self, Target};
 use crate::state::StateDir;
 
@@ -383,7 +383,14 @@ async fn boot_and_save(
     };
     let (p, s) = (provider.clone(), spec.clone());
     blocking(move || p.create(&s)).await?;
-    spec.ssh_port = start_on_a_free_port(provider.clone(), &spec).await?;
+    // Nothing records the template VM's port: it lives only in `spec`.
+    super::up::boot_with_free_port(
+        provider.clone(),
+        &mut spec,
+        |_, _| Ok(()),
+        |p, s| p.start(s),
+    )
+    .await?;
     let target = Target {
         addr: provider.ssh_address(spec.ssh_port),
         user: "root".into(),
@@ -414,26 +421,6 @@ async fn boot_and_save(
     .await?;
     drop(vm);
     Ok(())
-}
-
-/// Starts the template VM, on another port when the chosen one was taken.
-async fn start_on_a_free_port(
-    provider: Arc<dyn Provider>,
-    spec: &VmSpec,
-) -> std::result::Result<u16, ProviderError> {
-    let mut last = None;
-    for attempt in 0..3 {
-        let mut spec = spec.clone();
-        spec.ssh_port = provider.ssh_port(0, attempt > 0)?;
-        let port = spec.ssh_port;
-        let p = provider.clone();
-        match blocking(move || p.start(&spec)).await {
-            Ok(()) => return Ok(port),
-            Err(e @ ProviderError::PortInUse { .. }) => last = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap_or(ProviderError::NoFreePort))
 }
 
 fn ssh_error(source: ssh::SshError) -> Error {
