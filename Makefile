@@ -36,9 +36,10 @@ lint:
 
 # The base image is built first, once, so that the tests booting it in
 # parallel do not each wait on its lock. Run as root, the new user's test
-# (tests/zookeeper_qemu.rs) runs testbed as an ordinary user: TEST_USER,
-# made here when missing (useradd gives it subordinate ids once
-# /etc/subuid and /etc/subgid exist).
+# (tests/zookeeper_qemu.rs, tests/lifecycle_libvirt.rs) run testbed as an
+# ordinary user: TEST_USER, made here when missing (useradd gives it
+# subordinate ids once /etc/subuid and /etc/subgid exist), in the group
+# `libvirt` (Debian's libvirt-daemon-system makes it) that may use libvirtd.
 TEST_USER := $(or $(TESTBED_TEST_USER),testbed-ci)
 test:
 	@if [ "$$(id -u)" = 0 ]; then \
@@ -46,6 +47,7 @@ test:
 		id $(TEST_USER) >/dev/null 2>&1 || useradd --create-home $(TEST_USER); \
 		grep -q "^$(TEST_USER):" /etc/subuid 2>/dev/null || \
 			usermod --add-subuids 100000-165535 --add-subgids 100000-165535 $(TEST_USER); \
+		usermod --append --groups libvirt $(TEST_USER); \
 	fi
 	cargo build
 	target/debug/testbed image build debian-12

@@ -20,6 +20,9 @@ pub const STATE_DIR: &str = ".testbed";
 /// (written before versions) are version 1.
 pub const STATE_VERSION: u32 = 1;
 
+/// A machine's console log, in its folder: written by its VM, or fetched
+/// from where the provider keeps it (its `fetch_console`).
+pub const CONSOLE_LOG: &str = "console.log";
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{path}: {source}")]
@@ -371,7 +374,7 @@ impl MachineDir {
 
     /// The serial console, as the provider writes it.
     pub fn console_log(&self) -> PathBuf {
-        self.path.join("console.log")
+        self.path.join(CONSOLE_LOG)
     }
 
     /// The identity seed the guest reads at boot (see `identity`).

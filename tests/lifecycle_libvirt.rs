@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use common::libvirtd::PrivateLibvirtd;
@@ -40,7 +41,6 @@ fn libvirt_runs_the_lifecycle_the_ensemble_and_survives_a_killed_up() {
 fn ensemble_checks_pass(libvirtd: &PrivateLibvirtd) {
     let text = std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml"))
         .expect("zk-ensemble.toml");
-    common::libvirtd::build_images_outside(&text);
     let bed = Bed::with_libvirtd(&text, libvirtd);
     let up = bed.ok(&["up", "--provider", "libvirt", "topology.toml"]);
     assert!(up.contains("PASS") && !up.contains("FAIL"), "{up}");
@@ -51,6 +51,7 @@ fn ensemble_checks_pass(libvirtd: &PrivateLibvirtd) {
             "{machine} runs as a libvirt domain: {domains}"
         );
     }
+    everything_goes_through_libvirt(&bed, libvirtd);
     let verify: serde_json::Value =
         serde_json::from_str(&bed.ok(&["verify", "--json"])).expect("verify --json");
     let checks = verify["checks"].as_array().expect("checks");
@@ -59,6 +60,76 @@ fn ensemble_checks_pass(libvirtd: &PrivateLibvirtd) {
     faults_go_through_libvirt_or_are_refused(&bed, libvirtd);
     a_snapshot_is_libvirts_own_and_brings_the_cluster_back(&bed, libvirtd);
     bed.ok(&["destroy", "-f"]);
+}
+
+/// Under Debian's stock qemu.conf: each domain's qemu runs as
+/// `libvirt-qemu`; what it reads (disk, kernel, initrd, seed, console log)
+/// is in the pool's folder, none of it in the user's home; the image was
+/// uploaded once for the three machines; the console log comes back
+/// through libvirt.
+fn everything_goes_through_libvirt(bed: &Bed, libvirtd: &PrivateLibvirtd) {
+    let qemu_uid = nix::unistd::User::from_name("libvirt-qemu")
+        .expect("getpwnam")
+        .expect("Debian's libvirt-daemon-system makes the user libvirt-qemu")
+        .uid;
+    let home = bed.path().to_string_lossy().into_owned();
+    for machine in ["zk-1", "zk-2", "zk-3"] {
+        let domain = domain_of(libvirtd, machine);
+        let xml = libvirtd.virsh(&["dumpxml", &domain]);
+        for read in ["<kernel>", "<initrd>", "<source file=", "<source path="] {
+            for at in xml.match_indices(read).map(|(at, _)| at) {
+                let rest = &xml[at + read.len()..];
+                let path = rest.trim_start_matches(['\'', '"']);
+                assert!(
+                    path.starts_with("/var/lib/libvirt/testbed/"),
+                    "{machine}: {read} outside the pool: {}",
+                    &rest[..rest.len().min(120)]
+                );
+            }
+        }
+        assert!(!xml.contains(&format!("file='{home}")), "{machine}: {xml}");
+        let qemu = qemu_uids(&domain);
+        assert!(
+            !qemu.is_empty() && qemu.iter().all(|uid| *uid == qemu_uid.as_raw()),
+            "{machine}'s qemu runs as libvirt-qemu: {qemu:?}"
+        );
+        let console = bed.ok(&["logs", machine, "--console"]);
+        assert!(
+            console.contains(&format!("testbed-identity: {machine} ready")),
+            "{machine}'s console through libvirt: {console}"
+        );
+    }
+    // Each image whole: its disk, kernel and initrd, and the mark that its
+    // upload finished.
+    let volumes = libvirtd.volumes();
+    let images: Vec<&str> = volumes
+        .iter()
+        .filter_map(|volume| volume.strip_suffix("-complete"))
+        .collect();
+    assert!(!images.is_empty(), "no image in the pool: {volumes:?}");
+    for image in images {
+        for part in [".qcow2", "-vmlinuz", "-initrd.img"] {
+            let volume = format!("{image}{part}");
+            assert!(volumes.contains(&volume), "{volume} missing: {volumes:?}");
+        }
+    }
+}
+
+/// The uids of the processes whose command line names `domain` (its qemu).
+fn qemu_uids(domain: &str) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter(|entry| {
+            std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                cmdline.starts_with("/usr/bin/qemu-system")
+                    && cmdline.contains(&format!("guest={domain},"))
+            })
+        })
+        .filter_map(|entry| entry.metadata().ok().map(|m| m.uid()))
+        .collect()
 }
 
 /// `snapshot save` on libvirt takes a libvirt snapshot of every domain
@@ -158,10 +229,12 @@ fn faults_go_through_libvirt_or_are_refused(bed: &Bed, libvirtd: &PrivateLibvirt
 /// `destroy` removes exactly what was made.
 fn killed_up_is_seen_and_destroyed(libvirtd: &PrivateLibvirtd) {
     let bed = Bed::with_libvirtd(&scenarios::pair("libvirt"), libvirtd);
+    // A group of its own: SIGKILL reaches testbed, not only `runuser`.
     let mut up = bed
         .command(&["up", "topology.toml"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
+        .process_group(0)
         .spawn()
         .expect("start up");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -169,7 +242,8 @@ fn killed_up_is_seen_and_destroyed(libvirtd: &PrivateLibvirtd) {
         assert!(Instant::now() < deadline, "no domain started within 120 s");
         std::thread::sleep(Duration::from_millis(100));
     }
-    up.kill().expect("SIGKILL up");
+    let group = nix::unistd::Pid::from_raw(up.id() as i32);
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL up");
     let _ = up.wait();
 
     let status = bed.ok(&["status", "--json"]);

@@ -5,15 +5,24 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::image::{recipe_names, Cache, CachedImage, Recipe};
+use crate::lifecycle::Testbed;
 use crate::progress::Progress;
 use crate::settings::Settings;
 
 /// Build, list and remove cached base images
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Build an image from its recipe in images/ (a no-op when cached)
-    #[command(after_help = "Examples:\n  testbed image build debian-12")]
-    Build { name: String },
+    /// Build an image from its recipe in images/, or every image a topology's
+    /// machines boot (a no-op when cached)
+    #[command(after_help = "Examples:\n  testbed image build debian-12\n  \
+                            testbed image build -f topologies/zk-ensemble.toml   # what `up` \
+                            would build, kits' packages included, without booting")]
+    Build {
+        /// The recipe (default: every image of the topology)
+        name: Option<String>,
+        #[command(flatten)]
+        at: super::At,
+    },
     /// List the recipes visible from here (built in or local) and the cached images
     #[command(after_help = "Examples:\n  testbed image list\n  testbed image list --json")]
     List {
@@ -29,7 +38,15 @@ pub async fn run(command: Command, settings: &Settings) -> anyhow::Result<ExitCo
     let cache = Cache::at(settings.cache_root.clone());
     let start = std::env::current_dir()?;
     match command {
-        Command::Build { name } => {
+        Command::Build { name: None, at } => {
+            let testbed = Testbed::locate(at.file.as_deref(), settings)?;
+            for image in testbed.build_images(&Progress::new()).await? {
+                out!("{} {}", image.key(), image.disk.display())?;
+            }
+        }
+        Command::Build {
+            name: Some(name), ..
+        } => {
             let recipe = Recipe::find(&name, &start, &settings.search)?;
             let task = Progress::new().task(&format!("image {name}"));
             let key = recipe.key();

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::lifecycle::Testbed;
+use crate::model::Machine;
 use crate::settings::Settings;
 use crate::ssh::shell_quote;
 
@@ -39,7 +40,7 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
         .select(std::slice::from_ref(&args.machine))?
         .remove(0);
     if args.console {
-        return console(&testbed, &args);
+        return console(&testbed, &machine, &args);
     }
     let units = testbed.daemon_units(&machine, args.daemon.as_deref())?;
     if units.is_empty() {
@@ -62,8 +63,9 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
 }
 
 /// The last lines of the console log; with `--follow`, then what is added.
-fn console(testbed: &Testbed, args: &Args) -> anyhow::Result<ExitCode> {
+fn console(testbed: &Testbed, machine: &Machine, args: &Args) -> anyhow::Result<ExitCode> {
     let layout = testbed.state.machine(&args.machine);
+    testbed.fetch_console(machine)?;
     let path = layout.console_log();
     let mut file = std::fs::File::open(&path).map_err(|e| {
         anyhow::anyhow!(
@@ -80,9 +82,11 @@ fn console(testbed: &Testbed, args: &Args) -> anyhow::Result<ExitCode> {
     let mut chunk = Vec::new();
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        // A log replaced by a new boot starts again from its beginning.
-        if std::fs::metadata(&path).map(|m| m.len()).unwrap_or(at) < at {
-            file = std::fs::File::open(&path)?;
+        testbed.fetch_console(machine)?;
+        // A fetched log is a new file each time; a log replaced by a new
+        // boot starts again from its beginning.
+        file = std::fs::File::open(&path)?;
+        if file.metadata()?.len() < at {
             at = 0;
         }
         chunk.clear();

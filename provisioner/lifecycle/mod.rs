@@ -497,7 +497,7 @@ impl Testbed {
                     ssh: saved.map(|r| provider.ssh_address(r.ssh_port).to_string()),
                     ips: machine.ips.clone(),
                     in_topology: true,
-                    console: self.crash_console(&machine.name, state),
+                    console: self.crash_console(&*provider, &machine.name, state),
                     networks_down: crate::plan::machine_networks_down(machine, &down),
                 })
             })
@@ -516,7 +516,7 @@ impl Testbed {
                 ssh: Some(provider.ssh_address(saved.ssh_port).to_string()),
                 ips: BTreeMap::new(),
                 in_topology: false,
-                console: self.crash_console(name, state),
+                console: self.crash_console(&*provider, name, state),
                 networks_down: Vec::new(),
             });
         }
@@ -524,16 +524,30 @@ impl Testbed {
     }
 
     /// The console's last lines of a machine that crashed (else `None`).
-    fn crash_console(&self, name: &str, state: MachineState) -> Option<ConsoleTail> {
+    fn crash_console(
+        &self,
+        provider: &dyn Provider,
+        name: &str,
+        state: MachineState,
+    ) -> Option<ConsoleTail> {
         if state != MachineState::Crashed {
             return None;
         }
         let layout = self.state.machine(name);
+        // Best effort: the tail says when there is no log.
+        let _ = provider.fetch_console(layout.path());
         let tail = layout.console_tail(CRASH_TAIL_LINES);
         Some(ConsoleTail {
             log: layout.console_log(),
             lines: tail.lines().map(str::to_owned).collect(),
         })
+    }
+
+    /// Brings `machine`'s console log into its folder (see
+    /// [`Provider::fetch_console`]).
+    pub fn fetch_console(&self, machine: &Machine) -> Result<()> {
+        let dir = self.state.machine_dir(&machine.name);
+        Ok(self.provider_of(machine)?.fetch_console(&dir)?)
     }
 
     /// The systemd units of `machine`'s daemons (only `daemon`'s when
@@ -691,6 +705,14 @@ async fn observe(provider: Arc<dyn Provider>, dir: &Path) -> VmState {
     tokio::task::spawn_blocking(move || provider.state(&dir))
         .await
         .unwrap_or(VmState::Running)
+}
+
+/// Brings the machine's console log into its folder when its provider
+/// keeps it elsewhere. Best effort: it only feeds messages, which show the
+/// log's path and whatever it holds.
+async fn fetch_console(provider: Arc<dyn Provider>, dir: &Path) {
+    let dir = dir.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || provider.fetch_console(&dir)).await;
 }
 
 /// What `status` says from the record and what the provider sees.

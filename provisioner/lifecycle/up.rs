@@ -24,7 +24,7 @@ use super::ssh_config::{start_control_masters, write_ssh_config};
 use super::steps::spawn_build;
 use super::warm::{warm_identity_command, Fresh, Template};
 use super::{
-    all_succeeded, blocking, first_line, join_machines, lock_record, observe, Error,
+    all_succeeded, blocking, fetch_console, first_line, join_machines, lock_record, observe, Error,
     MachineFailure, Result, Testbed,
 };
 
@@ -375,6 +375,28 @@ impl Testbed {
             .flat_map(|(_, outcomes)| outcomes)
             .collect();
         all_succeeded(failures).map(|()| outcomes)
+    }
+
+    /// Builds what `up` would build of the topology's images (kits'
+    /// packages included), without booting: each recipe once, a cached one
+    /// not at all. Returns every image the topology's machines boot.
+    pub async fn build_images(&self, progress: &Progress) -> Result<Vec<BuiltImage>> {
+        let (plan, _) = self.plan()?;
+        let mut images: BTreeMap<String, BuiltImage> = BTreeMap::new();
+        for recipe in plan.machines.iter().map(|machine| &machine.recipe) {
+            if images.contains_key(&recipe.key()) {
+                continue;
+            }
+            let image = match self.cache.lookup(recipe) {
+                Some(image) => image,
+                None => {
+                    let task = progress.task(&format!("image {}", recipe.key()));
+                    build_image(&self.cache, recipe, task).await?
+                }
+            };
+            images.insert(recipe.key(), image);
+        }
+        Ok(images.into_values().collect())
     }
 
     /// The image each booting machine boots, by machine name: a new disk's
@@ -931,7 +953,12 @@ pub(super) async fn connect_while_running(
     loop {
         tokio::select! {
             session = &mut connecting => {
-                return session.map_err(|source| Error::NoSsh {
+                let source = match session {
+                    Ok(session) => return Ok(session),
+                    Err(source) => source,
+                };
+                fetch_console(provider.clone(), layout.path()).await;
+                return Err(Error::NoSsh {
                     machine: name.to_string(),
                     source: Box::new(source),
                     log: layout.console_log(),
@@ -940,6 +967,7 @@ pub(super) async fn connect_while_running(
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if observe(provider.clone(), layout.path()).await != VmState::Running {
+                    fetch_console(provider.clone(), layout.path()).await;
                     return Err(Error::Crashed {
                         machine: name.to_string(),
                         log: layout.console_log(),

@@ -2,14 +2,20 @@
 //! crate `virt`, so they show up in `virsh` and virt-manager and outlive
 //! testbed itself.
 //!
-//! Per machine: a qcow2 volume in the storage pool `testbed`, backed by the
-//! cached base image (copy-on-write); a domain of type `kvm` only when the
-//! KVM probe passed, else `qemu`, booting our kernel directly, with the seed
-//! disk, a serial console log in the machine's folder and a user-mode
-//! management NIC whose SSH port is forwarded on 127.0.0.1 (qemu arguments
-//! passed through: libvirt 9.0 forwards ports only with passt). Per topology
-//! network: an isolated libvirt network (a bridge, no host address, no DHCP:
-//! the guests' static IPs come from their seed).
+//! Everything libvirt's qemu reads is a volume of the storage pool
+//! `testbed`, made through libvirt's API, so it works with Debian's stock
+//! `qemu.conf` (qemu runs as `libvirt-qemu`, which cannot enter a user's
+//! home) and with a libvirtd on another host. Per image, uploaded once per
+//! libvirt host and reused: its disk, kernel and initrd (`tb-img-…`). Per
+//! machine: a qcow2 volume backed by the image's disk (copy-on-write), the
+//! seed uploaded at each start, and the serial console's log, which testbed
+//! downloads when it shows it ([`Provider::fetch_console`]). The domain is
+//! of type `kvm` only when the KVM probe passed, else `qemu`; it boots our
+//! kernel directly and has a user-mode management NIC whose SSH port is
+//! forwarded on 127.0.0.1 (qemu arguments passed through: libvirt 9.0
+//! forwards ports only with passt). Per topology network: an isolated
+//! libvirt network (a bridge, no host address, no DHCP: the guests' static
+//! IPs come from their seed).
 //!
 //! Every object is named `tb-<testbed id>-<name>`, the testbed id being a
 //! hash of the testbed's `.testbed/` path, and domains carry testbed's
@@ -27,12 +33,14 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
+use virt::stream::Stream;
 
 use super::{
     kvm, loopback, qemu, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError, Relocation,
     VmSpec, VmState,
 };
 use crate::identity::Management;
+use crate::image::BuiltImage;
 use crate::model::LinkShape;
 
 /// The environment variable naming the connection URI (see
@@ -40,8 +48,14 @@ use crate::model::LinkShape;
 const URI_ENV: &str = "TESTBED_LIBVIRT_URI";
 /// The XML namespace of testbed's domain metadata.
 pub const METADATA_NS: &str = "https://testbed.dev/1";
-/// The storage pool holding the machines' volumes.
+/// The storage pool holding the images' and the machines' volumes.
 pub const POOL: &str = "testbed";
+/// Where a system libvirtd keeps [`POOL`]: its own state folder, which its
+/// qemu can read whichever user it runs as.
+const SYSTEM_POOL_PATH: &str = "/var/lib/libvirt/testbed";
+/// The names of the images' volumes begin so; they outlive `destroy`, as
+/// the images do in testbed's cache.
+pub const IMAGE_VOLUME_PREFIX: &str = "tb-img-";
 /// What testbed made for a machine or network, in its folder.
 const MADE: &str = super::LIBVIRT_MADE;
 /// What `doctor` suggests when libvirtd cannot be reached.
@@ -61,9 +75,29 @@ struct Made {
     uri: String,
     /// The domain or network name.
     name: String,
-    /// The machine's volume in [`POOL`].
+    /// The machine's disk volume in [`POOL`]; its seed and console volumes
+    /// are named after it ([`Made::volumes`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     volume: Option<String>,
+}
+
+impl Made {
+    fn seed_volume(&self) -> String {
+        format!("{}-seed.tar", self.name)
+    }
+
+    fn console_volume(&self) -> String {
+        format!("{}-console.log", self.name)
+    }
+
+    /// Every volume of a machine: disk, seed, console log (none for a
+    /// network).
+    fn volumes(&self) -> Vec<String> {
+        match &self.volume {
+            Some(disk) => vec![disk.clone(), self.seed_volume(), self.console_volume()],
+            None => Vec::new(),
+        }
+    }
 }
 
 impl Libvirt {
@@ -155,18 +189,29 @@ fn qcow2_virtual_size(path: &Path) -> Result<u64, ProviderError> {
 
 fn pool_xml(path: &Path) -> String {
     format!(
-        "<pool type='dir'><name>{POOL}</name><target><path>{}</path></target></pool>",
+        "<pool type='dir'><name>{POOL}</name><target><path>{}</path>\
+         <permissions><mode>0711</mode></permissions></target></pool>",
         path_text(path)
     )
 }
 
-fn volume_xml(name: &str, backing: &Path, capacity: u64) -> String {
+/// A machine's disk: qcow2 over the image's disk volume at `backing`.
+fn volume_xml(name: &str, backing: &str, capacity: u64) -> String {
     format!(
         "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
          <target><format type='qcow2'/><compat>1.1</compat></target>\
          <backingStore><path>{}</path><format type='qcow2'/></backingStore></volume>",
         xml_escape(name),
-        path_text(backing)
+        xml_escape(backing)
+    )
+}
+
+/// A volume that holds `bytes` bytes as they are (an upload's target).
+fn raw_volume_xml(name: &str, bytes: u64) -> String {
+    format!(
+        "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity>\
+         <allocation unit='bytes'>0</allocation><target><format type='raw'/></target></volume>",
+        xml_escape(name)
     )
 }
 
@@ -178,13 +223,25 @@ fn network_xml(name: &str, bridge: &str) -> String {
     )
 }
 
+/// Where a domain's files are on the libvirt host: the paths of its
+/// image's kernel and initrd volumes and of its console log volume, and the
+/// names of its disk and seed volumes.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    pub kernel: String,
+    pub initrd: String,
+    pub disk_volume: String,
+    pub seed_volume: String,
+    pub console: String,
+}
+
 /// The domain: our kernel booted directly, the volume, the seed disk, the
 /// console log, the management NIC (qemu user networking, passed through)
 /// and one NIC per topology network. `<genid/>`: libvirt gives the guest a
 /// new VM generation id on each start from a snapshot, so a reverted guest
 /// reseeds its RNG. `kvm`: a domain of type `kvm` (only
 /// when the KVM probe passed), else `qemu`.
-pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str, kvm: bool) -> String {
+pub fn domain_xml(vm: &VmSpec, name: &str, placed: &Placed, kvm: bool) -> String {
     let kind = if kvm { "kvm" } else { "qemu" };
     let cpu = if kvm {
         "<cpu mode='host-passthrough' check='none'/>"
@@ -224,8 +281,8 @@ pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str, kvm: bool) -> String {
          <devices>\
          <disk type='volume' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>\
          <source pool='{POOL}' volume='{volume}'/><target dev='vda' bus='virtio'/></disk>\
-         <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
-         <source file='{seed}'/><target dev='vdb' bus='virtio'/><serial>testbed-seed</serial><readonly/></disk>\
+         <disk type='volume' device='disk'><driver name='qemu' type='raw'/>\
+         <source pool='{POOL}' volume='{seed}'/><target dev='vdb' bus='virtio'/><serial>testbed-seed</serial><readonly/></disk>\
          <controller type='usb' model='none'/>\
          {nics}\
          <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>\
@@ -239,32 +296,33 @@ pub fn domain_xml(vm: &VmSpec, name: &str, volume: &str, kvm: bool) -> String {
         dir = path_text(&vm.dir),
         memory = vm.memory_mib,
         cpus = vm.cpus,
-        kernel = path_text(&vm.image.kernel),
-        initrd = path_text(&vm.image.initrd),
+        kernel = xml_escape(&placed.kernel),
+        initrd = xml_escape(&placed.initrd),
         cmdline = xml_escape(&qemu::kernel_cmdline(vm)),
-        volume = xml_escape(volume),
-        seed = path_text(&vm.seed),
-        console = path_text(&vm.console_log()),
+        volume = xml_escape(&placed.disk_volume),
+        seed = xml_escape(&placed.seed_volume),
+        console = xml_escape(&placed.console),
     )
 }
 
-/// The pool `testbed`, defined and started when missing. Its folder sits in
-/// testbed's cache (`cache_root`), beside the images its volumes are backed by.
-fn ensure_pool(conn: &Connect, cache_root: &Path) -> Result<StoragePool, ProviderError> {
+/// The pool `testbed`, defined, built and started when missing. A system
+/// libvirtd keeps it in [`SYSTEM_POOL_PATH`]; a session one runs qemu as the
+/// user, so testbed's cache (`cache_root`) serves.
+fn ensure_pool(conn: &Connect, uri: &str, cache_root: &Path) -> Result<StoragePool, ProviderError> {
     // Machines are created in parallel; one of them defines the pool.
     static DEFINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = DEFINING.lock().unwrap_or_else(|e| e.into_inner());
     let pool = match conn.lookup_storage_pool_by_name(POOL) {
         Ok(pool) => pool,
         Err(_) => {
-            let dir = cache_root.join("libvirt-pool");
-            fs::create_dir_all(&dir).map_err(|source| ProviderError::Io {
-                what: format!("cannot create the pool folder {}", dir.display()),
-                source,
-            })?;
+            let path = if is_session(uri) {
+                cache_root.join("libvirt-pool")
+            } else {
+                PathBuf::from(SYSTEM_POOL_PATH)
+            };
             // Another testbed may have defined it meanwhile.
             let pool = conn
-                .define_storage_pool_xml(&pool_xml(&dir), 0)
+                .define_storage_pool_xml(&pool_xml(&path), 0)
                 .or_else(|e| conn.lookup_storage_pool_by_name(POOL).map_err(|_| e))
                 .map_err(|e| libvirt_error("defining the storage pool", e))?;
             let _ = pool.set_autostart(true);
@@ -272,10 +330,201 @@ fn ensure_pool(conn: &Connect, cache_root: &Path) -> Result<StoragePool, Provide
         }
     };
     if !pool.is_active().unwrap_or(false) {
+        // Makes the pool's folder on the libvirt host when it is missing.
+        pool.build(0)
+            .map_err(|e| libvirt_error("making the storage pool's folder", e))?;
         pool.create(0)
             .map_err(|e| libvirt_error("starting the storage pool", e))?;
     }
     Ok(pool)
+}
+
+/// A session libvirtd (`qemu:///session`, `qemu+ssh://host/session`) runs
+/// as the user who connects.
+fn is_session(uri: &str) -> bool {
+    uri.split(['?', '#'])
+        .next()
+        .is_some_and(|base| base.trim_end_matches('/').ends_with("/session"))
+}
+
+/// The image's volumes in the pool, uploaded unless an earlier upload
+/// finished: its last step makes the volume `…-complete`, so one killed
+/// half-way is made again. A lock in testbed's cache keeps two uploads of
+/// this user from crossing; one process's machines wait for the first.
+fn ensure_image(
+    conn: &Connect,
+    pool: &StoragePool,
+    image: &BuiltImage,
+    cache_root: &Path,
+) -> Result<ImageVolumes, ProviderError> {
+    let base = format!("{IMAGE_VOLUME_PREFIX}{}-{}", image.name, image.hash);
+    let files = [
+        (format!("{base}.qcow2"), &image.disk),
+        (format!("{base}-vmlinuz"), &image.kernel),
+        (format!("{base}-initrd.img"), &image.initrd),
+    ];
+    let complete = format!("{base}-complete");
+    let _lock = upload_lock(cache_root)?;
+    if pool.lookup_storage_vol_by_name(&complete).is_err() {
+        for (name, file) in &files {
+            if let Ok(stale) = pool.lookup_storage_vol_by_name(name) {
+                stale
+                    .delete(0)
+                    .map_err(|e| libvirt_error(format!("removing volume {name}"), e))?;
+            }
+            upload(conn, pool, name, file)?;
+        }
+        StorageVol::create_xml(pool, &raw_volume_xml(&complete, 0), 0)
+            .map_err(|e| libvirt_error(format!("creating volume {complete}"), e))?;
+    }
+    let [disk, kernel, initrd] = files.map(|(name, _)| volume_path(pool, &name));
+    Ok(ImageVolumes {
+        disk: disk?,
+        kernel: kernel?,
+        initrd: initrd?,
+    })
+}
+
+/// The paths of an image's volumes on the libvirt host.
+struct ImageVolumes {
+    disk: String,
+    kernel: String,
+    initrd: String,
+}
+
+fn volume_path(pool: &StoragePool, name: &str) -> Result<String, ProviderError> {
+    pool.lookup_storage_vol_by_name(name)
+        .and_then(|volume| volume.path())
+        .map_err(|e| libvirt_error(format!("finding volume {name}"), e))
+}
+
+/// Held while this user's testbeds upload images (released on drop).
+fn upload_lock(cache_root: &Path) -> Result<fs::File, ProviderError> {
+    let path = cache_root.join("libvirt-upload.lock");
+    let io = |source| ProviderError::Io {
+        what: format!("cannot lock {}", path.display()),
+        source,
+    };
+    fs::create_dir_all(cache_root).map_err(io)?;
+    let file = fs::File::create(&path).map_err(io)?;
+    file.lock().map_err(io)?;
+    Ok(file)
+}
+
+/// A new volume `name` in the pool with the bytes of `file`, sent through
+/// libvirt (over the URI's own transport for a remote host).
+fn upload(
+    conn: &Connect,
+    pool: &StoragePool,
+    name: &str,
+    file: &Path,
+) -> Result<StorageVol, ProviderError> {
+    let read_error = |source| ProviderError::Io {
+        what: format!("cannot read {}", file.display()),
+        source,
+    };
+    let mut source = fs::File::open(file).map_err(read_error)?;
+    let bytes = source.metadata().map_err(read_error)?.len();
+    let volume = StorageVol::create_xml(pool, &raw_volume_xml(name, bytes), 0)
+        .map_err(|e| libvirt_error(format!("creating volume {name}"), e))?;
+    let sent = send_file(conn, &volume, &mut source, bytes);
+    if sent.is_err() {
+        let _ = volume.delete(0);
+    }
+    sent.map_err(|e| match e {
+        Sent::Read(source) => read_error(source),
+        Sent::Libvirt(e) => libvirt_error(
+            format!("uploading {} into volume {name}", file.display()),
+            e,
+        ),
+    })?;
+    Ok(volume)
+}
+
+enum Sent {
+    Read(std::io::Error),
+    Libvirt(virt::error::Error),
+}
+
+fn send_file(
+    conn: &Connect,
+    volume: &StorageVol,
+    source: &mut fs::File,
+    bytes: u64,
+) -> Result<(), Sent> {
+    use std::io::Read;
+    let stream = Stream::new(conn, 0).map_err(Sent::Libvirt)?;
+    volume.upload(&stream, 0, bytes, 0).map_err(Sent::Libvirt)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let read = match source.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(e) => {
+                let _ = stream.abort();
+                return Err(Sent::Read(e));
+            }
+        };
+        let mut at = 0;
+        while at < read {
+            match stream.send(&chunk[at..read]) {
+                Ok(sent) if sent > 0 => at += sent as usize,
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = stream.abort();
+                    return Err(Sent::Libvirt(e));
+                }
+            }
+        }
+    }
+    stream.finish().map_err(Sent::Libvirt)
+}
+
+/// The whole of volume `name`, read through libvirt.
+fn download(conn: &Connect, volume: &StorageVol) -> Result<Vec<u8>, virt::error::Error> {
+    // Asking for its info has libvirt look at the file's size again.
+    let bytes = volume.info()?.capacity;
+    let mut data = Vec::with_capacity(bytes as usize);
+    if bytes == 0 {
+        return Ok(data);
+    }
+    let stream = Stream::new(conn, 0)?;
+    volume.download(&stream, 0, bytes, 0)?;
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        match stream.recv(&mut chunk)? {
+            0 => break,
+            read if read > 0 => data.extend_from_slice(&chunk[..read as usize]),
+            _ => continue,
+        }
+    }
+    stream.finish()?;
+    Ok(data)
+}
+
+/// Replaces the volume `name` by one holding `file` (the seed, made anew
+/// for each boot).
+fn replace_volume(
+    conn: &Connect,
+    pool: &StoragePool,
+    name: &str,
+    file: &Path,
+) -> Result<(), ProviderError> {
+    if let Ok(old) = pool.lookup_storage_vol_by_name(name) {
+        old.delete(0)
+            .map_err(|e| libvirt_error(format!("removing volume {name}"), e))?;
+    }
+    upload(conn, pool, name, file).map(drop)
+}
+
+/// The volume `name`, made empty when missing (the console log, which
+/// qemu then writes).
+fn ensure_empty_volume(pool: &StoragePool, name: &str) -> Result<String, ProviderError> {
+    if pool.lookup_storage_vol_by_name(name).is_err() {
+        StorageVol::create_xml(pool, &raw_volume_xml(name, 0), 0)
+            .map_err(|e| libvirt_error(format!("creating volume {name}"), e))?;
+    }
+    volume_path(pool, name)
 }
 
 /// In a machine's snapshot folder: which libvirt snapshot holds it.
@@ -534,39 +783,50 @@ impl Provider for Libvirt {
         remove_dir(&network.dir)
     }
 
+    /// Uploads the image when this libvirt host lacks it, then makes the
+    /// machine's disk over it and its (empty) console log.
     fn create(&self, vm: &VmSpec) -> Result<(), ProviderError> {
         let name = object_name(&vm.dir, &vm.name);
-        let volume = format!("{name}.qcow2");
-        write_made(
-            &vm.dir,
-            &Made {
-                uri: self.uri.clone(),
-                name,
-                volume: Some(volume.clone()),
-            },
-        )?;
+        let made = Made {
+            uri: self.uri.clone(),
+            name,
+            volume: Some(format!("{}.qcow2", object_name(&vm.dir, &vm.name))),
+        };
+        write_made(&vm.dir, &made)?;
         let conn = connect(&self.uri)?;
-        let pool = ensure_pool(&conn, &self.cache_root)?;
+        let pool = ensure_pool(&conn, &self.uri, &self.cache_root)?;
+        let image = ensure_image(&conn, &pool, &vm.image, &self.cache_root)?;
+        ensure_empty_volume(&pool, &made.console_volume())?;
+        let volume = made.volume.clone().unwrap_or_default();
         if pool.lookup_storage_vol_by_name(&volume).is_ok() {
             return Ok(());
         }
         let capacity = qcow2_virtual_size(&vm.image.disk)?;
-        StorageVol::create_xml(&pool, &volume_xml(&volume, &vm.image.disk, capacity), 0)
+        StorageVol::create_xml(&pool, &volume_xml(&volume, &image.disk, capacity), 0)
             .map_err(|e| libvirt_error(format!("creating volume {volume}"), e))?;
         Ok(())
     }
 
-    /// Defines the domain from the current spec (its SSH port may have
-    /// changed since the last boot), then starts it.
+    /// Uploads this boot's seed, defines the domain from the current spec
+    /// (its SSH port may have changed since the last boot), then starts it.
     fn start(&self, vm: &VmSpec) -> Result<(), ProviderError> {
         let made = read_made(&vm.dir).ok_or_else(|| ProviderError::NotCreated {
             machine: vm.name.clone(),
             missing: MADE,
         })?;
-        let volume = made.volume.clone().unwrap_or_default();
         let conn = connect(&made.uri)?;
+        let pool = ensure_pool(&conn, &made.uri, &self.cache_root)?;
+        let image = ensure_image(&conn, &pool, &vm.image, &self.cache_root)?;
+        replace_volume(&conn, &pool, &made.seed_volume(), &vm.seed)?;
+        let placed = Placed {
+            kernel: image.kernel,
+            initrd: image.initrd,
+            disk_volume: made.volume.clone().unwrap_or_default(),
+            seed_volume: made.seed_volume(),
+            console: ensure_empty_volume(&pool, &made.console_volume())?,
+        };
         let kvm = self.accelerator(&vm.image.kernel).kvm;
-        let mut xml = domain_xml(vm, &made.name, &volume, kvm);
+        let mut xml = domain_xml(vm, &made.name, &placed, kvm);
         // Redefining a domain keeps its UUID, or libvirt sees a new one.
         if let Some(uuid) = lookup_domain(&conn, &made.name).and_then(|d| d.uuid_string().ok()) {
             xml = xml.replacen("<name>", &format!("<uuid>{uuid}</uuid><name>"), 1);
@@ -590,6 +850,25 @@ impl Provider for Libvirt {
             }
         })?;
         Ok(())
+    }
+
+    /// Downloads the console log from its volume into the machine's folder.
+    fn fetch_console(&self, dir: &Path) -> Result<(), ProviderError> {
+        let Some(made) = read_made(dir) else {
+            return Ok(());
+        };
+        let conn = connect(&made.uri)?;
+        let name = made.console_volume();
+        let Some(volume) = lookup_volume(&conn, &name) else {
+            return Ok(());
+        };
+        let log = download(&conn, &volume)
+            .map_err(|e| libvirt_error(format!("downloading volume {name}"), e))?;
+        Ok(crate::state::write_atomic(
+            &dir.join(crate::state::CONSOLE_LOG),
+            &log,
+            0o644,
+        )?)
     }
 
     fn state(&self, dir: &Path) -> VmState {
@@ -638,10 +917,12 @@ impl Provider for Libvirt {
                 .undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
                 .map_err(|e| libvirt_error(format!("removing domain {}", made.name), e))?;
         }
-        if let Some(volume) = made.volume.as_deref().and_then(|v| lookup_volume(&conn, v)) {
-            volume
-                .delete(0)
-                .map_err(|e| libvirt_error("removing the volume", e))?;
+        for name in made.volumes() {
+            if let Some(volume) = lookup_volume(&conn, &name) {
+                volume
+                    .delete(0)
+                    .map_err(|e| libvirt_error(format!("removing volume {name}"), e))?;
+            }
         }
         remove_dir(dir)
     }
@@ -763,30 +1044,76 @@ mod tests {
         assert!(bridge_name(&net).len() <= 15);
     }
 
+    fn placed() -> Placed {
+        let pool = "/var/lib/libvirt/testbed";
+        Placed {
+            kernel: format!("{pool}/tb-img-debian-12-abc-vmlinuz"),
+            initrd: format!("{pool}/tb-img-debian-12-abc-initrd.img"),
+            disk_volume: "tb-1234abcd-alpha.qcow2".into(),
+            seed_volume: "tb-1234abcd-alpha-seed.tar".into(),
+            console: format!("{pool}/tb-1234abcd-alpha-console.log"),
+        }
+    }
+
     #[test]
     fn the_domain_boots_our_kernel_with_loopback_forwards_and_metadata() {
-        let xml = domain_xml(
-            &spec(),
-            "tb-1234abcd-alpha",
-            "tb-1234abcd-alpha.qcow2",
-            false,
-        );
+        let xml = domain_xml(&spec(), "tb-1234abcd-alpha", &placed(), false);
         for part in [
             "<domain type='qemu'",
-            "<kernel>/cache/images/debian-12-abc/vmlinuz</kernel>",
+            "<kernel>/var/lib/libvirt/testbed/tb-img-debian-12-abc-vmlinuz</kernel>",
+            "<initrd>/var/lib/libvirt/testbed/tb-img-debian-12-abc-initrd.img</initrd>",
             "root=/dev/vda rw console=ttyS0",
             "<source pool='testbed' volume='tb-1234abcd-alpha.qcow2'/>",
+            "<source pool='testbed' volume='tb-1234abcd-alpha-seed.tar'/>",
             "<serial>testbed-seed</serial><readonly/>",
             "hostfwd=tcp:127.0.0.1:40022-:22,hostfwd=tcp:127.0.0.1:12181-:2181",
             "<source network='tb-f1a7219c-lan'/><mac address='52:54:00:00:02:01'/>",
             "<testbed:machine xmlns:testbed='https://testbed.dev/1' name='alpha'",
-            "/home/u/pair/.testbed/machines/alpha/console.log",
+            "<source path='/var/lib/libvirt/testbed/tb-1234abcd-alpha-console.log'",
             "<memory unit='MiB'>768</memory><vcpu>2</vcpu>",
         ] {
             assert!(xml.contains(part), "missing {part} in\n{xml}");
         }
         assert!(!xml.contains("0.0.0.0"));
-        assert!(domain_xml(&spec(), "d", "v", true).contains("<domain type='kvm'"));
+        // Nothing libvirt's qemu reads is in the user's home or cache (the
+        // metadata only names the machine's folder).
+        for home in ["path='/home", "file='/home", ">/home", "/cache/images"] {
+            assert!(!xml.contains(home), "{home} in\n{xml}");
+        }
+        assert!(domain_xml(&spec(), "d", &placed(), true).contains("<domain type='kvm'"));
+    }
+
+    #[test]
+    fn session_uris_are_told_from_system_ones() {
+        assert!(is_session("qemu:///session"));
+        assert!(is_session("qemu+ssh://u@host/session?keyfile=/k"));
+        assert!(!is_session("qemu:///system"));
+        assert!(!is_session(
+            "qemu:///system?socket=/tmp/tb/sessions/libvirt-sock"
+        ));
+        assert!(!is_session("qemu+ssh://root@10.77.0.2/system"));
+    }
+
+    #[test]
+    fn a_machine_has_three_volumes_a_network_none() {
+        let machine = Made {
+            uri: "qemu:///system".into(),
+            name: "tb-1234abcd-alpha".into(),
+            volume: Some("tb-1234abcd-alpha.qcow2".into()),
+        };
+        assert_eq!(
+            machine.volumes(),
+            [
+                "tb-1234abcd-alpha.qcow2",
+                "tb-1234abcd-alpha-seed.tar",
+                "tb-1234abcd-alpha-console.log"
+            ]
+        );
+        let network = Made {
+            volume: None,
+            ..machine
+        };
+        assert!(network.volumes().is_empty());
     }
 
     #[test]

@@ -156,7 +156,7 @@ pub struct VmSpec {
 
 impl VmSpec {
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.dir.join(crate::state::CONSOLE_LOG)
     }
 }
 
@@ -309,6 +309,12 @@ pub trait Provider: Send + Sync {
     fn kill(&self, dir: &Path) -> Result<(), ProviderError>;
     /// Removes the machine: process, disk, sockets.
     fn destroy(&self, dir: &Path) -> Result<(), ProviderError>;
+    /// Brings the console log of the machine in `dir` up to date in its
+    /// folder ([`crate::state::CONSOLE_LOG`]), when the provider keeps it
+    /// elsewhere (libvirt: a volume on its host). qemu writes it there.
+    fn fetch_console(&self, _dir: &Path) -> Result<(), ProviderError> {
+        Ok(())
+    }
     /// How guests reach the host on their management NIC.
     fn management(&self, mac: &str) -> Management;
     /// Whether this folder (a machine's or a network's) holds something

@@ -6,44 +6,6 @@ use std::process::Command;
 
 use super::repo;
 
-/// Builds the images the machines of `topology` (a topology file's text)
-/// boot, their kits' packages included, into the cache testbed uses, from
-/// the test's own network namespace: a testbed run inside a libvirtd's
-/// namespace has no route to the package mirror.
-pub fn build_images_outside(topology: &str) {
-    use std::collections::BTreeMap;
-    use testbed::plan::{Inputs, Plan};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, topology).expect("topology");
-    let search = testbed::settings::Search {
-        images: Some(repo().join("images")),
-        daemons: Some(repo().join("daemons")),
-    };
-    let topology = testbed::topology::load(&file, &search).expect("topology loads");
-    let kits = testbed::kit::Kits::load(&topology, &search).expect("kits load");
-    let cache_root = testbed::settings::Settings::from_env().cache_root;
-    let plan = Plan::resolve(&Inputs {
-        topology: &topology,
-        record: &Default::default(),
-        state: &testbed::state::StateDir::beside(dir.path()),
-        kits: &kits,
-        secrets: &BTreeMap::new(),
-        providers: &testbed::provider::Settings {
-            libvirt_uri: "qemu:///system".into(),
-            cache_root: cache_root.clone(),
-        },
-        search: &search,
-    })
-    .expect("the plan resolves");
-    let cache = testbed::image::Cache::at(cache_root);
-    for machine in &plan.machines {
-        cache
-            .ensure(&machine.recipe, &mut |_| {})
-            .unwrap_or_else(|e| panic!("image of {}: {e}", machine.name));
-    }
-}
-
 pub struct PrivateLibvirtd {
     pub netns: String,
     pub uri: String,
@@ -95,16 +57,31 @@ impl PrivateLibvirtd {
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
-    /// What libvirt holds: every domain, network and volume of the pool.
-    pub fn inventory(&self) -> (String, String, String) {
-        let volumes = if self
+    /// The names of the volumes in testbed's pool (none without a pool).
+    pub fn volumes(&self) -> Vec<String> {
+        if !self
             .virsh(&["pool-list", "--all", "--name"])
-            .contains("testbed")
+            .lines()
+            .any(|pool| pool.trim() == "testbed")
         {
-            self.virsh(&["vol-list", "testbed"])
-        } else {
-            String::new()
-        };
+            return Vec::new();
+        }
+        self.virsh(&["vol-list", "testbed"])
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// What libvirt holds: every domain, network and volume of the pool but
+    /// the images' (`tb-img-…`), which stay for the next `up` as the images
+    /// stay in testbed's cache.
+    pub fn inventory(&self) -> (String, String, Vec<String>) {
+        let volumes = self
+            .volumes()
+            .into_iter()
+            .filter(|volume| !volume.starts_with("tb-img-"))
+            .collect();
         (
             self.virsh(&["list", "--all", "--name"]),
             self.virsh(&["net-list", "--all", "--name"]),

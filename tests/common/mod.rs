@@ -14,7 +14,8 @@ pub fn repo() -> PathBuf {
 
 pub struct Bed {
     dir: tempfile::TempDir,
-    /// Run testbed inside this libvirtd's network namespace, with its URI.
+    /// Run testbed inside this libvirtd's network namespace, with its URI
+    /// (an installed testbed only).
     libvirtd: Option<(String, String)>,
     /// Run testbed as a user runs it after installing it (see
     /// [`Bed::installed`]); `None`: from the checkout.
@@ -93,12 +94,28 @@ impl Bed {
         }
     }
 
-    /// A testbed whose commands run inside `libvirtd`'s network namespace
-    /// (where its guests' forwarded ports are) and talk to it.
+    /// An installed testbed ([`Bed::installed`]) whose commands run inside
+    /// `libvirtd`'s network namespace (where its guests' forwarded ports
+    /// are) and talk to it, as the ordinary user the daemon's socket lets
+    /// in. The images are built first, outside: the namespace has no route
+    /// to the package mirror.
     pub fn with_libvirtd(topology: &str, libvirtd: &libvirtd::PrivateLibvirtd) -> Bed {
-        let mut bed = Bed::new(topology);
+        let mut bed = Bed::installed();
+        bed.green_cache = false;
+        bed.write("topology.toml", topology);
+        bed.ok(&["image", "build"]);
         bed.libvirtd = Some((libvirtd.netns.clone(), libvirtd.uri.clone()));
         bed
+    }
+
+    /// Writes `text` into the project folder's file `name`, owned by the
+    /// user testbed runs as.
+    pub fn write(&self, name: &str, text: &str) {
+        let path = self.path().join(name);
+        std::fs::write(&path, text).expect("write into the project");
+        if let Some(user) = self.installed.as_ref().and_then(|i| i.user.as_ref()) {
+            nix::unistd::chown(&path, Some(user.uid), Some(user.gid)).expect("chown");
+        }
     }
 
     /// A bed from the checkout whose `up` saves to and restores from the
@@ -124,18 +141,13 @@ impl Bed {
     /// The command `testbed ARGS` in this bed (not started).
     pub fn command(&self, args: &[&str]) -> std::process::Command {
         if let Some(installed) = &self.installed {
-            return installed.command(&self.path(), args);
-        }
-        let binary = assert_cmd::cargo::cargo_bin("testbed");
-        let mut command = match &self.libvirtd {
-            Some((netns, uri)) => {
-                let mut command = std::process::Command::new("ip");
-                command.args(["netns", "exec", netns]).arg(&binary);
-                command.env("TESTBED_LIBVIRT_URI", uri);
-                command
+            let mut command = installed.command(&self.path(), self.libvirtd.as_ref(), args);
+            if !self.green_cache {
+                command.env("TESTBED_GREEN_CACHE_MAX", "0");
             }
-            None => std::process::Command::new(&binary),
-        };
+            return command;
+        }
+        let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("testbed"));
         command
             .current_dir(self.path())
             .env("TESTBED_IMAGES", repo().join("images"))
@@ -178,24 +190,30 @@ impl Bed {
 }
 
 impl Installed {
-    fn command(&self, dir: &Path, args: &[&str]) -> std::process::Command {
-        let mut command = match &self.user {
-            Some(user) => {
-                let mut command = std::process::Command::new("runuser");
-                command.args(["-u", &user.name, "--"]).arg(&self.binary);
-                command
-                    .env_clear()
-                    .env("HOME", &user.dir)
-                    .env("USER", &user.name);
-                command
-            }
-            None => {
-                let mut command = std::process::Command::new(&self.binary);
-                let home = std::env::var_os("HOME").unwrap_or_default();
-                command.env_clear().env("HOME", home);
-                command
-            }
+    /// `libvirtd`: (network namespace, URI) of the libvirtd to run against.
+    fn command(
+        &self,
+        dir: &Path,
+        libvirtd: Option<&(String, String)>,
+        args: &[&str],
+    ) -> std::process::Command {
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some((netns, _)) = libvirtd {
+            argv.extend(["ip", "netns", "exec", netns].map(Into::into));
+        }
+        if let Some(user) = &self.user {
+            argv.extend(["runuser", "-u", &user.name, "--"].map(Into::into));
+        }
+        argv.push(self.binary.clone().into());
+        let mut command = std::process::Command::new(&argv[0]);
+        command.args(&argv[1..]).env_clear();
+        match &self.user {
+            Some(user) => command.env("HOME", &user.dir).env("USER", &user.name),
+            None => command.env("HOME", std::env::var_os("HOME").unwrap_or_default()),
         };
+        if let Some((_, uri)) = libvirtd {
+            command.env("TESTBED_LIBVIRT_URI", uri);
+        }
         command
             .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
             .current_dir(dir)

@@ -6,14 +6,18 @@
 #   libvirtd-netns.sh stop NS DIR    stops it (domains first) and removes NS
 #
 # Needs root, and Debian's libvirt-daemon-system and dnsmasq-base. libvirtd
-# runs in a mount namespace (from `ip netns exec`) where DIR's folders are
-# bind-mounted over /etc/libvirt, /run/libvirt, /var/lib/libvirt,
-# /var/cache/libvirt and /var/log/libvirt, so its sockets, state and
-# definitions are private. /dev/kvm is hidden behind an empty read-only file:
-# with no udev here libvirt would otherwise find KVM half-usable and re-probe
-# qemu on every call (DESIGN.md). DIR must exist, belong to root and be
-# private (callers make it with mktemp -d); keep it short: socket paths are
-# limited to 108 bytes.
+# and virtlogd run in a mount namespace (from `ip netns exec`) where DIR's
+# folders are bind-mounted over /etc/libvirt, /run/libvirt, /var/lib/libvirt,
+# /var/cache/libvirt and /var/log/libvirt, so their sockets, state and
+# definitions are private. qemu.conf is Debian's own (qemu runs as
+# libvirt-qemu, the DAC security driver on) but for two workarounds this
+# machine needs (DESIGN.md): no mount namespaces for domains, and /dev/kvm
+# hidden behind an empty read-only file (with no udev here libvirt would
+# otherwise find KVM half-usable and re-probe qemu on every call). The socket
+# is Debian's way: read-write for the group `libvirt`, so an ordinary user in
+# it can use the daemon. DIR must exist and belong to root (callers make it
+# with mktemp -d; it is opened to 0711 so that group can reach the socket);
+# keep it short: socket paths are limited to 108 bytes.
 set -eu
 action=$1 ns=$2 dir=$3
 
@@ -21,28 +25,23 @@ start() {
     ip netns add "$ns"
     ip -n "$ns" link set lo up
     mkdir -p "$dir"/sock "$dir"/run "$dir"/lib/dnsmasq "$dir"/cache "$dir"/log "$dir"/etc
-    chmod 0700 "$dir"
+    chmod 0711 "$dir"
+    chmod 0755 "$dir"/sock
     cp -a /etc/libvirt/. "$dir"/etc/
     rm -f "$dir"/etc/qemu/networks/default.xml "$dir"/etc/qemu/networks/autostart/*
     cat > "$dir"/etc/libvirtd.conf <<CONF
 unix_sock_dir = "$dir/sock"
-unix_sock_rw_perms = "0700"
-unix_sock_ro_perms = "0700"
+unix_sock_group = "libvirt"
+unix_sock_rw_perms = "0770"
+unix_sock_ro_perms = "0777"
 unix_sock_admin_perms = "0700"
 auth_unix_rw = "none"
 auth_unix_ro = "none"
 log_outputs = "3:file:$dir/log/libvirtd.log"
 CONF
-    # root: the cached images live in root's 0700 home. stdio "file": qemu's
-    # own log needs no virtlogd.
     cat >> "$dir"/etc/qemu.conf <<CONF
 
 namespaces = []
-security_driver = "none"
-user = "root"
-group = "root"
-remember_owner = 0
-stdio_handler = "file"
 CONF
     : > "$dir"/kvm-blocker
     chmod 0600 "$dir"/kvm-blocker
@@ -59,6 +58,7 @@ CONF
             mount --bind "$dir/kvm-blocker" /dev/kvm
             mount -o remount,bind,ro /dev/kvm
         fi
+        /usr/sbin/virtlogd -d -p "$dir/virtlogd.pid"
         /usr/sbin/libvirtd -d -f /etc/libvirt/libvirtd.conf -p "$dir/libvirtd.pid"
     ' sh "$dir"
     tries=0
@@ -74,6 +74,21 @@ CONF
     echo "qemu:///system?socket=$dir/sock/libvirt-sock"
 }
 
+# Stops the daemon whose pid is in file $1: TERM, then KILL after 5 s.
+stop_daemon() {
+    [ -f "$1" ] || return 0
+    pid=$(cat "$1")
+    kill "$pid" 2>/dev/null || true
+    tries=0
+    while kill -0 "$pid" 2>/dev/null && [ "$tries" -lt 50 ]; do
+        tries=$((tries + 1))
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -9 "$pid"
+    fi
+}
+
 stop() {
     uri="qemu:///system?socket=$dir/sock/libvirt-sock"
     if [ -S "$dir/sock/libvirt-sock" ]; then
@@ -81,18 +96,8 @@ stop() {
             virsh -q -c "$uri" destroy "$domain" >/dev/null 2>&1 || true
         done
     fi
-    if [ -f "$dir/libvirtd.pid" ]; then
-        pid=$(cat "$dir/libvirtd.pid")
-        kill "$pid" 2>/dev/null || true
-        tries=0
-        while kill -0 "$pid" 2>/dev/null && [ "$tries" -lt 50 ]; do
-            tries=$((tries + 1))
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -9 "$pid"
-        fi
-    fi
+    stop_daemon "$dir/libvirtd.pid"
+    stop_daemon "$dir/virtlogd.pid"
     ip netns del "$ns" 2>/dev/null || true
 }
 
