@@ -747,6 +747,7 @@ mod tests {
             build: None,
             steps: vec![],
             libvirt_uri: None,
+            hosts: Default::default(),
         };
         let mut plan = build(&[]);
         plan.run = "echo compiling; echo 'hello.c:1: error: oops' >&2; exit 3".into();

@@ -330,6 +330,7 @@ mod tests {
             packages: vec![],
             artifacts: vec![],
             internet: false,
+            host: None,
         };
         Topology {
             name: "pair".into(),
@@ -349,6 +350,7 @@ mod tests {
             build: None,
             steps: vec![],
             libvirt_uri: None,
+            hosts: Default::default(),
         }
     }
 

@@ -249,19 +249,22 @@ impl Plan {
             .ok()
             .map(|key| key.trim().to_string());
         let down = down_networks(inputs.topology, inputs.record, inputs.state, |m, spec| {
-            provider::for_kind(m.provider, inputs.providers).map_or(true, |p| p.network_up(spec))
+            provider::for_machine(m, inputs.providers).map_or(true, |p| p.network_up(spec))
         });
         let mut recipes: BTreeMap<String, Recipe> = BTreeMap::new();
-        let mut providers: BTreeMap<&'static str, Arc<dyn Provider>> = BTreeMap::new();
+        // One backend per provider and host.
+        let mut providers: BTreeMap<(&'static str, Option<&str>), Arc<dyn Provider>> =
+            BTreeMap::new();
         let mut warnings = Vec::new();
         let mut machines = Vec::new();
         for machine in &inputs.topology.machines {
-            let provider = match providers.get(machine.provider.as_str()) {
+            let backend = (machine.provider.as_str(), machine.host.as_deref());
+            let provider = match providers.get(&backend) {
                 Some(provider) => provider.clone(),
                 None => {
                     let made: Arc<dyn Provider> =
-                        Arc::from(provider::for_kind(machine.provider, inputs.providers)?);
-                    providers.insert(machine.provider.as_str(), made.clone());
+                        Arc::from(provider::for_machine(machine, inputs.providers)?);
+                    providers.insert(backend, made.clone());
                     made
                 }
             };

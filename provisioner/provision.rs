@@ -5,7 +5,6 @@
 //! fixed sleep. Also the SSH transport that checks travel through.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +18,7 @@ use crate::plan::{
     MachinePlan, PlanError, Rendered,
 };
 use crate::ssh::mux::{Master, MuxError};
-use crate::ssh::{self, Session, SshError, Target};
+use crate::ssh::{self, Endpoint, Session, SshError, Target};
 use crate::state::StateDir;
 
 /// How long a machine's SSH may take to answer when provisioning.
@@ -74,7 +73,7 @@ type MasterSlot = OnceCell<Option<Arc<Master>>>;
 pub struct Machines {
     state: StateDir,
     /// Where each created machine's SSH is reached (its provider says).
-    addresses: std::sync::Mutex<BTreeMap<String, SocketAddr>>,
+    endpoints: std::sync::Mutex<BTreeMap<String, Endpoint>>,
     /// The systemd services of each machine's kits (for evidence).
     services: BTreeMap<String, Vec<String>>,
     /// A slot per machine, so machines connect in parallel while two steps
@@ -92,7 +91,7 @@ impl Machines {
     pub fn new(state: StateDir, services: BTreeMap<String, Vec<String>>) -> Machines {
         Machines {
             state,
-            addresses: std::sync::Mutex::new(BTreeMap::new()),
+            endpoints: std::sync::Mutex::new(BTreeMap::new()),
             services,
             sessions: std::sync::Mutex::new(BTreeMap::new()),
             control_sockets: std::sync::Mutex::new(BTreeMap::new()),
@@ -145,13 +144,13 @@ impl Machines {
         }
     }
 
-    pub fn set_address(&self, machine: &str, address: SocketAddr) {
-        lock(&self.addresses).insert(machine.to_string(), address);
+    pub fn set_endpoint(&self, machine: &str, endpoint: Endpoint) {
+        lock(&self.endpoints).insert(machine.to_string(), endpoint);
     }
 
     /// Where each machine's SSH is reached, by machine.
-    pub fn addresses(&self) -> BTreeMap<String, SocketAddr> {
-        lock(&self.addresses).clone()
+    pub fn endpoints(&self) -> BTreeMap<String, Endpoint> {
+        lock(&self.endpoints).clone()
     }
 
     /// Hands over a connection opened elsewhere (by `up`'s boot step).
@@ -167,14 +166,15 @@ impl Machines {
     }
 
     fn target(&self, machine: &str) -> Result<Target> {
-        let addr = lock(&self.addresses)
+        let endpoint = lock(&self.endpoints)
             .get(machine)
-            .copied()
-            .filter(|addr| addr.port() != 0)
+            .cloned()
+            .filter(|endpoint| endpoint.addr.port() != 0)
             .ok_or_else(|| ProvisionError::NotCreated(machine.to_string()))?;
         let layout = self.state.machine(machine);
         Ok(Target {
-            addr,
+            addr: endpoint.addr,
+            jump: endpoint.jump,
             user: "root".into(),
             key_path: self.state.user_key(),
             host_key_path: layout.host_public_key(),
@@ -788,6 +788,7 @@ mod tests {
             build: None,
             steps: vec![],
             libvirt_uri: None,
+            hosts: Default::default(),
         };
         let mut readiness = Readiness::new(&topology);
         readiness

@@ -28,7 +28,10 @@ use russh::keys::{
 use russh::{cipher, compression, kex, ChannelMsg, ChannelReadHalf, Disconnect, Preferred};
 use tokio::net::TcpStream;
 
+mod jump;
 pub mod mux;
+
+pub use jump::Jump;
 
 /// Least time given to one attempt near the deadline, so the last one can
 /// still succeed.
@@ -43,6 +46,29 @@ const KEEPALIVE_MAX: usize = 4;
 /// SSH extended-data type code for stderr (RFC 4254 §5.2).
 const EXTENDED_DATA_STDERR: u32 = 1;
 
+/// Where a machine's SSH is reached: an address on this machine's loopback,
+/// or on a jump host's (a libvirt host).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub jump: Option<Jump>,
+}
+
+impl Endpoint {
+    pub fn local(addr: SocketAddr) -> Endpoint {
+        Endpoint { addr, jump: None }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.jump {
+            Some(jump) => write!(f, "{} via {}", self.addr, jump.destination),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
 /// Where and as whom to connect, and which host key to expect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -52,6 +78,8 @@ pub struct Target {
     pub key_path: PathBuf,
     /// The pinned host public key, OpenSSH one-line `.pub` format.
     pub host_key_path: PathBuf,
+    /// `addr` is on this machine's loopback (`None`), or on that one's.
+    pub jump: Option<Jump>,
 }
 
 /// Which output stream of a remote command a chunk came from.
@@ -926,7 +954,7 @@ async fn attempt(
 ) -> Result<Handle<PinnedHostKey>, Attempt> {
     let limit = remaining.max(LAST_ATTEMPT);
     let started = Instant::now();
-    let reaching = reach_first(target.addr, tries, guest);
+    let reaching = reach_first(target, tries, guest);
     let Ok(stream) = tokio::time::timeout(limit, reaching).await else {
         return Err(Attempt::Retry(tries.silence(limit)));
     };
@@ -973,7 +1001,7 @@ const SETTLED_SILENCE: Duration = Duration::from_secs(1);
 /// was lost while the guest's interface settled. Never more than
 /// [`SETTLED_PENDING`], and none is dropped: a slow sshd is waited for, not
 /// flooded (beyond its MaxStartups it drops connections).
-async fn reach_first(addr: SocketAddr, tries: &mut Tries, guest: Guest) -> TcpStream {
+async fn reach_first(target: &Target, tries: &mut Tries, guest: Guest) -> Conn {
     let mut pending = tokio::task::JoinSet::new();
     let mut oldest_first = std::collections::VecDeque::new();
     let mut ticker = tokio::time::interval(REACH_INTERVAL);
@@ -993,7 +1021,7 @@ async fn reach_first(addr: SocketAddr, tries: &mut Tries, guest: Guest) -> TcpSt
                 if open != Open::No {
                     tries.opened += 1;
                     last_opened = Instant::now();
-                    oldest_first.push_back(pending.spawn(reach(addr)));
+                    oldest_first.push_back(pending.spawn(reach(target.addr, target.jump.clone())));
                 }
             }
             Some(done) = pending.join_next(), if !pending.is_empty() => {
@@ -1082,7 +1110,24 @@ impl Tries {
 /// forwarder (such as QEMU's user networking) accepts connections before
 /// the guest's sshd is up and then drops them; waiting for the banner's
 /// first byte tells that apart from a live server cheaply.
-async fn reach(addr: SocketAddr) -> Result<TcpStream, Unreached> {
+/// A byte stream to a guest's sshd: TCP, or a tunnel through a jump host.
+trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+type Conn = Box<dyn Duplex>;
+
+/// [`reach_tcp`], or the same through `jump` when `addr` is on its loopback.
+async fn reach(addr: SocketAddr, jump: Option<Jump>) -> Result<Conn, Unreached> {
+    let Some(jump) = jump else {
+        return reach_tcp(addr).await.map(|stream| Box::new(stream) as Conn);
+    };
+    match jump::open(&jump, addr).await {
+        Ok(tunnel) => Ok(Box::new(tunnel)),
+        Err(jump::Untunneled::Refused(why)) => Err(Unreached::Refused(why)),
+        Err(jump::Untunneled::Closed(why)) => Err(Unreached::Closed(why)),
+    }
+}
+
+async fn reach_tcp(addr: SocketAddr) -> Result<TcpStream, Unreached> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| Unreached::Refused(e.to_string()))?;
@@ -1100,7 +1145,7 @@ async fn handshake(
     target: &Target,
     credentials: &Credentials,
     config: &Arc<client::Config>,
-    stream: TcpStream,
+    stream: Conn,
 ) -> Result<Handle<PinnedHostKey>, Attempt> {
     let handler = PinnedHostKey {
         expected: credentials.host_key.clone(),

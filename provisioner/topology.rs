@@ -13,8 +13,8 @@ use toml::de::{DeString, DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use crate::model::{
-    check_dist_path, find_cycle, is_identifier, line_col, Build, Builder, CheckSpec, Forward,
-    Input, Machine, Network, ProviderKind, Step, StepCommand, Topology, DIST,
+    check_dist_path, find_cycle, is_identifier, line_col, Build, Builder, CheckSpec, Forward, Host,
+    Input, LibvirtUri, Machine, Network, ProviderKind, Step, StepCommand, Topology, DIST,
 };
 use crate::settings::Search;
 
@@ -83,12 +83,15 @@ pub const PRIVATE_RANGES: [Ipv4Net; 3] = [
 pub const QEMU_USER_NET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 2, 0), 24);
 
 const TOP_KEYS: &[&str] = &[
-    "name", "defaults", "networks", "machines", "checks", "build", "steps", "libvirt",
+    "name", "defaults", "networks", "machines", "checks", "build", "steps", "libvirt", "hosts",
 ];
 const LIBVIRT_KEYS: &[&str] = &["uri"];
+const HOST_KEYS: &[&str] = &["uri"];
+const URI_HELP: &str = "a libvirt URI looks like `qemu:///system`, `qemu:///session` or \
+                        `qemu+ssh://root@10.77.0.2/system`";
 const BUILD_KEYS: &[&str] = &["machine", "run", "inputs", "outputs", "timeout"];
 const STEP_KEYS: &[&str] = &["name", "machine", "run", "fault", "checks", "timeout"];
-const DEFAULTS_KEYS: &[&str] = &["provider", "image", "cpus", "memory", "internet"];
+const DEFAULTS_KEYS: &[&str] = &["provider", "image", "cpus", "memory", "internet", "host"];
 const NETWORK_KEYS: &[&str] = &["subnet"];
 const MACHINE_KEYS: &[&str] = &[
     "ip",
@@ -104,6 +107,7 @@ const MACHINE_KEYS: &[&str] = &[
     "packages",
     "artifacts",
     "internet",
+    "host",
 ];
 const FORWARD_KEYS: &[&str] = &["guest", "host"];
 const CHECK_KEYS: &[&str] = &[
@@ -494,6 +498,8 @@ struct Settings {
     cpus: Option<u32>,
     memory_mib: Option<u64>,
     internet: Option<bool>,
+    /// `host`, where it is written.
+    host: Option<(String, Span)>,
 }
 
 /// Who already claimed an address or host port, for clash messages.
@@ -528,7 +534,14 @@ impl Checker<'_> {
             Some(value) => self.networks(value)?,
             None => Vec::new(),
         };
-        let machines = self.machines(root, &defaults, &networks)?;
+        let hosts = match root.get("hosts") {
+            Some(value) => self.hosts(value)?,
+            None => BTreeMap::new(),
+        };
+        if let Some(host) = &defaults.host {
+            self.known_host(host, &hosts)?;
+        }
+        let machines = self.machines(root, &defaults, &networks, &hosts)?;
         let checks = match root.get("checks") {
             Some(value) => self.checks(value, &machines)?,
             None => Vec::new(),
@@ -557,6 +570,7 @@ impl Checker<'_> {
             build,
             steps,
             libvirt_uri,
+            hosts,
         })
     }
 
@@ -573,16 +587,110 @@ impl Checker<'_> {
                     "add `uri = \"qemu:///system\"` (or qemu:///session, qemu+ssh://host/system)",
                 ));
         };
-        let text = self.string(uri, "uri", "\"qemu:///system\"")?;
-        if !text.contains("://") {
+        self.uri(uri)
+    }
+
+    /// `uri`: a URI of libvirt's qemu driver (scheme `qemu` or
+    /// `qemu+TRANSPORT`, path `/system` or `/session`).
+    fn uri(&self, value: &Value<'_>) -> Result<String> {
+        let text = self.string(value, "uri", "\"qemu:///system\"")?;
+        if let Err(why) = LibvirtUri::parse(text) {
             return Err(self
                 .source
-                .error(uri.span(), format!("`{text}` is not a libvirt URI"))
-                .with_help(
-                    "a libvirt URI looks like `qemu:///system` or `qemu+ssh://host/system`",
-                ));
+                .error(
+                    value.span(),
+                    format!("`{text}` is not a libvirt URI: {why}"),
+                )
+                .with_help(URI_HELP));
         }
         Ok(text.to_owned())
+    }
+
+    /// `[hosts.NAME]`: the libvirt hosts machines may be placed on.
+    fn hosts(&self, value: &Value<'_>) -> Result<BTreeMap<String, Host>> {
+        const EXAMPLE: &str = "{ uri = \"qemu+ssh://root@10.77.0.2/system\" }";
+        let table = self.table(value, "hosts", "{ rack-a = { uri = \"qemu:///system\" } }")?;
+        let mut hosts = BTreeMap::new();
+        for (key, value) in entries(table) {
+            self.check_name(key, "host")?;
+            let name = key.get_ref().as_ref();
+            let place = format!("in [hosts.{name}]");
+            let host = self.table(value, name, EXAMPLE)?;
+            self.check_keys(host, HOST_KEYS, &place)?;
+            let Some(uri) = host.get("uri") else {
+                return Err(self
+                    .source
+                    .error(key.span(), format!("[hosts.{name}] has no `uri`"))
+                    .with_help(format!(
+                        "add `uri = \"qemu+ssh://root@HOST/system\"`; {URI_HELP}"
+                    )));
+            };
+            let uri = self.uri(uri)?;
+            hosts.insert(
+                name.to_owned(),
+                Host {
+                    name: name.to_owned(),
+                    uri,
+                },
+            );
+        }
+        Ok(hosts)
+    }
+
+    /// A `host` value must name one of `[hosts]`.
+    fn known_host(
+        &self,
+        (name, span): &(String, Span),
+        hosts: &BTreeMap<String, Host>,
+    ) -> Result<()> {
+        if hosts.contains_key(name) {
+            return Ok(());
+        }
+        let hint = did_you_mean(name, hosts.keys().map(String::as_str));
+        let help = if hosts.is_empty() {
+            "declare it: `[hosts.NAME]` with `uri = \"qemu+ssh://root@HOST/system\"`".to_owned()
+        } else {
+            format!(
+                "hosts in this topology: {}",
+                hosts.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        };
+        Err(self
+            .source
+            .error(span.clone(), format!("unknown host `{name}`{hint}"))
+            .with_help(help))
+    }
+
+    /// The host a machine runs on: its own `host`, else `[defaults] host`
+    /// when it is a libvirt machine. Only libvirt machines have hosts.
+    fn machine_host(
+        &self,
+        machine: &str,
+        provider: ProviderKind,
+        own: Option<&(String, Span)>,
+        defaults: &Settings,
+        hosts: &BTreeMap<String, Host>,
+    ) -> Result<Option<String>> {
+        let host = match (own, &defaults.host) {
+            (Some((_, span)), _) if provider != ProviderKind::Libvirt => {
+                return Err(self
+                    .source
+                    .error(
+                        span.clone(),
+                        format!(
+                            "machine `{machine}` runs on {}, which has no hosts: `host` \
+                             places libvirt machines",
+                            provider.as_str()
+                        ),
+                    )
+                    .with_help("set `provider = \"libvirt\"` on it, or remove `host`"));
+            }
+            (Some(host), _) => host,
+            (None, Some(host)) if provider == ProviderKind::Libvirt => host,
+            _ => return Ok(None),
+        };
+        self.known_host(host, hosts)?;
+        Ok(Some(host.0.clone()))
     }
 
     fn topology_name(&self, root: &DeTable<'_>) -> Result<String> {
@@ -770,6 +878,10 @@ impl Checker<'_> {
                 "cpus" => settings.cpus = Some(self.cpus(value)?),
                 "memory" => settings.memory_mib = Some(self.memory(value)?),
                 "internet" => settings.internet = Some(self.boolean(value, "internet")?),
+                "host" => {
+                    let host = self.string(value, "host", "\"rack-a\"")?;
+                    settings.host = Some((host.to_owned(), value.span()));
+                }
                 _ => {}
             }
         }
@@ -974,6 +1086,7 @@ impl Checker<'_> {
         root: &DeTable<'_>,
         defaults: &Settings,
         networks: &[(Network, Span)],
+        hosts: &BTreeMap<String, Host>,
     ) -> Result<Vec<Machine>> {
         const EXAMPLE: &str = "add a machine, e.g. `[machines.alpha]` with `ip = \"192.168.33.2\"`";
         let Some((key, value)) = root.get_key_value("machines") else {
@@ -995,7 +1108,7 @@ impl Checker<'_> {
         let mut claims = Claims::default();
         let machines = entries(table)
             .into_iter()
-            .map(|(key, value)| self.machine(key, value, defaults, networks, &mut claims))
+            .map(|(key, value)| self.machine(key, value, defaults, networks, hosts, &mut claims))
             .collect::<Result<Vec<_>>>()?;
         self.dependencies(table, &machines)?;
         self.one_provider_per_network(table, &machines)?;
@@ -1057,6 +1170,7 @@ impl Checker<'_> {
         value: &Value<'_>,
         defaults: &Settings,
         networks: &[(Network, Span)],
+        hosts: &BTreeMap<String, Host>,
         claims: &mut Claims,
     ) -> Result<Machine> {
         let name = key.get_ref().as_ref();
@@ -1095,12 +1209,14 @@ impl Checker<'_> {
             Some(value) => self.artifacts(name, value)?,
             None => Vec::new(),
         };
+        let provider = own
+            .provider
+            .or(defaults.provider)
+            .unwrap_or(DEFAULT_PROVIDER);
+        let host = self.machine_host(name, provider, own.host.as_ref(), defaults, hosts)?;
         Ok(Machine {
             name: name.to_owned(),
-            provider: own
-                .provider
-                .or(defaults.provider)
-                .unwrap_or(DEFAULT_PROVIDER),
+            provider,
             image,
             cpus: own.cpus.or(defaults.cpus).unwrap_or(DEFAULT_CPUS),
             memory_mib: own
@@ -1118,6 +1234,7 @@ impl Checker<'_> {
             packages,
             artifacts,
             internet: own.internet.or(defaults.internet).unwrap_or(false),
+            host,
         })
     }
 

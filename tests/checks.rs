@@ -213,6 +213,7 @@ fn machine(name: &str, ips: &[(&str, Ipv4Addr)]) -> Machine {
         packages: vec![],
         artifacts: vec![],
         internet: false,
+        host: None,
     }
 }
 
@@ -236,6 +237,7 @@ fn topology(machines: Vec<Machine>) -> Topology {
         build: None,
         steps: vec![],
         libvirt_uri: None,
+        hosts: Default::default(),
     }
 }
 

@@ -32,6 +32,7 @@ fn machine(name: &str, ip: Option<[u8; 4]>, daemons: &[&str]) -> Machine {
         packages: vec![],
         artifacts: vec![],
         internet: false,
+        host: None,
     }
 }
 
@@ -49,6 +50,7 @@ fn topology(dir: &Path, machines: Vec<Machine>) -> Topology {
         build: None,
         steps: vec![],
         libvirt_uri: None,
+        hosts: Default::default(),
     }
 }
 

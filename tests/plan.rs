@@ -72,6 +72,7 @@ fn resolve_topology(dir: &Path, topology: &Topology, record: &Record, kits: &Kit
     let providers = provider::Settings {
         libvirt_uri: "qemu:///system".into(),
         cache_root: dir.join("cache"),
+        hosts: Default::default(),
     };
     Plan::resolve(&Inputs {
         topology,

@@ -94,6 +94,7 @@ impl Sshd {
             user: current_user(),
             key_path: self.path("client_key"),
             host_key_path: self.path("host_key.pub"),
+            jump: None,
         }
     }
 

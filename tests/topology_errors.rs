@@ -689,6 +689,121 @@ fn unknown_provider_in_defaults() {
     );
 }
 
+/// Two libvirt hosts, the machines placed on them.
+const TWO_HOSTS: &str = r#"name = "x"
+[defaults]
+provider = "libvirt"
+host = "rack-a"
+[hosts.rack-a]
+uri = "qemu+ssh://root@10.77.0.2/system"
+[hosts.rack-b]
+uri = "qemu+ssh://root@10.77.0.3/system?keyfile=/k"
+[machines.zk-1]
+[machines.zk-3]
+host = "rack-b"
+"#;
+
+#[test]
+fn machines_go_on_their_host_else_the_defaults_one() {
+    let topology = parse_ok(TWO_HOSTS);
+    let host = |name: &str| topology.machine(name).and_then(|m| m.host.clone());
+    assert_eq!(host("zk-1").as_deref(), Some("rack-a"));
+    assert_eq!(host("zk-3").as_deref(), Some("rack-b"));
+    assert_eq!(
+        topology.hosts["rack-b"].uri,
+        "qemu+ssh://root@10.77.0.3/system?keyfile=/k"
+    );
+    // Without `host` anywhere: the topology's own libvirt.
+    let local = parse_ok("name = \"x\"\n[machines.a]\nprovider = \"libvirt\"\n");
+    assert_eq!(local.machines[0].host, None);
+    // [defaults] host places libvirt machines only.
+    let mixed = parse_ok(&format!("{TWO_HOSTS}[machines.q]\nprovider = \"qemu\"\n"));
+    assert_eq!(mixed.machine("q").and_then(|m| m.host.clone()), None);
+}
+
+#[test]
+fn an_unknown_host_is_located_and_the_known_ones_listed() {
+    let text = TWO_HOSTS.replace("host = \"rack-b\"", "host = \"rack-c\"");
+    assert_error_at(
+        &text,
+        11,
+        8,
+        &[
+            "unknown host `rack-c`; did you mean `rack-a`?",
+            "help: hosts in this topology: rack-a, rack-b",
+        ],
+    );
+    assert_error_at(
+        "name = \"x\"\n[defaults]\nhost = \"rack-a\"\n[machines.a]\n",
+        3,
+        8,
+        &["unknown host `rack-a`", "help: declare it: `[hosts.NAME]`"],
+    );
+}
+
+#[test]
+fn a_qemu_machine_given_a_host_is_refused() {
+    let text = format!("{TWO_HOSTS}[machines.q]\nprovider = \"qemu\"\nhost = \"rack-a\"\n");
+    assert_error_at(
+        &text,
+        14,
+        8,
+        &[
+            "machine `q` runs on qemu, which has no hosts: `host` places libvirt machines",
+            "help: set `provider = \"libvirt\"` on it, or remove `host`",
+        ],
+    );
+}
+
+#[test]
+fn a_host_uri_libvirt_cannot_take_is_located() {
+    for (uri, why) in [
+        ("10.77.0.2", "it has no `://`"),
+        (
+            "http://10.77.0.2/system",
+            "the scheme must be `qemu` or `qemu+TRANSPORT`",
+        ),
+        (
+            "qemu+shh://root@10.77.0.2/system",
+            "unknown transport `shh`",
+        ),
+        ("qemu+ssh://root@10.77.0.2", "it has no path"),
+        (
+            "qemu+ssh://root@10.77.0.2/sytem",
+            "its path must be `/system` or `/session`",
+        ),
+    ] {
+        let text = format!("name = \"x\"\n[hosts.rack-a]\nuri = \"{uri}\"\n[machines.a]\n");
+        assert_error_at(
+            &text,
+            3,
+            7,
+            &[
+                &format!("`{uri}` is not a libvirt URI: {why}"),
+                "help: a libvirt URI looks like",
+            ],
+        );
+    }
+    assert_error_at(
+        "name = \"x\"\n[hosts.rack-a]\nurl = \"qemu:///system\"\n[machines.a]\n",
+        3,
+        1,
+        &["unknown key `url` in [hosts.rack-a]; did you mean `uri`?"],
+    );
+    assert_error_at(
+        "name = \"x\"\n[hosts.rack-a]\n[machines.a]\n",
+        2,
+        8,
+        &["[hosts.rack-a] has no `uri`"],
+    );
+    assert_error_at(
+        "name = \"x\"\n[hosts.Rack_A]\nuri = \"qemu:///system\"\n[machines.a]\n",
+        2,
+        8,
+        &["invalid host name `Rack_A`"],
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 6. Sizes
 // ---------------------------------------------------------------------------

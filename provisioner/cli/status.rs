@@ -11,7 +11,7 @@ use crate::settings::Settings;
 pub struct Args {
     #[command(flatten)]
     at: super::At,
-    /// Print a JSON array of {name, state, provider, ssh, ips, in_topology},
+    /// Print a JSON array of {name, state, provider, host, ssh, ips, in_topology},
     /// with `console: {log, lines}` for a crashed machine and
     /// `networks_down: [NAME]` for one cut off from a network
     #[arg(long)]
@@ -33,11 +33,14 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
         } else {
             "  (no longer in the topology: `testbed destroy` removes it)"
         };
+        let runner = match &machine.host {
+            Some(host) => format!("{} on {host}", machine.provider),
+            None => machine.provider.clone(),
+        };
         out!(
-            "{:<20} {:<12} ({}) {} {}{removed}",
+            "{:<20} {:<12} ({runner}) {} {}{removed}",
             machine.name,
             machine.state.as_str(),
-            machine.provider,
             machine
                 .ssh
                 .as_deref()

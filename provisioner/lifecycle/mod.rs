@@ -237,7 +237,11 @@ pub struct MachineStatus {
     pub name: String,
     pub state: MachineState,
     pub provider: String,
-    /// `host:port` of its SSH, when it has been created.
+    /// The `[hosts]` entry it runs on (none: the local one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// `host:port` of its SSH (`… via JUMP` on another host), when it has
+    /// been created.
     pub ssh: Option<String>,
     pub ips: BTreeMap<String, Ipv4Addr>,
     /// False for a machine that still exists but is no longer in the file.
@@ -418,22 +422,22 @@ impl Testbed {
     }
 
     fn provider_of(&self, machine: &Machine) -> Result<Box<dyn Provider>> {
-        Ok(provider::for_kind(
-            machine.provider,
-            &self.provider_settings(),
-        )?)
+        Ok(provider::for_machine(machine, &self.provider_settings())?)
     }
 
     /// Where daemon-backed providers connect, for this topology.
     fn provider_settings(&self) -> provider::Settings {
         provider::Settings::new(self.topology.libvirt_uri.as_deref(), &self.settings)
             .with_cache_root(self.cache.root().to_path_buf())
+            .with_hosts(&self.topology.hosts)
     }
 
     /// How to reach `machine`'s SSH on host port `port`.
     fn ssh_target(&self, machine: &Machine, port: u16) -> Result<Target> {
+        let endpoint = self.provider_of(machine)?.ssh_endpoint(port);
         Ok(Target {
-            addr: self.provider_of(machine)?.ssh_address(port),
+            addr: endpoint.addr,
+            jump: endpoint.jump,
             user: "root".into(),
             key_path: self.state.user_key(),
             host_key_path: self.state.machine(&machine.name).host_public_key(),
@@ -494,7 +498,8 @@ impl Testbed {
                     name: machine.name.clone(),
                     state,
                     provider: machine.provider.as_str().into(),
-                    ssh: saved.map(|r| provider.ssh_address(r.ssh_port).to_string()),
+                    host: machine.host.clone(),
+                    ssh: saved.map(|r| provider.ssh_endpoint(r.ssh_port).to_string()),
                     ips: machine.ips.clone(),
                     in_topology: true,
                     console: self.crash_console(&*provider, &machine.name, state),
@@ -513,7 +518,8 @@ impl Testbed {
                 name: name.clone(),
                 state,
                 provider: saved.provider.as_str().into(),
-                ssh: Some(provider.ssh_address(saved.ssh_port).to_string()),
+                host: None,
+                ssh: Some(provider.ssh_endpoint(saved.ssh_port).to_string()),
                 ips: BTreeMap::new(),
                 in_topology: false,
                 console: self.crash_console(&*provider, name, state),
@@ -610,10 +616,12 @@ impl Testbed {
     /// A session pool knowing where each recorded machine's SSH is.
     fn machines(&self, record: &Record, kits: &Kits) -> Result<Arc<Machines>> {
         let machines = Machines::new(self.state.clone(), self.services(kits));
-        let settings = self.provider_settings();
         for (name, saved) in &record.machines {
-            let provider = provider::for_kind(saved.provider, &settings)?;
-            machines.set_address(name, provider.ssh_address(saved.ssh_port));
+            let provider = match self.topology.machine(name) {
+                Some(machine) => self.provider_of(machine)?,
+                None => provider::for_kind(saved.provider, &self.provider_settings())?,
+            };
+            machines.set_endpoint(name, provider.ssh_endpoint(saved.ssh_port));
         }
         Ok(Arc::new(machines))
     }

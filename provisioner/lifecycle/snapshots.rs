@@ -212,7 +212,7 @@ impl Testbed {
         let resumed_seconds = started.elapsed().as_secs_f64();
         let names: Vec<String> = machines.iter().map(|m| m.name.clone()).collect();
         let sessions = self.sessions()?;
-        write_ssh_config(&self.state, &self.topology.name, &sessions.addresses())?;
+        write_ssh_config(&self.state, &self.topology.name, &sessions.endpoints())?;
         let clocks = faults::set_clocks(&sessions, &names).await;
         let checks = match clocks {
             Ok(()) => {

@@ -298,7 +298,7 @@ impl Testbed {
             },
             None => report.build = self.topology.build.as_ref().map(|_| BuildOutcome::Skipped),
         }
-        write_ssh_config(&self.state, &self.topology.name, &machines.addresses())?;
+        write_ssh_config(&self.state, &self.topology.name, &machines.endpoints())?;
         if failures.is_empty() && !self.topology.checks.is_empty() {
             let checks =
                 check::run_all(&self.topology.checks, &self.topology, machines.clone()).await;
@@ -791,8 +791,10 @@ async fn bring_up(
         .ok_or_else(|| Error::Untracked {
             machine: name.clone(),
         })?;
-    target.addr = provider.ssh_address(port);
-    ctx.machines.set_address(&name, target.addr);
+    let endpoint = provider.ssh_endpoint(port);
+    target.addr = endpoint.addr;
+    target.jump = endpoint.jump.clone();
+    ctx.machines.set_endpoint(&name, endpoint);
     task.set("waiting for SSH");
     // Until its identity is applied, a warm-booted guest is the template.
     let first = match &warm {
@@ -819,7 +821,7 @@ async fn bring_up(
         saved.warm_boot = false;
     })?;
     // `testbed ssh NAME` works from here on, while the rest of `up` goes on.
-    write_ssh_config(&ctx.state, &ctx.topology.name, &ctx.machines.addresses())?;
+    write_ssh_config(&ctx.state, &ctx.topology.name, &ctx.machines.endpoints())?;
     Ok((done, warm))
 }
 

@@ -391,8 +391,10 @@ async fn boot_and_save(
         |p, s| p.start(s),
     )
     .await?;
+    let endpoint = provider.ssh_endpoint(spec.ssh_port);
     let target = Target {
-        addr: provider.ssh_address(spec.ssh_port),
+        addr: endpoint.addr,
+        jump: endpoint.jump,
         user: "root".into(),
         key_path: client_key,
         host_key_path: partial.state().join(HOST_PUBLIC_KEY),

@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod fault;
+mod libvirt_uri;
 mod order;
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use ipnet::Ipv4Net;
 
 pub use check::{CheckSpec, CommandProbe, HttpProbe, TcpProbe};
 pub use fault::{Fault, LinkFault, LinkShape};
+pub use libvirt_uri::{LibvirtUri, LIBVIRT_TRANSPORTS};
 pub use order::find_cycle;
 
 /// Which VM backend runs a machine.
@@ -60,6 +62,17 @@ pub struct Topology {
     pub steps: Vec<Step>,
     /// `[libvirt] uri`: where the libvirt provider connects.
     pub libvirt_uri: Option<String>,
+    /// `[hosts.NAME]`: the libvirt hosts machines may be placed on, by name.
+    pub hosts: BTreeMap<String, Host>,
+}
+
+/// `[hosts.NAME]`: a libvirt host, the machines whose `host` names it
+/// run on its libvirtd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub name: String,
+    /// The libvirt connection URI, e.g. `qemu+ssh://root@10.77.0.2/system`.
+    pub uri: String,
 }
 
 /// `[build]`: a script run on a builder (a machine, or the host) whose
@@ -156,6 +169,10 @@ pub struct Machine {
     /// management NIC (a builder that downloads); otherwise that NIC
     /// carries only testbed's SSH and the forwarded ports.
     pub internet: bool,
+    /// The `[hosts]` entry whose libvirtd runs this machine (libvirt only;
+    /// its own `host`, else `[defaults] host`). `None`: the topology's
+    /// libvirt (`[libvirt] uri`, else the environment's).
+    pub host: Option<String>,
 }
 
 /// A guest TCP port reachable on the host at 127.0.0.1:`host`.

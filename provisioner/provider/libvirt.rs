@@ -24,7 +24,6 @@
 //! `destroy` removes exactly those objects, even after testbed was killed.
 
 use std::fs;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -41,7 +40,8 @@ use super::{
 };
 use crate::identity::Management;
 use crate::image::BuiltImage;
-use crate::model::LinkShape;
+use crate::model::{LibvirtUri, LinkShape};
+use crate::ssh::{Endpoint, Jump};
 
 /// The environment variable naming the connection URI (see
 /// [`super::Settings`]).
@@ -942,10 +942,14 @@ impl Provider for Libvirt {
         kvm::accelerator(kernel, &self.cache_root)
     }
 
-    /// SSH is forwarded on 127.0.0.1 by qemu's user-mode network, passed
-    /// through to the domain.
-    fn ssh_address(&self, port: u16) -> SocketAddr {
-        loopback::ssh_address(port)
+    /// SSH is forwarded on 127.0.0.1 of the libvirt host by qemu's
+    /// user-mode network, passed through to the domain; a remote host's
+    /// loopback is reached through SSH to that host.
+    fn ssh_endpoint(&self, port: u16) -> Endpoint {
+        Endpoint {
+            addr: loopback::ssh_address(port),
+            jump: jump_to(&self.uri, &self.cache_root),
+        }
     }
 
     fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError> {
@@ -963,6 +967,29 @@ impl Provider for Libvirt {
             required: false,
         }]
     }
+}
+
+/// How to reach the loopback of the host `uri` names when it is another
+/// machine: SSH as the URI logs in (its user; for an SSH transport its port
+/// and `keyfile=`, `known_hosts=`), one shared connection per host in
+/// testbed's cache.
+fn jump_to(uri: &str, cache_root: &Path) -> Option<Jump> {
+    let uri = LibvirtUri::parse(uri).ok().filter(LibvirtUri::is_remote)?;
+    let ssh = uri.over_ssh();
+    let param = |name: &str| uri.params.get(name).filter(|_| ssh).map(PathBuf::from);
+    let control_dir = cache_root.join("ssh");
+    // ssh makes the socket, not its folder.
+    let _ = crate::state::create_private_dir(&control_dir);
+    Some(Jump {
+        destination: match &uri.user {
+            Some(user) => format!("{user}@{}", uri.host),
+            None => uri.host.clone(),
+        },
+        port: uri.port.filter(|_| ssh),
+        identity: param("keyfile"),
+        known_hosts: param("known_hosts"),
+        control: control_dir.join("%C"),
+    })
 }
 
 /// Whether libvirtd answers at `uri`: its version, or why not (one line).
@@ -1127,6 +1154,7 @@ mod tests {
         let settings = crate::provider::Settings {
             libvirt_uri: "qemu:///system".into(),
             cache_root: "/nonexistent-cache".into(),
+            hosts: Default::default(),
         };
         assert_eq!(
             crate::provider::which_made(dir.path(), &settings),

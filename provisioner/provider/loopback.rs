@@ -14,6 +14,11 @@ pub(super) fn ssh_address(port: u16) -> SocketAddr {
     SocketAddr::from((HOST, port))
 }
 
+/// [`ssh_address`] on this machine.
+pub(super) fn ssh_endpoint(port: u16) -> crate::ssh::Endpoint {
+    crate::ssh::Endpoint::local(ssh_address(port))
+}
+
 /// `previous` while it is still free (the record and `ssh_config` keep
 /// it), else a new free port. `retry`: the last start found `previous`
 /// taken after all (another process bound it in between).

@@ -9,13 +9,14 @@ pub mod qemu;
 mod qmp;
 pub mod switch;
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::identity::Management;
 use crate::image::BuiltImage;
-use crate::model::{Forward, LinkShape, ProviderKind};
+use crate::model::{Forward, Host, LinkShape, Machine, ProviderKind};
+use crate::ssh::Endpoint;
 use crate::state::StateError;
 
 #[derive(Debug, thiserror::Error)]
@@ -325,7 +326,7 @@ pub trait Provider: Send + Sync {
     fn accelerator(&self, kernel: &Path) -> Accelerator;
     /// Where the host reaches the SSH of a machine booted with host port
     /// `port`.
-    fn ssh_address(&self, port: u16) -> SocketAddr;
+    fn ssh_endpoint(&self, port: u16) -> Endpoint;
     /// A host port for the machine's SSH forward: `previous` when it is
     /// still free, else a new free one (`retry` = the last start found it
     /// taken).
@@ -385,6 +386,8 @@ pub struct Settings {
     /// testbed's cache (the images' root): the KVM probe's cached verdict,
     /// libvirt's storage pool folder, the kernels `doctor` probes with.
     pub cache_root: PathBuf,
+    /// The topology's `[hosts]`: each host's libvirt URI, by host name.
+    pub hosts: BTreeMap<String, String>,
 }
 
 impl Settings {
@@ -397,6 +400,28 @@ impl Settings {
                 .unwrap_or(crate::settings::DEFAULT_LIBVIRT_URI)
                 .to_owned(),
             cache_root: settings.cache_root.clone(),
+            hosts: BTreeMap::new(),
+        }
+    }
+
+    /// The same settings, knowing the topology's `[hosts]`.
+    pub fn with_hosts(self, hosts: &BTreeMap<String, Host>) -> Settings {
+        let hosts = hosts
+            .iter()
+            .map(|(name, host)| (name.clone(), host.uri.clone()))
+            .collect();
+        Settings { hosts, ..self }
+    }
+
+    /// The settings of one machine: the libvirt of its `host`, when it has
+    /// one.
+    fn for_machine(&self, machine: &Machine) -> Settings {
+        match machine.host.as_ref().and_then(|host| self.hosts.get(host)) {
+            Some(uri) => Settings {
+                libvirt_uri: uri.clone(),
+                ..self.clone()
+            },
+            None => self.clone(),
         }
     }
 
@@ -404,6 +429,15 @@ impl Settings {
     pub fn with_cache_root(self, cache_root: PathBuf) -> Settings {
         Settings { cache_root, ..self }
     }
+}
+
+/// The backend of a machine: its provider, connected to its host's libvirt
+/// when it has a `host`.
+pub fn for_machine(
+    machine: &Machine,
+    settings: &Settings,
+) -> Result<Box<dyn Provider>, ProviderError> {
+    for_kind(machine.provider, &settings.for_machine(machine))
 }
 
 /// The backend for a provider kind.
@@ -433,6 +467,7 @@ mod tests {
         let settings = Settings {
             libvirt_uri: "qemu:///system".into(),
             cache_root: "/nonexistent-cache".into(),
+            hosts: BTreeMap::new(),
         };
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(which_made(dir.path(), &settings), None);

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -287,8 +287,8 @@ impl Provider for Qemu {
     }
 
     /// SSH is forwarded on 127.0.0.1 by the user-mode network.
-    fn ssh_address(&self, port: u16) -> SocketAddr {
-        loopback::ssh_address(port)
+    fn ssh_endpoint(&self, port: u16) -> crate::ssh::Endpoint {
+        loopback::ssh_endpoint(port)
     }
 
     fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError> {
