@@ -704,6 +704,7 @@ pub fn down_networks(
             let spec = NetworkSpec {
                 name: network.to_string(),
                 dir: state.network_dir(network),
+                across_hosts: topology.spans_hosts(network),
             };
             !up(machine, &spec)
         })

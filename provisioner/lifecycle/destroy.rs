@@ -26,7 +26,11 @@ pub(super) fn remove_networks(
     for (name, recorded) in networks {
         let dir = state.network_dir(&name);
         let kind = provider::which_made(&dir, settings).unwrap_or(recorded);
-        provider::for_kind(kind, settings)?.remove_network(&NetworkSpec { dir, name })?;
+        provider::for_kind(kind, settings)?.remove_network(&NetworkSpec {
+            dir,
+            name,
+            across_hosts: false,
+        })?;
     }
     Ok(())
 }

@@ -540,6 +540,7 @@ impl Testbed {
         NetworkSpec {
             name: name.to_string(),
             dir: self.state.network_dir(name),
+            across_hosts: self.topology.spans_hosts(name),
         }
     }
 }

@@ -301,6 +301,7 @@ fn sweep_abandoned_templates(provider: &dyn Provider) {
             let _ = provider.remove_network(&NetworkSpec {
                 name: network.file_name().to_string_lossy().into_owned(),
                 dir: network.path(),
+                across_hosts: false,
             });
         }
         let _ = std::fs::remove_dir_all(&root);
@@ -335,6 +336,7 @@ async fn boot_and_save(
         .map(|i| NetworkSpec {
             name: format!("template-{i}"),
             dir: state.network_dir(&format!("n{i}")),
+            across_hosts: false,
         })
         .collect();
     let vm = TemplateVm {

@@ -188,6 +188,17 @@ impl Topology {
         self.path.parent().unwrap_or_else(|| Path::new("."))
     }
 
+    /// Whether the machines on `network` run on more than one host.
+    pub fn spans_hosts(&self, network: &str) -> bool {
+        let hosts: std::collections::BTreeSet<Option<&str>> = self
+            .machines
+            .iter()
+            .filter(|machine| machine.ips.contains_key(network))
+            .map(|machine| machine.host.as_deref())
+            .collect();
+        hosts.len() > 1
+    }
+
     pub fn machine(&self, name: &str) -> Option<&Machine> {
         self.machines.iter().find(|m| m.name == name)
     }

@@ -23,6 +23,7 @@
 //! network's folder before it is made, so `status` asks libvirt itself and
 //! `destroy` removes exactly those objects, even after testbed was killed.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -110,14 +111,24 @@ impl Libvirt {
 }
 
 /// A connection, or an error that says where testbed tried and what to do.
+/// One per URI for the whole process: through `qemu+ssh://` each new one
+/// is an SSH login (about half a second here), and `up` polls every
+/// machine's state.
 pub fn connect(uri: &str) -> Result<Connect, ProviderError> {
+    static OPEN: std::sync::Mutex<BTreeMap<String, Connect>> = std::sync::Mutex::new(BTreeMap::new());
+    let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(conn) = open.get(uri).filter(|conn| conn.is_alive().unwrap_or(false)) {
+        return Ok(conn.clone());
+    }
     // Errors come back as values; libvirt must not also print them.
     virt::error::clear_error_callback();
-    Connect::open(Some(uri)).map_err(|e| ProviderError::LibvirtUnreachable {
+    let conn = Connect::open(Some(uri)).map_err(|e| ProviderError::LibvirtUnreachable {
         uri: uri.to_string(),
         message: e.message().to_string(),
         env: URI_ENV,
-    })
+    })?;
+    open.insert(uri.to_owned(), conn.clone());
+    Ok(conn)
 }
 
 fn libvirt_error(what: impl std::fmt::Display, e: virt::error::Error) -> ProviderError {
@@ -251,10 +262,7 @@ pub fn domain_xml(vm: &VmSpec, name: &str, placed: &Placed, kvm: bool) -> String
     let nics: String = vm
         .nics
         .iter()
-        .map(|nic| {
-            let network = object_name(&nic.network.dir, &nic.network.name);
-            interface_xml(&network, &nic.mac, "up")
-        })
+        .map(|nic| interface_xml(&nic.network, &nic.mac, "up"))
         .collect();
     // 0x1e: a PCI slot libvirt does not hand out itself.
     let management = [
@@ -577,14 +585,34 @@ fn snapshots_stay_home() -> ProviderError {
     }
 }
 
-/// A NIC on a topology network, its link `up` or `down`.
-fn interface_xml(network: &str, mac: &str, link: &str) -> String {
+/// A NIC on a topology network, its link `up` or `down`: on the network's
+/// bridge; for a network across hosts, in the network's multicast group,
+/// which its machines join on every host (qemu's `mcast` socket: one L2
+/// segment over the hosts' own link, which a TTL of 1 keeps it on).
+fn interface_xml(network: &NetworkSpec, mac: &str, link: &str) -> String {
+    let source = if network.across_hosts {
+        let (group, port) = multicast_group(network);
+        format!("<interface type='mcast'><source address='{group}' port='{port}'/>")
+    } else {
+        format!(
+            "<interface type='network'><source network='{}'/>",
+            xml_escape(&object_name(&network.dir, &network.name))
+        )
+    };
     format!(
-        "<interface type='network'><source network='{}'/><mac address='{}'/>\
-         <model type='virtio'/><link state='{link}'/></interface>",
-        xml_escape(network),
+        "{source}<mac address='{}'/><model type='virtio'/><link state='{link}'/></interface>",
         xml_escape(mac)
     )
+}
+
+/// The multicast group and UDP port of a network across hosts, from the
+/// testbed's id and the network's name, so that testbeds do not share one:
+/// in 239.192.0.0/14, the organization-local scope, never routed further.
+fn multicast_group(network: &NetworkSpec) -> (std::net::Ipv4Addr, u16) {
+    let digest = Sha256::digest(object_name(&network.dir, &network.name).as_bytes());
+    let group = std::net::Ipv4Addr::new(239, 192 + digest[0] % 4, digest[1], digest[2]);
+    let port = 20000 + u16::from_be_bytes([digest[3], digest[4]]) % 40000;
+    (group, port)
 }
 
 /// The domain of the machine in `dir`, which must have been made.
@@ -613,6 +641,8 @@ impl Provider for Libvirt {
         "libvirt"
     }
 
+    /// The network's bridge; none for a network across hosts, whose NICs
+    /// meet in a multicast group ([`interface_xml`]).
     fn ensure_network(&self, network: &NetworkSpec) -> Result<(), ProviderError> {
         let name = object_name(&network.dir, &network.name);
         write_made(
@@ -623,6 +653,9 @@ impl Provider for Libvirt {
                 volume: None,
             },
         )?;
+        if network.across_hosts {
+            return Ok(());
+        }
         let conn = connect(&self.uri)?;
         let net = match conn.lookup_network_by_name(&name) {
             Ok(net) => net,
@@ -666,7 +699,7 @@ impl Provider for Libvirt {
         }
         let (made, domain) = running_domain(dir)?;
         let state = if shape.down { "down" } else { "up" };
-        let xml = interface_xml(&object_name(&network.dir, &network.name), mac, state);
+        let xml = interface_xml(network, mac, state);
         domain
             .update_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)
             .map_err(|e| libvirt_error(format!("setting a link of {} {state}", made.name), e))
@@ -1053,6 +1086,7 @@ mod tests {
                 network: NetworkSpec {
                     name: "lan".into(),
                     dir: PathBuf::from("/home/u/pair/.testbed/networks/lan"),
+                    across_hosts: false,
                 },
                 mac: "52:54:00:00:02:01".into(),
             }],
@@ -1108,6 +1142,28 @@ mod tests {
             assert!(!xml.contains(home), "{home} in\n{xml}");
         }
         assert!(domain_xml(&spec(), "d", &placed(), true).contains("<domain type='kvm'"));
+    }
+
+    #[test]
+    fn a_network_across_hosts_is_a_multicast_group_of_its_own() {
+        let mut vm = spec();
+        vm.nics[0].network.across_hosts = true;
+        let xml = domain_xml(&vm, "tb-1234abcd-alpha", &placed(), false);
+        let (group, port) = multicast_group(&vm.nics[0].network);
+        assert!(
+            xml.contains(&format!(
+                "<interface type='mcast'><source address='{group}' port='{port}'/>\
+                 <mac address='52:54:00:00:02:01'/>"
+            )),
+            "{xml}"
+        );
+        assert!(group.is_multicast() && (192..196).contains(&group.octets()[1]), "{group}");
+        assert!(!xml.contains("<source network="), "{xml}");
+        let other = NetworkSpec {
+            dir: PathBuf::from("/home/u/other/.testbed/networks/lan"),
+            ..vm.nics[0].network.clone()
+        };
+        assert_ne!(multicast_group(&other), (group, port), "one group per testbed");
     }
 
     #[test]

@@ -110,6 +110,9 @@ pub struct NetworkSpec {
     pub name: String,
     /// Where the provider keeps this network's sockets and pid (0700).
     pub dir: PathBuf,
+    /// Its machines run on more than one host: the provider joins them
+    /// across the hosts' link into one segment.
+    pub across_hosts: bool,
 }
 
 /// A NIC on a topology network.

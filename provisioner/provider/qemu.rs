@@ -761,6 +761,7 @@ mod tests {
                 network: NetworkSpec {
                     name: "lan".into(),
                     dir: "/t/.testbed/networks/lan".into(),
+                    across_hosts: false,
                 },
                 mac: "52:54:00:00:01:01".into(),
             }],
