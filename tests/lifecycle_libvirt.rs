@@ -1,65 +1,152 @@
-//! End to end on libvirt: a real libvirtd of the test's own, in a network
-//! namespace the test creates. One daemon serves, in turn: the two-machine
-//! lifecycle scenario the qemu provider runs (`scenarios`), the zk-ensemble
-//! checks (`up --provider libvirt`), its faults and a snapshot saved and
-//! restored through libvirt, and an `up` killed with SIGKILL. After
-//! each `destroy`, libvirt's domains, networks and volumes are as before.
+//! End to end on libvirt: real libvirtds of the test's own, each in a
+//! network namespace the test creates, as two libvirt hosts ("rack-a" at
+//! 10.77.0.2 and "rack-b" at 10.77.0.3) on the bridge of a third namespace
+//! where testbed runs and reaches them with `qemu+libssh://`. rack-a's
+//! daemon serves, in turn: the two-machine lifecycle scenario the qemu
+//! provider runs (`scenarios`), then, with rack-b, the zk-ensemble spread
+//! over both (zk-1 and zk-2 on rack-a, zk-3 on rack-b, `lan` across them):
+//! its checks, its faults and a snapshot saved and restored through libvirt,
+//! `halt` and `up` again; then an `up` killed with SIGKILL. The daemons have
+//! Debian's stock qemu.conf (qemu as `libvirt-qemu`, DAC on) and testbed
+//! runs installed, as an ordinary user in the group `libvirt`. After each
+//! `destroy`, every daemon's domains, networks and volumes are as before,
+//! but for the images' volumes, kept for the next `up`.
 
 mod common;
 
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-use common::libvirtd::PrivateLibvirtd;
-use common::{processes_mentioning, repo, scenarios, Bed};
+use common::libvirtd::{PrivateLibvirtd, Runner};
+use common::{ordinary_user, processes_mentioning, repo, scenarios, Bed};
 
-#[test]
-fn libvirt_runs_the_lifecycle_the_ensemble_and_survives_a_killed_up() {
-    // No skipping: `make deps` installs libvirt and CI runs as root, so a
-    // libvirtd that cannot start is a failure to see, not to pass over.
-    let libvirtd = PrivateLibvirtd::start("lv").unwrap_or_else(|why| {
-        panic!(
-            "libvirtd cannot start here: {why}\n(install libvirt-daemon-system and \
-             dnsmasq-base — `make deps` does —, and run as root)"
-        )
-    });
-    let before = libvirtd.inventory();
-
-    let pair = Bed::with_libvirtd(&scenarios::pair("libvirt"), &libvirtd);
-    scenarios::two_machines_live_halt_resume_and_leave_nothing_behind(&pair);
-    assert_eq!(libvirtd.inventory(), before, "destroy restores libvirt");
-
-    ensemble_checks_pass(&libvirtd);
-    assert_eq!(libvirtd.inventory(), before, "destroy restores libvirt");
-
-    killed_up_is_seen_and_destroyed(&libvirtd);
-    assert_eq!(libvirtd.inventory(), before, "destroy restores libvirt");
+/// The two libvirt hosts of the ensemble, by the names its topology gives.
+struct Racks {
+    a: PrivateLibvirtd,
+    b: PrivateLibvirtd,
+    /// The URIs testbed reaches them by, from the runner.
+    uris: [String; 2],
 }
 
-/// zk-ensemble with every machine moved to libvirt by `--provider`: the
-/// domains show up in virsh, and all six checks pass.
-fn ensemble_checks_pass(libvirtd: &PrivateLibvirtd) {
-    let text = std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml"))
-        .expect("zk-ensemble.toml");
-    let bed = Bed::with_libvirtd(&text, libvirtd);
-    let up = bed.ok(&["up", "--provider", "libvirt", "topology.toml"]);
+impl Racks {
+    /// The daemon that runs `machine`: zk-3 is on rack-b.
+    fn of(&self, machine: &str) -> &PrivateLibvirtd {
+        if machine == "zk-3" {
+            &self.b
+        } else {
+            &self.a
+        }
+    }
+
+    fn inventories(&self) -> [(String, String, Vec<String>); 2] {
+        [self.a.inventory(), self.b.inventory()]
+    }
+}
+
+#[test]
+fn libvirt_runs_the_lifecycle_the_ensemble_over_two_hosts_and_survives_a_killed_up() {
+    // No skipping: `make deps` installs libvirt and CI runs as root, so a
+    // libvirtd that cannot start is a failure to see, not to pass over.
+    let cannot = |why: String| -> ! {
+        panic!(
+            "libvirtd cannot start here: {why}\n(install libvirt-daemon-system, \
+             dnsmasq-base and openssh-server — `make deps` does —, and run as root)"
+        )
+    };
+    let runner = Runner::start("lvr", ordinary_user().as_ref());
+    let (a, uri_a) =
+        PrivateLibvirtd::start_host("lva", "10.77.0.2", &runner).unwrap_or_else(|e| cannot(e));
+    let (b, uri_b) =
+        PrivateLibvirtd::start_host("lvb", "10.77.0.3", &runner).unwrap_or_else(|e| cannot(e));
+    let racks = Racks {
+        a,
+        b,
+        uris: [uri_a, uri_b],
+    };
+    let before = racks.inventories();
+
+    let pair = Bed::with_libvirtd(&scenarios::pair("libvirt"), &racks.a);
+    scenarios::two_machines_live_halt_resume_and_leave_nothing_behind(&pair);
+    assert_eq!(racks.inventories(), before, "destroy restores libvirt");
+
+    ensemble_over_two_hosts(&runner, &racks);
+    assert_eq!(racks.inventories(), before, "destroy restores both hosts");
+
+    killed_up_is_seen_and_destroyed(&racks.a);
+    assert_eq!(racks.inventories(), before, "destroy restores libvirt");
+}
+
+/// zk-ensemble on libvirt, zk-1 and zk-2 on rack-a and zk-3 on rack-b:
+/// every check green (the quorum crosses the hosts), each machine a domain
+/// of its host's libvirtd, `testbed ssh` through the host, faults and
+/// snapshots through libvirt, `halt` and `up` with the disks intact.
+fn ensemble_over_two_hosts(runner: &Runner, racks: &Racks) {
+    let bed = Bed::on_hosts(&two_host_ensemble(&racks.uris), runner);
+    let up = bed.ok(&["up", "topology.toml"]);
     assert!(up.contains("PASS") && !up.contains("FAIL"), "{up}");
-    let domains = libvirtd.virsh(&["list", "--name"]);
     for machine in ["zk-1", "zk-2", "zk-3"] {
+        let domains = racks.of(machine).virsh(&["list", "--name"]);
         assert!(
             domains.lines().any(|d| d.ends_with(&format!("-{machine}"))),
-            "{machine} runs as a libvirt domain: {domains}"
+            "{machine} runs as a domain of its host: {domains}"
         );
     }
-    everything_goes_through_libvirt(&bed, libvirtd);
+    let status = bed.ok(&["status"]);
+    assert!(
+        status.contains("(libvirt on rack-b) ssh 127.0.0.1:")
+            && status.contains("via root@10.77.0.3"),
+        "{status}"
+    );
+    assert_eq!(bed.ok(&["ssh", "zk-3", "--", "hostname"]).trim(), "zk-3");
+    everything_goes_through_libvirt(&bed, racks);
     let verify: serde_json::Value =
         serde_json::from_str(&bed.ok(&["verify", "--json"])).expect("verify --json");
     let checks = verify["checks"].as_array().expect("checks");
     assert_eq!(checks.len(), 6, "{verify}");
     assert!(checks.iter().all(|c| c["passed"] == true), "{verify}");
-    faults_go_through_libvirt_or_are_refused(&bed, libvirtd);
-    a_snapshot_is_libvirts_own_and_brings_the_cluster_back(&bed, libvirtd);
+    faults_go_through_libvirt_or_are_refused(&bed, racks);
+    a_snapshot_is_libvirts_own_and_brings_the_cluster_back(&bed, racks);
+
+    bed.ok(&["ssh", "zk-3", "--", "echo kept > /root/marker && sync"]);
+    bed.ok(&["halt"]);
+    for rack in [&racks.a, &racks.b] {
+        assert!(
+            rack.virsh(&["list", "--name"]).is_empty(),
+            "halt stops every domain"
+        );
+    }
+    let again = bed.ok(&["up"]);
+    assert!(!again.contains("FAIL"), "{again}");
+    let marker = bed.ok(&["ssh", "zk-3", "--", "cat /root/marker"]);
+    assert_eq!(marker.trim(), "kept", "zk-3's disk outlives halt");
     bed.ok(&["destroy", "-f"]);
+    let dir = bed.path().to_string_lossy().into_owned();
+    assert!(processes_mentioning(&dir).is_empty(), "processes left");
+}
+
+/// zk-ensemble as a user spreads it: `[hosts]` for the two racks, every
+/// machine on libvirt and on rack-a but zk-3, on rack-b.
+fn two_host_ensemble(uris: &[String; 2]) -> String {
+    let text = std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml"))
+        .expect("zk-ensemble.toml");
+    let hosts = format!(
+        "[hosts.rack-a]\nuri = \"{}\"\n[hosts.rack-b]\nuri = \"{}\"\n\n[networks.lan]",
+        uris[0], uris[1]
+    );
+    let spread = text
+        .replacen(
+            "[defaults]\n",
+            "[defaults]\nprovider = \"libvirt\"\nhost = \"rack-a\"\n",
+            1,
+        )
+        .replacen(
+            "[machines.zk-3]\n",
+            "[machines.zk-3]\nhost = \"rack-b\"\n",
+            1,
+        )
+        .replacen("[networks.lan]", &hosts, 1);
+    assert!(spread.contains("host = \"rack-b\""), "{spread}");
+    spread
 }
 
 /// Under Debian's stock qemu.conf: each domain's qemu runs as
@@ -67,15 +154,19 @@ fn ensemble_checks_pass(libvirtd: &PrivateLibvirtd) {
 /// is in the pool's folder, none of it in the user's home; the image was
 /// uploaded once for the three machines; the console log comes back
 /// through libvirt.
-fn everything_goes_through_libvirt(bed: &Bed, libvirtd: &PrivateLibvirtd) {
+fn everything_goes_through_libvirt(bed: &Bed, racks: &Racks) {
     let qemu_uid = nix::unistd::User::from_name("libvirt-qemu")
         .expect("getpwnam")
         .expect("Debian's libvirt-daemon-system makes the user libvirt-qemu")
         .uid;
     let home = bed.path().to_string_lossy().into_owned();
     for machine in ["zk-1", "zk-2", "zk-3"] {
+        let libvirtd = racks.of(machine);
         let domain = domain_of(libvirtd, machine);
         let xml = libvirtd.virsh(&["dumpxml", &domain]);
+        // `lan` spans both hosts: every machine's NIC on it is in its
+        // multicast group, on whichever host.
+        assert!(xml.contains("<interface type='mcast'>"), "{machine}: {xml}");
         for read in ["<kernel>", "<initrd>", "<source file=", "<source path="] {
             for at in xml.match_indices(read).map(|(at, _)| at) {
                 let rest = &xml[at + read.len()..];
@@ -101,16 +192,18 @@ fn everything_goes_through_libvirt(bed: &Bed, libvirtd: &PrivateLibvirtd) {
     }
     // Each image whole: its disk, kernel and initrd, and the mark that its
     // upload finished.
-    let volumes = libvirtd.volumes();
-    let images: Vec<&str> = volumes
-        .iter()
-        .filter_map(|volume| volume.strip_suffix("-complete"))
-        .collect();
-    assert!(!images.is_empty(), "no image in the pool: {volumes:?}");
-    for image in images {
-        for part in [".qcow2", "-vmlinuz", "-initrd.img"] {
-            let volume = format!("{image}{part}");
-            assert!(volumes.contains(&volume), "{volume} missing: {volumes:?}");
+    for libvirtd in [&racks.a, &racks.b] {
+        let volumes = libvirtd.volumes();
+        let images: Vec<&str> = volumes
+            .iter()
+            .filter_map(|volume| volume.strip_suffix("-complete"))
+            .collect();
+        assert!(!images.is_empty(), "no image in the pool: {volumes:?}");
+        for image in images {
+            for part in [".qcow2", "-vmlinuz", "-initrd.img"] {
+                let volume = format!("{image}{part}");
+                assert!(volumes.contains(&volume), "{volume} missing: {volumes:?}");
+            }
         }
     }
 }
@@ -136,7 +229,7 @@ fn qemu_uids(domain: &str) -> Vec<u32> {
 /// (memory and disk, in its volume); with a znode deleted and zk-3's
 /// ZooKeeper stopped, `snapshot restore` brings back both, every check
 /// green; `snapshot rm` leaves libvirt no snapshot.
-fn a_snapshot_is_libvirts_own_and_brings_the_cluster_back(bed: &Bed, libvirtd: &PrivateLibvirtd) {
+fn a_snapshot_is_libvirts_own_and_brings_the_cluster_back(bed: &Bed, racks: &Racks) {
     bed.ok(&[
         "ssh",
         "zk-1",
@@ -144,8 +237,10 @@ fn a_snapshot_is_libvirts_own_and_brings_the_cluster_back(bed: &Bed, libvirtd: &
         "zk-probe put zk-1:2181 /kept before-s1",
     ]);
     bed.ok(&["snapshot", "save", "s1"]);
-    let snapshots_of =
-        |machine: &str| libvirtd.virsh(&["snapshot-list", "--name", &domain_of(libvirtd, machine)]);
+    let snapshots_of = |machine: &str| {
+        let libvirtd = racks.of(machine);
+        libvirtd.virsh(&["snapshot-list", "--name", &domain_of(libvirtd, machine)])
+    };
     for machine in ["zk-1", "zk-2", "zk-3"] {
         let listed = snapshots_of(machine);
         assert_eq!(listed.lines().count(), 1, "{machine}: {listed}");
@@ -180,7 +275,7 @@ fn domain_of(libvirtd: &PrivateLibvirtd, machine: &str) -> String {
 /// On libvirt a link goes down and a VM pauses through libvirt's API; the
 /// zk-ensemble steps that partition or delay are refused, saying why, and
 /// leave no fault in force.
-fn faults_go_through_libvirt_or_are_refused(bed: &Bed, libvirtd: &PrivateLibvirtd) {
+fn faults_go_through_libvirt_or_are_refused(bed: &Bed, racks: &Racks) {
     for (step, cannot) in [
         (
             "isolate-zk-1",
@@ -198,6 +293,7 @@ fn faults_go_through_libvirt_or_are_refused(bed: &Bed, libvirtd: &PrivateLibvirt
     }
     assert!(!bed.ok(&["status"]).contains("faults in force"));
 
+    let libvirtd = racks.of("zk-3");
     let zk_3 = domain_of(libvirtd, "zk-3");
     let mac = testbed::identity::mac_address("zk-3", "lan");
     bed.ok(&["fault", "link", "zk-3", "--down"]);
@@ -216,6 +312,7 @@ fn faults_go_through_libvirt_or_are_refused(bed: &Bed, libvirtd: &PrivateLibvirt
     let link = libvirtd.virsh(&["domif-getlink", &zk_3, &mac]);
     assert!(link.contains("up"), "{link}");
 
+    let libvirtd = racks.of("zk-2");
     let zk_2 = domain_of(libvirtd, "zk-2");
     bed.ok(&["fault", "pause", "zk-2"]);
     assert!(libvirtd.virsh(&["domstate", &zk_2]).contains("paused"));

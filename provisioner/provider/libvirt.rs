@@ -115,9 +115,13 @@ impl Libvirt {
 /// is an SSH login (about half a second here), and `up` polls every
 /// machine's state.
 pub fn connect(uri: &str) -> Result<Connect, ProviderError> {
-    static OPEN: std::sync::Mutex<BTreeMap<String, Connect>> = std::sync::Mutex::new(BTreeMap::new());
+    static OPEN: std::sync::Mutex<BTreeMap<String, Connect>> =
+        std::sync::Mutex::new(BTreeMap::new());
     let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(conn) = open.get(uri).filter(|conn| conn.is_alive().unwrap_or(false)) {
+    if let Some(conn) = open
+        .get(uri)
+        .filter(|conn| conn.is_alive().unwrap_or(false))
+    {
         return Ok(conn.clone());
     }
     // Errors come back as values; libvirt must not also print them.
@@ -957,6 +961,9 @@ impl Provider for Libvirt {
                     .map_err(|e| libvirt_error(format!("removing volume {name}"), e))?;
             }
         }
+        if let Some(jump) = jump_to(&made.uri, &self.cache_root) {
+            jump.release();
+        }
         remove_dir(dir)
     }
 
@@ -1157,13 +1164,20 @@ mod tests {
             )),
             "{xml}"
         );
-        assert!(group.is_multicast() && (192..196).contains(&group.octets()[1]), "{group}");
+        assert!(
+            group.is_multicast() && (192..196).contains(&group.octets()[1]),
+            "{group}"
+        );
         assert!(!xml.contains("<source network="), "{xml}");
         let other = NetworkSpec {
             dir: PathBuf::from("/home/u/other/.testbed/networks/lan"),
             ..vm.nics[0].network.clone()
         };
-        assert_ne!(multicast_group(&other), (group, port), "one group per testbed");
+        assert_ne!(
+            multicast_group(&other),
+            (group, port),
+            "one group per testbed"
+        );
     }
 
     #[test]

@@ -74,6 +74,21 @@ impl Jump {
         args
     }
 
+    /// Lets the shared connection to the host end with its last tunnel
+    /// (`ssh -O stop`: no new ones, the open ones undisturbed), rather
+    /// than outlive it by [`CONTROL_PERSIST`]. Best effort: there may be
+    /// none.
+    pub fn release(&self) {
+        let _ = std::process::Command::new("ssh")
+            .args(self.ssh_args())
+            .args(["-O", "stop"])
+            .arg(&self.destination)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
     /// The whole `ssh` command line that tunnels to `to` on the jump host,
     /// `to` being ssh_config's `%h:%p` or an address.
     pub fn tunnel_args(&self, to: &str) -> Vec<OsString> {

@@ -14,9 +14,10 @@ pub fn repo() -> PathBuf {
 
 pub struct Bed {
     dir: tempfile::TempDir,
-    /// Run testbed inside this libvirtd's network namespace, with its URI
-    /// (an installed testbed only).
-    libvirtd: Option<(String, String)>,
+    /// Run testbed inside this network namespace (a libvirtd's, or the
+    /// runner's of libvirt hosts), with this libvirt URI if any (an
+    /// installed testbed only).
+    netns: Option<(String, Option<String>)>,
     /// Run testbed as a user runs it after installing it (see
     /// [`Bed::installed`]); `None`: from the checkout.
     installed: Option<Installed>,
@@ -60,7 +61,7 @@ impl Bed {
         std::fs::write(dir.path().join("topology.toml"), topology).expect("write topology");
         Bed {
             dir,
-            libvirtd: None,
+            netns: None,
             installed: None,
             green_cache: false,
         }
@@ -88,7 +89,7 @@ impl Bed {
         }
         Bed {
             dir,
-            libvirtd: None,
+            netns: None,
             installed: Some(Installed { binary, user }),
             green_cache: true,
         }
@@ -100,12 +101,27 @@ impl Bed {
     /// in. The images are built first, outside: the namespace has no route
     /// to the package mirror.
     pub fn with_libvirtd(topology: &str, libvirtd: &libvirtd::PrivateLibvirtd) -> Bed {
+        Bed::in_netns(topology, &libvirtd.netns, Some(&libvirtd.uri))
+    }
+
+    /// [`Bed::with_libvirtd`] for a topology whose `[hosts]` are libvirt
+    /// hosts on `runner`'s bridge: testbed runs in the runner's namespace.
+    pub fn on_hosts(topology: &str, runner: &libvirtd::Runner) -> Bed {
+        Bed::in_netns(topology, &runner.netns, None)
+    }
+
+    fn in_netns(topology: &str, netns: &str, uri: Option<&str>) -> Bed {
         let mut bed = Bed::installed();
         bed.green_cache = false;
         bed.write("topology.toml", topology);
         bed.ok(&["image", "build"]);
-        bed.libvirtd = Some((libvirtd.netns.clone(), libvirtd.uri.clone()));
+        bed.netns = Some((netns.to_owned(), uri.map(str::to_owned)));
         bed
+    }
+
+    /// The user testbed runs as, when the tests run as root.
+    pub fn user(&self) -> Option<&nix::unistd::User> {
+        self.installed.as_ref().and_then(|i| i.user.as_ref())
     }
 
     /// Writes `text` into the project folder's file `name`, owned by the
@@ -113,7 +129,7 @@ impl Bed {
     pub fn write(&self, name: &str, text: &str) {
         let path = self.path().join(name);
         std::fs::write(&path, text).expect("write into the project");
-        if let Some(user) = self.installed.as_ref().and_then(|i| i.user.as_ref()) {
+        if let Some(user) = self.user() {
             nix::unistd::chown(&path, Some(user.uid), Some(user.gid)).expect("chown");
         }
     }
@@ -141,7 +157,7 @@ impl Bed {
     /// The command `testbed ARGS` in this bed (not started).
     pub fn command(&self, args: &[&str]) -> std::process::Command {
         if let Some(installed) = &self.installed {
-            let mut command = installed.command(&self.path(), self.libvirtd.as_ref(), args);
+            let mut command = installed.command(&self.path(), self.netns.as_ref(), args);
             if !self.green_cache {
                 command.env("TESTBED_GREEN_CACHE_MAX", "0");
             }
@@ -190,15 +206,15 @@ impl Bed {
 }
 
 impl Installed {
-    /// `libvirtd`: (network namespace, URI) of the libvirtd to run against.
+    /// `netns`: the network namespace to run in, and the libvirt URI if any.
     fn command(
         &self,
         dir: &Path,
-        libvirtd: Option<&(String, String)>,
+        netns: Option<&(String, Option<String>)>,
         args: &[&str],
     ) -> std::process::Command {
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
-        if let Some((netns, _)) = libvirtd {
+        if let Some((netns, _)) = netns {
             argv.extend(["ip", "netns", "exec", netns].map(Into::into));
         }
         if let Some(user) = &self.user {
@@ -211,7 +227,7 @@ impl Installed {
             Some(user) => command.env("HOME", &user.dir).env("USER", &user.name),
             None => command.env("HOME", std::env::var_os("HOME").unwrap_or_default()),
         };
-        if let Some((_, uri)) = libvirtd {
+        if let Some((_, Some(uri))) = netns {
             command.env("TESTBED_LIBVIRT_URI", uri);
         }
         command
