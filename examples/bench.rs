@@ -15,6 +15,11 @@
 //!   provider, interleaved round by round, then `snapshot save` and
 //!   `restore` of each.
 //!
+//! - libvirt hosts (`BENCH=hosts`, root, not part of the default run: about
+//!   15 minutes): topologies/zk-ensemble.toml from `up` to green spread over
+//!   two libvirt hosts (namespaces with a libvirtd and an sshd each) beside
+//!   the same on one, the first time and again.
+//!
 //! - the cost of testbed's own work: `plan`, converged `up` and `status` on
 //!   the zk-ensemble, and `plan` of a generated 200-machine topology whose
 //!   every machine runs a kit (`BENCH=plan` runs only this).
@@ -86,7 +91,9 @@ fn topology(name: &str, machines: usize) -> String {
 struct Bed {
     dir: PathBuf,
     /// Run inside this network namespace, against this libvirt URI.
-    libvirt: Option<(String, String)>,
+    /// The network namespace testbed runs in, and the libvirt URI if any
+    /// (libvirt hosts are named by the topology).
+    libvirt: Option<(String, Option<String>)>,
     /// The image cache, when not the invoking user's own.
     cache: Option<PathBuf>,
     /// Whether `up` uses the green cache (only `BENCH=green` measures it;
@@ -117,7 +124,9 @@ impl Bed {
             Some((netns, uri)) => {
                 let mut command = Command::new("ip");
                 command.args(["netns", "exec", netns]).arg(testbed_binary());
-                command.env("TESTBED_LIBVIRT_URI", uri);
+                if let Some(uri) = uri {
+                    command.env("TESTBED_LIBVIRT_URI", uri);
+                }
                 command
             }
             None => Command::new(testbed_binary()),
@@ -743,16 +752,27 @@ struct Libvirtd {
 
 impl Libvirtd {
     fn start() -> Result<Libvirtd, String> {
-        let netns = format!("tb-bench-{}", std::process::id());
+        Libvirtd::start_with("bench", &[], None)
+    }
+
+    /// `host`: [IP, runner namespace] for a libvirt host on the runner's
+    /// bridge, its sshd letting in `authorized_keys`.
+    fn start_with(
+        name: &str,
+        host: &[&str],
+        authorized_keys: Option<&Path>,
+    ) -> Result<Libvirtd, String> {
+        let netns = format!("tb-{name}-{}", std::process::id());
         let dir = tempfile::Builder::new()
             .prefix("tb-")
             .tempdir_in("/tmp")
             .map_err(|e| e.to_string())?;
-        let output = Command::new(repo().join("tests/support/libvirtd-netns.sh"))
-            .args(["start", &netns])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| e.to_string())?;
+        let mut start = Command::new(repo().join("tests/support/libvirtd-netns.sh"));
+        start.args(["start", &netns]).arg(dir.path()).args(host);
+        if let Some(keys) = authorized_keys {
+            start.env("AUTHORIZED_KEYS", keys);
+        }
+        let output = start.output().map_err(|e| e.to_string())?;
         let daemon = Libvirtd {
             netns,
             dir,
@@ -772,6 +792,125 @@ impl Drop for Libvirtd {
             .args(["stop", &self.netns])
             .arg(self.dir.path())
             .status();
+    }
+}
+
+/// Two libvirt hosts on the bridge of a runner namespace, as the libvirt
+/// test makes them: testbed reaches each with `qemu+libssh://root@IP`.
+struct Hosts {
+    runner: String,
+    keys: tempfile::TempDir,
+    daemons: Vec<Libvirtd>,
+}
+
+impl Hosts {
+    fn start() -> Result<Hosts, String> {
+        let script = repo().join("tests/support/libvirtd-netns.sh");
+        let runner = format!("tb-bench-run-{}", std::process::id());
+        let ok = Command::new(&script).args(["runner", &runner]).status();
+        if !ok.is_ok_and(|status| status.success()) {
+            return Err(format!("libvirtd-netns.sh runner {runner} failed"));
+        }
+        let keys = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let key = keys.path().join("id");
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .map_err(|e| e.to_string())?;
+        let mut hosts = Hosts {
+            runner,
+            keys,
+            daemons: Vec::new(),
+        };
+        let mut known = String::new();
+        for (name, ip) in [("bench-a", "10.77.0.2"), ("bench-b", "10.77.0.3")] {
+            let pubkey = key.with_extension("pub");
+            let daemon = Libvirtd::start_with(name, &[ip, &hosts.runner], Some(&pubkey))?;
+            let host_key = std::fs::read_to_string(daemon.dir.path().join("ssh/host_key.pub"))
+                .map_err(|e| e.to_string())?;
+            let fields: Vec<&str> = host_key.split_whitespace().take(2).collect();
+            known.push_str(&format!("{ip} {}\n", fields.join(" ")));
+            hosts.daemons.push(daemon);
+        }
+        std::fs::write(hosts.keys.path().join("known_hosts"), known).map_err(|e| e.to_string())?;
+        Ok(hosts)
+    }
+
+    fn uri(&self, ip: &str) -> String {
+        format!(
+            "qemu+libssh://root@{ip}/system?keyfile={}&known_hosts={}",
+            self.keys.path().join("id").display(),
+            self.keys.path().join("known_hosts").display()
+        )
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        self.daemons.clear();
+        let _ = Command::new(repo().join("tests/support/libvirtd-netns.sh"))
+            .args(["stop-runner", &self.runner])
+            .status();
+    }
+}
+
+/// `BENCH=hosts`: topologies/zk-ensemble.toml from `up` to green on one
+/// libvirt host (a private libvirtd, `up --provider libvirt`) beside the
+/// same spread over two (zk-3 on the second, `lan` across them), each the
+/// first time (the image uploaded to the hosts' pools) and again after
+/// `destroy` (the images there already).
+fn two_hosts_beside_one(root: &Path) {
+    let hosts = match Hosts::start() {
+        Ok(hosts) => hosts,
+        Err(why) => {
+            eprintln!("hosts: skipped, no private libvirtds here: {why}");
+            return;
+        }
+    };
+    let text = std::fs::read_to_string(repo().join("topologies/zk-ensemble.toml"))
+        .expect("zk-ensemble.toml");
+    let mut one = Bed::with_text(root, "bench-one-host", &text);
+    let local = &hosts.daemons[0];
+    one.libvirt = Some((local.netns.clone(), Some(local.uri.clone())));
+    let spread = text
+        .replacen(
+            "[defaults]\n",
+            "[defaults]\nprovider = \"libvirt\"\nhost = \"a\"\n",
+            1,
+        )
+        .replacen("[machines.zk-3]\n", "[machines.zk-3]\nhost = \"b\"\n", 1)
+        .replacen(
+            "[networks.lan]",
+            &format!(
+                "[hosts.a]\nuri = \"{}\"\n[hosts.b]\nuri = \"{}\"\n[networks.lan]",
+                hosts.uri("10.77.0.2"),
+                hosts.uri("10.77.0.3")
+            ),
+            1,
+        );
+    let mut two = Bed::with_text(root, "bench-two-hosts", &spread);
+    two.libvirt = Some((hosts.runner.clone(), None));
+    let mut rows = Vec::new();
+    for pass in [
+        "first, uploading the image",
+        "again, the image on the hosts",
+    ] {
+        eprintln!("hosts: zk-ensemble on one libvirt host, {pass}");
+        let on_one = one.run(&["up", "--provider", "libvirt", "topology.toml"]);
+        one.run(&["destroy", "-f"]);
+        eprintln!("hosts: zk-ensemble over two libvirt hosts, {pass}");
+        let on_two = two.run(&["up", "topology.toml"]);
+        two.run(&["destroy", "-f"]);
+        rows.push((pass, on_two, on_one));
+    }
+    println!("\ntestbed benchmark: libvirt hosts (TCG, warm image cache, one run each)\n");
+    for (pass, on_two, on_one) in rows {
+        row(
+            &format!("zk-ens over two hosts: up to green, {pass}"),
+            on_two,
+            Some(("one libvirt host", on_one)),
+        );
     }
 }
 
@@ -798,7 +937,7 @@ fn libvirt_beside_qemu(root: &Path, rounds: usize) -> Option<LibvirtFigures> {
         "[defaults]\nprovider = \"libvirt\"\n[networks.lan]",
     );
     let mut on_libvirt = Bed::with_text(root, "bench-lv", &text);
-    on_libvirt.libvirt = Some((libvirtd.netns.clone(), libvirtd.uri.clone()));
+    on_libvirt.libvirt = Some((libvirtd.netns.clone(), Some(libvirtd.uri.clone())));
     let on_qemu = Bed::new(root, "bench-qemu3", 3);
     eprintln!("libvirt: warming (capabilities probe, pool)");
     on_libvirt.run(&["up", "topology.toml"]);
@@ -871,6 +1010,10 @@ fn main() {
         }
         Ok("slurm") => {
             slurm_breakdown(root.path());
+            return;
+        }
+        Ok("hosts") => {
+            two_hosts_beside_one(root.path());
             return;
         }
         Ok("load") => {

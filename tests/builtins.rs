@@ -241,3 +241,30 @@ fn a_partition_names_what_is_wrong_with_its_groups() {
         "no network of this testbed is up to partition",
     );
 }
+
+#[test]
+fn doctor_f_checks_each_host_of_the_topology_and_fails_when_one_cannot_be_reached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing listens on loopback port 1: libvirt and ssh are refused at once.
+    let topology = "name = \"racks\"\n[defaults]\nprovider = \"libvirt\"\nhost = \"rack-a\"\n\
+                    [hosts.rack-a]\nuri = \"qemu+ssh://root@127.0.0.1:1/system\"\n\
+                    [machines.alpha]\n";
+    std::fs::write(dir.path().join("topology.toml"), topology).expect("topology");
+    let out = testbed(dir.path(), &["doctor", "-f", "topology.toml"])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    for line in ["missing host rack-a", "missing ssh to rack-a"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("missing") && l.contains(&line[8..])),
+            "{line} in:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("fix: start libvirtd there, or correct [hosts.rack-a] uri"),
+        "{stdout}"
+    );
+}

@@ -98,6 +98,20 @@ fn ensemble_over_two_hosts(runner: &Runner, racks: &Racks) {
         "{status}"
     );
     assert_eq!(bed.ok(&["ssh", "zk-3", "--", "hostname"]).trim(), "zk-3");
+    let doctor = bed.ok(&["doctor", "-f", "topology.toml"]);
+    for line in [
+        "host rack-a",
+        "ssh to rack-a",
+        "host rack-b",
+        "ssh to rack-b",
+    ] {
+        assert!(
+            doctor
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(line)),
+            "doctor -f checks {line}:\n{doctor}"
+        );
+    }
     everything_goes_through_libvirt(&bed, racks);
     let verify: serde_json::Value =
         serde_json::from_str(&bed.ok(&["verify", "--json"])).expect("verify --json");

@@ -6,17 +6,37 @@ use crate::settings::Settings;
 
 /// Check what this host can run, and say what to install when something is missing
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  testbed doctor")]
-pub struct Args {}
+#[command(after_help = "Examples:\n  testbed doctor\n  \
+                        testbed doctor -f cluster.toml   # also the topology's libvirt and each of its [hosts]")]
+pub struct Args {
+    /// Also check what this topology needs: its `[libvirt] uri`, and each
+    /// of its `[hosts]` (libvirtd answers, testbed's SSH login works)
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<std::path::PathBuf>,
+}
 
-pub fn run(_args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let settings = provider::Settings::new(None, settings);
-    // qemu first, the embedded default: without its required lines nothing runs.
+pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let topology = match &args.file {
+        Some(file) => Some(crate::topology::load(file, &settings.search)?),
+        None => None,
+    };
+    let libvirt_uri = topology.as_ref().and_then(|t| t.libvirt_uri.as_deref());
+    let mut settings = provider::Settings::new(libvirt_uri, settings);
+    if let Some(topology) = &topology {
+        settings = settings.with_hosts(&topology.hosts);
+    }
+    // qemu first, the embedded default: without its required lines nothing
+    // runs; then a topology's hosts, which its machines cannot run without.
     let qemu = provider::doctor(ProviderKind::Qemu, &settings);
-    let essentials = qemu.iter().all(|line| line.ok || !line.required);
+    let hosts = provider::doctor_hosts(&settings);
+    let essentials = qemu
+        .iter()
+        .chain(&hosts)
+        .all(|line| line.ok || !line.required);
     let mut lines = qemu;
     lines.extend(host_lines());
     lines.extend(provider::doctor(ProviderKind::Libvirt, &settings));
+    lines.extend(hosts);
     // No provider exists for VirtualBox yet, so it cannot report itself.
     lines.push(DoctorLine::version(
         "VirtualBox",

@@ -976,9 +976,13 @@ impl Provider for Libvirt {
         dir.join(MADE).exists()
     }
 
-    /// The probe runs here, on the host testbed runs on: right for a local
-    /// libvirtd, a guess for a remote URI.
+    /// For a local libvirtd, the probe runs here (it boots a kernel under
+    /// KVM: libvirt's own word is not enough on hosts without udev). A
+    /// remote host is asked through libvirt whether it offers KVM domains.
     fn accelerator(&self, kernel: &Path) -> Accelerator {
+        if LibvirtUri::parse(&self.uri).is_ok_and(|uri| uri.is_remote()) {
+            return remote_accelerator(&self.uri);
+        }
         kvm::accelerator(kernel, &self.cache_root)
     }
 
@@ -1030,6 +1034,68 @@ fn jump_to(uri: &str, cache_root: &Path) -> Option<Jump> {
         known_hosts: param("known_hosts"),
         control: control_dir.join("%C"),
     })
+}
+
+/// `doctor -f` on a topology with `[hosts]`: whether the host `name`'s
+/// libvirtd answers at `uri`, and whether the SSH login testbed's tunnels
+/// to its guests use works. A topology's machines need both.
+pub fn host_doctor(name: &str, uri: &str, cache_root: &Path) -> Vec<DoctorLine> {
+    let (ok, detail) = reachable(uri);
+    let mut lines = vec![DoctorLine {
+        name: format!("host {name}"),
+        ok,
+        detail,
+        fix: format!(
+            "start libvirtd there, or correct [hosts.{name}] uri (try `virsh -c URI list`)"
+        ),
+        required: true,
+    }];
+    if let Some(jump) = jump_to(uri, cache_root) {
+        let (ok, detail) = match jump.check() {
+            Ok(()) => (
+                true,
+                format!("ssh {} logs in without a prompt", jump.destination),
+            ),
+            Err(why) => (false, why),
+        };
+        lines.push(DoctorLine {
+            name: format!("ssh to {name}"),
+            ok,
+            detail,
+            fix: "the host's key must be known (ssh-keyscan it into known_hosts or the URI's \
+                  known_hosts=) and the URI's login must work without a password"
+                .into(),
+            required: true,
+        });
+    }
+    lines
+}
+
+/// What a remote libvirt host offers: KVM when its libvirt describes
+/// x86_64 domains of type `kvm`, else TCG (asked once per URI per process).
+fn remote_accelerator(uri: &str) -> Accelerator {
+    static KNOWN: std::sync::Mutex<BTreeMap<String, bool>> = std::sync::Mutex::new(BTreeMap::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    let fresh = !known.contains_key(uri);
+    let kvm = *known.entry(uri.to_owned()).or_insert_with(|| {
+        connect(uri).is_ok_and(|conn| {
+            conn.domain_capabilities(None, Some("x86_64"), None, Some("kvm"), 0)
+                .is_ok()
+        })
+    });
+    Accelerator {
+        name: if kvm {
+            "KVM"
+        } else {
+            "TCG (software emulation)"
+        },
+        kvm,
+        reason: format!(
+            "libvirt at {uri} {} KVM domains",
+            if kvm { "offers" } else { "does not offer" }
+        ),
+        fresh,
+    }
 }
 
 /// Whether libvirtd answers at `uri`: its version, or why not (one line).

@@ -379,6 +379,31 @@ pub fn doctor(kind: ProviderKind, settings: &Settings) -> Vec<DoctorLine> {
     }
 }
 
+/// `doctor -f` lines for each of a topology's `[hosts]` (in `settings`).
+pub fn doctor_hosts(settings: &Settings) -> Vec<DoctorLine> {
+    settings
+        .hosts
+        .iter()
+        .flat_map(|(name, uri)| host_doctor(name, uri, settings))
+        .collect()
+}
+
+#[cfg(feature = "libvirt")]
+fn host_doctor(name: &str, uri: &str, settings: &Settings) -> Vec<DoctorLine> {
+    libvirt::host_doctor(name, uri, &settings.cache_root)
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn host_doctor(name: &str, _uri: &str, _settings: &Settings) -> Vec<DoctorLine> {
+    vec![DoctorLine {
+        name: format!("host {name}"),
+        ok: false,
+        detail: "this build has no libvirt provider (cargo feature `libvirt`)".into(),
+        fix: "build testbed with the cargo feature `libvirt`".into(),
+        required: true,
+    }]
+}
+
 /// Where the providers find what they need of the host: the daemon they
 /// talk to, the cache for their verdicts and volumes.
 #[derive(Debug, Clone)]

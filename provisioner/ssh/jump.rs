@@ -74,6 +74,28 @@ impl Jump {
         args
     }
 
+    /// Whether testbed can log in to the host without a prompt (what its
+    /// tunnels need): Ok, or ssh's own words.
+    pub fn check(&self) -> Result<(), String> {
+        let output = std::process::Command::new("ssh")
+            .args(self.ssh_args())
+            .arg(&self.destination)
+            .arg("true")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run ssh: {e}"))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let said = String::from_utf8_lossy(&output.stderr);
+        let line = said.lines().map(str::trim).find(|l| !l.is_empty());
+        Err(format!(
+            "ssh {}: {}",
+            self.destination,
+            line.unwrap_or("failed")
+        ))
+    }
+
     /// Lets the shared connection to the host end with its last tunnel
     /// (`ssh -O stop`: no new ones, the open ones undisturbed), rather
     /// than outlive it by [`CONTROL_PERSIST`]. Best effort: there may be
