@@ -10,12 +10,14 @@
 //! machine: a qcow2 volume backed by the image's disk (copy-on-write), the
 //! seed uploaded at each start, and the serial console's log, which testbed
 //! downloads when it shows it ([`Provider::fetch_console`]). The domain is
-//! of type `kvm` only when the KVM probe passed, else `qemu`; it boots our
-//! kernel directly and has a user-mode management NIC whose SSH port is
-//! forwarded on 127.0.0.1 (qemu arguments passed through: libvirt 9.0
-//! forwards ports only with passt). Per topology network: an isolated
-//! libvirt network (a bridge, no host address, no DHCP: the guests' static
-//! IPs come from their seed).
+//! of type `kvm` only when the host has KVM (`accelerator`), else `qemu`;
+//! it boots our kernel directly and has a user-mode management NIC whose SSH
+//! port is forwarded on the libvirt host's 127.0.0.1 (qemu arguments passed
+//! through: libvirt 9.0 forwards ports only with passt), reached through SSH
+//! to that host when it is another machine. Per topology network: an
+//! isolated libvirt network (a bridge, no host address, no DHCP: the guests'
+//! static IPs come from their seed); a network across hosts is a multicast
+//! group instead ([`interface_xml`]).
 //!
 //! Every object is named `tb-<testbed id>-<name>`, the testbed id being a
 //! hash of the testbed's `.testbed/` path, and domains carry testbed's
@@ -56,7 +58,7 @@ pub const POOL: &str = "testbed";
 const SYSTEM_POOL_PATH: &str = "/var/lib/libvirt/testbed";
 /// The names of the images' volumes begin so; they outlive `destroy`, as
 /// the images do in testbed's cache.
-pub const IMAGE_VOLUME_PREFIX: &str = "tb-img-";
+const IMAGE_VOLUME_PREFIX: &str = "tb-img-";
 /// What testbed made for a machine or network, in its folder.
 const MADE: &str = super::LIBVIRT_MADE;
 /// What `doctor` suggests when libvirtd cannot be reached.
@@ -327,7 +329,8 @@ fn ensure_pool(conn: &Connect, uri: &str, cache_root: &Path) -> Result<StoragePo
     let pool = match conn.lookup_storage_pool_by_name(POOL) {
         Ok(pool) => pool,
         Err(_) => {
-            let path = if is_session(uri) {
+            let session = LibvirtUri::parse(uri).is_ok_and(|uri| uri.driver == "session");
+            let path = if session {
                 cache_root.join("libvirt-pool")
             } else {
                 PathBuf::from(SYSTEM_POOL_PATH)
@@ -349,14 +352,6 @@ fn ensure_pool(conn: &Connect, uri: &str, cache_root: &Path) -> Result<StoragePo
             .map_err(|e| libvirt_error("starting the storage pool", e))?;
     }
     Ok(pool)
-}
-
-/// A session libvirtd (`qemu:///session`, `qemu+ssh://host/session`) runs
-/// as the user who connects.
-fn is_session(uri: &str) -> bool {
-    uri.split(['?', '#'])
-        .next()
-        .is_some_and(|base| base.trim_end_matches('/').ends_with("/session"))
 }
 
 /// The image's volumes in the pool, uploaded unless an earlier upload
@@ -826,8 +821,8 @@ impl Provider for Libvirt {
         let name = object_name(&vm.dir, &vm.name);
         let made = Made {
             uri: self.uri.clone(),
+            volume: Some(format!("{name}.qcow2")),
             name,
-            volume: Some(format!("{}.qcow2", object_name(&vm.dir, &vm.name))),
         };
         write_made(&vm.dir, &made)?;
         let conn = connect(&self.uri)?;
@@ -1244,17 +1239,6 @@ mod tests {
             (group, port),
             "one group per testbed"
         );
-    }
-
-    #[test]
-    fn session_uris_are_told_from_system_ones() {
-        assert!(is_session("qemu:///session"));
-        assert!(is_session("qemu+ssh://u@host/session?keyfile=/k"));
-        assert!(!is_session("qemu:///system"));
-        assert!(!is_session(
-            "qemu:///system?socket=/tmp/tb/sessions/libvirt-sock"
-        ));
-        assert!(!is_session("qemu+ssh://root@10.77.0.2/system"));
     }
 
     #[test]
