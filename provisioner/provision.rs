@@ -171,14 +171,11 @@ impl Machines {
             .cloned()
             .filter(|endpoint| endpoint.addr.port() != 0)
             .ok_or_else(|| ProvisionError::NotCreated(machine.to_string()))?;
-        let layout = self.state.machine(machine);
-        Ok(Target {
-            addr: endpoint.addr,
-            jump: endpoint.jump,
-            user: "root".into(),
-            key_path: self.state.user_key(),
-            host_key_path: layout.host_public_key(),
-        })
+        Ok(Target::root(
+            endpoint,
+            self.state.user_key(),
+            self.state.machine(machine).host_public_key(),
+        ))
     }
 
     /// The machine's session, connecting the first time.

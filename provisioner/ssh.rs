@@ -82,6 +82,26 @@ pub struct Target {
     pub jump: Option<Jump>,
 }
 
+impl Target {
+    /// root on the machine reached at `endpoint`, logging in with the key
+    /// at `key_path` and expecting the host key at `host_key_path`.
+    pub fn root(endpoint: Endpoint, key_path: PathBuf, host_key_path: PathBuf) -> Target {
+        Target {
+            addr: endpoint.addr,
+            jump: endpoint.jump,
+            user: "root".into(),
+            key_path,
+            host_key_path,
+        }
+    }
+
+    /// The same login, reached at `endpoint` now (its port changed).
+    pub fn reach_at(&mut self, endpoint: Endpoint) {
+        self.addr = endpoint.addr;
+        self.jump = endpoint.jump;
+    }
+}
+
 /// Which output stream of a remote command a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {

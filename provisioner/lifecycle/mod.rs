@@ -434,14 +434,11 @@ impl Testbed {
 
     /// How to reach `machine`'s SSH on host port `port`.
     fn ssh_target(&self, machine: &Machine, port: u16) -> Result<Target> {
-        let endpoint = self.provider_of(machine)?.ssh_endpoint(port);
-        Ok(Target {
-            addr: endpoint.addr,
-            jump: endpoint.jump,
-            user: "root".into(),
-            key_path: self.state.user_key(),
-            host_key_path: self.state.machine(&machine.name).host_public_key(),
-        })
+        Ok(Target::root(
+            self.provider_of(machine)?.ssh_endpoint(port),
+            self.state.user_key(),
+            self.state.machine(&machine.name).host_public_key(),
+        ))
     }
 
     /// Machines named on the command line, or all of them.

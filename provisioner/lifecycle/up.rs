@@ -793,8 +793,7 @@ async fn bring_up(
             machine: name.clone(),
         })?;
     let endpoint = provider.ssh_endpoint(port);
-    target.addr = endpoint.addr;
-    target.jump = endpoint.jump.clone();
+    target.reach_at(endpoint.clone());
     ctx.machines.set_endpoint(&name, endpoint);
     task.set("waiting for SSH");
     // Until its identity is applied, a warm-booted guest is the template.

@@ -393,14 +393,11 @@ async fn boot_and_save(
         |p, s| p.start(s),
     )
     .await?;
-    let endpoint = provider.ssh_endpoint(spec.ssh_port);
-    let target = Target {
-        addr: endpoint.addr,
-        jump: endpoint.jump,
-        user: "root".into(),
-        key_path: client_key,
-        host_key_path: partial.state().join(HOST_PUBLIC_KEY),
-    };
+    let target = Target::root(
+        provider.ssh_endpoint(spec.ssh_port),
+        client_key,
+        partial.state().join(HOST_PUBLIC_KEY),
+    );
     task.set("waiting for SSH");
     let session = super::up::connect_while_running(
         TEMPLATE_HOSTNAME,

@@ -816,7 +816,7 @@ impl Provider for Libvirt {
     }
 
     /// Uploads the image when this libvirt host lacks it, then makes the
-    /// machine's disk over it and its (empty) console log.
+    /// machine's disk over it.
     fn create(&self, vm: &VmSpec) -> Result<(), ProviderError> {
         let name = object_name(&vm.dir, &vm.name);
         let made = Made {
@@ -828,7 +828,6 @@ impl Provider for Libvirt {
         let conn = connect(&self.uri)?;
         let pool = ensure_pool(&conn, &self.uri, &self.cache_root)?;
         let image = ensure_image(&conn, &pool, &vm.image, &self.cache_root)?;
-        ensure_empty_volume(&pool, &made.console_volume())?;
         let volume = made.volume.clone().unwrap_or_default();
         if pool.lookup_storage_vol_by_name(&volume).is_ok() {
             return Ok(());
@@ -1016,9 +1015,6 @@ fn jump_to(uri: &str, cache_root: &Path) -> Option<Jump> {
     let uri = LibvirtUri::parse(uri).ok().filter(LibvirtUri::is_remote)?;
     let ssh = uri.over_ssh();
     let param = |name: &str| uri.params.get(name).filter(|_| ssh).map(PathBuf::from);
-    let control_dir = cache_root.join("ssh");
-    // ssh makes the socket, not its folder.
-    let _ = crate::state::create_private_dir(&control_dir);
     Some(Jump {
         destination: match &uri.user {
             Some(user) => format!("{user}@{}", uri.host),
@@ -1027,7 +1023,7 @@ fn jump_to(uri: &str, cache_root: &Path) -> Option<Jump> {
         port: uri.port.filter(|_| ssh),
         identity: param("keyfile"),
         known_hosts: param("known_hosts"),
-        control: control_dir.join("%C"),
+        control: cache_root.join("ssh").join("%C"),
     })
 }
 

@@ -77,6 +77,7 @@ impl Jump {
     /// Whether testbed can log in to the host without a prompt (what its
     /// tunnels need): Ok, or ssh's own words.
     pub fn check(&self) -> Result<(), String> {
+        self.prepare();
         let output = std::process::Command::new("ssh")
             .args(self.ssh_args())
             .arg(&self.destination)
@@ -111,6 +112,18 @@ impl Jump {
             .status();
     }
 
+    /// Makes the folder of the shared connection's socket (ssh makes the
+    /// socket, not its folder), private to the user.
+    fn prepare(&self) {
+        if let Some(folder) = self.control.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(folder);
+        }
+    }
+
     /// The whole `ssh` command line that tunnels to `to` on the jump host,
     /// `to` being ssh_config's `%h:%p` or an address.
     pub fn tunnel_args(&self, to: &str) -> Vec<OsString> {
@@ -142,6 +155,7 @@ pub(super) enum Untunneled {
 /// Opens a tunnel through `jump` to `addr` (on the jump host) and waits
 /// until the server there starts talking, like a TCP connect and peek.
 pub(super) async fn open(jump: &Jump, addr: SocketAddr) -> Result<Tunnel, Untunneled> {
+    jump.prepare();
     let mut ssh = tokio::process::Command::new("ssh")
         .args(jump.tunnel_args(&addr.to_string()))
         .stdin(Stdio::piped())
