@@ -17,6 +17,10 @@ use crate::state::MachineDir;
 pub const GUEST_APPLY: &str = "/usr/local/sbin/testbed-identity";
 /// Where the seed is uploaded before being applied over SSH.
 pub const GUEST_SEED: &str = "/run/testbed/seed.tar";
+/// The seed archive's first entry. On a disk without a serial (VirtualBox
+/// gives none) the guest knows the seed by the name its first bytes carry
+/// (`testbed-identity`'s `find_seed_disk`).
+pub const SEED_FIRST_ENTRY: &str = "etc/ssh/ssh_host_ed25519_key";
 /// Inside the seed: the hash of the rest of it, so one `cat` tells whether
 /// a guest already has this identity (it does after a cold boot).
 pub const GUEST_SEED_ID: &str = "/etc/testbed/seed-id";
@@ -224,7 +228,7 @@ fn seed_of(
     // Paths relative to the guest's root: the guest extracts the archive
     // over / in one step.
     let entries: Vec<(&str, Vec<u8>, u32)> = vec![
-        ("etc/ssh/ssh_host_ed25519_key", private, 0o600),
+        (SEED_FIRST_ENTRY, private, 0o600),
         (
             "etc/ssh/ssh_host_ed25519_key.pub",
             format!("{}\n", keys.host_public).into_bytes(),
@@ -404,6 +408,10 @@ mod tests {
         )
         .expect("seed");
         assert_eq!(seed.hash, same.hash);
+        assert!(
+            seed.bytes.starts_with(SEED_FIRST_ENTRY.as_bytes()),
+            "a guest without disk serials finds the seed by its first entry"
+        );
         let files = entries(&seed);
         assert_eq!(files["etc/testbed/seed-id"], format!("{}\n", seed.hash));
         assert_eq!(files["etc/hostname"], "alpha\n");

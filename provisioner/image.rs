@@ -36,6 +36,16 @@ use sha2::{Digest, Sha256};
 const BUILDER_VERSION: &str = "testbed-image-1";
 const MMDEBSTRAP_HINT: &str =
     "apt-get install --no-install-recommends mmdebstrap e2fsprogs qemu-utils genext2fs uidmap";
+const BOOT_DISK_HINT: &str =
+    "apt-get install --no-install-recommends syslinux syslinux-common mtools dosfstools fdisk";
+
+/// The Debian package hint for a tool an image build runs.
+fn install_hint(program: &str) -> &'static str {
+    match program {
+        "syslinux" | "mcopy" | "mkfs.fat" | "sfdisk" => BOOT_DISK_HINT,
+        _ => MMDEBSTRAP_HINT,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -52,9 +62,10 @@ pub enum ImageError {
         what: String,
         source: std::io::Error,
     },
-    #[error("cannot run {program}: {source} (install it: {MMDEBSTRAP_HINT})")]
+    #[error("cannot run {program}: {source} (install it: {hint})")]
     Missing {
         program: String,
+        hint: &'static str,
         source: std::io::Error,
     },
     #[error("building image {name} failed: {program} exited with {status}; last lines:\n{tail}\n(full log: {log})")]
@@ -285,7 +296,9 @@ impl Recipe {
 pub struct BuiltImage {
     pub name: String,
     pub hash: String,
-    pub disk: PathBuf,
+    /// The root filesystem (a whole-disk ext4 in a qcow2), booted with
+    /// `kernel` and `initrd` directly.
+    pub root: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
 }
@@ -295,7 +308,42 @@ impl BuiltImage {
     pub fn key(&self) -> String {
         format!("{}-{}", self.name, self.hash)
     }
+
+    /// Where the image's bootable disk is, once built
+    /// ([`Cache::ensure_boot_disk`]).
+    pub fn boot_disk(&self) -> PathBuf {
+        self.root.with_file_name(BOOT_DISK)
+    }
+
+    /// Its bootable disk, when it has been built.
+    pub fn built_boot_disk(&self) -> Option<PathBuf> {
+        Some(self.boot_disk()).filter(|path| path.is_file())
+    }
 }
+
+/// The bootable disk's file in an image's folder: an MBR disk whose first
+/// partition (FAT) holds syslinux, the kernel and the initrd, and whose
+/// second is the image's root filesystem. Bump [`BUILDER_VERSION`] when its
+/// layout changes.
+const BOOT_DISK: &str = "boot-disk.qcow2";
+
+/// syslinux's MBR boot code (Debian's syslinux-common): it boots the
+/// partition marked active.
+const SYSLINUX_MBR: &str = "/usr/lib/syslinux/mbr/mbr.bin";
+
+/// How the bootable disk boots: the root by its label (SATA under
+/// VirtualBox, virtio elsewhere), and identity applied before systemd
+/// starts (`testbed-init`), since no command line of testbed's gives
+/// systemd the machine-id.
+const SYSLINUX_CFG: &str = "SERIAL 0 115200
+DEFAULT testbed
+PROMPT 0
+TIMEOUT 0
+LABEL testbed
+  LINUX /vmlinuz
+  INITRD /initrd.img
+  APPEND root=LABEL=root rw console=ttyS0 quiet init=/usr/local/sbin/testbed-init
+";
 
 /// The image cache: `<root>/images/<name>-<hash>/`.
 #[derive(Debug, Clone)]
@@ -344,12 +392,7 @@ impl Cache {
         let images = self.images_dir();
         fs::create_dir_all(&images)
             .map_err(io_err(format!("cannot create {}", images.display())))?;
-        // The lock file stays: unlinking it would let a later builder lock
-        // a new file while an earlier one still holds the old.
-        let lock_path = images.join(format!("{}.lock", recipe.key()));
-        let lock = fs::File::create(&lock_path)
-            .map_err(io_err(format!("cannot create {}", lock_path.display())))?;
-        wait_for_lock(&lock, recipe, &lock_path, on_line)?;
+        let _lock = self.lock(&recipe.key(), &recipe.name, on_line)?;
         match self.lookup(recipe) {
             Some(image) => Ok(image),
             None => {
@@ -357,6 +400,55 @@ impl Cache {
                 self.build(recipe, on_line)
             }
         }
+    }
+
+    /// Takes the build lock of the image `key`, waiting while another
+    /// build holds it. The lock file stays: unlinking it would let a later
+    /// builder lock a new file while an earlier one still holds the old.
+    fn lock(
+        &self,
+        key: &str,
+        name: &str,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<fs::File, ImageError> {
+        let lock_path = self.images_dir().join(format!("{key}.lock"));
+        let lock = fs::File::create(&lock_path)
+            .map_err(io_err(format!("cannot create {}", lock_path.display())))?;
+        wait_for_lock(&lock, name, &lock_path, on_line)?;
+        Ok(lock)
+    }
+
+    /// The bootable disk of `image` (see [`BOOT_DISK`]), made first when
+    /// missing: for hypervisors that cannot boot a kernel directly.
+    pub fn ensure_boot_disk(
+        &self,
+        image: &BuiltImage,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<PathBuf, ImageError> {
+        if let Some(disk) = image.built_boot_disk() {
+            return Ok(disk);
+        }
+        let _lock = self.lock(&image.key(), &image.name, on_line)?;
+        if let Some(disk) = image.built_boot_disk() {
+            return Ok(disk);
+        }
+        let work = tempfile::Builder::new()
+            .prefix(&format!(".build-{}-disk-", image.key()))
+            .tempdir_in(self.images_dir())
+            .map_err(io_err("cannot create a build folder"))?;
+        let log = self.images_dir().join(format!("{}.log", image.key()));
+        let made = BootDiskStep {
+            image,
+            log: &log,
+            work: work.path(),
+        }
+        .build(on_line)?;
+        let disk = image.boot_disk();
+        fs::rename(&made, &disk).map_err(io_err(format!(
+            "cannot move the disk to {}",
+            disk.display()
+        )))?;
+        Ok(disk)
     }
 
     /// The `.build-KEY-*` folders a killed build of `recipe` left behind:
@@ -441,6 +533,7 @@ impl Cache {
                 Some(CachedImage {
                     key: entry.file_name().to_string_lossy().into_owned(),
                     bytes: dir.bytes(),
+                    disk: image.built_boot_disk(),
                     image,
                 })
             })
@@ -471,6 +564,8 @@ impl Cache {
 pub struct CachedImage {
     pub key: String,
     pub bytes: u64,
+    /// Its bootable disk, once built (`image build NAME --disk`).
+    pub disk: Option<PathBuf>,
     pub image: BuiltImage,
 }
 
@@ -487,11 +582,11 @@ impl BuiltImageDir {
         let image = BuiltImage {
             name: meta.get("name")?.as_str()?.into(),
             hash: meta.get("hash")?.as_str()?.into(),
-            disk: self.disk(),
+            root: self.disk(),
             kernel: self.0.join("vmlinuz"),
             initrd: self.0.join("initrd.img"),
         };
-        [&image.disk, &image.kernel, &image.initrd]
+        [&image.root, &image.kernel, &image.initrd]
             .iter()
             .all(|p| p.is_file())
             .then_some(image)
@@ -661,6 +756,190 @@ impl Step<'_> {
     }
 }
 
+/// The way from a built image to its bootable disk, all as an ordinary
+/// user: the root filesystem made raw, a FAT boot partition made and
+/// filled with mtools (syslinux installs itself into it the same way), both
+/// laid into one MBR disk after syslinux's boot code, converted to qcow2.
+struct BootDiskStep<'a> {
+    image: &'a BuiltImage,
+    log: &'a Path,
+    work: &'a Path,
+}
+
+impl BootDiskStep<'_> {
+    fn run(
+        &self,
+        program: &'static str,
+        command: &mut Command,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), ImageError> {
+        run_logged(program, &self.image.name, command, self.log, on_line)
+    }
+
+    /// Builds the disk in the work folder; returns its path.
+    fn build(&self, on_line: &mut dyn FnMut(&str)) -> Result<PathBuf, ImageError> {
+        on_line("bootable disk: the root filesystem");
+        let root = self.work.join("root.raw");
+        self.run(
+            "qemu-img",
+            Command::new("qemu-img")
+                .args(["convert", "-O", "raw"])
+                .arg(&self.image.root)
+                .arg(&root),
+            on_line,
+        )?;
+        on_line("bootable disk: the boot partition");
+        let boot = self.boot_partition(on_line)?;
+        on_line("bootable disk: the partition table");
+        let layout = DiskLayout::new(file_len(&boot)?, file_len(&root)?);
+        let raw = self.work.join("disk.raw");
+        self.partitioned_disk(&raw, &layout, on_line)?;
+        for (part, offset) in [(&boot, layout.boot_offset), (&root, layout.root_offset)] {
+            self.run(
+                "dd",
+                Command::new("dd")
+                    .arg(format!("if={}", part.display()))
+                    .arg(format!("of={}", raw.display()))
+                    .arg("bs=1M")
+                    .arg(format!("seek={}", offset >> 20))
+                    .args(["conv=notrunc,sparse", "status=none"]),
+                on_line,
+            )?;
+        }
+        on_line("bootable disk: converting to qcow2");
+        let disk = self.work.join(BOOT_DISK);
+        self.run(
+            "qemu-img",
+            Command::new("qemu-img")
+                .args(["convert", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(&disk),
+            on_line,
+        )?;
+        Ok(disk)
+    }
+
+    /// A FAT filesystem holding the kernel, the initrd, syslinux and its
+    /// configuration.
+    fn boot_partition(&self, on_line: &mut dyn FnMut(&str)) -> Result<PathBuf, ImageError> {
+        let boot = self.work.join("boot.fat");
+        let payload = file_len(&self.image.kernel)? + file_len(&self.image.initrd)?;
+        let kib = boot_partition_bytes(payload) >> 10;
+        self.run(
+            "mkfs.fat",
+            Command::new("mkfs.fat")
+                .args(["-C", "-n", "TESTBED"])
+                .arg(&boot)
+                .arg(kib.to_string()),
+            on_line,
+        )?;
+        let config = self.work.join("syslinux.cfg");
+        fs::write(&config, SYSLINUX_CFG).map_err(io_err("cannot write syslinux.cfg"))?;
+        self.run(
+            "mcopy",
+            Command::new("mcopy")
+                .arg("-i")
+                .arg(&boot)
+                .arg(&self.image.kernel)
+                .arg(&self.image.initrd)
+                .arg(&config)
+                .arg("::/"),
+            on_line,
+        )?;
+        self.run(
+            "syslinux",
+            Command::new("syslinux").arg("--install").arg(&boot),
+            on_line,
+        )?;
+        Ok(boot)
+    }
+
+    /// A sparse file of the disk's size with the MBR: syslinux's boot code
+    /// and the two partitions, the boot one active.
+    fn partitioned_disk(
+        &self,
+        raw: &Path,
+        layout: &DiskLayout,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), ImageError> {
+        let file = fs::File::create(raw).map_err(io_err("cannot create the disk"))?;
+        file.set_len(layout.total)
+            .map_err(io_err("cannot size the disk"))?;
+        let script = self.work.join("partitions.sfdisk");
+        fs::write(&script, layout.sfdisk_script())
+            .map_err(io_err("cannot write the partition table's script"))?;
+        let input = fs::File::open(&script).map_err(io_err("cannot read the script"))?;
+        run_logged_from(
+            "sfdisk",
+            &self.image.name,
+            Command::new("sfdisk").arg("--quiet").arg(raw),
+            input.into(),
+            self.log,
+            on_line,
+        )?;
+        let mbr = fs::read(SYSLINUX_MBR).map_err(|source| ImageError::Missing {
+            program: SYSLINUX_MBR.into(),
+            hint: BOOT_DISK_HINT,
+            source,
+        })?;
+        // The boot code only: the partition table starts at byte 446.
+        let code = &mbr[..mbr.len().min(440)];
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(code, 0)
+            .map_err(io_err("cannot write the boot code"))
+    }
+}
+
+/// Where the bootable disk's partitions lie, in bytes, MiB-aligned.
+#[derive(Debug, PartialEq, Eq)]
+struct DiskLayout {
+    boot_offset: u64,
+    boot_len: u64,
+    root_offset: u64,
+    root_len: u64,
+    total: u64,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl DiskLayout {
+    fn new(boot_len: u64, root_len: u64) -> DiskLayout {
+        let boot_offset = MIB;
+        let root_offset = boot_offset + boot_len.div_ceil(MIB) * MIB;
+        DiskLayout {
+            boot_offset,
+            boot_len,
+            root_offset,
+            root_len,
+            total: root_offset + root_len.div_ceil(MIB) * MIB,
+        }
+    }
+
+    /// The table in sfdisk's script format (sectors of 512 bytes).
+    fn sfdisk_script(&self) -> String {
+        let sectors = |bytes: u64| bytes / 512;
+        format!(
+            "label: dos\nstart={}, size={}, type=c, bootable\nstart={}, size={}, type=83\n",
+            sectors(self.boot_offset),
+            sectors(self.boot_len),
+            sectors(self.root_offset),
+            sectors(self.root_len.div_ceil(MIB) * MIB),
+        )
+    }
+}
+
+/// The boot partition's size for a kernel and initrd of `payload` bytes:
+/// room for syslinux and a larger kernel, in whole MiB, at least 32.
+fn boot_partition_bytes(payload: u64) -> u64 {
+    (payload + 16 * MIB).div_ceil(MIB).max(32) * MIB
+}
+
+fn file_len(path: &Path) -> Result<u64, ImageError> {
+    fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(io_err(format!("cannot stat {}", path.display())))
+}
+
 /// What a build needs free in the cache at its peak: the root tree, the raw
 /// filesystem made from it and the qcow2 (about 3 × 600 MiB for a JDK
 /// image), with room to spare.
@@ -695,7 +974,7 @@ const IMAGE_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
 /// build holds it, until [`IMAGE_LOCK_TIMEOUT`] or an interrupt.
 fn wait_for_lock(
     lock: &fs::File,
-    recipe: &Recipe,
+    name: &str,
     lock_path: &Path,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(), ImageError> {
@@ -710,11 +989,11 @@ fn wait_for_lock(
             Err(fs::TryLockError::WouldBlock) => {}
         }
         if crate::process::interrupted() {
-            return Err(ImageError::Interrupted(recipe.name.clone()));
+            return Err(ImageError::Interrupted(name.to_owned()));
         }
         if started.elapsed() > IMAGE_LOCK_TIMEOUT {
             return Err(ImageError::LockTimeout {
-                name: recipe.name.clone(),
+                name: name.to_owned(),
                 lock: lock_path.to_path_buf(),
                 waited: started.elapsed().as_secs(),
             });
@@ -832,6 +1111,18 @@ fn run_logged(
     log: &Path,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(), ImageError> {
+    run_logged_from(program, image, command, Stdio::null(), log, on_line)
+}
+
+/// [`run_logged`] with the tool's standard input from `stdin`.
+fn run_logged_from(
+    program: &'static str,
+    image: &str,
+    command: &mut Command,
+    stdin: Stdio,
+    log: &Path,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
     use std::io::Write;
     let mut log_file = fs::OpenOptions::new()
         .create(true)
@@ -841,13 +1132,14 @@ fn run_logged(
     use std::os::unix::process::CommandExt;
     // A group of its own, so an interrupt stops the tool and all it started.
     let mut child = command
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
         .map_err(|source| ImageError::Missing {
             program: program.into(),
+            hint: install_hint(program),
             source,
         })?;
     let work = crate::process::work(child.id());
@@ -906,6 +1198,21 @@ mod tests {
             .process_group(0)
             .spawn()
             .expect("sleep")
+    }
+
+    #[test]
+    fn the_bootable_disk_lays_its_partitions_on_whole_mib() {
+        let layout = DiskLayout::new(40 * MIB, 4096 * MIB + 1);
+        assert_eq!(layout.boot_offset, MIB);
+        assert_eq!(layout.root_offset, 41 * MIB);
+        assert_eq!(layout.total, 41 * MIB + 4097 * MIB);
+        assert_eq!(
+            layout.sfdisk_script(),
+            "label: dos\nstart=2048, size=81920, type=c, bootable\n\
+             start=83968, size=8390656, type=83\n"
+        );
+        assert_eq!(boot_partition_bytes(MIB), 32 * MIB);
+        assert_eq!(boot_partition_bytes(30 * MIB + 1), 47 * MIB);
     }
 
     #[test]

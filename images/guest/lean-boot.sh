@@ -15,7 +15,9 @@ rm -f /etc/ssh/ssh_host_*
 # A small initramfs: only the drivers a VM needs, lz4 (the fastest to
 # unpack under software emulation), no resume device to wait for, and no
 # udev: the listed modules are loaded by the initramfs itself and devtmpfs
-# makes /dev/vda, so there is nothing to trigger or settle.
+# makes /dev/vda, so there is nothing to trigger or settle. ata_piix and
+# sd_mod boot the bootable disk from an IDE controller (VirtualBox's PIIX4:
+# the cloud kernel has no AHCI driver).
 cat > /etc/initramfs-tools/conf.d/testbed <<'CONF'
 MODULES=list
 COMPRESS=lz4
@@ -27,6 +29,8 @@ virtio_pci
 virtio_blk
 virtio_net
 virtio_rng
+ata_piix
+sd_mod
 MODS
 update-initramfs -u -k all >/dev/null
 

@@ -1,10 +1,10 @@
 use std::process::ExitCode;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::image::{recipe_names, Cache, CachedImage, Recipe};
+use crate::image::{recipe_names, BuiltImage, Cache, CachedImage, Recipe};
 use crate::lifecycle::Testbed;
 use crate::progress::Progress;
 use crate::settings::Settings;
@@ -15,11 +15,17 @@ pub enum Command {
     /// Build an image from its recipe in images/, or every image a topology's
     /// machines boot (a no-op when cached)
     #[command(after_help = "Examples:\n  testbed image build debian-12\n  \
+                            testbed image build debian-12 --disk   # and its bootable disk\n  \
                             testbed image build -f topologies/zk-ensemble.toml   # what `up` \
                             would build, kits' packages included, without booting")]
     Build {
         /// The recipe (default: every image of the topology)
         name: Option<String>,
+        /// Also build each image's bootable disk (MBR, syslinux, the root
+        /// filesystem): what provider virtualbox boots, and any hypervisor
+        /// can. Prints its path instead of the root filesystem's
+        #[arg(long)]
+        disk: bool,
         #[command(flatten)]
         at: super::At,
     },
@@ -38,26 +44,43 @@ pub async fn run(command: Command, settings: &Settings) -> anyhow::Result<ExitCo
     let cache = Cache::at(settings.cache_root.clone());
     let start = std::env::current_dir()?;
     match command {
-        Command::Build { name: None, at } => {
+        Command::Build {
+            name: None,
+            disk,
+            at,
+        } => {
             let testbed = Testbed::locate(at.file.as_deref(), settings)?;
-            for image in testbed.build_images(&Progress::new()).await? {
-                out!("{} {}", image.key(), image.disk.display())?;
+            let progress = Progress::new();
+            for image in testbed.build_images(&progress).await? {
+                let path = match disk {
+                    true => boot_disk(&testbed.cache, image.clone(), &progress).await?,
+                    false => image.root.clone(),
+                };
+                out!("{} {}", image.key(), path.display())?;
             }
         }
         Command::Build {
-            name: Some(name), ..
+            name: Some(name),
+            disk,
+            ..
         } => {
             let recipe = Recipe::find(&name, &start, &settings.search)?;
-            let task = Progress::new().task(&format!("image {name}"));
+            let progress = Progress::new();
+            let task = progress.task(&format!("image {name}"));
             let key = recipe.key();
+            let builder = cache.clone();
             // Off the async threads, so that an interrupt is seen meanwhile.
             let image = tokio::task::spawn_blocking(move || {
-                let image = cache.ensure(&recipe, &mut |line| task.set(line));
+                let image = builder.ensure(&recipe, &mut |line| task.set(line));
                 task.finish(if image.is_ok() { "ready" } else { "failed" });
                 image
             })
             .await??;
-            out!("{key} {}", image.disk.display())?;
+            let path = match disk {
+                true => boot_disk(&cache, image, &progress).await?,
+                false => image.root,
+            };
+            out!("{key} {}", path.display())?;
         }
         Command::List { json } => list(&cache, &start, settings, json)?,
         Command::Rm { names } => {
@@ -69,6 +92,23 @@ pub async fn run(command: Command, settings: &Settings) -> anyhow::Result<ExitCo
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The image's bootable disk, built first when missing.
+async fn boot_disk(
+    cache: &Cache,
+    image: BuiltImage,
+    progress: &Progress,
+) -> anyhow::Result<PathBuf> {
+    let task = progress.task(&format!("disk {}", image.name));
+    let cache = cache.clone();
+    let disk = tokio::task::spawn_blocking(move || {
+        let disk = cache.ensure_boot_disk(&image, &mut |line| task.set(line));
+        task.finish(if disk.is_ok() { "ready" } else { "failed" });
+        disk
+    })
+    .await??;
+    Ok(disk)
 }
 
 #[derive(Serialize)]
@@ -125,8 +165,16 @@ fn list(cache: &Cache, start: &Path, settings: &Settings, json: bool) -> anyhow:
             "  {:<32} {:>8.1} MiB  {}",
             image.key,
             image.bytes as f64 / 1048576.0,
-            image.image.disk.display()
+            image.image.root.display()
         )?;
+        if let Some(disk) = &image.disk {
+            out!(
+                "  {:<32} {:>12}  {} (bootable disk)",
+                "",
+                "",
+                disk.display()
+            )?;
+        }
     }
     Ok(())
 }

@@ -114,7 +114,7 @@ impl Testbed {
                 machine.name,
                 machine.machine.provider.as_str(),
                 image.key(),
-                built_at(&image.disk)
+                built_at(&image.root)
             );
             key.part("machine", made.as_bytes());
         }

@@ -366,7 +366,7 @@ fn ensure_image(
 ) -> Result<ImageVolumes, ProviderError> {
     let base = format!("{IMAGE_VOLUME_PREFIX}{}-{}", image.name, image.hash);
     let files = [
-        (format!("{base}.qcow2"), &image.disk),
+        (format!("{base}.qcow2"), &image.root),
         (format!("{base}-vmlinuz"), &image.kernel),
         (format!("{base}-initrd.img"), &image.initrd),
     ];
@@ -832,7 +832,7 @@ impl Provider for Libvirt {
         if pool.lookup_storage_vol_by_name(&volume).is_ok() {
             return Ok(());
         }
-        let capacity = qcow2_virtual_size(&vm.image.disk)?;
+        let capacity = qcow2_virtual_size(&vm.image.root)?;
         StorageVol::create_xml(&pool, &volume_xml(&volume, &image.disk, capacity), 0)
             .map_err(|e| libvirt_error(format!("creating volume {volume}"), e))?;
         Ok(())
@@ -1132,7 +1132,7 @@ mod tests {
             image: BuiltImage {
                 name: "debian-12".into(),
                 hash: "abc".into(),
-                disk: "/cache/images/debian-12-abc/disk.qcow2".into(),
+                root: "/cache/images/debian-12-abc/disk.qcow2".into(),
                 kernel: "/cache/images/debian-12-abc/vmlinuz".into(),
                 initrd: "/cache/images/debian-12-abc/initrd.img".into(),
             },

@@ -199,7 +199,7 @@ impl Provider for Qemu {
             return Ok(());
         }
         let partial = partial_disk_path(&vm.dir);
-        let backing = vm.image.disk.to_string_lossy().into_owned();
+        let backing = vm.image.root.to_string_lossy().into_owned();
         run_tool(
             "qemu-img",
             &vm.name,
@@ -743,7 +743,7 @@ mod tests {
             image: BuiltImage {
                 name: "debian-12".into(),
                 hash: "h".into(),
-                disk: "/c/disk.qcow2".into(),
+                root: "/c/disk.qcow2".into(),
                 kernel: "/c/vmlinuz".into(),
                 initrd: "/c/initrd.img".into(),
             },
