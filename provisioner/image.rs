@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 const BUILDER_VERSION: &str = "testbed-image-1";
 const MMDEBSTRAP_HINT: &str =
     "apt-get install --no-install-recommends mmdebstrap e2fsprogs qemu-utils genext2fs uidmap";
-const BOOT_DISK_HINT: &str =
+pub const BOOT_DISK_HINT: &str =
     "apt-get install --no-install-recommends syslinux syslinux-common mtools dosfstools fdisk";
 
 /// The Debian package hint for a tool an image build runs.
@@ -309,15 +309,34 @@ impl BuiltImage {
         format!("{}-{}", self.name, self.hash)
     }
 
-    /// Where the image's bootable disk is, once built
+    /// Where the image's bootable disk is in `format`, once built
     /// ([`Cache::ensure_boot_disk`]).
-    pub fn boot_disk(&self) -> PathBuf {
-        self.root.with_file_name(BOOT_DISK)
+    pub fn boot_disk_as(&self, format: DiskFormat) -> PathBuf {
+        self.root
+            .with_file_name(format!("{BOOT_DISK}.{}", format.extension()))
     }
 
-    /// Its bootable disk, when it has been built.
+    /// Its bootable disk (qcow2), when it has been built.
     pub fn built_boot_disk(&self) -> Option<PathBuf> {
-        Some(self.boot_disk()).filter(|path| path.is_file())
+        Some(self.boot_disk_as(DiskFormat::Qcow2)).filter(|path| path.is_file())
+    }
+}
+
+/// The formats a bootable disk is kept in: qcow2 (qemu's, what it is
+/// built as), VDI (VirtualBox's, converted from it once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Qcow2,
+    Vdi,
+}
+
+impl DiskFormat {
+    /// The file's extension, which is also qemu-img's name for the format.
+    fn extension(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Vdi => "vdi",
+        }
     }
 }
 
@@ -325,7 +344,7 @@ impl BuiltImage {
 /// partition (FAT) holds syslinux, the kernel and the initrd, and whose
 /// second is the image's root filesystem. Bump [`BUILDER_VERSION`] when its
 /// layout changes.
-const BOOT_DISK: &str = "boot-disk.qcow2";
+const BOOT_DISK: &str = "boot-disk";
 
 /// syslinux's MBR boot code (Debian's syslinux-common): it boots the
 /// partition marked active.
@@ -373,6 +392,12 @@ impl Cache {
         self.lookup_key(&recipe.key())
     }
 
+    /// Where the build of `recipe` is, or would be once built.
+    pub fn planned(&self, recipe: &Recipe) -> BuiltImage {
+        self.built_at(&recipe.key())
+            .image(&recipe.name, &recipe.hash)
+    }
+
     /// The cached image `NAME-HASH`, if it is still there.
     pub fn lookup_key(&self, key: &str) -> Option<BuiltImage> {
         self.built_at(key).load()
@@ -418,18 +443,21 @@ impl Cache {
         Ok(lock)
     }
 
-    /// The bootable disk of `image` (see [`BOOT_DISK`]), made first when
-    /// missing: for hypervisors that cannot boot a kernel directly.
+    /// The bootable disk of `image` (see [`BOOT_DISK`]) in `format`, made
+    /// first when missing: for hypervisors that cannot boot a kernel
+    /// directly.
     pub fn ensure_boot_disk(
         &self,
         image: &BuiltImage,
+        format: DiskFormat,
         on_line: &mut dyn FnMut(&str),
     ) -> Result<PathBuf, ImageError> {
-        if let Some(disk) = image.built_boot_disk() {
+        let disk = image.boot_disk_as(format);
+        if disk.is_file() {
             return Ok(disk);
         }
         let _lock = self.lock(&image.key(), &image.name, on_line)?;
-        if let Some(disk) = image.built_boot_disk() {
+        if disk.is_file() {
             return Ok(disk);
         }
         let work = tempfile::Builder::new()
@@ -437,17 +465,26 @@ impl Cache {
             .tempdir_in(self.images_dir())
             .map_err(io_err("cannot create a build folder"))?;
         let log = self.images_dir().join(format!("{}.log", image.key()));
-        let made = BootDiskStep {
+        let step = BootDiskStep {
             image,
             log: &log,
             work: work.path(),
+        };
+        let qcow2 = image.boot_disk_as(DiskFormat::Qcow2);
+        if !qcow2.is_file() {
+            let made = step.build(on_line)?;
+            fs::rename(&made, &qcow2).map_err(io_err(format!(
+                "cannot move the disk to {}",
+                qcow2.display()
+            )))?;
         }
-        .build(on_line)?;
-        let disk = image.boot_disk();
-        fs::rename(&made, &disk).map_err(io_err(format!(
-            "cannot move the disk to {}",
-            disk.display()
-        )))?;
+        if format != DiskFormat::Qcow2 {
+            let made = step.convert(&qcow2, format, on_line)?;
+            fs::rename(&made, &disk).map_err(io_err(format!(
+                "cannot move the disk to {}",
+                disk.display()
+            )))?;
+        }
         Ok(disk)
     }
 
@@ -576,16 +613,21 @@ impl BuiltImageDir {
         self.0.join("disk.qcow2")
     }
 
-    fn load(&self) -> Option<BuiltImage> {
-        let meta: serde_json::Value =
-            serde_json::from_slice(&fs::read(self.0.join("image.json")).ok()?).ok()?;
-        let image = BuiltImage {
-            name: meta.get("name")?.as_str()?.into(),
-            hash: meta.get("hash")?.as_str()?.into(),
+    /// The image this folder holds (or will).
+    fn image(&self, name: &str, hash: &str) -> BuiltImage {
+        BuiltImage {
+            name: name.into(),
+            hash: hash.into(),
             root: self.disk(),
             kernel: self.0.join("vmlinuz"),
             initrd: self.0.join("initrd.img"),
-        };
+        }
+    }
+
+    fn load(&self) -> Option<BuiltImage> {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&fs::read(self.0.join("image.json")).ok()?).ok()?;
+        let image = self.image(meta.get("name")?.as_str()?, meta.get("hash")?.as_str()?);
         [&image.root, &image.kernel, &image.initrd]
             .iter()
             .all(|p| p.is_file())
@@ -807,12 +849,37 @@ impl BootDiskStep<'_> {
             )?;
         }
         on_line("bootable disk: converting to qcow2");
-        let disk = self.work.join(BOOT_DISK);
+        let disk = self.work.join(format!("{BOOT_DISK}.qcow2"));
         self.run(
             "qemu-img",
             Command::new("qemu-img")
                 .args(["convert", "-O", "qcow2"])
                 .arg(&raw)
+                .arg(&disk),
+            on_line,
+        )?;
+        Ok(disk)
+    }
+
+    /// The bootable disk `qcow2` converted to `format` in the work folder.
+    fn convert(
+        &self,
+        qcow2: &Path,
+        format: DiskFormat,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<PathBuf, ImageError> {
+        on_line(&format!(
+            "bootable disk: converting to {}",
+            format.extension()
+        ));
+        let disk = self
+            .work
+            .join(format!("{BOOT_DISK}.{}", format.extension()));
+        self.run(
+            "qemu-img",
+            Command::new("qemu-img")
+                .args(["convert", "-O", format.extension()])
+                .arg(qcow2)
                 .arg(&disk),
             on_line,
         )?;

@@ -37,13 +37,7 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     lines.extend(host_lines());
     lines.extend(provider::doctor(ProviderKind::Libvirt, &settings));
     lines.extend(hosts);
-    // No provider exists for VirtualBox yet, so it cannot report itself.
-    lines.push(DoctorLine::version(
-        "VirtualBox",
-        "VBoxManage",
-        &["--version"],
-        "install VirtualBox from virtualbox.org (provider virtualbox)",
-    ));
+    lines.extend(provider::doctor(ProviderKind::Virtualbox, &settings));
     for line in &lines {
         print_line(line)?;
     }

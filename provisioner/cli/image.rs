@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::image::{recipe_names, BuiltImage, Cache, CachedImage, Recipe};
+use crate::image::{recipe_names, BuiltImage, Cache, CachedImage, DiskFormat, Recipe};
 use crate::lifecycle::Testbed;
 use crate::progress::Progress;
 use crate::settings::Settings;
@@ -103,7 +103,7 @@ async fn boot_disk(
     let task = progress.task(&format!("disk {}", image.name));
     let cache = cache.clone();
     let disk = tokio::task::spawn_blocking(move || {
-        let disk = cache.ensure_boot_disk(&image, &mut |line| task.set(line));
+        let disk = cache.ensure_boot_disk(&image, DiskFormat::Qcow2, &mut |line| task.set(line));
         task.finish(if disk.is_ok() { "ready" } else { "failed" });
         disk
     })

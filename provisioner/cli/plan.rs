@@ -53,7 +53,7 @@ fn print_machine(
     testbed: &Testbed,
     planned: &MachinePlan,
     secrets: &Secrets,
-) -> std::io::Result<()> {
+) -> anyhow::Result<()> {
     let machine = &planned.machine;
     let key = planned.recipe.key();
     let image = if testbed.cache.lookup(&planned.recipe).is_some() {
@@ -93,6 +93,13 @@ fn print_machine(
         out!("    packages: {}", machine.packages.join(" "))?;
     }
     print_artifacts(&machine.artifacts, "    ")?;
+    let calls = testbed.planned_calls(planned)?;
+    if !calls.is_empty() {
+        out!("    up would run:")?;
+        for call in calls {
+            out!("      $ {call}")?;
+        }
+    }
     for daemon in &planned.daemons {
         print_daemon(daemon, secrets)?;
     }

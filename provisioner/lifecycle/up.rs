@@ -501,9 +501,49 @@ impl Testbed {
     /// What the provider needs to create and boot a machine of the plan.
     fn vm_spec(&self, machine: &MachinePlan, image: BuiltImage, ctx: &UpContext) -> Result<VmSpec> {
         let layout = self.state.machine(&machine.name);
-        let dir = layout.path().to_path_buf();
-        crate::state::create_private_dir(&dir)?;
+        crate::state::create_private_dir(layout.path())?;
         let keys = MachineKeys::ensure(&layout, &machine.name)?;
+        let ssh_port = lock_record(&ctx.record)
+            .machines
+            .get(&machine.name)
+            .map(|r| r.ssh_port)
+            .unwrap_or(0);
+        Ok(self.spec_of(machine, image, keys.machine_id, ssh_port))
+    }
+
+    /// The commands the machine's provider would run to boot it, as `plan`
+    /// shows them: none when `up` would not boot it, or when the provider
+    /// drives no command-line tool. Writes nothing: the image is where its
+    /// build would put it, the SSH port the record's or one free now.
+    pub fn planned_calls(&self, machine: &MachinePlan) -> Result<Vec<String>> {
+        let create = match machine.action {
+            MachineAction::Create => true,
+            MachineAction::Start => false,
+            MachineAction::Provision | MachineAction::Nothing => return Ok(Vec::new()),
+        };
+        let recorded = self
+            .state
+            .load()?
+            .machines
+            .get(&machine.name)
+            .map_or(0, |r| r.ssh_port);
+        let ssh_port = machine.provider.ssh_port(recorded, false)?;
+        let image = self.cache.planned(&machine.recipe);
+        let machine_id = MachineKeys::load(&self.state.machine(&machine.name))
+            .map(|keys| keys.machine_id)
+            .unwrap_or_default();
+        let spec = self.spec_of(machine, image, machine_id, ssh_port);
+        Ok(machine.provider.planned_calls(&spec, create))
+    }
+
+    fn spec_of(
+        &self,
+        machine: &MachinePlan,
+        image: BuiltImage,
+        machine_id: String,
+        ssh_port: u16,
+    ) -> VmSpec {
+        let layout = self.state.machine(&machine.name);
         let management = machine.provider.management(&identity::mac_address(
             &machine.name,
             identity::MANAGEMENT_NIC,
@@ -515,25 +555,20 @@ impl Testbed {
                 mac: nic.mac,
             })
             .collect();
-        let ssh_port = lock_record(&ctx.record)
-            .machines
-            .get(&machine.name)
-            .map(|r| r.ssh_port)
-            .unwrap_or(0);
-        Ok(VmSpec {
+        VmSpec {
             name: machine.name.clone(),
-            dir,
+            dir: layout.path().to_path_buf(),
             image,
             cpus: machine.machine.cpus,
             memory_mib: machine.machine.memory_mib,
             seed: layout.seed(),
-            machine_id: keys.machine_id.clone(),
-            management_mac: management.mac.clone(),
+            machine_id,
+            management_mac: management.mac,
             ssh_port,
             forwards: machine.machine.forwards.clone(),
             nics,
             internet: machine.machine.internet,
-        })
+        }
     }
 
     pub(super) fn network_spec(&self, name: &str) -> NetworkSpec {

@@ -38,8 +38,8 @@ use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 
 use super::{
-    kvm, loopback, qemu, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError, Relocation,
-    VmSpec, VmState,
+    kvm, loopback, object_name, qemu, Accelerator, DoctorLine, NetworkSpec, Provider,
+    ProviderError, Relocation, VmSpec, VmState,
 };
 use crate::identity::Management;
 use crate::image::BuiltImage;
@@ -142,19 +142,6 @@ fn libvirt_error(what: impl std::fmt::Display, e: virt::error::Error) -> Provide
         what: what.to_string(),
         message: e.message().to_string(),
     }
-}
-
-/// `tb-<id>-<name>`: `<id>` tells testbeds apart, `<name>` tells people what
-/// it is. `dir` is the machine's or network's folder in `.testbed/`.
-pub fn object_name(dir: &Path, name: &str) -> String {
-    format!("tb-{}-{name}", testbed_id(dir))
-}
-
-/// 8 hex digits of the hash of the testbed's `.testbed/` path.
-fn testbed_id(dir: &Path) -> String {
-    let root = dir.parent().and_then(Path::parent).unwrap_or(dir);
-    let digest = Sha256::digest(root.to_string_lossy().as_bytes());
-    hex::encode(digest)[..8].to_string()
 }
 
 /// A Linux bridge name (at most 15 bytes) for a network.

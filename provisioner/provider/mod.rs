@@ -8,6 +8,7 @@ mod loopback;
 pub mod qemu;
 mod qmp;
 pub mod switch;
+pub mod virtualbox;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,9 @@ pub enum ProviderError {
         /// The environment variable naming the URI.
         env: &'static str,
     },
+    /// A `VBoxManage` call failed: the call, and what it said.
+    #[error("VBoxManage failed: {call}\n  {message}")]
+    VBoxManage { call: String, message: String },
     /// A libvirt call failed; `what` says which.
     #[error("libvirt: {what}: {message}")]
     Libvirt { what: String, message: String },
@@ -336,6 +340,29 @@ pub trait Provider: Send + Sync {
     fn ssh_port(&self, previous: u16, retry: bool) -> Result<u16, ProviderError>;
     /// What this provider needs of the host, as `testbed doctor` lines.
     fn doctor(&self) -> Vec<DoctorLine>;
+    /// The commands `up` would run to boot the machine (to create it
+    /// first, when `create`), as a shell would take them, for `plan` to
+    /// show: for backends driven through a command-line tool. Empty when
+    /// there is no such tool.
+    fn planned_calls(&self, _vm: &VmSpec, _create: bool) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// `tb-<id>-<name>`: `<id>` tells testbeds apart, `<name>` tells people what
+/// it is; how providers that keep objects outside `.testbed/` (libvirt's
+/// domains, VirtualBox's VMs) name them. `dir` is the machine's or
+/// network's folder in `.testbed/`.
+pub fn object_name(dir: &Path, name: &str) -> String {
+    format!("tb-{}-{name}", testbed_id(dir))
+}
+
+/// 8 hex digits of the hash of the testbed's `.testbed/` path.
+fn testbed_id(dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let root = dir.parent().and_then(Path::parent).unwrap_or(dir);
+    let digest = Sha256::digest(root.to_string_lossy().as_bytes());
+    hex::encode(digest)[..8].to_string()
 }
 
 /// The file the libvirt provider writes into a folder before making its
@@ -343,11 +370,15 @@ pub trait Provider: Send + Sync {
 /// without libvirt still does not take such a folder for another's.
 const LIBVIRT_MADE: &str = "libvirt.json";
 
-/// The providers to ask what made a folder, libvirt first: both put a
-/// console log (and lifecycle a seed) in a machine's folder, and a libvirt
-/// folder taken for a qemu one would lose the only pointer to its domain,
-/// so libvirt's marker is the evidence that wins.
-const MAKERS: [ProviderKind; 2] = [ProviderKind::Libvirt, ProviderKind::Qemu];
+/// The providers to ask what made a folder, qemu last: all put a console
+/// log (and lifecycle a seed) in a machine's folder, and a libvirt or
+/// VirtualBox folder taken for a qemu one would lose the only pointer to
+/// its domain or VM, so their markers are the evidence that wins.
+const MAKERS: [ProviderKind; 3] = [
+    ProviderKind::Libvirt,
+    ProviderKind::Virtualbox,
+    ProviderKind::Qemu,
+];
 
 /// The provider whose files are in a machine's or network's folder, when
 /// they say so: `destroy` must not take a libvirt machine the record lost
@@ -482,7 +513,9 @@ pub fn for_kind(
         ))),
         #[cfg(not(feature = "libvirt"))]
         ProviderKind::Libvirt => Err(ProviderError::Unavailable("libvirt")),
-        ProviderKind::Virtualbox => Err(ProviderError::Unavailable("virtualbox")),
+        ProviderKind::Virtualbox => Ok(Box::new(virtualbox::Virtualbox::new(
+            settings.cache_root.clone(),
+        ))),
     }
 }
 

@@ -23,6 +23,11 @@ pub struct Bed {
     installed: Option<Installed>,
     /// Whether `up` may use the green cache (see [`Bed::with_green_cache`]).
     green_cache: bool,
+    /// Variables set for testbed besides its own (see [`Bed::with_env`]).
+    env: Vec<(String, std::ffi::OsString)>,
+    /// A folder searched before the system's on PATH (see
+    /// [`Bed::with_path_first`]).
+    path_first: Option<PathBuf>,
 }
 
 /// testbed as installed: the binary alone in a folder of its own, no
@@ -64,6 +69,8 @@ impl Bed {
             netns: None,
             installed: None,
             green_cache: false,
+            env: Vec::new(),
+            path_first: None,
         }
     }
 
@@ -92,6 +99,8 @@ impl Bed {
             netns: None,
             installed: Some(Installed { binary, user }),
             green_cache: true,
+            env: Vec::new(),
+            path_first: None,
         }
     }
 
@@ -142,6 +151,25 @@ impl Bed {
         self
     }
 
+    /// A bed whose testbed runs with `name=value` in its environment.
+    pub fn with_env(mut self, name: &str, value: impl Into<std::ffi::OsString>) -> Bed {
+        self.env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// A bed whose testbed finds the programs in `dir` before the
+    /// system's (a stand-in for one it cannot have here).
+    pub fn with_path_first(mut self, dir: PathBuf) -> Bed {
+        self.path_first = Some(dir);
+        self
+    }
+
+    /// The folder for the bed's own files (a fake's, say), readable by the
+    /// user testbed runs as: beside the project, not in it.
+    pub fn scratch(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
     /// The folder testbed runs in.
     pub fn path(&self) -> PathBuf {
         match &self.installed {
@@ -161,6 +189,7 @@ impl Bed {
             if !self.green_cache {
                 command.env("TESTBED_GREEN_CACHE_MAX", "0");
             }
+            self.add_env(&mut command, SYSTEM_PATH);
             return command;
         }
         let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("testbed"));
@@ -172,7 +201,16 @@ impl Bed {
         if !self.green_cache {
             command.env("TESTBED_GREEN_CACHE_MAX", "0");
         }
+        self.add_env(&mut command, &std::env::var("PATH").unwrap_or_default());
         command
+    }
+
+    /// The bed's variables, and its folder first on `path`.
+    fn add_env(&self, command: &mut std::process::Command, path: &str) {
+        command.envs(self.env.iter().map(|(name, value)| (name, value)));
+        if let Some(first) = &self.path_first {
+            command.env("PATH", format!("{}:{path}", first.display()));
+        }
     }
 
     /// Runs testbed and asserts success, returning stdout.
@@ -205,6 +243,9 @@ impl Bed {
     }
 }
 
+/// The PATH an installed testbed runs with.
+const SYSTEM_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+
 impl Installed {
     /// `netns`: the network namespace to run in, and the libvirt URI if any.
     fn command(
@@ -230,10 +271,7 @@ impl Installed {
         if let Some((_, Some(uri))) = netns {
             command.env("TESTBED_LIBVIRT_URI", uri);
         }
-        command
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .current_dir(dir)
-            .args(args);
+        command.env("PATH", SYSTEM_PATH).current_dir(dir).args(args);
         command
     }
 }
