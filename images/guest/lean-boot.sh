@@ -17,7 +17,9 @@ rm -f /etc/ssh/ssh_host_*
 # udev: the listed modules are loaded by the initramfs itself and devtmpfs
 # makes /dev/vda, so there is nothing to trigger or settle. ata_piix and
 # sd_mod boot the bootable disk from an IDE controller (VirtualBox's PIIX4:
-# the cloud kernel has no AHCI driver).
+# the cloud kernel has no AHCI driver); loaded on a direct boot too, where
+# they find no disk, they cost nothing measurable (time to identity under
+# TCG, three boots each: 8.7 s with them, 8.8 s without).
 cat > /etc/initramfs-tools/conf.d/testbed <<'CONF'
 MODULES=list
 COMPRESS=lz4
