@@ -467,7 +467,10 @@ impl Cache {
         let log = self.images_dir().join(format!("{}.log", image.key()));
         let step = BootDiskStep {
             image,
-            log: &log,
+            log: BuildLog {
+                image: &image.name,
+                path: &log,
+            },
             work: work.path(),
         };
         let qcow2 = image.boot_disk_as(DiskFormat::Qcow2);
@@ -521,7 +524,10 @@ impl Cache {
         let raw = work.path().join("root.raw");
         let step = Step {
             recipe,
-            log: &log,
+            log: BuildLog {
+                image: &recipe.name,
+                path: &log,
+            },
             work: work.path(),
         };
         if nix::unistd::geteuid().is_root() {
@@ -690,20 +696,28 @@ fn stage_files(recipe: &Recipe, stage: &Path) -> Result<(), ImageError> {
 /// kernel and initrd beside it.
 struct Step<'a> {
     recipe: &'a Recipe,
-    log: &'a Path,
+    log: BuildLog<'a>,
     work: &'a Path,
 }
 
-impl Step<'_> {
+/// Which image a build's tools work on, and the log they append to.
+struct BuildLog<'a> {
+    image: &'a str,
+    path: &'a Path,
+}
+
+impl BuildLog<'_> {
     fn run(
         &self,
         program: &'static str,
         command: &mut Command,
         on_line: &mut dyn FnMut(&str),
     ) -> Result<(), ImageError> {
-        run_logged(program, &self.recipe.name, command, self.log, on_line)
+        run_logged(program, self.image, command, self.path, on_line)
     }
+}
 
+impl Step<'_> {
     /// mmdebstrap with the recipe's packages, files and scripts, `mode`'s
     /// arguments, into `target`.
     fn mmdebstrap(
@@ -718,7 +732,7 @@ impl Step<'_> {
         if let Some(mirror) = &self.recipe.spec.mirror {
             command.arg(mirror);
         }
-        self.run("mmdebstrap", &mut command, on_line)
+        self.log.run("mmdebstrap", &mut command, on_line)
     }
 
     /// As root: mmdebstrap writes a directory, `mkfs.ext4 -d` makes the
@@ -736,7 +750,7 @@ impl Step<'_> {
         on_line("copying kernel and initrd");
         copy_boot_files(&rootfs, out)?;
         on_line("making the ext4 root filesystem");
-        self.run(
+        self.log.run(
             "mkfs.ext4",
             Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-L", "root", "-d"])
@@ -779,7 +793,7 @@ impl Step<'_> {
         on_line("copying kernel and initrd");
         copy_boot_files(&boot, out)?;
         on_line("growing the root filesystem, ext2 to ext4");
-        self.run(
+        self.log.run(
             "resize2fs",
             Command::new("resize2fs")
                 .arg("-f")
@@ -787,7 +801,7 @@ impl Step<'_> {
                 .arg(disk_size(self.recipe)),
             on_line,
         )?;
-        self.run(
+        self.log.run(
             "tune2fs",
             Command::new("tune2fs")
                 .args(["-j", "-O", "extent,dir_index", "-L", "root"])
@@ -804,25 +818,16 @@ impl Step<'_> {
 /// laid into one MBR disk after syslinux's boot code, converted to qcow2.
 struct BootDiskStep<'a> {
     image: &'a BuiltImage,
-    log: &'a Path,
+    log: BuildLog<'a>,
     work: &'a Path,
 }
 
 impl BootDiskStep<'_> {
-    fn run(
-        &self,
-        program: &'static str,
-        command: &mut Command,
-        on_line: &mut dyn FnMut(&str),
-    ) -> Result<(), ImageError> {
-        run_logged(program, &self.image.name, command, self.log, on_line)
-    }
-
     /// Builds the disk in the work folder; returns its path.
     fn build(&self, on_line: &mut dyn FnMut(&str)) -> Result<PathBuf, ImageError> {
         on_line("bootable disk: the root filesystem");
         let root = self.work.join("root.raw");
-        self.run(
+        self.log.run(
             "qemu-img",
             Command::new("qemu-img")
                 .args(["convert", "-O", "raw"])
@@ -837,7 +842,7 @@ impl BootDiskStep<'_> {
         let raw = self.work.join("disk.raw");
         self.partitioned_disk(&raw, &layout, on_line)?;
         for (part, offset) in [(&boot, layout.boot_offset), (&root, layout.root_offset)] {
-            self.run(
+            self.log.run(
                 "dd",
                 Command::new("dd")
                     .arg(format!("if={}", part.display()))
@@ -850,7 +855,7 @@ impl BootDiskStep<'_> {
         }
         on_line("bootable disk: converting to qcow2");
         let disk = self.work.join(format!("{BOOT_DISK}.qcow2"));
-        self.run(
+        self.log.run(
             "qemu-img",
             Command::new("qemu-img")
                 .args(["convert", "-O", "qcow2"])
@@ -875,7 +880,7 @@ impl BootDiskStep<'_> {
         let disk = self
             .work
             .join(format!("{BOOT_DISK}.{}", format.extension()));
-        self.run(
+        self.log.run(
             "qemu-img",
             Command::new("qemu-img")
                 .args(["convert", "-O", format.extension()])
@@ -892,7 +897,7 @@ impl BootDiskStep<'_> {
         let boot = self.work.join("boot.fat");
         let payload = file_len(&self.image.kernel)? + file_len(&self.image.initrd)?;
         let kib = boot_partition_bytes(payload) >> 10;
-        self.run(
+        self.log.run(
             "mkfs.fat",
             Command::new("mkfs.fat")
                 .args(["-C", "-n", "TESTBED"])
@@ -902,7 +907,7 @@ impl BootDiskStep<'_> {
         )?;
         let config = self.work.join("syslinux.cfg");
         fs::write(&config, SYSLINUX_CFG).map_err(io_err("cannot write syslinux.cfg"))?;
-        self.run(
+        self.log.run(
             "mcopy",
             Command::new("mcopy")
                 .arg("-i")
@@ -913,7 +918,7 @@ impl BootDiskStep<'_> {
                 .arg("::/"),
             on_line,
         )?;
-        self.run(
+        self.log.run(
             "syslinux",
             Command::new("syslinux").arg("--install").arg(&boot),
             on_line,
@@ -938,10 +943,10 @@ impl BootDiskStep<'_> {
         let input = fs::File::open(&script).map_err(io_err("cannot read the script"))?;
         run_logged_from(
             "sfdisk",
-            &self.image.name,
+            self.log.image,
             Command::new("sfdisk").arg("--quiet").arg(raw),
             input.into(),
-            self.log,
+            self.log.path,
             on_line,
         )?;
         let mbr = fs::read(SYSLINUX_MBR).map_err(|source| ImageError::Missing {

@@ -1106,43 +1106,9 @@ fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    use crate::image::BuiltImage;
-    use crate::provider::NicSpec;
 
     fn spec() -> VmSpec {
-        let dir = PathBuf::from("/home/u/pair/.testbed/machines/alpha");
-        VmSpec {
-            name: "alpha".into(),
-            dir: dir.clone(),
-            image: BuiltImage {
-                name: "debian-12".into(),
-                hash: "abc".into(),
-                root: "/cache/images/debian-12-abc/disk.qcow2".into(),
-                kernel: "/cache/images/debian-12-abc/vmlinuz".into(),
-                initrd: "/cache/images/debian-12-abc/initrd.img".into(),
-            },
-            cpus: 2,
-            memory_mib: 768,
-            seed: dir.join("seed.tar"),
-            machine_id: "0123456789abcdef0123456789abcdef".into(),
-            management_mac: "52:54:00:00:01:01".into(),
-            ssh_port: 40022,
-            forwards: vec![crate::model::Forward {
-                guest: 2181,
-                host: 12181,
-            }],
-            nics: vec![NicSpec {
-                network: NetworkSpec {
-                    name: "lan".into(),
-                    dir: PathBuf::from("/home/u/pair/.testbed/networks/lan"),
-                    across_hosts: false,
-                },
-                mac: "52:54:00:00:02:01".into(),
-            }],
-            internet: false,
-        }
+        crate::provider::sample_vm()
     }
 
     #[test]

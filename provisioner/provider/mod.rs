@@ -74,6 +74,9 @@ pub enum ProviderError {
         /// The environment variable naming the URI.
         env: &'static str,
     },
+    /// A disk the provider needs from the image cache could not be made.
+    #[error(transparent)]
+    Image(#[from] Box<crate::image::ImageError>),
     /// A `VBoxManage` call failed: the call, and what it said.
     #[error("VBoxManage failed: {call}\n  {message}")]
     VBoxManage { call: String, message: String },
@@ -516,6 +519,43 @@ pub fn for_kind(
         ProviderKind::Virtualbox => Ok(Box::new(virtualbox::Virtualbox::new(
             settings.cache_root.clone(),
         ))),
+    }
+}
+
+/// A machine as the providers' unit tests describe it: `alpha` of the
+/// testbed in `/home/u/pair`, on `lan`, with one forward.
+#[cfg(test)]
+pub(crate) fn sample_vm() -> VmSpec {
+    let dir = PathBuf::from("/home/u/pair/.testbed/machines/alpha");
+    VmSpec {
+        name: "alpha".into(),
+        dir: dir.clone(),
+        image: BuiltImage {
+            name: "debian-12".into(),
+            hash: "abc".into(),
+            root: "/cache/images/debian-12-abc/disk.qcow2".into(),
+            kernel: "/cache/images/debian-12-abc/vmlinuz".into(),
+            initrd: "/cache/images/debian-12-abc/initrd.img".into(),
+        },
+        cpus: 2,
+        memory_mib: 768,
+        seed: dir.join("seed.tar"),
+        machine_id: "0123456789abcdef0123456789abcdef".into(),
+        management_mac: "52:54:00:00:01:01".into(),
+        ssh_port: 40022,
+        forwards: vec![Forward {
+            guest: 2181,
+            host: 12181,
+        }],
+        nics: vec![NicSpec {
+            network: NetworkSpec {
+                name: "lan".into(),
+                dir: PathBuf::from("/home/u/pair/.testbed/networks/lan"),
+                across_hosts: false,
+            },
+            mac: "52:54:00:00:02:01".into(),
+        }],
+        internet: false,
     }
 }
 

@@ -732,41 +732,9 @@ pub fn serve_switch(socket: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::BuiltImage;
-    use crate::model::Forward;
-    use crate::provider::NicSpec;
 
     fn spec() -> VmSpec {
-        VmSpec {
-            name: "alpha".into(),
-            dir: PathBuf::from("/t/.testbed/machines/alpha"),
-            image: BuiltImage {
-                name: "debian-12".into(),
-                hash: "h".into(),
-                root: "/c/disk.qcow2".into(),
-                kernel: "/c/vmlinuz".into(),
-                initrd: "/c/initrd.img".into(),
-            },
-            cpus: 2,
-            memory_mib: 1024,
-            seed: "/t/.testbed/machines/alpha/seed.tar".into(),
-            machine_id: "0123456789abcdef0123456789abcdef".into(),
-            management_mac: "52:54:00:00:00:01".into(),
-            ssh_port: 40022,
-            forwards: vec![Forward {
-                guest: 2181,
-                host: 12181,
-            }],
-            nics: vec![NicSpec {
-                network: NetworkSpec {
-                    name: "lan".into(),
-                    dir: "/t/.testbed/networks/lan".into(),
-                    across_hosts: false,
-                },
-                mac: "52:54:00:00:01:01".into(),
-            }],
-            internet: false,
-        }
+        super::super::sample_vm()
     }
 
     fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
@@ -809,10 +777,10 @@ mod tests {
         );
         assert_eq!(
             netdevs[1],
-            "stream,id=net0,server=off,addr.type=unix,addr.path=/t/.testbed/networks/lan/switch.sock"
+            "stream,id=net0,server=off,addr.type=unix,addr.path=/home/u/pair/.testbed/networks/lan/switch.sock"
         );
         assert_eq!(after(&args, "-accel"), ["tcg"]);
-        assert_eq!(after(&args, "-m"), ["1024M"]);
+        assert_eq!(after(&args, "-m"), ["768M"]);
         assert_eq!(after(&args, "-smp"), ["2"]);
         assert!(args.iter().any(|a| a.contains("serial=testbed-seed")));
         assert!(args.contains(&"-daemonize".to_string()));

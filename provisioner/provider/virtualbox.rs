@@ -61,11 +61,7 @@ impl Virtualbox {
     fn base_disk(&self, vm: &VmSpec) -> Result<PathBuf, ProviderError> {
         Cache::at(self.cache_root.clone())
             .ensure_boot_disk(&vm.image, DiskFormat::Vdi, &mut |_| {})
-            .map_err(|e| ProviderError::Start {
-                program: "the bootable disk's build".into(),
-                machine: vm.name.clone(),
-                message: e.to_string(),
-            })
+            .map_err(|e| Box::new(e).into())
     }
 }
 
@@ -434,10 +430,16 @@ impl Provider for Virtualbox {
         };
         write_made(&vm.dir, &made)?;
         create_seed_disk(vm)?;
-        for call in create_calls(vm, &base) {
-            call.run()?;
+        let registered = create_calls(vm, &base)
+            .iter()
+            .try_for_each(|call| call.run().map(drop));
+        if registered.is_err() {
+            // No half-made VM stays registered (the name is this
+            // testbed's own): the next `up` creates it anew.
+            let _ = Call::new(["unregistervm", made.vm.as_str(), "--delete"]).run();
+            let _ = fs::remove_file(vm.dir.join(MADE));
         }
-        Ok(())
+        registered
     }
 
     fn start(&self, vm: &VmSpec) -> Result<(), ProviderError> {
@@ -533,19 +535,18 @@ impl Provider for Virtualbox {
     }
 
     fn planned_calls(&self, vm: &VmSpec, create: bool) -> Vec<String> {
-        let base = vm.image.boot_disk_as(DiskFormat::Vdi);
-        let name = vm_name(vm);
-        let previous = read_made(&vm.dir).and_then(|made| made.ssh_port);
-        let creating = create.then(|| create_calls(vm, &base)).unwrap_or_default();
-        creating
-            .into_iter()
-            .chain(start_calls(
-                &name,
-                previous.filter(|_| !create),
-                vm.ssh_port,
-            ))
-            .map(|call| call.to_string())
-            .collect()
+        let (mut calls, previous) = match create {
+            true => (
+                create_calls(vm, &vm.image.boot_disk_as(DiskFormat::Vdi)),
+                None,
+            ),
+            false => (
+                Vec::new(),
+                read_made(&vm.dir).and_then(|made| made.ssh_port),
+            ),
+        };
+        calls.extend(start_calls(&vm_name(vm), previous, vm.ssh_port));
+        calls.iter().map(Call::to_string).collect()
     }
 
     /// VBoxManage, and syslinux for the bootable disk (qemu-img, which
@@ -587,41 +588,9 @@ fn snapshots_unsupported() -> ProviderError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::BuiltImage;
-    use crate::model::Forward;
-    use crate::provider::NicSpec;
 
     fn spec() -> VmSpec {
-        VmSpec {
-            name: "zk-1".into(),
-            dir: "/p/.testbed/machines/zk-1".into(),
-            image: BuiltImage {
-                name: "debian-12".into(),
-                hash: "abc".into(),
-                root: "/cache/images/debian-12-abc/disk.qcow2".into(),
-                kernel: "/cache/images/debian-12-abc/vmlinuz".into(),
-                initrd: "/cache/images/debian-12-abc/initrd.img".into(),
-            },
-            cpus: 2,
-            memory_mib: 1024,
-            seed: "/p/.testbed/machines/zk-1/seed".into(),
-            machine_id: "0123456789abcdef0123456789abcdef".into(),
-            management_mac: "52:54:00:aa:bb:cc".into(),
-            ssh_port: 2222,
-            forwards: vec![Forward {
-                host: 8080,
-                guest: 80,
-            }],
-            nics: vec![NicSpec {
-                network: NetworkSpec {
-                    name: "lan".into(),
-                    dir: "/p/.testbed/networks/lan".into(),
-                    across_hosts: false,
-                },
-                mac: "52:54:00:dd:ee:ff".into(),
-            }],
-            internet: false,
-        }
+        crate::provider::sample_vm()
     }
 
     #[test]
@@ -632,21 +601,24 @@ mod tests {
             .map(Call::to_string)
             .collect();
         let name = vm_name(&vm);
-        assert!(name.starts_with("tb-") && name.ends_with("-zk-1"), "{name}");
+        assert!(
+            name.starts_with("tb-") && name.ends_with("-alpha"),
+            "{name}"
+        );
         assert_eq!(
             calls[0],
             format!(
-                "VBoxManage createvm --name {name} --basefolder /p/.testbed/machines/zk-1 \
-                 --ostype Debian_64 --register"
+                "VBoxManage createvm --name {name} --basefolder \
+                 /home/u/pair/.testbed/machines/alpha --ostype Debian_64 --register"
             )
         );
         let hardware = &calls[1];
         for part in [
-            "--memory 1024 --cpus 2",
-            "--uart1 0x3F8 4 --uartmode1 file /p/.testbed/machines/zk-1/console.log",
-            "--nic1 nat --nictype1 virtio --macaddress1 525400AABBCC --cableconnected1 on",
-            "--natpf1 'tcp-8080,tcp,127.0.0.1,8080,,80'",
-            "--nic2 intnet --nictype2 virtio --macaddress2 525400DDEEFF",
+            "--memory 768 --cpus 2",
+            "--uart1 0x3F8 4 --uartmode1 file /home/u/pair/.testbed/machines/alpha/console.log",
+            "--nic1 nat --nictype1 virtio --macaddress1 525400000101 --cableconnected1 on",
+            "--natpf1 'tcp-12181,tcp,127.0.0.1,12181,,2181'",
+            "--nic2 intnet --nictype2 virtio --macaddress2 525400000201",
         ] {
             assert!(hardware.contains(part), "{part} missing from {hardware}");
         }
@@ -665,7 +637,7 @@ mod tests {
             )
         );
         assert!(calls[4].ends_with(
-            "--port 1 --device 0 --type hdd --medium /p/.testbed/machines/zk-1/seed.vmdk"
+            "--port 1 --device 0 --type hdd --medium /home/u/pair/.testbed/machines/alpha/seed.vmdk"
         ));
     }
 
