@@ -350,7 +350,7 @@ const BOOT_DISK: &str = "boot-disk";
 /// partition marked active.
 const SYSLINUX_MBR: &str = "/usr/lib/syslinux/mbr/mbr.bin";
 
-/// How the bootable disk boots: the root by its label (SATA under
+/// How the bootable disk boots: the root by its label (IDE under
 /// VirtualBox, virtio elsewhere), and identity applied before systemd
 /// starts (`testbed-init`), since no command line of testbed's gives
 /// systemd the machine-id.
@@ -421,7 +421,7 @@ impl Cache {
         match self.lookup(recipe) {
             Some(image) => Ok(image),
             None => {
-                self.remove_stale_builds(recipe);
+                self.remove_stale_builds(&recipe.key());
                 self.build(recipe, on_line)
             }
         }
@@ -460,6 +460,8 @@ impl Cache {
         if disk.is_file() {
             return Ok(disk);
         }
+        self.remove_stale_builds(&image.key());
+        check_free_space(&image.name, &self.images_dir())?;
         let work = tempfile::Builder::new()
             .prefix(&format!(".build-{}-disk-", image.key()))
             .tempdir_in(self.images_dir())
@@ -491,10 +493,11 @@ impl Cache {
         Ok(disk)
     }
 
-    /// The `.build-KEY-*` folders a killed build of `recipe` left behind:
-    /// with the recipe's lock held, no build of it can be using them.
-    fn remove_stale_builds(&self, recipe: &Recipe) {
-        let prefix = format!(".build-{}-", recipe.key());
+    /// The `.build-KEY-*` folders a killed build of the image `key` (or of
+    /// its bootable disk) left behind: with its lock held, no build of it
+    /// can be using them.
+    fn remove_stale_builds(&self, key: &str) {
+        let prefix = format!(".build-{key}-");
         let Ok(entries) = fs::read_dir(self.images_dir()) else {
             return;
         };
@@ -511,7 +514,7 @@ impl Cache {
         on_line: &mut dyn FnMut(&str),
     ) -> Result<BuiltImage, ImageError> {
         let images = self.images_dir();
-        check_free_space(recipe, &images)?;
+        check_free_space(&recipe.name, &images)?;
         let work = tempfile::Builder::new()
             .prefix(&format!(".build-{}-", recipe.key()))
             .tempdir_in(&images)
@@ -987,11 +990,13 @@ impl DiskLayout {
         }
     }
 
-    /// The table in sfdisk's script format (sectors of 512 bytes).
+    /// The table in sfdisk's script format (sectors of 512 bytes); type
+    /// `e` is FAT16 with LBA, what mkfs.fat makes at the boot partition's
+    /// size.
     fn sfdisk_script(&self) -> String {
         let sectors = |bytes: u64| bytes / 512;
         format!(
-            "label: dos\nstart={}, size={}, type=c, bootable\nstart={}, size={}, type=83\n",
+            "label: dos\nstart={}, size={}, type=e, bootable\nstart={}, size={}, type=83\n",
             sectors(self.boot_offset),
             sectors(self.boot_len),
             sectors(self.root_offset),
@@ -1019,7 +1024,7 @@ const BUILD_FREE_BYTES: u64 = 2 << 30;
 
 /// Refuses to start a build the cache's disk cannot hold, before anything
 /// is written.
-fn check_free_space(recipe: &Recipe, images: &Path) -> Result<(), ImageError> {
+fn check_free_space(name: &str, images: &Path) -> Result<(), ImageError> {
     let stat = nix::sys::statvfs::statvfs(images)
         .map_err(|e| io_err(format!("cannot stat {}", images.display()))(e.into()))?;
     let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
@@ -1027,7 +1032,7 @@ fn check_free_space(recipe: &Recipe, images: &Path) -> Result<(), ImageError> {
         return Ok(());
     }
     Err(ImageError::LowDisk {
-        name: recipe.name.clone(),
+        name: name.to_owned(),
         dir: images.to_path_buf(),
         needed: mebibytes(BUILD_FREE_BYTES),
         free: mebibytes(free),
@@ -1280,7 +1285,7 @@ mod tests {
         assert_eq!(layout.total, 41 * MIB + 4097 * MIB);
         assert_eq!(
             layout.sfdisk_script(),
-            "label: dos\nstart=2048, size=81920, type=c, bootable\n\
+            "label: dos\nstart=2048, size=81920, type=e, bootable\n\
              start=83968, size=8390656, type=83\n"
         );
         assert_eq!(boot_partition_bytes(MIB), 32 * MIB);

@@ -139,6 +139,15 @@ fn a_pair_on_virtualbox_lives_halts_resumes_and_leaves_nothing_behind() {
         .and_then(|cached| cached.iter().find_map(|image| image["disk"].as_str()))
         .unwrap_or_else(|| panic!("a bootable disk is listed: {listing}"));
     assert!(disk.ends_with("boot-disk.qcow2"), "{disk}");
+
+    // Last (it runs the fake as the test's user, not testbed's): destroy
+    // left no stale base in VirtualBox's media registry.
+    let media = run_fake(&home, &["list", "hdds"]);
+    let media = String::from_utf8_lossy(&media.stdout);
+    assert!(
+        !media.contains("boot-disk.vdi"),
+        "the base was closed:\n{media}"
+    );
 }
 
 /// The `$ VBoxManage …` lines of `plan`, as argument lists without the

@@ -10,6 +10,7 @@
 //!
 //! Every call is data first ([`Call`]): `up` runs them, `plan` prints them.
 
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs;
 use std::io::Write;
@@ -45,6 +46,9 @@ const CONTROLLER: &str = "IDE";
 const SSH_RULE: &str = "ssh";
 /// How long `kill` waits for a powered-off VM to say so.
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a call waits for the session lock a VM that just stopped
+/// still holds (VirtualBox releases it a moment after `poweroff`).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct Virtualbox {
@@ -57,6 +61,16 @@ impl Virtualbox {
         Virtualbox { cache_root }
     }
 
+    /// `controlvm NAME ACTION` on the machine's VM.
+    fn control(&self, dir: &Path, action: &str) -> Result<(), ProviderError> {
+        let made = read_made(dir).ok_or_else(|| ProviderError::NotCreated {
+            machine: dir.display().to_string(),
+            missing: MADE,
+        })?;
+        Call::new(["controlvm", made.vm.as_str(), action]).run()?;
+        Ok(())
+    }
+
     /// The cached VDI of the machine's image, made when missing.
     fn base_disk(&self, vm: &VmSpec) -> Result<PathBuf, ProviderError> {
         Cache::at(self.cache_root.clone())
@@ -65,16 +79,23 @@ impl Virtualbox {
     }
 }
 
-/// What testbed made of a machine: its VM's name, and the SSH port its NAT
-/// rule forwards (none before the first start).
+/// What testbed made of a machine: its VM, the base disk it attached, and
+/// whether every call that makes it went through (a VM left half-made by
+/// an interrupted `up` is not booted: the next `create` makes it anew).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Made {
     vm: String,
-    ssh_port: Option<u16>,
+    base: PathBuf,
+    complete: bool,
 }
 
 fn read_made(dir: &Path) -> Option<Made> {
     serde_json::from_slice(&fs::read(dir.join(MADE)).ok()?).ok()
+}
+
+/// The record of a VM whose create went through.
+fn complete_made(dir: &Path) -> Option<Made> {
+    read_made(dir).filter(|made| made.complete)
 }
 
 fn write_made(dir: &Path, made: &Made) -> Result<(), ProviderError> {
@@ -87,26 +108,40 @@ fn write_made(dir: &Path, made: &Made) -> Result<(), ProviderError> {
 
 /// One `VBoxManage` invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Call(Vec<String>);
+pub struct Call(Vec<OsString>);
 
 impl Call {
-    fn new<S: Into<String>>(args: impl IntoIterator<Item = S>) -> Call {
-        Call(args.into_iter().map(Into::into).collect())
+    fn new<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Call {
+        Call(args.into_iter().map(|a| a.as_ref().to_owned()).collect())
     }
 
-    fn arg(mut self, arg: impl Into<String>) -> Call {
-        self.0.push(arg.into());
+    fn arg(mut self, arg: impl AsRef<OsStr>) -> Call {
+        self.0.push(arg.as_ref().to_owned());
         self
     }
 
-    fn path(self, path: &Path) -> Call {
-        self.arg(path.to_string_lossy())
+    /// Runs it; its standard output, or VBoxManage's complaint. A VM that
+    /// has just stopped keeps its session locked for a moment: the call
+    /// is tried again meanwhile.
+    fn run(&self) -> Result<String, ProviderError> {
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            match self.run_once() {
+                Err(ProviderError::VBoxManage { message, .. })
+                    if message.contains("locked") && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
-    /// Runs it; its standard output, or VBoxManage's complaint.
-    fn run(&self) -> Result<String, ProviderError> {
+    fn run_once(&self) -> Result<String, ProviderError> {
         let output = Command::new(VBOXMANAGE)
             .args(&self.0)
+            // VirtualBox translates its messages; testbed reads them.
+            .env("LC_ALL", "C")
             .output()
             .map_err(|source| ProviderError::Missing {
                 program: VBOXMANAGE.into(),
@@ -129,11 +164,10 @@ impl fmt::Display for Call {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{VBOXMANAGE}")?;
         for arg in &self.0 {
-            match shlex::try_quote(arg) {
-                Ok(quoted) => write!(f, " {quoted}")?,
-                // A NUL byte, which no path or name of ours holds.
-                Err(_) => write!(f, " {}", crate::ssh::shell_quote(arg))?,
-            }
+            let arg = arg.to_string_lossy();
+            // Only a NUL byte cannot be quoted, and no argument holds one.
+            let quoted = shlex::try_quote(&arg).unwrap_or_default();
+            write!(f, " {quoted}")?;
         }
         Ok(())
     }
@@ -155,17 +189,16 @@ fn nat_rule(name: &str, host: u16, guest: u16) -> String {
 }
 
 /// The calls that register the machine's VM: created in its folder, its
-/// hardware, the base disk (`base`, a VDI) and the seed attached.
+/// storage controller, the base disk (`base`, a VDI) and the seed attached.
 pub fn create_calls(vm: &VmSpec, base: &Path) -> Vec<Call> {
     let name = vm_name(vm);
     let create = Call::new(["createvm", "--name", &name, "--basefolder"])
-        .path(&vm.dir)
+        .arg(&vm.dir)
         .arg("--ostype")
         .arg("Debian_64")
         .arg("--register");
     vec![
         create,
-        hardware_call(vm, &name),
         Call::new(["storagectl", &name, "--name", CONTROLLER, "--add", "ide"])
             .arg("--controller")
             .arg("PIIX4")
@@ -178,10 +211,21 @@ pub fn create_calls(vm: &VmSpec, base: &Path) -> Vec<Call> {
     ]
 }
 
+/// The calls that boot the VM (powered off): its hardware as the topology
+/// says now, its NAT rules (`rules`, the ones it has, deleted first) the
+/// topology's forwards and SSH on `vm.ssh_port`, then a headless start.
+pub fn boot_calls(vm: &VmSpec, rules: &[String]) -> Vec<Call> {
+    let name = vm_name(vm);
+    vec![
+        hardware_call(vm, &name, rules),
+        Call::new(["startvm", &name, "--type", "headless"]),
+    ]
+}
+
 /// `modifyvm` with the machine's memory, CPUs, console and NICs: NAT
-/// first (the management NIC, with the topology's forwards), then an
-/// internal network per topology network.
-fn hardware_call(vm: &VmSpec, name: &str) -> Call {
+/// first (the management NIC, with SSH and the topology's forwards), then
+/// an internal network per topology network.
+fn hardware_call(vm: &VmSpec, name: &str, rules: &[String]) -> Call {
     let mut call = Call::new(["modifyvm", name])
         .arg("--memory")
         .arg(vm.memory_mib.to_string())
@@ -204,8 +248,14 @@ fn hardware_call(vm: &VmSpec, name: &str) -> Call {
         .arg("4")
         .arg("--uartmode1")
         .arg("file")
-        .path(&vm.console_log());
+        .arg(vm.console_log());
     call = nic(call, 1, "nat", &vm.management_mac);
+    for rule in rules {
+        call = call.arg("--natpf1").arg("delete").arg(rule);
+    }
+    call = call
+        .arg("--natpf1")
+        .arg(nat_rule(SSH_RULE, vm.ssh_port, 22));
     for forward in &vm.forwards {
         let rule = nat_rule(
             &format!("tcp-{}", forward.host),
@@ -249,22 +299,7 @@ fn attach_call(name: &str, port: u32, medium: &Path) -> Call {
         .arg("--type")
         .arg("hdd")
         .arg("--medium")
-        .path(medium)
-}
-
-/// The calls that boot the VM: its SSH rule pointed at `port` when it
-/// forwards another (`previous`), then a headless start.
-pub fn start_calls(name: &str, previous: Option<u16>, port: u16) -> Vec<Call> {
-    let mut calls = Vec::new();
-    if previous != Some(port) {
-        let mut call = Call::new(["modifyvm", name]);
-        if previous.is_some() {
-            call = call.arg("--natpf1").arg("delete").arg(SSH_RULE);
-        }
-        calls.push(call.arg("--natpf1").arg(nat_rule(SSH_RULE, port, 22)));
-    }
-    calls.push(Call::new(["startvm", name, "--type", "headless"]));
-    calls
+        .arg(medium)
 }
 
 /// `VMState` from `showvminfo --machinereadable`.
@@ -274,19 +309,55 @@ fn parse_vm_state(info: &str) -> Option<&str> {
         .map(|value| value.trim_matches('"'))
 }
 
+/// The names of the NAT rules in `showvminfo --machinereadable`:
+/// `Forwarding(0)="ssh,tcp,127.0.0.1,2222,,22"` gives `ssh`.
+fn parse_nat_rules(info: &str) -> Vec<String> {
+    info.lines()
+        .filter(|line| line.starts_with("Forwarding("))
+        .filter_map(|line| line.split_once('='))
+        .filter_map(|(_, rule)| rule.trim_matches('"').split(',').next().map(str::to_owned))
+        .collect()
+}
+
+/// Whether VirtualBox has a VM of this name registered.
+fn registered(name: &str) -> Result<bool, ProviderError> {
+    let listed = Call::new(["list", "vms"]).run()?;
+    let quoted = format!("\"{name}\" ");
+    Ok(listed.lines().any(|line| line.starts_with(&quoted)))
+}
+
+/// The VM's machine-readable info; `None` when VirtualBox knows no such VM.
+fn vm_info(name: &str) -> Result<Option<String>, ProviderError> {
+    match Call::new(["showvminfo", name, "--machinereadable"]).run() {
+        Ok(info) => Ok(Some(info)),
+        Err(e) => match registered(name)? {
+            true => Err(e),
+            false => Ok(None),
+        },
+    }
+}
+
 /// The VM's state as VirtualBox tells it; `None` when it knows no such VM.
 fn vm_state(name: &str) -> Result<Option<VmState>, ProviderError> {
-    match Call::new(["showvminfo", name, "--machinereadable"]).run() {
-        Ok(info) => Ok(Some(match parse_vm_state(&info) {
-            Some("poweroff" | "aborted" | "saved" | "aborted-saved") => VmState::Stopped,
-            _ => VmState::Running,
-        })),
-        Err(ProviderError::VBoxManage { message, .. })
-            if message.contains("Could not find a registered machine") =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e),
+    Ok(vm_info(name)?.map(|info| match parse_vm_state(&info) {
+        Some("poweroff" | "aborted" | "saved" | "aborted-saved") => VmState::Stopped,
+        _ => VmState::Running,
+    }))
+}
+
+/// Removes what an earlier, interrupted `create` of this VM left: the
+/// name and its folder are this testbed's own.
+fn clear_leftovers(vm: &VmSpec, name: &str) -> Result<(), ProviderError> {
+    if registered(name)? {
+        Call::new(["unregistervm", name, "--delete"]).run()?;
+    }
+    let folder = vm.dir.join(name);
+    match fs::remove_dir_all(&folder) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
+            what: format!("cannot remove {}", folder.display()),
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -421,45 +492,49 @@ impl Provider for Virtualbox {
         true
     }
 
+    /// Clears what an interrupted create left, then registers the VM; the
+    /// record says it is complete only once every call went through.
     fn create(&self, vm: &VmSpec) -> Result<(), ProviderError> {
         crate::state::create_private_dir(&vm.dir)?;
         let base = self.base_disk(vm)?;
-        let made = Made {
+        let mut made = Made {
             vm: vm_name(vm),
-            ssh_port: None,
+            base: base.clone(),
+            complete: false,
         };
+        clear_leftovers(vm, &made.vm)?;
         write_made(&vm.dir, &made)?;
         create_seed_disk(vm)?;
         let registered = create_calls(vm, &base)
             .iter()
             .try_for_each(|call| call.run().map(drop));
-        if registered.is_err() {
-            // No half-made VM stays registered (the name is this
-            // testbed's own): the next `up` creates it anew.
-            let _ = Call::new(["unregistervm", made.vm.as_str(), "--delete"]).run();
-            let _ = fs::remove_file(vm.dir.join(MADE));
+        if let Err(e) = registered {
+            // Unregistered now if it can be, else by the next create.
+            let _ = clear_leftovers(vm, &made.vm);
+            return Err(e);
         }
-        registered
+        made.complete = true;
+        write_made(&vm.dir, &made)
     }
 
     fn start(&self, vm: &VmSpec) -> Result<(), ProviderError> {
-        let mut made = read_made(&vm.dir).ok_or_else(|| ProviderError::NotCreated {
+        let made = complete_made(&vm.dir).ok_or_else(|| ProviderError::NotCreated {
             machine: vm.name.clone(),
             missing: MADE,
         })?;
         write_seed_extent(vm)?;
-        for call in start_calls(&made.vm, made.ssh_port, vm.ssh_port) {
+        let rules = vm_info(&made.vm)?
+            .map(|info| parse_nat_rules(&info))
+            .unwrap_or_default();
+        for call in boot_calls(vm, &rules) {
             call.run()?;
-            if call.0.first().is_some_and(|c| c == "modifyvm") {
-                made.ssh_port = Some(vm.ssh_port);
-                write_made(&vm.dir, &made)?;
-            }
         }
         Ok(())
     }
 
+    /// A VM whose create did not complete is absent: `up` makes it anew.
     fn state(&self, dir: &Path) -> VmState {
-        let Some(made) = read_made(dir) else {
+        let Some(made) = complete_made(dir) else {
             return VmState::Absent;
         };
         match vm_state(&made.vm) {
@@ -488,14 +563,18 @@ impl Provider for Virtualbox {
         Ok(())
     }
 
-    /// Unregisters the VM with `--delete` (its settings, logs and
-    /// differencing image; the shared base stays), then the folder's files.
+    /// Unregisters the VM with `--delete` (its settings, logs, differencing
+    /// image and seed), closes the shared base once no VM uses it (so no
+    /// stale entry stays in VirtualBox's media registry), then removes the
+    /// folder's files.
     fn destroy(&self, dir: &Path) -> Result<(), ProviderError> {
         if let Some(made) = read_made(dir) {
             self.kill(dir)?;
-            if vm_state(&made.vm)?.is_some() {
+            if registered(&made.vm)? {
                 Call::new(["unregistervm", &made.vm, "--delete"]).run()?;
             }
+            // Refused while another VM still uses the base: it closes it.
+            let _ = Call::new(["closemedium", "disk"]).arg(&made.base).run();
         }
         match fs::remove_dir_all(dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
@@ -534,18 +613,17 @@ impl Provider for Virtualbox {
         loopback::ssh_port(previous, retry)
     }
 
+    /// For a VM that exists, the NAT rules to delete are the ones it has
+    /// now (asked of VirtualBox; none when it cannot be asked).
     fn planned_calls(&self, vm: &VmSpec, create: bool) -> Vec<String> {
-        let (mut calls, previous) = match create {
-            true => (
-                create_calls(vm, &vm.image.boot_disk_as(DiskFormat::Vdi)),
-                None,
-            ),
-            false => (
-                Vec::new(),
-                read_made(&vm.dir).and_then(|made| made.ssh_port),
-            ),
-        };
-        calls.extend(start_calls(&vm_name(vm), previous, vm.ssh_port));
+        let mut calls = Vec::new();
+        let mut rules = Vec::new();
+        if create {
+            calls = create_calls(vm, &vm.image.boot_disk_as(DiskFormat::Vdi));
+        } else if let Ok(Some(info)) = vm_info(&vm_name(vm)) {
+            rules = parse_nat_rules(&info);
+        }
+        calls.extend(boot_calls(vm, &rules));
         calls.iter().map(Call::to_string).collect()
     }
 
@@ -566,18 +644,6 @@ impl Provider for Virtualbox {
     }
 }
 
-impl Virtualbox {
-    /// `controlvm NAME ACTION` on the machine's VM.
-    fn control(&self, dir: &Path, action: &str) -> Result<(), ProviderError> {
-        let made = read_made(dir).ok_or_else(|| ProviderError::NotCreated {
-            machine: dir.display().to_string(),
-            missing: MADE,
-        })?;
-        Call::new(["controlvm", made.vm.as_str(), action]).run()?;
-        Ok(())
-    }
-}
-
 fn snapshots_unsupported() -> ProviderError {
     unsupported(
         "save or restore a snapshot of a machine",
@@ -593,35 +659,61 @@ mod tests {
         crate::provider::sample_vm()
     }
 
+    fn render(calls: Vec<Call>) -> Vec<String> {
+        calls.iter().map(Call::to_string).collect()
+    }
+
     #[test]
-    fn create_registers_the_vm_with_its_disks_nics_and_console() {
+    fn create_registers_the_vm_with_its_disks() {
         let vm = spec();
-        let calls: Vec<String> = create_calls(&vm, Path::new("/cache/boot-disk.vdi"))
-            .iter()
-            .map(Call::to_string)
-            .collect();
+        let calls = render(create_calls(&vm, Path::new("/cache/boot-disk.vdi")));
         let name = vm_name(&vm);
         assert!(
             name.starts_with("tb-") && name.ends_with("-alpha"),
             "{name}"
         );
         assert_eq!(
-            calls[0],
-            format!(
-                "VBoxManage createvm --name {name} --basefolder \
-                 /home/u/pair/.testbed/machines/alpha --ostype Debian_64 --register"
-            )
+            calls,
+            [
+                format!(
+                    "VBoxManage createvm --name {name} --basefolder \
+                     /home/u/pair/.testbed/machines/alpha --ostype Debian_64 --register"
+                ),
+                format!(
+                    "VBoxManage storagectl {name} --name IDE --add ide --controller PIIX4 \
+                     --bootable on"
+                ),
+                format!(
+                    "VBoxManage storageattach {name} --storagectl IDE --port 0 --device 0 \
+                     --type hdd --medium /cache/boot-disk.vdi --mtype multiattach"
+                ),
+                format!(
+                    "VBoxManage storageattach {name} --storagectl IDE --port 1 --device 0 \
+                     --type hdd --medium /home/u/pair/.testbed/machines/alpha/seed.vmdk"
+                ),
+            ]
         );
-        let hardware = &calls[1];
+    }
+
+    #[test]
+    fn each_boot_sets_the_hardware_nics_and_nat_rules_then_starts_headless() {
+        let vm = spec();
+        let name = vm_name(&vm);
+        let calls = render(boot_calls(&vm, &[]));
+        let hardware = &calls[0];
         for part in [
             "--memory 768 --cpus 2",
             "--uart1 0x3F8 4 --uartmode1 file /home/u/pair/.testbed/machines/alpha/console.log",
-            "--nic1 nat --nictype1 virtio --macaddress1 525400000101 --cableconnected1 on",
-            "--natpf1 'tcp-12181,tcp,127.0.0.1,12181,,2181'",
+            "--nic1 nat --nictype1 virtio --macaddress1 525400000101 --cableconnected1 on \
+             --natpf1 'ssh,tcp,127.0.0.1,40022,,22' --natpf1 'tcp-12181,tcp,127.0.0.1,12181,,2181'",
             "--nic2 intnet --nictype2 virtio --macaddress2 525400000201",
         ] {
             assert!(hardware.contains(part), "{part} missing from {hardware}");
         }
+        assert!(
+            !hardware.contains("delete"),
+            "a new VM has no rule to delete"
+        );
         let intnet = intnet_name(&vm.nics[0].network);
         assert!(hardware.ends_with(&format!("--intnet2 {intnet}")));
         assert_eq!(
@@ -630,43 +722,28 @@ mod tests {
             "one testbed"
         );
         assert_eq!(
-            calls[3],
-            format!(
-                "VBoxManage storageattach {name} --storagectl IDE --port 0 --device 0 --type hdd \
-                 --medium /cache/boot-disk.vdi --mtype multiattach"
-            )
+            calls[1],
+            format!("VBoxManage startvm {name} --type headless")
         );
-        assert!(calls[4].ends_with(
-            "--port 1 --device 0 --type hdd --medium /home/u/pair/.testbed/machines/alpha/seed.vmdk"
-        ));
-    }
 
-    #[test]
-    fn start_points_the_ssh_rule_at_the_port_only_when_it_moved() {
-        let render =
-            |calls: Vec<Call>| -> Vec<String> { calls.iter().map(Call::to_string).collect() };
-        assert_eq!(
-            render(start_calls("vm", None, 2222)),
-            [
-                "VBoxManage modifyvm vm --natpf1 'ssh,tcp,127.0.0.1,2222,,22'",
-                "VBoxManage startvm vm --type headless"
-            ]
-        );
-        assert_eq!(
-            render(start_calls("vm", Some(2222), 2300))[0],
-            "VBoxManage modifyvm vm --natpf1 delete ssh --natpf1 'ssh,tcp,127.0.0.1,2300,,22'"
-        );
-        assert_eq!(
-            render(start_calls("vm", Some(2222), 2222)),
-            ["VBoxManage startvm vm --type headless"]
+        let again = render(boot_calls(&vm, &["ssh".into(), "tcp-12181".into()]));
+        assert!(
+            again[0].contains(
+                "--natpf1 delete ssh --natpf1 delete tcp-12181 --natpf1 'ssh,tcp,127.0.0.1,40022,,22'"
+            ),
+            "the rules it has go before they are made again: {}",
+            again[0]
         );
     }
 
     #[test]
-    fn the_state_is_read_from_the_machine_readable_info() {
-        let info = "name=\"vm\"\nVMState=\"running\"\nVMStateChangeTime=\"2026-12-04T01:00:00\"\n";
+    fn the_state_and_nat_rules_are_read_from_the_machine_readable_info() {
+        let info = "name=\"vm\"\nVMState=\"running\"\nVMStateChangeTime=\"2026-12-04T01:00:00\"\n\
+                    Forwarding(0)=\"ssh,tcp,127.0.0.1,2222,,22\"\n\
+                    Forwarding(1)=\"tcp-8080,tcp,127.0.0.1,8080,,80\"\n";
         assert_eq!(parse_vm_state(info), Some("running"));
         assert_eq!(parse_vm_state("name=\"vm\"\n"), None);
+        assert_eq!(parse_nat_rules(info), ["ssh", "tcp-8080"]);
     }
 
     #[test]
