@@ -14,6 +14,7 @@ pub mod graph;
 pub mod green;
 pub mod identity;
 pub mod image;
+pub mod inventory;
 pub mod kit;
 pub mod library;
 pub mod lifecycle;

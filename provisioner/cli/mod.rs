@@ -29,6 +29,7 @@ mod halt;
 mod image;
 mod init;
 mod interrupt;
+mod inventory;
 mod kits;
 mod logs;
 mod plan;
@@ -83,6 +84,7 @@ enum Command {
     Snapshot(snapshot::Args),
     Cache(cache::Args),
     SshConfig(ssh::ConfigArgs),
+    Inventory(inventory::Args),
     Halt(halt::Args),
     Destroy(destroy::Args),
     Doctor(doctor::Args),
@@ -218,6 +220,7 @@ async fn run(cli: Cli, settings: &Settings) -> anyhow::Result<ExitCode> {
         Command::Snapshot(args) => snapshot::run(args, settings).await,
         Command::Cache(args) => cache::run(args, settings).await,
         Command::SshConfig(args) => ssh::config(args, settings),
+        Command::Inventory(args) => inventory::run(args, settings),
         Command::Halt(args) => halt::run(args, settings).await,
         Command::Destroy(args) => destroy::run(args, settings).await,
         Command::Doctor(args) => doctor::run(args, settings),
