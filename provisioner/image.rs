@@ -476,19 +476,15 @@ impl Cache {
             work: work.path(),
         };
         let qcow2 = image.boot_disk_as(DiskFormat::Qcow2);
+        let move_to = |made: PathBuf, to: &Path| {
+            fs::rename(&made, to)
+                .map_err(io_err(format!("cannot move the disk to {}", to.display())))
+        };
         if !qcow2.is_file() {
-            let made = step.build(on_line)?;
-            fs::rename(&made, &qcow2).map_err(io_err(format!(
-                "cannot move the disk to {}",
-                qcow2.display()
-            )))?;
+            move_to(step.build(on_line)?, &qcow2)?;
         }
         if format != DiskFormat::Qcow2 {
-            let made = step.convert(&qcow2, format, on_line)?;
-            fs::rename(&made, &disk).map_err(io_err(format!(
-                "cannot move the disk to {}",
-                disk.display()
-            )))?;
+            move_to(step.convert(&qcow2, format, on_line)?, &disk)?;
         }
         Ok(disk)
     }
@@ -830,14 +826,7 @@ impl BootDiskStep<'_> {
     fn build(&self, on_line: &mut dyn FnMut(&str)) -> Result<PathBuf, ImageError> {
         on_line("bootable disk: the root filesystem");
         let root = self.work.join("root.raw");
-        self.log.run(
-            "qemu-img",
-            Command::new("qemu-img")
-                .args(["convert", "-O", "raw"])
-                .arg(&self.image.root)
-                .arg(&root),
-            on_line,
-        )?;
+        self.qemu_img_convert(&self.image.root, "raw", &root, on_line)?;
         on_line("bootable disk: the boot partition");
         let boot = self.boot_partition(on_line)?;
         on_line("bootable disk: the partition table");
@@ -856,42 +845,39 @@ impl BootDiskStep<'_> {
                 on_line,
             )?;
         }
-        on_line("bootable disk: converting to qcow2");
-        let disk = self.work.join(format!("{BOOT_DISK}.qcow2"));
-        self.log.run(
-            "qemu-img",
-            Command::new("qemu-img")
-                .args(["convert", "-O", "qcow2"])
-                .arg(&raw)
-                .arg(&disk),
-            on_line,
-        )?;
-        Ok(disk)
+        self.convert(&raw, DiskFormat::Qcow2, on_line)
     }
 
-    /// The bootable disk `qcow2` converted to `format` in the work folder.
+    /// The disk `from` converted to `format` in the work folder.
     fn convert(
         &self,
-        qcow2: &Path,
+        from: &Path,
         format: DiskFormat,
         on_line: &mut dyn FnMut(&str),
     ) -> Result<PathBuf, ImageError> {
-        on_line(&format!(
-            "bootable disk: converting to {}",
-            format.extension()
-        ));
-        let disk = self
-            .work
-            .join(format!("{BOOT_DISK}.{}", format.extension()));
+        let extension = format.extension();
+        on_line(&format!("bootable disk: converting to {extension}"));
+        let disk = self.work.join(format!("{BOOT_DISK}.{extension}"));
+        self.qemu_img_convert(from, extension, &disk, on_line)?;
+        Ok(disk)
+    }
+
+    /// `qemu-img convert -O FORMAT FROM TO`.
+    fn qemu_img_convert(
+        &self,
+        from: &Path,
+        format: &str,
+        to: &Path,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), ImageError> {
         self.log.run(
             "qemu-img",
             Command::new("qemu-img")
-                .args(["convert", "-O", format.extension()])
-                .arg(qcow2)
-                .arg(&disk),
+                .args(["convert", "-O", format])
+                .arg(from)
+                .arg(to),
             on_line,
-        )?;
-        Ok(disk)
+        )
     }
 
     /// A FAT filesystem holding the kernel, the initrd, syslinux and its

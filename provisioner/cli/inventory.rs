@@ -1,21 +1,22 @@
 use std::process::ExitCode;
 
 use crate::inventory::{Format, Inventory};
-use crate::lifecycle::Testbed;
+use crate::lifecycle::{configured_machines, Testbed};
 use crate::settings::Settings;
 
 /// Print an Ansible inventory of the machines (reached through testbed's
 /// ssh config, host keys pinned; a group per kit and per network)
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  ansible all -m ping -i <(testbed inventory)\n  \
+    after_help = "Examples:\n  testbed inventory > inventory.ini && ansible all -m ping -i inventory.ini\n  \
                         testbed inventory --format yaml > inventory.yml\n  \
-                        ansible-playbook -i inventory.yml site.yml"
+                        ansible-playbook -i inventory.yml site.yml\n\
+                        Write it to a file: ansible-core 2.14 reads one from a pipe (-i <(…)) as empty."
 )]
 pub struct Args {
     #[command(flatten)]
     at: super::At,
-    /// ini reads from a pipe; yaml and json from a file named .yml or .json
+    /// yaml and json need a file named .yml, .yaml or .json
     #[arg(long, value_enum, default_value = "ini")]
     format: Format,
 }
@@ -25,12 +26,7 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let config = testbed.state.ssh_config();
     let text = std::fs::read_to_string(&config)
         .map_err(|e| anyhow::anyhow!("no SSH config yet ({e}): run `testbed up` first"))?;
-    // The machines the ssh config reaches: those that were brought up.
-    let reached: Vec<String> = text
-        .lines()
-        .filter_map(|line| line.strip_prefix("Host "))
-        .map(str::to_owned)
-        .collect();
+    let reached = configured_machines(&text);
     let inventory = Inventory::of(&testbed.topology, &reached, &config);
     out_raw!("{}", inventory.render(args.format))?;
     Ok(ExitCode::SUCCESS)

@@ -7,6 +7,7 @@ use crate::lifecycle::Testbed;
 use crate::model::{Builder, Topology};
 use crate::plan::{self, MachinePlan, Plan};
 use crate::settings::Settings;
+use crate::state::Record;
 
 /// Validate a topology and show what `up` would do and why, touching nothing
 #[derive(clap::Args)]
@@ -37,8 +38,9 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
         out!("  network {name}: {} (private L2 segment)", network.subnet)?;
     }
     print_build(topology, &plan)?;
+    let record = testbed.state.load()?;
     for machine in &plan.machines {
-        print_machine(&testbed, machine, &secrets)?;
+        print_machine(&testbed, machine, &record, &secrets)?;
     }
     print_start_order(topology)?;
     print_checks(&topology.checks, "  ")?;
@@ -52,6 +54,7 @@ pub fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
 fn print_machine(
     testbed: &Testbed,
     planned: &MachinePlan,
+    record: &Record,
     secrets: &Secrets,
 ) -> anyhow::Result<()> {
     let machine = &planned.machine;
@@ -93,7 +96,7 @@ fn print_machine(
         out!("    packages: {}", machine.packages.join(" "))?;
     }
     print_artifacts(&machine.artifacts, "    ")?;
-    let calls = testbed.planned_calls(planned)?;
+    let calls = testbed.planned_calls(planned, record)?;
     if !calls.is_empty() {
         out!("    up would run:")?;
         for call in calls {

@@ -36,7 +36,9 @@ use crate::topology::{self, TopologyError};
 pub use destroy::destroy;
 pub use green::{green_cache_max, GreenRestored, GreenSaved};
 pub use snapshots::{Restored, Saved, DEFAULT_SNAPSHOT};
-pub use ssh_config::{control_path, wait_for_control_master, write_ssh_config};
+pub use ssh_config::{
+    configured_machines, control_path, wait_for_control_master, write_ssh_config,
+};
 pub use steps::StepReport;
 pub use up::{GreenOutcome, UpOptions, UpReport};
 

@@ -99,6 +99,15 @@ pub fn write_ssh_config(
     Ok(())
 }
 
+/// The machines an ssh config written by [`write_ssh_config`] reaches.
+pub fn configured_machines(config: &str) -> Vec<String> {
+    config
+        .lines()
+        .filter_map(|line| line.strip_prefix("Host "))
+        .map(str::to_owned)
+        .collect()
+}
+
 fn ssh_config_block(state: &StateDir, name: &str, endpoint: &Endpoint, alias: &str) -> String {
     let (host, port) = (endpoint.addr.ip(), endpoint.addr.port());
     format!(

@@ -514,19 +514,14 @@ impl Testbed {
     /// The commands the machine's provider would run to boot it, as `plan`
     /// shows them: none when `up` would not boot it, or when the provider
     /// drives no command-line tool. Writes nothing: the image is where its
-    /// build would put it, the SSH port the record's or one free now.
-    pub fn planned_calls(&self, machine: &MachinePlan) -> Result<Vec<String>> {
+    /// build would put it, the SSH port `record`'s or one free now.
+    pub fn planned_calls(&self, machine: &MachinePlan, record: &Record) -> Result<Vec<String>> {
         let create = match machine.action {
             MachineAction::Create => true,
             MachineAction::Start => false,
             MachineAction::Provision | MachineAction::Nothing => return Ok(Vec::new()),
         };
-        let recorded = self
-            .state
-            .load()?
-            .machines
-            .get(&machine.name)
-            .map_or(0, |r| r.ssh_port);
+        let recorded = record.machines.get(&machine.name).map_or(0, |r| r.ssh_port);
         let ssh_port = machine.provider.ssh_port(recorded, false)?;
         let image = self.cache.planned(&machine.recipe);
         let machine_id = MachineKeys::load(&self.state.machine(&machine.name))

@@ -38,7 +38,7 @@ use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 
 use super::{
-    kvm, loopback, object_name, qemu, Accelerator, DoctorLine, NetworkSpec, Provider,
+    kvm, loopback, object_name, qemu, remove_dir, Accelerator, DoctorLine, NetworkSpec, Provider,
     ProviderError, Relocation, VmSpec, VmState,
 };
 use crate::identity::Management;
@@ -1090,16 +1090,6 @@ fn reachable(uri: &str) -> (bool, String) {
             false,
             e.to_string().lines().next().unwrap_or_default().to_string(),
         ),
-    }
-}
-
-fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
-    match fs::remove_dir_all(dir) {
-        Err(source) if source.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
-            what: format!("cannot remove {}", dir.display()),
-            source,
-        }),
-        _ => Ok(()),
     }
 }
 

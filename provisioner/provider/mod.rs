@@ -368,6 +368,17 @@ fn testbed_id(dir: &Path) -> String {
     hex::encode(digest)[..8].to_string()
 }
 
+/// Removes a folder and all in it; one already gone is fine.
+fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(source) if source.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
+            what: format!("cannot remove {}", dir.display()),
+            source,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The file the libvirt provider writes into a folder before making its
 /// objects (the only pointer to them). Known here too so that a build
 /// without libvirt still does not take such a folder for another's.

@@ -16,8 +16,8 @@ use crate::model::LinkShape;
 use crate::process::{process_alive, terminate, wait_until_dead};
 
 use super::{
-    kvm, loopback, qmp, switch, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError,
-    Relocation, VmSpec, VmState,
+    kvm, loopback, qmp, remove_dir, switch, Accelerator, DoctorLine, NetworkSpec, Provider,
+    ProviderError, Relocation, VmSpec, VmState,
 };
 
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -709,16 +709,6 @@ fn spawn_switch(network: &NetworkSpec) -> Result<(), ProviderError> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
-}
-
-fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
-    match fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
-            what: format!("cannot remove {}", dir.display()),
-            source: e,
-        }),
-        _ => Ok(()),
-    }
 }
 
 /// Serves a network's switch in this process (the hidden `__switch` verb).

@@ -25,8 +25,8 @@ use crate::image::{Cache, DiskFormat};
 use crate::model::LinkShape;
 
 use super::{
-    loopback, qemu, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError, Relocation,
-    VmSpec, VmState,
+    loopback, qemu, remove_dir, Accelerator, DoctorLine, NetworkSpec, Provider, ProviderError,
+    Relocation, VmSpec, VmState,
 };
 
 pub const VBOXMANAGE: &str = "VBoxManage";
@@ -351,14 +351,7 @@ fn clear_leftovers(vm: &VmSpec, name: &str) -> Result<(), ProviderError> {
     if registered(name)? {
         Call::new(["unregistervm", name, "--delete"]).run()?;
     }
-    let folder = vm.dir.join(name);
-    match fs::remove_dir_all(&folder) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
-            what: format!("cannot remove {}", folder.display()),
-            source: e,
-        }),
-        _ => Ok(()),
-    }
+    remove_dir(&vm.dir.join(name))
 }
 
 /// Writes the seed archive into the seed's raw extent, zero-filled to its
@@ -576,13 +569,7 @@ impl Provider for Virtualbox {
             // Refused while another VM still uses the base: it closes it.
             let _ = Call::new(["closemedium", "disk"]).arg(&made.base).run();
         }
-        match fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::Io {
-                what: format!("cannot remove {}", dir.display()),
-                source: e,
-            }),
-            _ => Ok(()),
-        }
+        remove_dir(dir)
     }
 
     /// VirtualBox's NAT has qemu's addresses: the guest is 10.0.2.15, the
