@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::files;
 use crate::model::{Build, Builder, Topology, DIST};
 use crate::ssh::{self, Session, SshError, Stream};
 
@@ -128,8 +129,8 @@ pub fn inputs_hash(build: &Build, topology_dir: &Path) -> Result<String> {
         hasher.update([0]);
     }
     for input in &build.inputs {
-        for file in input_files(topology_dir, Path::new(&input.path))? {
-            hash_file(&mut hasher, topology_dir, &file)?;
+        for file in files::below(topology_dir, Path::new(&input.path))? {
+            files::hash(&mut hasher, topology_dir, &file)?;
         }
     }
     Ok(hex::encode(hasher.finalize())[..16].to_string())
@@ -165,67 +166,19 @@ pub fn build_path(input: &str) -> Option<PathBuf> {
     (!path.as_os_str().is_empty()).then_some(path)
 }
 
-/// Files below `relative` (itself when it is a file), sorted, relative to
-/// `root`. Symlinks are followed only at the top. The testbed's own state
-/// and `dist/` are never inputs: they change with every run (and hold keys).
-fn input_files(root: &Path, relative: &Path) -> Result<Vec<PathBuf>> {
-    let path = root.join(relative);
-    let metadata = std::fs::metadata(&path).map_err(input_error(&path))?;
-    if !metadata.is_dir() {
-        return Ok(vec![relative.to_path_buf()]);
-    }
-    if is_own_folder(root, &path) {
-        return Ok(Vec::new());
-    }
-    let mut entries: Vec<_> = std::fs::read_dir(&path)
-        .map_err(input_error(&path))?
-        .collect::<std::io::Result<_>>()
-        .map_err(input_error(&path))?;
-    entries.sort_by_key(|entry| entry.file_name());
-    let mut files = Vec::new();
-    for entry in entries {
-        let child = relative.join(entry.file_name());
-        let kind = entry.file_type().map_err(input_error(&entry.path()))?;
-        if kind.is_dir() {
-            files.extend(input_files(root, &child)?);
-        } else if kind.is_file() {
-            files.push(child);
-        }
-    }
-    Ok(files)
-}
-
-/// Whether `dir` is the topology's `.testbed/` or `dist/` (by real path:
-/// `../topologies/dist` is `dist` too).
-fn is_own_folder(root: &Path, dir: &Path) -> bool {
-    let Ok(real) = dir.canonicalize() else {
-        return false;
-    };
-    [crate::state::STATE_DIR, DIST]
-        .iter()
-        .any(|own| root.join(own).canonicalize().is_ok_and(|path| path == real))
-}
-
-fn hash_file(hasher: &mut Sha256, root: &Path, relative: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = root.join(relative);
-    let mut file = std::fs::File::open(&path).map_err(input_error(&path))?;
-    let mode = file
-        .metadata()
-        .map_err(input_error(&path))?
-        .permissions()
-        .mode();
-    hasher.update(relative.to_string_lossy().as_bytes());
-    hasher.update([0]);
-    hasher.update(mode.to_le_bytes());
-    std::io::copy(&mut file, hasher).map_err(input_error(&path))?;
-    Ok(())
-}
-
 fn ssh_error(builder: &str) -> impl FnOnce(SshError) -> BuildError + '_ {
     move |source| BuildError::Ssh {
         builder: builder.to_string(),
         source,
+    }
+}
+
+impl From<files::ReadError> for BuildError {
+    fn from(e: files::ReadError) -> BuildError {
+        BuildError::Input {
+            path: e.path,
+            error: e.error,
+        }
     }
 }
 
@@ -244,7 +197,7 @@ fn inputs_tar(build: &Build, topology_dir: &Path) -> Result<Vec<u8>> {
         let Some(landing) = build_path(&input.path) else {
             continue;
         };
-        for file in input_files(topology_dir, Path::new(&input.path))? {
+        for file in files::below(topology_dir, Path::new(&input.path))? {
             let path = topology_dir.join(&file);
             let name = match file.strip_prefix(&input.path) {
                 Ok(rest) if !rest.as_os_str().is_empty() => landing.join(rest),
@@ -715,7 +668,7 @@ mod tests {
             std::fs::create_dir(dir.path().join(folder)).expect("mkdir");
             std::fs::write(dir.path().join(folder).join("f"), folder).expect("write");
         }
-        let files = input_files(dir.path(), Path::new("")).expect("walk");
+        let files = files::below(dir.path(), Path::new("")).expect("walk");
         assert_eq!(files, vec![PathBuf::from("src/f")]);
     }
 

@@ -335,6 +335,7 @@ mod tests {
             artifacts: vec![],
             internet: false,
             host: None,
+            provision: Vec::new(),
         };
         Topology {
             name: "pair".into(),

@@ -10,15 +10,24 @@ use serde_json::{json, Map, Value};
 
 use crate::model::Topology;
 
-/// The formats Ansible reads an inventory in. INI is the one it takes
-/// from a pipe (`-i <(testbed inventory)`): its YAML plugin wants a file
-/// named `.yml`, `.yaml` or `.json`.
+/// The formats Ansible reads an inventory in. Its YAML plugin takes a file
+/// named `.yml`, `.yaml`, `.json` or without an extension, so YAML in
+/// `inventory.ini` is not read; see [`PIPE_PREAMBLE`] for a pipe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Ini,
     Yaml,
     Json,
 }
+
+/// What goes before an inventory written to a pipe (`-i <(testbed
+/// inventory)`): blank lines, as many as a pipe holds. Ansible opens a
+/// pipe inventory once per plugin, and each open reads on from where the
+/// last stopped: its script plugin's probe for `#!` reads one buffer
+/// (at most a pipe's 64 KiB) and its YAML plugin the rest, which leaves
+/// nothing for the INI plugin after it. So a pipe gets YAML, after enough
+/// blank lines for the probe to take only those.
+pub const PIPE_PREAMBLE: usize = 64 * 1024;
 
 /// The machines, their host vars and their groups.
 #[derive(Debug, Clone, PartialEq)]

@@ -10,6 +10,7 @@
 pub mod build;
 pub mod check;
 pub mod cli;
+pub mod files;
 pub mod graph;
 pub mod green;
 pub mod identity;
@@ -24,6 +25,7 @@ pub mod process;
 pub mod progress;
 pub mod provider;
 pub mod provision;
+pub mod provisioners;
 pub mod settings;
 pub mod snapshot;
 pub mod ssh;

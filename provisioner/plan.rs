@@ -16,6 +16,7 @@ use crate::image::{ImageError, Recipe};
 use crate::kit::{Kit, KitError, Kits, RenderedFile, Secrets};
 use crate::model::{Forward, Machine, Topology, GUEST_ARTIFACT_ROOT};
 use crate::provider::{self, NetworkSpec, Provider, ProviderError, VmState};
+use crate::provisioners;
 use crate::settings::Search;
 use crate::ssh;
 use crate::state::{Desired, MachineDir, MachineRecord, Record, StateDir};
@@ -32,6 +33,12 @@ pub enum PlanError {
     Identity(#[from] identity::IdentityError),
     #[error(transparent)]
     Build(#[from] build::BuildError),
+    #[error("{machine}: provisioner {name}: {source}")]
+    Provisioner {
+        machine: String,
+        name: String,
+        source: crate::files::ReadError,
+    },
     #[error(
         "{machine}: artifact {} is missing\n  help: the build step makes it: run `testbed build` \
          (or `testbed up`), or check `outputs` in [build]",
@@ -114,6 +121,14 @@ impl DaemonAction {
     }
 }
 
+/// Whether one of a machine's provisioners runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProvisionerAction {
+    Run,
+    Nothing,
+}
+
 /// Whether the build step runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -145,6 +160,8 @@ pub struct MachinePlan {
     /// Where the machine's image recipe was found: its file, or `built-in`.
     pub image_source: String,
     pub daemons: Vec<DaemonPlan>,
+    /// The machine's `provision` entries, in the order they run.
+    pub provision: Vec<ProvisionerPlan>,
     #[serde(skip)]
     pub machine: Machine,
     #[serde(skip)]
@@ -194,6 +211,21 @@ pub struct DaemonPlan {
     pub hash: Option<String>,
 }
 
+/// One provisioner's part of the plan.
+#[derive(Serialize)]
+pub struct ProvisionerPlan {
+    /// Its key in the record: its label, numbered when it is repeated.
+    pub name: String,
+    pub action: ProvisionerAction,
+    pub why: String,
+    /// Its place in the machine's `provision` list.
+    #[serde(skip)]
+    pub index: usize,
+    /// What the record holds once it has run.
+    #[serde(skip)]
+    pub hash: String,
+}
+
 /// A kit rendered for one machine, with the hash of its files.
 #[derive(Debug, Clone)]
 pub struct Rendered {
@@ -209,6 +241,8 @@ pub struct Applied {
     pub daemons: BTreeMap<String, String>,
     /// Hash of the machine's own artifacts.
     pub artifacts: Option<String>,
+    /// Provisioner key → [`provisioners::hash`] when it last ran through.
+    pub provisioned: BTreeMap<String, String>,
 }
 
 impl Applied {
@@ -217,6 +251,7 @@ impl Applied {
             .map(|saved| Applied {
                 daemons: saved.daemons.clone(),
                 artifacts: saved.artifacts.clone(),
+                provisioned: saved.provisioned.clone(),
             })
             .unwrap_or_default()
     }
@@ -313,6 +348,24 @@ impl Plan {
     pub fn machine(&self, name: &str) -> Option<&MachinePlan> {
         self.machines.iter().find(|m| m.name == name)
     }
+
+    /// Runs every provisioner of the machines named (`provision --force`),
+    /// whatever the record says.
+    pub fn force_provisioners(&mut self, names: &[String]) {
+        for machine in &mut self.machines {
+            if !names.contains(&machine.name) || machine.provision.is_empty() {
+                continue;
+            }
+            for provisioner in &mut machine.provision {
+                provisioner.action = ProvisionerAction::Run;
+                provisioner.why = "--force".into();
+            }
+            if machine.action == MachineAction::Nothing {
+                machine.action = MachineAction::Provision;
+                machine.why = "running; its provisioners run again (--force)".into();
+            }
+        }
+    }
 }
 
 impl MachinePlan {
@@ -388,12 +441,14 @@ impl MachineResolver<'_> {
         for kit in self.inputs.kits.of(machine) {
             daemons.push(self.daemon_plan(kit, action, &applied, hashes_known)?);
         }
+        let provision = self.provisioner_plans(action, &applied)?;
         let mut plan = MachinePlan {
             name: machine.name.clone(),
             action,
             why,
             image_source: self.recipe.found_at(),
             daemons,
+            provision,
             machine: machine.clone(),
             provider: self.provider.clone(),
             observed,
@@ -581,6 +636,46 @@ impl MachineResolver<'_> {
         })
     }
 
+    /// Each provisioner runs on a new machine, and again when its hash
+    /// differs from the one recorded when it last ran through.
+    fn provisioner_plans(
+        &self,
+        action: MachineAction,
+        applied: &Applied,
+    ) -> Result<Vec<ProvisionerPlan>> {
+        let machine = self.machine;
+        let keys = provisioners::keys(machine);
+        let mut plans = Vec::new();
+        for (index, (provisioner, name)) in machine.provision.iter().zip(keys).enumerate() {
+            let hash = provisioners::hash(self.inputs.topology, machine, provisioner).map_err(
+                |source| PlanError::Provisioner {
+                    machine: machine.name.clone(),
+                    name: name.clone(),
+                    source,
+                },
+            )?;
+            let (action, why) = match applied.provisioned.get(&name) {
+                _ if action == MachineAction::Create => {
+                    (ProvisionerAction::Run, "on the new machine")
+                }
+                None => (ProvisionerAction::Run, "has not run on this machine yet"),
+                Some(ran) if *ran != hash => (
+                    ProvisionerAction::Run,
+                    "its script, playbook or inputs changed since it last ran",
+                ),
+                Some(_) => (ProvisionerAction::Nothing, "unchanged since it last ran"),
+            };
+            plans.push(ProvisionerPlan {
+                name,
+                action,
+                why: why.into(),
+                index,
+                hash,
+            });
+        }
+        Ok(plans)
+    }
+
     /// Why a running, converged machine still needs provisioning, if it does.
     fn provisioning_needed(&self, plan: &MachinePlan, applied: &Applied) -> Option<String> {
         let changed: Vec<String> = plan
@@ -591,6 +686,15 @@ impl MachineResolver<'_> {
             .collect();
         if !changed.is_empty() {
             return Some(format!("running; daemons: {}", changed.join(", ")));
+        }
+        let runs: Vec<&str> = plan
+            .provision
+            .iter()
+            .filter(|p| p.action == ProvisionerAction::Run)
+            .map(|p| p.name.as_str())
+            .collect();
+        if !runs.is_empty() {
+            return Some(format!("running; provisioners to run: {}", runs.join(", ")));
         }
         let artifacts_current = plan.machine.artifacts.is_empty()
             || (plan.artifacts.is_some() && plan.artifacts == applied.artifacts);

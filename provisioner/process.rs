@@ -20,6 +20,15 @@ use nix::unistd::Pid;
 /// How long a process gets to end after SIGTERM, and again after SIGKILL.
 const GRACE: Duration = Duration::from_secs(3);
 
+/// Where `program` is found on PATH, if it is.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|path| path.is_file())
+    })
+}
+
 /// The pid written in `pid_file`, if it holds one.
 pub fn read_pid(pid_file: &Path) -> Option<i32> {
     fs::read_to_string(pid_file).ok()?.trim().parse().ok()

@@ -12,11 +12,14 @@ use std::time::Duration;
 use tokio::sync::{watch, Mutex, OnceCell};
 
 use crate::check::{self, BoxedStream, CommandOutput, Transport};
-use crate::model::Topology;
+use crate::files::ReadError;
+use crate::inventory::{self, Inventory};
+use crate::model::{ProvisionRun, Script, Topology};
 use crate::plan::{
     artifacts_hash, daemon_hash, guest_artifact_path, Applied, DaemonAction, DaemonPlan,
-    MachinePlan, PlanError, Rendered,
+    MachinePlan, PlanError, ProvisionerAction, ProvisionerPlan, Rendered,
 };
+use crate::provisioners::{self, ANSIBLE_PLAYBOOK};
 use crate::ssh::mux::{Master, MuxError};
 use crate::ssh::{self, Endpoint, Session, SshError, Target};
 use crate::state::StateDir;
@@ -53,6 +56,39 @@ pub enum ProvisionError {
     },
     #[error("{0}: not created yet (run `testbed up`)")]
     NotCreated(String),
+    #[error("{machine}: {provisioner} failed ({status}); its last lines:\n{tail}")]
+    ProvisionerFailed {
+        machine: String,
+        provisioner: String,
+        status: String,
+        tail: String,
+    },
+    #[error(
+        "{machine}: {provisioner} needs `{ANSIBLE_PLAYBOOK}`, which is not on PATH\n  help: \
+         install ansible-core on this computer: `sudo apt-get install ansible-core` on Debian \
+         and Ubuntu, or `pipx install ansible-core`"
+    )]
+    NoAnsible {
+        machine: String,
+        provisioner: String,
+    },
+    #[error("{machine}: {provisioner}: {source}")]
+    ProvisionerFile {
+        machine: String,
+        provisioner: String,
+        source: ReadError,
+    },
+    #[error("{machine}: {provisioner}: cannot start `{ANSIBLE_PLAYBOOK}`: {error}")]
+    AnsibleStart {
+        machine: String,
+        provisioner: String,
+        error: std::io::Error,
+    },
+    #[error("{machine}: cannot write the Ansible inventory: {source}")]
+    Inventory {
+        machine: String,
+        source: crate::state::StateError,
+    },
 }
 
 type Result<T> = std::result::Result<T, ProvisionError>;
@@ -304,6 +340,28 @@ impl Machines {
         }
     }
 
+    /// Runs `command` on the machine's own session (not retried on a lost
+    /// connection: a provisioner may not be run twice), passing its output
+    /// line by line to `on_line`.
+    async fn run_streaming(
+        &self,
+        machine: &str,
+        command: &str,
+        on_line: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<crate::ssh::ExecOutput> {
+        let session = self.session(machine).await?;
+        let mut lines = Lines::default();
+        let output = session
+            .exec_streaming(command, |_, bytes: &[u8]| lines.feed(bytes, on_line))
+            .await
+            .map_err(|source| ProvisionError::Ssh {
+                machine: machine.to_string(),
+                source,
+            })?;
+        lines.finish(on_line);
+        Ok(output)
+    }
+
     async fn run_ok(&self, machine: &str, command: &str) -> Result<()> {
         let output = self.run(machine, command).await?;
         if output.success() {
@@ -467,13 +525,15 @@ pub struct Cluster<'a> {
 /// build, when it needs artifacts) are ready: stops the daemons it no
 /// longer runs, pushes its artifacts and the rendered files of each kit
 /// that changed, (re)starts what changed or is not running, waits for
-/// readiness. `applied` is what the record says is on the machine;
-/// `on_applied` records each step as it is done.
+/// readiness; then runs the provisioners the plan says run. `applied` is
+/// what the record says is on the machine; `on_applied` records each step
+/// as it is done; `on_line` gets the provisioners' output, line by line.
 pub async fn provision_machine(
     cluster: &Cluster<'_>,
     plan: &MachinePlan,
     applied: &Applied,
     on_step: &(dyn Fn(&str) + Send + Sync),
+    on_line: &(dyn Fn(&str) + Send + Sync),
     on_applied: &(dyn Fn(&Applied) -> std::result::Result<(), crate::state::StateError>
           + Send
           + Sync),
@@ -572,7 +632,202 @@ pub async fn provision_machine(
             action,
         });
     }
+    now.provisioned
+        .retain(|key, _| plan.provision.iter().any(|p| &p.name == key));
+    for provisioner in plan
+        .provision
+        .iter()
+        .filter(|p| p.action == ProvisionerAction::Run)
+    {
+        on_step(&format!("running {}", provisioner.name));
+        run_provisioner(cluster, plan, provisioner, on_line).await?;
+        now.provisioned
+            .insert(provisioner.name.clone(), provisioner.hash.clone());
+        record(&now)?;
+        on_line(&format!("{} ran", provisioner.name));
+    }
     Ok(outcomes)
+}
+
+/// Runs one provisioner through, failing with its last lines when it fails.
+async fn run_provisioner(
+    cluster: &Cluster<'_>,
+    plan: &MachinePlan,
+    provisioner: &ProvisionerPlan,
+    on_line: &(dyn Fn(&str) + Send + Sync),
+) -> Result<()> {
+    let machine = &plan.machine;
+    let Some(entry) = machine.provision.get(provisioner.index) else {
+        return Ok(());
+    };
+    let tail = Tail::default();
+    let shown = |line: &str| {
+        tail.push(line);
+        on_line(line);
+    };
+    let status = match &entry.run {
+        ProvisionRun::Shell { script, args, env } => {
+            run_shell(cluster, plan, provisioner, script, args, env, &shown).await?
+        }
+        ProvisionRun::Ansible { playbook } => {
+            run_playbook(cluster, plan, provisioner, playbook, &shown).await?
+        }
+    };
+    match status {
+        None => Ok(()),
+        Some(status) => Err(ProvisionError::ProvisionerFailed {
+            machine: machine.name.clone(),
+            provisioner: provisioner.name.clone(),
+            status,
+            tail: tail.text(),
+        }),
+    }
+}
+
+/// Copies the script to the guest and runs it there as root; `Some(status)`
+/// when it fails.
+async fn run_shell(
+    cluster: &Cluster<'_>,
+    plan: &MachinePlan,
+    provisioner: &ProvisionerPlan,
+    script: &Script,
+    args: &[String],
+    env: &BTreeMap<String, String>,
+    on_line: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Option<String>> {
+    let machine = &plan.name;
+    let (path, bytes) = provisioners::guest_script(cluster.topology, provisioner.index, script)
+        .map_err(|source| ProvisionError::ProvisionerFile {
+            machine: machine.clone(),
+            provisioner: provisioner.name.clone(),
+            source,
+        })?;
+    let machines = cluster.machines;
+    let dir = ssh::shell_quote(provisioners::GUEST_DIR);
+    machines
+        .run_ok(machine, &format!("mkdir -p -m 0700 {dir}"))
+        .await?;
+    machines.upload(machine, &bytes, &path, 0o700).await?;
+    let command = provisioners::shell_command(&path, args, env);
+    let output = machines.run_streaming(machine, &command, on_line).await?;
+    Ok((!output.success()).then(|| format!("exit status {}", output.exit_status)))
+}
+
+/// Runs `ansible-playbook` on this computer, in the topology's folder,
+/// against the machine alone of an inventory of the testbed; `Some(status)`
+/// when it fails.
+async fn run_playbook(
+    cluster: &Cluster<'_>,
+    plan: &MachinePlan,
+    provisioner: &ProvisionerPlan,
+    playbook: &str,
+    on_line: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Option<String>> {
+    let machine = &plan.name;
+    let Some(program) = crate::process::which(ANSIBLE_PLAYBOOK) else {
+        return Err(ProvisionError::NoAnsible {
+            machine: machine.clone(),
+            provisioner: provisioner.name.clone(),
+        });
+    };
+    let state = &cluster.machines.state;
+    let reached: Vec<String> = cluster.machines.endpoints().into_keys().collect();
+    let text = Inventory::of(cluster.topology, &reached, &state.ssh_config())
+        .render(inventory::Format::Ini);
+    let path = state.ansible_inventory();
+    crate::state::write_atomic(&path, text.as_bytes(), 0o644).map_err(|source| {
+        ProvisionError::Inventory {
+            machine: machine.clone(),
+            source,
+        }
+    })?;
+    // stderr into stdout, as on a terminal: one stream, in order.
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec 2>&1; exec \"$0\" \"$@\"")
+        .arg(&program)
+        .args(provisioners::ansible_args(machine, playbook, &path))
+        .current_dir(cluster.topology.dir())
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        // A group of its own, so an interrupt stops it and its ssh children.
+        .process_group(0)
+        .spawn()
+        .map_err(|error| ProvisionError::AnsibleStart {
+            machine: machine.clone(),
+            provisioner: provisioner.name.clone(),
+            error,
+        })?;
+    let _work = child.id().map(crate::process::work);
+    if let Some(stdout) = child.stdout.take() {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            on_line(&line);
+        }
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|error| ProvisionError::AnsibleStart {
+            machine: machine.clone(),
+            provisioner: provisioner.name.clone(),
+            error,
+        })?;
+    Ok((!status.success()).then(|| match status.code() {
+        Some(code) => format!("exit status {code}"),
+        None => status.to_string(),
+    }))
+}
+
+/// The last lines of a provisioner's output, for the error when it fails.
+#[derive(Default)]
+struct Tail {
+    lines: std::sync::Mutex<std::collections::VecDeque<String>>,
+}
+
+impl Tail {
+    const KEPT: usize = 20;
+
+    fn push(&self, line: &str) {
+        let mut lines = lock(&self.lines);
+        if lines.len() == Self::KEPT {
+            lines.pop_front();
+        }
+        lines.push_back(line.to_string());
+    }
+
+    fn text(&self) -> String {
+        let lines = lock(&self.lines);
+        lines
+            .iter()
+            .map(|line| format!("  | {line}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Splits streamed output into lines (a chunk may end mid-line).
+#[derive(Default)]
+struct Lines {
+    partial: Vec<u8>,
+}
+
+impl Lines {
+    fn feed(&mut self, bytes: &[u8], on_line: &(dyn Fn(&str) + Send + Sync)) {
+        self.partial.extend_from_slice(bytes);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            on_line(String::from_utf8_lossy(&line).trim_end());
+        }
+    }
+
+    fn finish(self, on_line: &(dyn Fn(&str) + Send + Sync)) {
+        if !self.partial.is_empty() {
+            on_line(String::from_utf8_lossy(&self.partial).trim_end());
+        }
+    }
 }
 
 /// Waits for the kit's readiness probe, failing at once when its service fails.

@@ -87,6 +87,9 @@ pub struct MachineRecord {
     /// Hash of the machine's own `artifacts` last pushed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifacts: Option<String>,
+    /// Each provisioner (by its key) → its hash when it last ran through.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provisioned: BTreeMap<String, String>,
     /// Resumed from a warm-boot template and not yet given its identity:
     /// until then it answers with the template's host key.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -193,6 +196,11 @@ impl StateDir {
 
     pub fn known_hosts(&self) -> PathBuf {
         self.root.join("known_hosts")
+    }
+
+    /// The Ansible inventory provisioners' playbooks run against.
+    pub fn ansible_inventory(&self) -> PathBuf {
+        self.root.join("inventory.ini")
     }
 
     /// The whole output of the last build.
@@ -553,6 +561,7 @@ mod tests {
                 identity: None,
                 daemons: BTreeMap::new(),
                 artifacts: None,
+                provisioned: BTreeMap::new(),
                 warm_boot: false,
                 unknown: Default::default(),
             },

@@ -14,7 +14,8 @@ use toml::Spanned;
 
 use crate::model::{
     check_dist_path, find_cycle, is_identifier, line_col, Build, Builder, CheckSpec, Forward, Host,
-    Input, LibvirtUri, Machine, Network, ProviderKind, Step, StepCommand, Topology, DIST,
+    Input, LibvirtUri, Machine, Network, ProviderKind, ProvisionRun, Provisioner, Script, Step,
+    StepCommand, Topology, DIST,
 };
 use crate::settings::Search;
 
@@ -108,7 +109,15 @@ const MACHINE_KEYS: &[&str] = &[
     "artifacts",
     "internet",
     "host",
+    "provision",
 ];
+const PROVISION_KEYS: &[&str] = &["shell", "inline", "ansible", "args", "env", "inputs"];
+const PROVISION_HELP: &str = "each `provision` entry is a table with one of `shell` (a script \
+                              beside the topology), `inline` (the script's text) or `ansible` \
+                              (a playbook beside the topology); shell scripts take `args` and \
+                              `env`; any entry takes `inputs` (paths whose changes run it again)";
+const PROVISION_EXAMPLE: &str =
+    "[{ shell = \"provision.sh\", args = [\"--fast\"] }, { ansible = \"site.yml\" }]";
 const FORWARD_KEYS: &[&str] = &["guest", "host"];
 const CHECK_KEYS: &[&str] = &[
     "name", "machine", "from", "tcp", "http", "command", "retry", "timeout",
@@ -266,6 +275,7 @@ fn check(path: &Path, text: &str, search: Option<&Search>) -> Result<Topology> {
         source,
         recipes: search.map(|search| crate::image::recipe_names(dir, search)),
         kits: search.map(|search| crate::kit::kit_names(dir, search)),
+        files_in: search.map(|_| dir.to_path_buf()),
     };
     checker.topology(root.get_ref(), file)
 }
@@ -516,6 +526,9 @@ struct Checker<'a> {
     recipes: Option<Vec<String>>,
     /// Kit names found, for `daemons` values (`None`: any is taken).
     kits: Option<Vec<String>>,
+    /// The topology's folder, where provisioners' files must exist
+    /// (`None`: they are not looked for).
+    files_in: Option<PathBuf>,
 }
 
 impl Checker<'_> {
@@ -1214,6 +1227,10 @@ impl Checker<'_> {
             .or(defaults.provider)
             .unwrap_or(DEFAULT_PROVIDER);
         let host = self.machine_host(name, provider, own.host.as_ref(), defaults, hosts)?;
+        let provision = match table.get("provision") {
+            Some(value) => self.provisioners(value)?,
+            None => Vec::new(),
+        };
         Ok(Machine {
             name: name.to_owned(),
             provider,
@@ -1235,7 +1252,163 @@ impl Checker<'_> {
             artifacts,
             internet: own.internet.or(defaults.internet).unwrap_or(false),
             host,
+            provision,
         })
+    }
+
+    // -- provision -----------------------------------------------------------
+
+    /// `provision`: an array of provisioner tables, in the order they run.
+    fn provisioners(&self, value: &Value<'_>) -> Result<Vec<Provisioner>> {
+        let DeValue::Array(items) = value.get_ref() else {
+            return Err(self.type_error(
+                value,
+                "provision",
+                "an array of tables",
+                PROVISION_EXAMPLE,
+            ));
+        };
+        items.iter().map(|item| self.provisioner(item)).collect()
+    }
+
+    fn provisioner(&self, item: &Value<'_>) -> Result<Provisioner> {
+        let Some(table) = item.get_ref().as_table() else {
+            return Err(self
+                .source
+                .error(
+                    item.span(),
+                    format!(
+                        "each `provision` entry must be a table, not {}",
+                        a_type(item)
+                    ),
+                )
+                .with_help(PROVISION_HELP));
+        };
+        self.check_keys(table, PROVISION_KEYS, "in a `provision` entry")?;
+        let kinds: Vec<(&str, &Value<'_>)> = ["shell", "inline", "ansible"]
+            .into_iter()
+            .filter_map(|kind| Some((kind, table.get(kind)?)))
+            .collect();
+        let (kind, script) = match kinds.as_slice() {
+            [only] => *only,
+            [] => {
+                return Err(self
+                    .source
+                    .error(item.span(), "this `provision` entry runs nothing")
+                    .with_help(PROVISION_HELP))
+            }
+            [(first, _), (second, _), ..] => {
+                return Err(self
+                    .source
+                    .error(
+                        item.span(),
+                        format!("this `provision` entry has both `{first}` and `{second}`"),
+                    )
+                    .with_help(format!("give each its own entry; {PROVISION_HELP}")))
+            }
+        };
+        let text = self.string(script, kind, "\"provision.sh\"")?;
+        let run = match kind {
+            "inline" => {
+                self.not_blank((text, script.span()), "inline", "a `provision` entry")?;
+                self.shell_run(table, Script::Inline(text.to_owned()))?
+            }
+            "shell" => {
+                self.provision_file(text, script.span(), "script")?;
+                self.shell_run(table, Script::File(text.to_owned()))?
+            }
+            _ => {
+                for key in ["args", "env"] {
+                    if let Some(value) = table.get(key) {
+                        return Err(self
+                            .source
+                            .error(value.span(), format!("`{key}` is for shell provisioners"))
+                            .with_help(
+                                "pass values to a playbook through the machine's `vars` \
+                                 (they are its host vars)",
+                            ));
+                    }
+                }
+                self.provision_file(text, script.span(), "playbook")?;
+                ProvisionRun::Ansible {
+                    playbook: text.to_owned(),
+                }
+            }
+        };
+        let inputs = match table.get("inputs") {
+            Some(value) => {
+                let mut inputs = Vec::new();
+                for (path, span) in self.string_list(value, "inputs", "[\"templates\"]")? {
+                    self.provision_file(path, span, "input")?;
+                    inputs.push(path.to_owned());
+                }
+                inputs
+            }
+            None => Vec::new(),
+        };
+        Ok(Provisioner { run, inputs })
+    }
+
+    /// A shell provisioner's `args` and `env` around its script.
+    fn shell_run(&self, table: &DeTable<'_>, script: Script) -> Result<ProvisionRun> {
+        let args = match table.get("args") {
+            Some(value) => self
+                .string_list(value, "args", "[\"--fast\"]")?
+                .into_iter()
+                .map(|(arg, _)| arg.to_owned())
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut env = BTreeMap::new();
+        if let Some(value) = table.get("env") {
+            let table = self.table(value, "env", "{ ZK_MYID = \"1\" }")?;
+            for (key, value) in entries(table) {
+                let name = key.get_ref().as_ref();
+                if !is_identifier(name) {
+                    return Err(self
+                        .source
+                        .error(
+                            key.span(),
+                            format!("invalid environment variable name `{name}`"),
+                        )
+                        .with_help("a letter or `_`, then letters, digits and `_`"));
+                }
+                env.insert(
+                    name.to_owned(),
+                    self.string(value, name, "\"1\"")?.to_owned(),
+                );
+            }
+        }
+        Ok(ProvisionRun::Shell { script, args, env })
+    }
+
+    /// A provisioner's file: relative to the topology (it may climb out
+    /// with a leading `../`), and there when files are looked for.
+    fn provision_file(&self, path: &str, span: Span, what: &str) -> Result<()> {
+        if crate::build::build_path(path).is_none() {
+            return Err(self
+                .source
+                .error(span, format!("{what} `{path}` must be a relative path"))
+                .with_help(
+                    "write it relative to the topology file, e.g. `provision/zookeeper.sh`; \
+                     `..` only at the start",
+                ));
+        }
+        let Some(dir) = &self.files_in else {
+            return Ok(());
+        };
+        let found = dir.join(path);
+        let ok = match what {
+            "input" => found.exists(),
+            _ => found.is_file(),
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(self
+            .source
+            .error(span, format!("{what} `{path}` does not exist"))
+            .with_help(format!("it is read relative to {}", dir.display())))
     }
 
     /// `packages`: Debian package names, each once.

@@ -214,6 +214,7 @@ fn machine(name: &str, ips: &[(&str, Ipv4Addr)]) -> Machine {
         artifacts: vec![],
         internet: false,
         host: None,
+        provision: Vec::new(),
     }
 }
 

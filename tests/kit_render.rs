@@ -33,6 +33,7 @@ fn machine(name: &str, ip: Option<[u8; 4]>, daemons: &[&str]) -> Machine {
         artifacts: vec![],
         internet: false,
         host: None,
+        provision: Vec::new(),
     }
 }
 

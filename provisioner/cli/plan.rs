@@ -20,7 +20,7 @@ pub struct Args {
     /// The topology file (default: the testbed in the current directory,
     /// else ./topology.toml)
     topology: Option<PathBuf>,
-    /// Print the plan as JSON: {machines: [{name, action, why, daemons: [{name, action, why}]}], build, warnings}
+    /// Print the plan as JSON: {machines: [{name, action, why, daemons: [{name, action, why}], provision: [{name, action, why}]}], build, warnings}
     #[arg(long)]
     json: bool,
 }
@@ -105,6 +105,17 @@ fn print_machine(
     }
     for daemon in &planned.daemons {
         print_daemon(daemon, secrets)?;
+    }
+    for provisioner in &planned.provision {
+        let action = match provisioner.action {
+            plan::ProvisionerAction::Run => "run it",
+            plan::ProvisionerAction::Nothing => "leave it",
+        };
+        out!(
+            "    provision {}: up would {action}: {}",
+            provisioner.name,
+            provisioner.why
+        )?;
     }
     Ok(())
 }

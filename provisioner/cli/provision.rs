@@ -5,19 +5,28 @@ use crate::plan::DaemonAction;
 use crate::progress::Progress;
 use crate::settings::Settings;
 
-/// Re-render and push kit files; restart what changed, start what is not running
+/// Re-render and push kit files; restart what changed, start what is not
+/// running; run the provisioners whose script, playbook or inputs changed
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  testbed provision\n  testbed provision zk-2")]
+#[command(
+    after_help = "Examples:\n  testbed provision\n  testbed provision zk-2\n  \
+                  testbed provision --force zk-2    # run zk-2's provisioners again"
+)]
 pub struct Args {
     #[command(flatten)]
     pub(super) at: super::At,
+    /// Run every provisioner of the machines again, changed or not
+    #[arg(long)]
+    force: bool,
     /// Machines to provision (default: all)
     machines: Vec<String>,
 }
 
 pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
-    let outcomes = testbed.provision(&args.machines, &Progress::new()).await?;
+    let outcomes = testbed
+        .provision(&args.machines, args.force, &Progress::new())
+        .await?;
     if outcomes.is_empty() {
         out!("no daemons to provision")?;
     }

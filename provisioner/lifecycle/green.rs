@@ -117,6 +117,9 @@ impl Testbed {
                 built_at(&image.root)
             );
             key.part("machine", made.as_bytes());
+            for provisioner in &machine.provision {
+                key.part(&provisioner.name, provisioner.hash.as_bytes());
+            }
         }
         for (name, text) in kits.as_written() {
             key.part(name, text.as_bytes());

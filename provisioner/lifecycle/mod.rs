@@ -752,6 +752,7 @@ mod tests {
             identity: None,
             daemons: BTreeMap::new(),
             artifacts: None,
+            provisioned: BTreeMap::new(),
             warm_boot: false,
             unknown: Default::default(),
         }

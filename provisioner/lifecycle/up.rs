@@ -322,14 +322,25 @@ impl Testbed {
 
     /// Re-renders and pushes the kits of `names` (or all machines), as the
     /// plan says: restarts the daemons whose files changed, starts those not
-    /// running, stops those removed, leaves the rest alone.
-    pub async fn provision(&self, names: &[String], progress: &Progress) -> Result<Vec<Outcome>> {
+    /// running, stops those removed, leaves the rest alone; runs the
+    /// provisioners that changed, or all of them when `force`.
+    pub async fn provision(
+        &self,
+        names: &[String],
+        force: bool,
+        progress: &Progress,
+    ) -> Result<Vec<Outcome>> {
         let _lock = self.lock(Access::Exclusive)?;
         let selected = self.select(names)?;
         let kits = self.kits()?;
         let record = self.state.load()?;
         let secrets = self.state.secrets(&kits.secret_names(&self.topology))?;
-        let plan = Arc::new(self.resolve(&record, &kits, &secrets)?);
+        let mut plan = self.resolve(&record, &kits, &secrets)?;
+        if force {
+            let names: Vec<String> = selected.iter().map(|m| m.name.clone()).collect();
+            plan.force_provisioners(&names);
+        }
+        let plan = Arc::new(plan);
         let machines = self.machines(&record, &kits)?;
         self.prefer_control_masters(&machines, &record);
         let readiness = Arc::new(Readiness::new(&self.topology));
@@ -724,26 +735,35 @@ fn default_boot_jobs(booting: usize) -> usize {
     booting
 }
 
-/// Provisions a machine's daemons as planned and records what was pushed.
+/// Provisions a machine's daemons and runs its provisioners as planned,
+/// recording what was pushed and what ran.
 async fn provision_and_record(
     machine: &MachinePlan,
     ctx: &UpContext,
     task: &Task,
 ) -> Result<Vec<Outcome>> {
     let applied = Applied::of(lock_record(&ctx.record).machines.get(&machine.name));
-    if machine.daemons.is_empty() && machine.machine.artifacts.is_empty() {
-        // Nothing to push; the record must say so too.
-        if applied.artifacts.is_some() {
-            ctx.update(&machine.name, |saved| saved.artifacts = None)?;
+    if machine.daemons.is_empty()
+        && machine.machine.artifacts.is_empty()
+        && machine.provision.is_empty()
+    {
+        // Nothing to push or run; the record must say so too.
+        if applied.artifacts.is_some() || !applied.provisioned.is_empty() {
+            ctx.update(&machine.name, |saved| {
+                saved.artifacts = None;
+                saved.provisioned.clear();
+            })?;
         }
         return Ok(Vec::new());
     }
     let on_step = |step: &str| task.set(step);
+    let on_line = |line: &str| task.println(line);
     let on_applied = |now: &Applied| {
         let mut record = lock_record(&ctx.record);
         if let Some(saved) = record.machines.get_mut(&machine.name) {
             saved.daemons = now.daemons.clone();
             saved.artifacts = now.artifacts.clone();
+            saved.provisioned = now.provisioned.clone();
         }
         ctx.state.save(&record)
     };
@@ -753,7 +773,8 @@ async fn provision_and_record(
         readiness: &ctx.readiness,
     };
     let outcomes =
-        provision::provision_machine(&cluster, machine, &applied, &on_step, &on_applied).await?;
+        provision::provision_machine(&cluster, machine, &applied, &on_step, &on_line, &on_applied)
+            .await?;
     Ok(outcomes)
 }
 
@@ -798,6 +819,7 @@ async fn bring_up(
                 identity: None,
                 daemons: BTreeMap::new(),
                 artifacts: None,
+                provisioned: BTreeMap::new(),
                 warm_boot: false,
                 unknown: Default::default(),
             },

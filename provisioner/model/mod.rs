@@ -173,6 +173,57 @@ pub struct Machine {
     /// its own `host`, else `[defaults] host`). `None`: the topology's
     /// libvirt (`[libvirt] uri`, else the environment's).
     pub host: Option<String>,
+    /// The user's own provisioning, run in order after the machine's kits.
+    pub provision: Vec<Provisioner>,
+}
+
+/// One entry of a machine's `provision` list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioner {
+    pub run: ProvisionRun,
+    /// Paths beside the topology (files or folders) whose contents, when
+    /// they change, run it again besides its own script or playbook.
+    pub inputs: Vec<String>,
+}
+
+/// What a provisioner runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProvisionRun {
+    /// A shell script copied to the guest and run there as root.
+    Shell {
+        script: Script,
+        args: Vec<String>,
+        env: BTreeMap<String, String>,
+    },
+    /// An Ansible playbook beside the topology, run from the host against
+    /// this machine.
+    Ansible { playbook: String },
+}
+
+/// Where a shell provisioner's script comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Script {
+    /// A file, relative to the topology.
+    File(String),
+    /// The script's text, written in the topology.
+    Inline(String),
+}
+
+impl Provisioner {
+    /// How the user knows it: `shell setup.sh`, `inline script`, `ansible site.yml`.
+    pub fn label(&self) -> String {
+        match &self.run {
+            ProvisionRun::Shell {
+                script: Script::File(path),
+                ..
+            } => format!("shell {path}"),
+            ProvisionRun::Shell {
+                script: Script::Inline(_),
+                ..
+            } => "inline script".to_owned(),
+            ProvisionRun::Ansible { playbook } => format!("ansible {playbook}"),
+        }
+    }
 }
 
 /// A guest TCP port reachable on the host at 127.0.0.1:`host`.

@@ -91,20 +91,12 @@ fn cached_or_probed(kernel: &Path, cache_dir: &Path) -> (Verdict, bool) {
 
 fn cache_key() -> String {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let qemu = which(QEMU)
+    let qemu = crate::process::which(QEMU)
         .and_then(|path| std::fs::metadata(path).ok())
         .and_then(|meta| meta.modified().ok())
         .map(|time| format!("{time:?}"))
         .unwrap_or_default();
     format!("{}|{qemu}", release.trim())
-}
-
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|path| path.is_file())
-    })
 }
 
 /// Boots `kernel` under KVM with no disk; KVM works if the kernel gets as far
