@@ -658,7 +658,10 @@ impl MachineResolver<'_> {
                 _ if action == MachineAction::Create => {
                     (ProvisionerAction::Run, "on the new machine")
                 }
-                None => (ProvisionerAction::Run, "has not run on this machine yet"),
+                None => (
+                    ProvisionerAction::Run,
+                    "has not run through on this machine yet",
+                ),
                 Some(ran) if *ran != hash => (
                     ProvisionerAction::Run,
                     "its script, playbook or inputs changed since it last ran",

@@ -640,6 +640,11 @@ pub async fn provision_machine(
         .filter(|p| p.action == ProvisionerAction::Run)
     {
         on_step(&format!("running {}", provisioner.name));
+        // Until it runs through, the record says it has not run: one that
+        // failed or was cut short runs again at the next `up`.
+        if now.provisioned.remove(&provisioner.name).is_some() {
+            record(&now)?;
+        }
         run_provisioner(cluster, plan, provisioner, on_line).await?;
         now.provisioned
             .insert(provisioner.name.clone(), provisioner.hash.clone());

@@ -136,6 +136,7 @@ fn machine_record(desired: Desired, warm_boot: bool) -> MachineRecord {
         identity: None,
         daemons: BTreeMap::new(),
         artifacts: None,
+        provisioned: BTreeMap::new(),
         warm_boot,
         unknown: Default::default(),
     }

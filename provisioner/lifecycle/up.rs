@@ -757,7 +757,11 @@ async fn provision_and_record(
         return Ok(Vec::new());
     }
     let on_step = |step: &str| task.set(step);
-    let on_line = |line: &str| task.println(line);
+    let on_line = |line: &str| {
+        if !line.trim().is_empty() {
+            task.println(line);
+        }
+    };
     let on_applied = |now: &Applied| {
         let mut record = lock_record(&ctx.record);
         if let Some(saved) = record.machines.get_mut(&machine.name) {

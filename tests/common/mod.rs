@@ -143,6 +143,12 @@ impl Bed {
         }
     }
 
+    /// Copies the files of `from` (a folder of the checkout) into the
+    /// project folder, modes kept, owned by the user testbed runs as.
+    pub fn copy_in(&self, from: &Path) {
+        copy_tree(from, &self.path(), self.user());
+    }
+
     /// A bed from the checkout whose `up` saves to and restores from the
     /// green cache. The others save nothing there: each scenario is about
     /// boots, and saving every cluster would cost CI seconds and GiBs.
@@ -213,6 +219,23 @@ impl Bed {
         }
     }
 
+    /// Runs `script` under bash in the project folder as the user testbed
+    /// runs as, the installed `testbed` first on PATH (an installed bed only).
+    pub fn user_shell(&self, script: &str) -> Output {
+        let installed = self.installed.as_ref().expect("an installed bed");
+        let bin = installed.binary.parent().expect("the binary's folder");
+        let path = format!("{}:{SYSTEM_PATH}", bin.display());
+        let mut command = installed.run_as_user(
+            &self.path(),
+            self.netns.as_ref(),
+            std::ffi::OsStr::new("bash"),
+            &path,
+            &["-c", script],
+        );
+        self.add_env(&mut command, &path);
+        command.output().expect("run bash")
+    }
+
     /// Runs testbed and asserts success, returning stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.testbed(args);
@@ -243,6 +266,25 @@ impl Bed {
     }
 }
 
+fn copy_tree(from: &Path, to: &Path, owner: Option<&nix::unistd::User>) {
+    let own = |path: &Path| {
+        if let Some(user) = owner {
+            nix::unistd::chown(path, Some(user.uid), Some(user.gid)).expect("chown");
+        }
+    };
+    for entry in std::fs::read_dir(from).expect("read the folder").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+            own(&target);
+            copy_tree(&entry.path(), &target, owner);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+            own(&target);
+        }
+    }
+}
+
 /// The PATH an installed testbed runs with.
 const SYSTEM_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
 
@@ -254,6 +296,18 @@ impl Installed {
         netns: Option<&(String, Option<String>)>,
         args: &[&str],
     ) -> std::process::Command {
+        self.run_as_user(dir, netns, self.binary.as_os_str(), SYSTEM_PATH, args)
+    }
+
+    /// `program ARGS` in `dir` as the user, with `path` as PATH.
+    fn run_as_user(
+        &self,
+        dir: &Path,
+        netns: Option<&(String, Option<String>)>,
+        program: &std::ffi::OsStr,
+        path: &str,
+        args: &[&str],
+    ) -> std::process::Command {
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
         if let Some((netns, _)) = netns {
             argv.extend(["ip", "netns", "exec", netns].map(Into::into));
@@ -261,7 +315,7 @@ impl Installed {
         if let Some(user) = &self.user {
             argv.extend(["runuser", "-u", &user.name, "--"].map(Into::into));
         }
-        argv.push(self.binary.clone().into());
+        argv.push(program.to_owned());
         let mut command = std::process::Command::new(&argv[0]);
         command.args(&argv[1..]).env_clear();
         match &self.user {
@@ -271,7 +325,7 @@ impl Installed {
         if let Some((_, Some(uri))) = netns {
             command.env("TESTBED_LIBVIRT_URI", uri);
         }
-        command.env("PATH", SYSTEM_PATH).current_dir(dir).args(args);
+        command.env("PATH", path).current_dir(dir).args(args);
         command
     }
 }
