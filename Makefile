@@ -16,14 +16,15 @@ TESTBED := target/release/testbed
 # `libvirt`, on by default); libvirt-daemon-system and dnsmasq-base let the
 # tests start a libvirtd of their own. syslinux, mtools, dosfstools and
 # fdisk make the bootable disks (`image build --disk`, provider
-# virtualbox); python3 runs the tests' fake VBoxManage.
+# virtualbox); python3 runs the tests' fake VBoxManage; ruby evaluates
+# Vagrantfiles (`testbed import`); ansible-core runs Ansible provisioners.
 deps:
 	$(SUDO) apt-get update -qq
 	QEMU_VERSION=$$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $$2}'); \
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
 		qemu-system-x86 "qemu-utils=$$QEMU_VERSION" mmdebstrap e2fsprogs genext2fs uidmap openssh-client openssh-server \
 		ca-certificates pkg-config libvirt-dev libvirt-daemon-system libvirt-clients dnsmasq-base \
-		syslinux syslinux-common mtools dosfstools fdisk python3
+		syslinux syslinux-common mtools dosfstools fdisk python3 ruby ansible-core
 
 build:
 	cargo build --release

@@ -31,3 +31,4 @@ pub mod snapshot;
 pub mod ssh;
 pub mod state;
 pub mod topology;
+pub mod vagrant;

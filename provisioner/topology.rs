@@ -263,6 +263,12 @@ pub fn parse(path: &Path, text: &str, search: &Search) -> Result<Topology> {
     check(path, text, Some(search))
 }
 
+/// Validates `text` as the topology file `path` without looking for its
+/// recipes, kits or provisioners' files (a topology written by `import`).
+pub fn check_shape(path: &Path, text: &str) -> Result<Topology> {
+    check(path, text, None)
+}
+
 /// Parses and validates; image and daemon names are checked against those
 /// found through `search`, or taken as they are without it.
 fn check(path: &Path, text: &str, search: Option<&Search>) -> Result<Topology> {

@@ -237,7 +237,10 @@ fn the_json_has_the_contract_shape() {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(fields, ["action", "daemons", "image_source", "name", "why"]);
+    assert_eq!(
+        fields,
+        ["action", "daemons", "image_source", "name", "provision", "why"]
+    );
     let image_source = one["image_source"].as_str().expect("image_source");
     assert!(
         image_source.ends_with("images/debian-12.toml"),

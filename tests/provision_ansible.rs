@@ -83,7 +83,11 @@ fn provisioners_run_once_per_change_and_ansible_reaches_the_machines() {
     assert_eq!(planned(&bed), all("nothing"));
     let converged = bed.ok(&["up"]);
     assert!(converged.contains("nothing to do"), "{converged}");
-    assert_eq!(runs(&bed, "web-1"), (1, 1), "a converged up ran a provisioner");
+    assert_eq!(
+        runs(&bed, "web-1"),
+        (1, 1),
+        "a converged up ran a provisioner"
+    );
 
     bed.write(
         "templates/index.html.j2",
@@ -122,12 +126,20 @@ fn provisioners_run_once_per_change_and_ansible_reaches_the_machines() {
     bed.write("setup.sh", &format!("{script}echo boom\nexit 3\n"));
     let forced = bed.testbed(&["provision", "--force", "web-1"]);
     let stderr = String::from_utf8_lossy(&forced.stderr);
-    assert!(!forced.status.success(), "a failing script passed: {stderr}");
     assert!(
-        stderr.contains("web-1: shell setup.sh failed (exit status 3)") && stderr.contains("| boom"),
+        !forced.status.success(),
+        "a failing script passed: {stderr}"
+    );
+    assert!(
+        stderr.contains("web-1: shell setup.sh failed (exit status 3)")
+            && stderr.contains("| boom"),
         "{stderr}"
     );
-    assert_eq!(runs(&bed, "web-1"), (2, 2), "--force ran the script, then stopped");
+    assert_eq!(
+        runs(&bed, "web-1"),
+        (2, 2),
+        "--force ran the script, then stopped"
+    );
     bed.write("setup.sh", &script);
     assert_eq!(
         planned(&bed),

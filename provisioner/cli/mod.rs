@@ -27,6 +27,7 @@ mod fault;
 mod graph;
 mod halt;
 mod image;
+mod import;
 mod init;
 mod interrupt;
 mod inventory;
@@ -97,6 +98,7 @@ enum Command {
     #[command(subcommand)]
     Kit(kits::Command),
     Init(init::Args),
+    Import(import::Args),
     Completions(completions::Args),
     Man(completions::ManArgs),
     /// Serve a network switch (started by `up`; not for users)
@@ -228,6 +230,7 @@ async fn run(cli: Cli, settings: &Settings) -> anyhow::Result<ExitCode> {
         Command::Kits(args) => kits::run(args, settings),
         Command::Kit(command) => kits::kit(command, settings),
         Command::Init(args) => init::run(args),
+        Command::Import(args) => import::run(args),
         Command::Completions(args) => completions::run(args),
         Command::Man(args) => completions::man(args),
         Command::Switch { .. } => Ok(ExitCode::SUCCESS),
