@@ -3,8 +3,9 @@
 //! The pipeline of `up`, one module per stage: `topology` (parse into the
 //! `model`) → `plan` (resolve once what to do to every machine, daemon and
 //! the build) → `build` → `image` → `provider` (boot) → `identity` → `ssh` →
-//! `provision` (kits, in dependency order) → `check`, with `state` recording
-//! how far each machine got. `lifecycle` carries the plan out; `cli` is on
+//! `provision` (kits, then the machines' own `provisioners`, in dependency
+//! order) → `check`, with `state` recording how far each machine got.
+//! `vagrant` turns a Vagrantfile into a topology. `lifecycle` carries the plan out; `cli` is on
 //! top. No module imports one above it (`tests/module_graph.rs`).
 
 pub mod build;

@@ -239,7 +239,14 @@ fn the_json_has_the_contract_shape() {
         .collect();
     assert_eq!(
         fields,
-        ["action", "daemons", "image_source", "name", "provision", "why"]
+        [
+            "action",
+            "daemons",
+            "image_source",
+            "name",
+            "provision",
+            "why"
+        ]
     );
     let image_source = one["image_source"].as_str().expect("image_source");
     assert!(

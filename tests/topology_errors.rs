@@ -2316,3 +2316,98 @@ fn a_step_needs_a_fault_or_a_command_and_machine_goes_with_run() {
     let text = with_fault("{ heal = true }\nrun = \"true\"");
     assert_error_at(&text, 14, 1, &["step `f` has no `machine`"]);
 }
+
+// ---------------------------------------------------------------------------
+// Provisioners
+// ---------------------------------------------------------------------------
+
+/// The usual fixture plus `setup.sh` and `site.yml` beside the topology.
+fn provision_fixture() -> TempDir {
+    let dir = fixture();
+    std::fs::write(dir.path().join("setup.sh"), "#!/bin/sh\n").expect("write");
+    std::fs::write(dir.path().join("site.yml"), "- hosts: all\n").expect("write");
+    dir
+}
+
+#[test]
+fn provisioners_keep_their_order_args_and_env() {
+    let topology = parse_ok_in(
+        &provision_fixture(),
+        "name = \"x\"\n[machines.a]\nprovision = [\n  { shell = \"setup.sh\", args = [\"--fast\"], \
+         env = { ZK_ID = \"1\" } },\n  { inline = \"echo hi\" },\n  { ansible = \"site.yml\", inputs = [\"setup.sh\"] },\n]\n",
+    );
+    let provision = &topology.machines[0].provision;
+    let labels: Vec<String> = provision.iter().map(|p| p.label()).collect();
+    assert_eq!(
+        labels,
+        ["shell setup.sh", "inline script", "ansible site.yml"]
+    );
+    assert_eq!(
+        provision[0].run,
+        model::ProvisionRun::Shell {
+            script: model::Script::File("setup.sh".into()),
+            args: vec!["--fast".into()],
+            env: [("ZK_ID".to_string(), "1".to_string())].into(),
+        }
+    );
+    assert_eq!(provision[2].inputs, ["setup.sh"]);
+}
+
+#[test]
+fn a_provisioner_runs_exactly_one_thing_from_a_file_that_exists() {
+    let head = "name = \"x\"\n[machines.a]\nprovision = [\n";
+    let cases: [(&str, usize, &[&str]); 6] = [
+        (
+            "  { args = [\"x\"] },\n]\n",
+            3,
+            &[
+                "this `provision` entry runs nothing",
+                "help: each `provision` entry is a table with one of `shell`",
+            ],
+        ),
+        (
+            "  { shell = \"setup.sh\", ansible = \"site.yml\" },\n]\n",
+            3,
+            &["has both `shell` and `ansible`", "give each its own entry"],
+        ),
+        (
+            "  { shell = \"missing.sh\" },\n]\n",
+            13,
+            &[
+                "script `missing.sh` does not exist",
+                "help: it is read relative to",
+            ],
+        ),
+        (
+            "  { ansible = \"/etc/site.yml\" },\n]\n",
+            15,
+            &["playbook `/etc/site.yml` must be a relative path"],
+        ),
+        (
+            "  { ansible = \"site.yml\", args = [\"-v\"] },\n]\n",
+            34,
+            &["`args` is for shell provisioners", "machine's `vars`"],
+        ),
+        (
+            "  { shell = \"setup.sh\", envv = {} },\n]\n",
+            25,
+            &["unknown key `envv` in a `provision` entry; did you mean `env`?"],
+        ),
+    ];
+    for (entry, col, phrases) in cases {
+        assert_error_in(
+            &provision_fixture(),
+            &format!("{head}{entry}"),
+            4,
+            col,
+            phrases,
+        );
+    }
+    assert_error_in(
+        &provision_fixture(),
+        "name = \"x\"\n[machines.a]\nprovision = \"setup.sh\"\n",
+        3,
+        13,
+        &["`provision` must be an array of tables, not a string"],
+    );
+}

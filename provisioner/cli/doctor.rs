@@ -70,6 +70,19 @@ fn host_lines() -> Vec<DoctorLine> {
             "apt-get install openssh-client",
         ),
         userns_line(),
+        // Needed only by what uses them, so never required.
+        DoctorLine::version(
+            "ansible-playbook (Ansible provisioners)",
+            crate::provisioners::ANSIBLE_PLAYBOOK,
+            &["--version"],
+            "apt-get install --no-install-recommends ansible-core",
+        ),
+        DoctorLine::version(
+            "ruby (testbed import)",
+            "ruby",
+            &["--version"],
+            "apt-get install --no-install-recommends ruby",
+        ),
     ];
     if !nix::unistd::geteuid().is_root() {
         lines.extend(unprivileged_build_lines());
