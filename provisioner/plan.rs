@@ -221,6 +221,9 @@ pub struct ProvisionerPlan {
     /// Its place in the machine's `provision` list.
     #[serde(skip)]
     pub index: usize,
+    /// What it runs.
+    #[serde(skip)]
+    pub provisioner: crate::model::Provisioner,
     /// What the record holds once it has run.
     #[serde(skip)]
     pub hash: String,
@@ -347,6 +350,24 @@ impl Plan {
 
     pub fn machine(&self, name: &str) -> Option<&MachinePlan> {
         self.machines.iter().find(|m| m.name == name)
+    }
+
+    /// The first provisioner to run that needs `ansible-playbook`, with its
+    /// machine: checked before any machine starts.
+    pub fn first_playbook(&self) -> Option<(&str, &str)> {
+        self.machines.iter().find_map(|machine| {
+            machine
+                .provision
+                .iter()
+                .find(|p| {
+                    p.action == ProvisionerAction::Run
+                        && matches!(
+                            p.provisioner.run,
+                            crate::model::ProvisionRun::Ansible { .. }
+                        )
+                })
+                .map(|p| (machine.name.as_str(), p.name.as_str()))
+        })
     }
 
     /// Runs every provisioner of the machines named (`provision --force`),
@@ -673,6 +694,7 @@ impl MachineResolver<'_> {
                 action,
                 why: why.into(),
                 index,
+                provisioner: provisioner.clone(),
                 hash,
             });
         }

@@ -101,6 +101,21 @@ pub struct Outcome {
     pub action: DaemonAction,
 }
 
+/// What provisioning did with one of a machine's provisioners.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProvisionerOutcome {
+    pub machine: String,
+    pub provisioner: String,
+    pub action: ProvisionerAction,
+}
+
+/// What provisioning a machine did: to its daemons, with its provisioners.
+#[derive(Debug, Clone, Default)]
+pub struct Provisioned {
+    pub daemons: Vec<Outcome>,
+    pub provisioners: Vec<ProvisionerOutcome>,
+}
+
 /// A machine's ControlMaster once tried: `None` when it did not answer.
 type MasterSlot = OnceCell<Option<Arc<Master>>>;
 
@@ -537,7 +552,7 @@ pub async fn provision_machine(
     on_applied: &(dyn Fn(&Applied) -> std::result::Result<(), crate::state::StateError>
           + Send
           + Sync),
-) -> Result<Vec<Outcome>> {
+) -> Result<Provisioned> {
     let Cluster {
         topology,
         machines,
@@ -632,26 +647,65 @@ pub async fn provision_machine(
             action,
         });
     }
+    let provisioners = run_provisioners(cluster, plan, &mut now, on_step, on_line, &record).await?;
+    Ok(Provisioned {
+        daemons: outcomes,
+        provisioners,
+    })
+}
+
+/// Runs the provisioners the plan says run, in order, recording each once
+/// it ran through; forgets those no longer in the machine's list.
+async fn run_provisioners(
+    cluster: &Cluster<'_>,
+    plan: &MachinePlan,
+    now: &mut Applied,
+    on_step: &(dyn Fn(&str) + Send + Sync),
+    on_line: &(dyn Fn(&str) + Send + Sync),
+    record: &(dyn Fn(&Applied) -> Result<()> + Send + Sync),
+) -> Result<Vec<ProvisionerOutcome>> {
+    let listed = now.provisioned.len();
     now.provisioned
         .retain(|key, _| plan.provision.iter().any(|p| &p.name == key));
-    for provisioner in plan
-        .provision
-        .iter()
-        .filter(|p| p.action == ProvisionerAction::Run)
-    {
-        on_step(&format!("running {}", provisioner.name));
-        // Until it runs through, the record says it has not run: one that
-        // failed or was cut short runs again at the next `up`.
-        if now.provisioned.remove(&provisioner.name).is_some() {
-            record(&now)?;
+    if now.provisioned.len() != listed {
+        record(now)?;
+    }
+    let mut outcomes = Vec::new();
+    for provisioner in &plan.provision {
+        if provisioner.action == ProvisionerAction::Run {
+            on_step(&format!("running {}", provisioner.name));
+            // Until it runs through, the record says it has not run: one
+            // that failed or was cut short runs again at the next `up`.
+            if now.provisioned.remove(&provisioner.name).is_some() {
+                record(now)?;
+            }
+            run_provisioner(cluster, plan, provisioner, on_line).await?;
+            now.provisioned
+                .insert(provisioner.name.clone(), provisioner.hash.clone());
+            record(now)?;
+            on_line(&format!("{} ran", provisioner.name));
         }
-        run_provisioner(cluster, plan, provisioner, on_line).await?;
-        now.provisioned
-            .insert(provisioner.name.clone(), provisioner.hash.clone());
-        record(&now)?;
-        on_line(&format!("{} ran", provisioner.name));
+        outcomes.push(ProvisionerOutcome {
+            machine: plan.name.clone(),
+            provisioner: provisioner.name.clone(),
+            action: provisioner.action,
+        });
     }
     Ok(outcomes)
+}
+
+/// Fails at once, before any machine starts, when a playbook is to run
+/// and `ansible-playbook` is not on PATH.
+pub fn check_tools(plan: &crate::plan::Plan) -> Result<()> {
+    match plan.first_playbook() {
+        Some((machine, provisioner)) if crate::process::which(ANSIBLE_PLAYBOOK).is_none() => {
+            Err(ProvisionError::NoAnsible {
+                machine: machine.to_string(),
+                provisioner: provisioner.to_string(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Runs one provisioner through, failing with its last lines when it fails.
@@ -661,16 +715,12 @@ async fn run_provisioner(
     provisioner: &ProvisionerPlan,
     on_line: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<()> {
-    let machine = &plan.machine;
-    let Some(entry) = machine.provision.get(provisioner.index) else {
-        return Ok(());
-    };
     let tail = Tail::default();
     let shown = |line: &str| {
         tail.push(line);
         on_line(line);
     };
-    let status = match &entry.run {
+    let status = match &provisioner.provisioner.run {
         ProvisionRun::Shell { script, args, env } => {
             run_shell(cluster, plan, provisioner, script, args, env, &shown).await?
         }
@@ -681,7 +731,7 @@ async fn run_provisioner(
     match status {
         None => Ok(()),
         Some(status) => Err(ProvisionError::ProvisionerFailed {
-            machine: machine.name.clone(),
+            machine: plan.name.clone(),
             provisioner: provisioner.name.clone(),
             status,
             tail: tail.text(),
@@ -729,29 +779,24 @@ async fn run_playbook(
     on_line: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<Option<String>> {
     let machine = &plan.name;
+    let start_error = |error| ProvisionError::AnsibleStart {
+        machine: machine.clone(),
+        provisioner: provisioner.name.clone(),
+        error,
+    };
     let Some(program) = crate::process::which(ANSIBLE_PLAYBOOK) else {
         return Err(ProvisionError::NoAnsible {
             machine: machine.clone(),
             provisioner: provisioner.name.clone(),
         });
     };
-    let state = &cluster.machines.state;
-    let reached: Vec<String> = cluster.machines.endpoints().into_keys().collect();
-    let text = Inventory::of(cluster.topology, &reached, &state.ssh_config())
-        .render(inventory::Format::Ini);
-    let path = state.ansible_inventory();
-    crate::state::write_atomic(&path, text.as_bytes(), 0o644).map_err(|source| {
-        ProvisionError::Inventory {
-            machine: machine.clone(),
-            source,
-        }
-    })?;
+    let inventory = write_inventory(cluster, machine)?;
     // stderr into stdout, as on a terminal: one stream, in order.
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg("exec 2>&1; exec \"$0\" \"$@\"")
         .arg(&program)
-        .args(provisioners::ansible_args(machine, playbook, &path))
+        .args(provisioners::ansible_args(machine, playbook, &inventory))
         .current_dir(cluster.topology.dir())
         .env("PYTHONUNBUFFERED", "1")
         .stdin(std::process::Stdio::null())
@@ -759,31 +804,45 @@ async fn run_playbook(
         // A group of its own, so an interrupt stops it and its ssh children.
         .process_group(0)
         .spawn()
-        .map_err(|error| ProvisionError::AnsibleStart {
-            machine: machine.clone(),
-            provisioner: provisioner.name.clone(),
-            error,
-        })?;
+        .map_err(start_error)?;
     let _work = child.id().map(crate::process::work);
-    if let Some(stdout) = child.stdout.take() {
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            on_line(&line);
+    if let Some(mut stdout) = child.stdout.take() {
+        use tokio::io::AsyncReadExt;
+        let mut lines = Lines::default();
+        let mut buffer = vec![0; 8192];
+        while let Ok(read @ 1..) = stdout.read(&mut buffer).await {
+            lines.feed(&buffer[..read], on_line);
         }
+        lines.finish(on_line);
     }
-    let status = child
-        .wait()
-        .await
-        .map_err(|error| ProvisionError::AnsibleStart {
-            machine: machine.clone(),
-            provisioner: provisioner.name.clone(),
-            error,
-        })?;
+    let status = child.wait().await.map_err(start_error)?;
     Ok((!status.success()).then(|| match status.code() {
         Some(code) => format!("exit status {code}"),
         None => status.to_string(),
     }))
+}
+
+/// Writes the inventory a playbook runs against: every machine of the
+/// topology (a playbook may read any one's host vars and groups), as YAML,
+/// which keeps the vars' types.
+fn write_inventory(cluster: &Cluster<'_>, machine: &str) -> Result<PathBuf> {
+    let state = &cluster.machines.state;
+    let names: Vec<String> = cluster
+        .topology
+        .machines
+        .iter()
+        .map(|m| m.name.clone())
+        .collect();
+    let text = Inventory::of(cluster.topology, &names, &state.ssh_config())
+        .render(inventory::Format::Yaml);
+    let path = state.ansible_inventory();
+    crate::state::write_atomic(&path, text.as_bytes(), 0o644).map_err(|source| {
+        ProvisionError::Inventory {
+            machine: machine.to_string(),
+            source,
+        }
+    })?;
+    Ok(path)
 }
 
 /// The last lines of a provisioner's output, for the error when it fails.
@@ -796,6 +855,9 @@ impl Tail {
     const KEPT: usize = 20;
 
     fn push(&self, line: &str) {
+        if line.trim().is_empty() {
+            return;
+        }
         let mut lines = lock(&self.lines);
         if lines.len() == Self::KEPT {
             lines.pop_front();

@@ -18,9 +18,9 @@ pub const GUEST_DIR: &str = "/var/lib/testbed/provision";
 pub const ANSIBLE_PLAYBOOK: &str = "ansible-playbook";
 
 /// What a playbook reads besides itself, by Ansible's conventions, beside
-/// it: a change to any of them runs it again.
+/// it (with every `.yml` and `.yaml` there: its `vars_files`, included
+/// tasks and imported playbooks): a change to any of them runs it again.
 const PLAYBOOK_NEIGHBOURS: &[&str] = &[
-    "ansible.cfg",
     "roles",
     "templates",
     "files",
@@ -79,12 +79,13 @@ pub fn hash(
         ProvisionRun::Ansible { playbook } => {
             part(&mut hasher, b"ansible");
             files::hash(&mut hasher, dir, Path::new(playbook))?;
+            // Ansible reads the `ansible.cfg` of the folder it runs in.
+            if dir.join("ansible.cfg").is_file() {
+                files::hash(&mut hasher, dir, Path::new("ansible.cfg"))?;
+            }
             let folder = Path::new(playbook).parent().unwrap_or(Path::new(""));
-            for neighbour in PLAYBOOK_NEIGHBOURS {
-                let path = folder.join(neighbour);
-                if dir.join(&path).exists() {
-                    hash_below(&mut hasher, dir, &path)?;
-                }
+            for path in playbook_neighbours(dir, folder)? {
+                hash_below(&mut hasher, dir, &path)?;
             }
             let host = serde_json::json!({ "vars": machine.vars, "ips": machine.ips });
             part(&mut hasher, host.to_string().as_bytes());
@@ -94,6 +95,31 @@ pub fn hash(
         hash_below(&mut hasher, dir, Path::new(input))?;
     }
     Ok(hex::encode(hasher.finalize())[..16].to_string())
+}
+
+/// The neighbours of a playbook in `folder` that exist, sorted.
+fn playbook_neighbours(dir: &Path, folder: &Path) -> Result<Vec<std::path::PathBuf>, ReadError> {
+    let mut found: Vec<std::path::PathBuf> = PLAYBOOK_NEIGHBOURS
+        .iter()
+        .map(|name| folder.join(name))
+        .filter(|path| dir.join(path).exists())
+        .collect();
+    let listing = dir.join(folder);
+    let entries = std::fs::read_dir(&listing).map_err(|error| ReadError {
+        path: listing.clone(),
+        error,
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let yaml = Path::new(&name)
+            .extension()
+            .is_some_and(|ext| ext == "yml" || ext == "yaml");
+        if yaml && entry.path().is_file() {
+            found.push(folder.join(name));
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 fn part(hasher: &mut Sha256, bytes: &[u8]) {
@@ -119,6 +145,8 @@ pub fn guest_script(
         Script::File(path) => {
             let full = topology.dir().join(path);
             let bytes = std::fs::read(&full).map_err(|error| ReadError { path: full, error })?;
+            // As Vagrant does: a script saved with Windows line ends runs.
+            let bytes = without_carriage_returns(bytes);
             let name = Path::new(path)
                 .file_name()
                 .map_or_else(|| "script".into(), |name| name.to_string_lossy());
@@ -129,6 +157,21 @@ pub fn guest_script(
             text.as_bytes().to_vec(),
         )),
     }
+}
+
+/// `bytes` with each CRLF made LF.
+fn without_carriage_returns(bytes: Vec<u8>) -> Vec<u8> {
+    if !bytes.windows(2).any(|pair| pair == b"\r\n") {
+        return bytes;
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    for (at, byte) in bytes.iter().enumerate() {
+        if *byte == b'\r' && bytes.get(at + 1) == Some(&b'\n') {
+            continue;
+        }
+        out.push(*byte);
+    }
+    out
 }
 
 /// The command that runs the copied script `path` as root, from root's

@@ -200,7 +200,7 @@ impl StateDir {
 
     /// The Ansible inventory provisioners' playbooks run against.
     pub fn ansible_inventory(&self) -> PathBuf {
-        self.root.join("inventory.ini")
+        self.root.join("inventory.yml")
     }
 
     /// The whole output of the last build.

@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::topology::{is_valid_name, MIN_MEMORY_MIB, PRIVATE_RANGES, QEMU_USER_NET};
+use crate::topology::{is_valid_name, MAX_CPUS, MIN_MEMORY_MIB, PRIVATE_RANGES, QEMU_USER_NET};
 
 const STAND_IN: &str = include_str!("vagrant/stand_in.rb");
 
@@ -51,6 +51,8 @@ pub enum ImportError {
 #[derive(Debug)]
 pub struct Imported {
     pub toml: String,
+    /// What the Vagrantfile itself printed (`puts`), to show as Vagrant would.
+    pub printed: String,
     /// `Vagrantfile:LINE: …`, one per thing left behind.
     pub warnings: Vec<String>,
 }
@@ -117,10 +119,14 @@ struct Define {
     line: u32,
 }
 
-/// A call the stand-in does not model (`vb.linked_clone(…)`, say).
+/// A call the stand-in does not model (`vb.linked_clone(…)`, say), or
+/// what it assumed (`text`).
 #[derive(Debug, Clone, Deserialize)]
 struct Note {
+    #[serde(default)]
     setting: String,
+    #[serde(default)]
+    text: Option<String>,
     line: u32,
 }
 
@@ -144,7 +150,7 @@ pub fn import(vagrantfile: &Path, topology_dir: &Path) -> Result<Imported, Impor
         path: path.clone(),
         error,
     })?;
-    let recorded = evaluate(&path)?;
+    let (recorded, printed) = evaluate(&path)?;
     let vagrant_dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
     let mut mapper = Mapper {
         file: path.file_name().map_or_else(
@@ -158,12 +164,14 @@ pub fn import(vagrantfile: &Path, topology_dir: &Path) -> Result<Imported, Impor
     let toml = mapper.topology(&path, &recorded)?;
     Ok(Imported {
         toml,
+        printed,
         warnings: mapper.warnings,
     })
 }
 
-/// Runs the stand-in on the Vagrantfile, in the Vagrantfile's folder.
-fn evaluate(vagrantfile: &Path) -> Result<Recorded, ImportError> {
+/// Runs the stand-in on the Vagrantfile, in the Vagrantfile's folder: the
+/// record, and what the Vagrantfile printed.
+fn evaluate(vagrantfile: &Path) -> Result<(Recorded, String), ImportError> {
     use std::io::Write;
     let mut child = std::process::Command::new("ruby")
         .arg("-")
@@ -184,10 +192,11 @@ fn evaluate(vagrantfile: &Path) -> Result<Recorded, ImportError> {
     if !output.status.success() {
         return Err(ruby_error(vagrantfile, &stderr));
     }
-    serde_json::from_slice(&output.stdout).map_err(|e| ImportError::Ruby {
+    let recorded = serde_json::from_slice(&output.stdout).map_err(|e| ImportError::Ruby {
         path: vagrantfile.to_path_buf(),
         message: format!("the stand-in's record is not understood: {e}"),
-    })
+    })?;
+    Ok((recorded, stderr.into_owned()))
 }
 
 /// The error the stand-in reported as its last line, else Ruby's own words.
@@ -272,7 +281,10 @@ impl Mapper {
         let mut top_comments = Vec::new();
         self.leftovers(&global, None, &mut top_comments);
         for note in &recorded.notes {
-            let text = format!("`{}` is not carried over", note.setting);
+            let text = match &note.text {
+                Some(text) => text.clone(),
+                None => format!("`{}` is not carried over", note.setting),
+            };
             self.left(note.line, None, &text, &mut top_comments);
         }
         let defines: Vec<Define> = if global.defines.is_empty() {
@@ -284,11 +296,14 @@ impl Mapper {
                 line: 0,
             }]
         } else {
-            global.defines.clone()
+            merge_same_names(&global.defines)
         };
-        let mut drafts = Vec::new();
+        let mut drafts: Vec<Draft> = Vec::new();
         for define in &defines {
-            drafts.push(self.machine(&global, define));
+            let mut draft = self.machine(&global, define);
+            self.unique_name(&mut draft, &drafts);
+            self.claims(&mut draft, &drafts);
+            drafts.push(draft);
         }
         let networks = network_names(&drafts);
         let boxes: Vec<String> = defines
@@ -297,6 +312,67 @@ impl Mapper {
             .filter_map(|v| v.as_str().map(str::to_owned))
             .collect();
         Ok(self.write(path, &drafts, &networks, &boxes, &top_comments))
+    }
+
+    /// Two names Vagrant tells apart may be one hostname label here
+    /// (`web_1`, `web.1`): the later gets a number.
+    fn unique_name(&mut self, draft: &mut Draft, earlier: &[Draft]) {
+        let taken = |name: &str| earlier.iter().any(|d| d.name == name);
+        if !taken(&draft.name) {
+            return;
+        }
+        let base = draft.name.clone();
+        let name = (2..)
+            .map(|n| format!("{base}-{n}"))
+            .find(|name| !taken(name))
+            .unwrap_or(base.clone());
+        let text = format!("a second machine named `{base}` here is named `{name}`");
+        let mut comments = std::mem::take(&mut draft.comments);
+        self.left(draft.line, Some(&name), &text, &mut comments);
+        draft.comments = comments;
+        draft.name = name;
+    }
+
+    /// What a topology lets only one machine have (an address, a host
+    /// port) and a machine only once (a subnet): the later claim is left.
+    fn claims(&mut self, draft: &mut Draft, earlier: &[Draft]) {
+        let mut comments = std::mem::take(&mut draft.comments);
+        let name = draft.name.clone();
+        let mut ips: Vec<(Ipv4Addr, Ipv4Net)> = Vec::new();
+        for (ip, subnet) in std::mem::take(&mut draft.ips) {
+            let elsewhere = earlier
+                .iter()
+                .any(|d| d.ips.iter().any(|(other, _)| *other == ip));
+            if elsewhere || ips.iter().any(|(_, net)| *net == subnet) {
+                let text = format!(
+                    "address {ip} is not carried over: another machine has it, or this one \
+                     has an address on {subnet} already"
+                );
+                self.left(draft.line, Some(&name), &text, &mut comments);
+            } else {
+                ips.push((ip, subnet));
+            }
+        }
+        draft.ips = ips;
+        let mut forwards: Vec<(u64, u64)> = Vec::new();
+        for (guest, host) in std::mem::take(&mut draft.forwards) {
+            let taken = earlier
+                .iter()
+                .chain(std::iter::once(&*draft))
+                .any(|d| d.forwards.iter().any(|(_, h)| *h == host))
+                || forwards.iter().any(|(_, h)| *h == host);
+            if taken || !(1024..=65535).contains(&host) || !(1..=65535).contains(&guest) {
+                let text = format!(
+                    "forwarded port {host} -> {guest} is not carried over: testbed forwards \
+                     each host port once, from 1024 up"
+                );
+                self.left(draft.line, Some(&name), &text, &mut comments);
+            } else {
+                forwards.push((guest, host));
+            }
+        }
+        draft.forwards = forwards;
+        draft.comments = comments;
     }
 
     /// Records `text` as left behind at `line`: a warning, and a comment
@@ -439,6 +515,14 @@ impl Mapper {
                         "`host_ip` is not carried over: testbed binds forwarded ports to 127.0.0.1";
                     self.left(network.line, Some(&name), text, comments);
                 }
+                for key in network
+                    .options
+                    .keys()
+                    .filter(|k| !["guest", "host", "host_ip", "protocol"].contains(&k.as_str()))
+                {
+                    let text = format!("forwarded port option `{key}` is not carried over");
+                    self.left(network.line, Some(&name), &text, comments);
+                }
             }
             other => {
                 let text = format!(
@@ -467,9 +551,15 @@ impl Mapper {
         for (key, set) in &provider.settings {
             match key.as_str() {
                 "memory" => {
-                    draft.memory_mib = self.memory(set.value.clone(), set.line, draft, comments)
+                    if let Some(mib) = self.memory(&set.value, set.line, draft, comments) {
+                        draft.memory_mib = Some(mib);
+                    }
                 }
-                "cpus" => draft.cpus = number(&set.value),
+                "cpus" => {
+                    if let Some(cpus) = self.cpus(&set.value, set.line, draft, comments) {
+                        draft.cpus = Some(cpus);
+                    }
+                }
                 _ => {
                     let text = format!("`{}.{key}` is not carried over", provider.name);
                     self.left(set.line, Some(&name), &text, comments);
@@ -483,14 +573,17 @@ impl Mapper {
             while modifyvm && args.len() >= 2 {
                 match args[0] {
                     "--memory" => {
-                        draft.memory_mib = self.memory(
-                            Value::String(args[1].into()),
-                            customize.line,
-                            draft,
-                            comments,
-                        )
+                        let value = Value::String(args[1].into());
+                        if let Some(mib) = self.memory(&value, customize.line, draft, comments) {
+                            draft.memory_mib = Some(mib);
+                        }
                     }
-                    "--cpus" => draft.cpus = args[1].parse().ok(),
+                    "--cpus" => {
+                        let value = Value::String(args[1].into());
+                        if let Some(cpus) = self.cpus(&value, customize.line, draft, comments) {
+                            draft.cpus = Some(cpus);
+                        }
+                    }
                     option => {
                         let text = format!("`customize` option {option} is not carried over");
                         self.left(customize.line, Some(&name), &text, comments);
@@ -505,15 +598,20 @@ impl Mapper {
         }
     }
 
-    /// Memory in MiB (Vagrant's unit), at least testbed's least.
+    /// Memory in MiB (Vagrant's unit), at least testbed's least; `None`
+    /// (and a note) when it is no number.
     fn memory(
         &mut self,
-        value: Value,
+        value: &Value,
         line: u32,
         draft: &Draft,
         comments: &mut Vec<String>,
     ) -> Option<u64> {
-        let mib = number(&value)?;
+        let Some(mib) = number(value) else {
+            let text = format!("memory {value} is not carried over: not a number of MiB");
+            self.left(line, Some(&draft.name), &text, comments);
+            return None;
+        };
         if mib >= MIN_MEMORY_MIB {
             return Some(mib);
         }
@@ -522,22 +620,44 @@ impl Mapper {
         Some(MIN_MEMORY_MIB)
     }
 
+    /// CPUs as testbed takes them (1 to 64); `None` (and a note) otherwise.
+    fn cpus(
+        &mut self,
+        value: &Value,
+        line: u32,
+        draft: &Draft,
+        comments: &mut Vec<String>,
+    ) -> Option<u64> {
+        let cpus = number(value).filter(|n| (1..=u64::from(MAX_CPUS)).contains(n));
+        if cpus.is_none() {
+            let text = format!("cpus {value} is not carried over: testbed takes 1 to {MAX_CPUS}");
+            self.left(line, Some(&draft.name), &text, comments);
+        }
+        cpus
+    }
+
     fn provisioner(&mut self, call: &Call, draft: &mut Draft, comments: &mut Vec<String>) {
         let name = draft.name.clone();
         let mut handled: Vec<&str> = vec!["name", "type"];
-        let entry = match call.kind.as_str() {
+        // `provision "bootstrap", type: "shell"`: a named provisioner.
+        let kind = call
+            .options
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or(&call.kind);
+        let entry = match kind {
             "shell" => {
                 handled.extend(["path", "inline", "args", "env", "privileged"]);
                 self.shell(call, &name, comments)
             }
             "ansible" | "ansible_local" => {
-                handled.extend(["playbook", "become", "become_user", "compatibility_mode"]);
-                if call.kind == "ansible_local" {
+                handled.extend(["playbook", "become", "compatibility_mode"]);
+                if kind == "ansible_local" {
                     let text = "ansible_local runs from this computer here, not inside the guest";
                     self.left(call.line, Some(&name), text, comments);
                 }
-                handled.push("extra_vars");
                 if let Some(Value::Object(extra)) = call.options.get("extra_vars") {
+                    handled.push("extra_vars");
                     self.extra_vars(extra, call.line, draft, comments);
                 }
                 match call.options.get("playbook").and_then(Value::as_str) {
@@ -555,10 +675,8 @@ impl Mapper {
             }
         };
         let Some(entry) = entry else {
-            let text = format!(
-                "a {} provisioner without its script or playbook is not carried over",
-                call.kind
-            );
+            let text =
+                format!("a {kind} provisioner without its script or playbook is not carried over");
             self.left(call.line, Some(&name), &text, comments);
             return;
         };
@@ -570,7 +688,7 @@ impl Mapper {
                 let text = "`run:` is not carried over: a provisioner runs again when it changes, or with `testbed provision --force`";
                 self.left(call.line, Some(&name), text, comments);
             } else if !handled.contains(&key.as_str()) {
-                let text = format!("{} option `{key}` is not carried over", call.kind);
+                let text = format!("{kind} option `{key}` is not carried over");
                 self.left(call.line, Some(&name), &text, comments);
             }
         }
@@ -607,9 +725,24 @@ impl Mapper {
         let mut parts = Vec::new();
         if let Some(path) = options.get("path").and_then(Value::as_str) {
             let relative = self.path(path);
-            self.warn_about_vagrant_folder(path, call.line, machine, comments);
+            match std::fs::read_to_string(self.vagrant_dir.join(path)) {
+                Ok(text) => {
+                    self.warn_about_vagrant_folder(path, &text, call.line, machine, comments)
+                }
+                Err(e) => {
+                    let text = format!("script {path} cannot be read ({e}): `plan` will say so");
+                    self.left(call.line, Some(machine), &text, comments);
+                }
+            }
             parts.push(format!("shell = {}", quoted(&relative)));
         } else if let Some(inline) = options.get("inline").and_then(Value::as_str) {
+            self.warn_about_vagrant_folder(
+                "the inline script",
+                inline,
+                call.line,
+                machine,
+                comments,
+            );
             parts.push(format!("inline = {}", quoted(inline)));
         } else {
             return None;
@@ -617,35 +750,51 @@ impl Mapper {
         let args: Vec<String> = match options.get("args") {
             Some(Value::String(text)) => shlex::split(text).unwrap_or_else(|| vec![text.clone()]),
             Some(Value::Array(items)) => items.iter().map(plain).collect(),
+            Some(Value::Null) | None => Vec::new(),
             Some(other) => vec![plain(other)],
-            None => Vec::new(),
         };
         if !args.is_empty() {
             let list: Vec<String> = args.iter().map(|a| quoted(a)).collect();
             parts.push(format!("args = [{}]", list.join(", ")));
         }
         if let Some(Value::Object(env)) = options.get("env") {
-            let pairs: Vec<String> = env
-                .iter()
-                .map(|(key, value)| format!("{} = {}", bare_key(key), quoted(&plain(value))))
-                .collect();
-            parts.push(format!("env = {{ {} }}", pairs.join(", ")));
+            let mut pairs: Vec<String> = Vec::new();
+            for (key, value) in env {
+                if crate::model::is_identifier(key) {
+                    pairs.push(format!("{key} = {}", quoted(&plain(value))));
+                } else {
+                    let text = format!(
+                        "environment variable `{key}` is not carried over: not a shell name"
+                    );
+                    self.left(call.line, Some(machine), &text, comments);
+                }
+            }
+            if !pairs.is_empty() {
+                parts.push(format!("env = {{ {} }}", pairs.join(", ")));
+            }
         }
         Some(format!("{{ {} }}", parts.join(", ")))
     }
 
-    /// Scripts that read Vagrant's shared `/vagrant` folder will not find it.
+    /// Scripts that read Vagrant's shared `/vagrant` folder will not find
+    /// it (`/home/vagrant` is no mention of it).
     fn warn_about_vagrant_folder(
         &mut self,
-        path: &str,
+        what: &str,
+        script: &str,
         line: u32,
         machine: &str,
         comments: &mut Vec<String>,
     ) {
-        let text = std::fs::read_to_string(self.vagrant_dir.join(path)).unwrap_or_default();
-        if text.contains("/vagrant") {
+        let mentions = script.match_indices("/vagrant").any(|(at, _)| {
+            let before = script[..at].chars().next_back();
+            let after = script[at + "/vagrant".len()..].chars().next();
+            let path_char = |c: char| c.is_alphanumeric() || "_-.".contains(c);
+            before.is_none_or(|c| !path_char(c) && c != '/') && after.is_none_or(|c| !path_char(c))
+        });
+        if mentions {
             let note =
-                format!("{path} reads /vagrant, which testbed does not share with the machine");
+                format!("{what} reads /vagrant, which testbed does not share with the machine");
             self.left(line, Some(machine), &note, comments);
         }
     }
@@ -670,9 +819,12 @@ impl Mapper {
             "# Imported by `testbed import` from {}.\n",
             path.display()
         ));
-        let mut boxes = boxes.to_vec();
-        boxes.dedup();
-        for name in &boxes {
+        let mut shown: Vec<&String> = Vec::new();
+        for name in boxes {
+            if shown.contains(&name) {
+                continue;
+            }
+            shown.push(name);
             out.push_str(&format!(
                 "# Vagrant box {}: testbed boots its image `{IMAGE}` instead.\n",
                 quoted(name)
@@ -711,7 +863,10 @@ impl Mapper {
                     .iter()
                     .map(|(key, value)| format!("{key} = {}", inline(value)))
                     .collect();
-                out.push_str("# The playbooks' `extra_vars`, as host vars.\n");
+                out.push_str(
+                    "# The playbooks' `extra_vars`, as host vars (below play vars in Ansible's \
+                     precedence, where extra vars are above all).\n",
+                );
                 out.push_str(&format!("vars = {{ {} }}\n", vars.join(", ")));
             }
             if !draft.forwards.is_empty() {
@@ -750,6 +905,22 @@ fn write_addresses(out: &mut String, draft: &Draft, networks: &BTreeMap<Ipv4Net,
             out.push_str(&format!("ips = {{ {} }}\n", pairs.join(", ")));
         }
     }
+}
+
+/// Vagrant merges the blocks of a name defined twice: so does this, at
+/// the place of the first.
+fn merge_same_names(defines: &[Define]) -> Vec<Define> {
+    let mut merged: Vec<Define> = Vec::new();
+    for define in defines {
+        match merged.iter_mut().find(|d| d.name == define.name) {
+            Some(first) => {
+                first.config = self::merged(&[first.config.clone(), define.config.clone()]);
+                first.options.extend(define.options.clone());
+            }
+            None => merged.push(define.clone()),
+        }
+    }
+    merged
 }
 
 /// The global settings of every `Vagrant.configure` block, in order.

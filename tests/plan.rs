@@ -193,6 +193,16 @@ fn a_running_machine_still_with_its_templates_identity_boots_from_its_disk() {
         .spawn()
         .expect("a stand-in VM process");
     std::fs::write(machine_dir.join("qemu.pid"), vm.id().to_string()).expect("pid");
+    // Until the child has exec'd `sh`, its command line is still this
+    // test's, and the provider would see no VM (a loaded machine shows it).
+    let cmdline = format!("/proc/{}/cmdline", vm.id());
+    let named = machine_dir.to_string_lossy().into_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read(&cmdline).is_ok_and(|text| String::from_utf8_lossy(&text).contains(&named))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let saved = |warm_boot| machine_record(Desired::Running, warm_boot);
     let mut record = Record::default();
     record.machines.insert("one".into(), saved(true));

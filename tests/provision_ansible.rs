@@ -6,7 +6,8 @@
 //! once on each machine and its checks fetch each page from the other
 //! machine; a converged `up` runs neither; an edited template runs the
 //! playbook alone again; `ansible all -m ping -i <(testbed inventory)`
-//! reaches both; a failing script fails `provision --force` with the
+//! reaches both; a machine halted and booted again from its disk runs
+//! neither again; a failing script fails `provision --force` with the
 //! machine's name and the script's last lines, and once mended runs again
 //! at the next `up`. One booted pair serves the whole scenario.
 
@@ -122,6 +123,20 @@ fn provisioners_run_once_per_change_and_ansible_reaches_the_machines() {
         assert!(said.contains(&format!("{machine} | SUCCESS")), "{said}");
     }
 
+    // A machine booted again from its disk keeps what ran on it.
+    bed.ok(&["halt", "web-2"]);
+    bed.ok(&["up"]);
+    assert_eq!(
+        runs(&bed, "web-2"),
+        (1, 2),
+        "web-2's provisioners ran again after a halt"
+    );
+    assert_eq!(
+        planned(&bed),
+        all("nothing"),
+        "the record lost what ran on web-2"
+    );
+
     let script = std::fs::read_to_string(repo().join("examples/provision/setup.sh")).expect("read");
     bed.write("setup.sh", &format!("{script}echo boom\nexit 3\n"));
     let forced = bed.testbed(&["provision", "--force", "web-1"]);
@@ -151,6 +166,7 @@ fn provisioners_run_once_per_change_and_ansible_reaches_the_machines() {
         ]),
         "the failed script runs again, mended as it was"
     );
-    bed.ok(&["up"]);
+    let up = bed.ok(&["up"]);
+    assert!(up.contains("web-1: shell setup.sh ran"), "{up}");
     assert_eq!(runs(&bed, "web-1"), (3, 2));
 }

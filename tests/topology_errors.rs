@@ -2340,7 +2340,7 @@ fn provisioners_keep_their_order_args_and_env() {
     let labels: Vec<String> = provision.iter().map(|p| p.label()).collect();
     assert_eq!(
         labels,
-        ["shell setup.sh", "inline script", "ansible site.yml"]
+        ["shell setup.sh", "inline `echo hi`", "ansible site.yml"]
     );
     assert_eq!(
         provision[0].run,

@@ -150,14 +150,15 @@ fn the_tutorials_vagrantfile_becomes_a_topology_plan_accepts() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 }
 
-const PARTLY: &str = r#"Vagrant.configure("2") do |config|
+const PARTLY: &str = r#"Settings = { "web" => "10.20.0.5" }
+Vagrant.configure("2") do |config|
   config.vm.box = "ubuntu/jammy64"
   config.vm.synced_folder "src", "/opt/src"
   config.ssh.forward_agent = true
   config.vm.define "web" do |web|
     web.vm.network "private_network", type: "dhcp"
     web.vm.network "public_network"
-    web.vm.network "private_network", ip: "10.20.0.5"
+    web.vm.network "private_network", ip: Settings["web"]
     web.vm.provider "virtualbox" do |vb|
       vb.gui = true
       vb.memory = "1536"
@@ -170,6 +171,15 @@ const PARTLY: &str = r#"Vagrant.configure("2") do |config|
     db.vm.network "private_network", ip: "10.20.0.6"
     db.vm.provision "shell", path: "db.sh"
   end
+  puts "the Vagrantfile speaks"
+  if Vagrant::VERSION >= "2.0" && Vagrant.has_plugin?("vagrant-cachier")
+    config.cache.scope = :box
+  end
+  config.vm.provider "libvirt" do |lv, override|
+    lv.memory = 2048
+    override.vm.box = "generic/debian12"
+  end
+  config.vm.provision "bootstrap", type: "shell", inline: "cat /vagrant/seed; ls /home/vagrant"
 end
 "#;
 
@@ -188,33 +198,56 @@ fn what_cannot_be_carried_over_is_listed_with_its_line() {
     assert!(out.status.success(), "{stderr}");
     let text = std::fs::read_to_string(dir.path().join("topology.toml")).expect("topology");
     let left = [
-        ("Vagrantfile:3", "synced folder src -> /opt/src"),
-        ("Vagrantfile:4", "`config.ssh.forward_agent`"),
-        ("Vagrantfile:6", "without `ip` (DHCP)"),
-        ("Vagrantfile:7", "network `public_network`"),
-        ("Vagrantfile:10", "`virtualbox.gui`"),
-        ("Vagrantfile:13", "`privileged: false`"),
-        ("Vagrantfile:14", "provisioner `puppet`"),
-        ("Vagrantfile:15", "ansible option `limit`"),
-        ("Vagrantfile:17", "machine `db_1` is named `db-1`"),
-        ("Vagrantfile:17", "`autostart: false`"),
-        ("Vagrantfile:19", "db.sh reads /vagrant"),
+        ("Vagrantfile:4", "synced folder src -> /opt/src"),
+        ("Vagrantfile:5", "`config.ssh.forward_agent`"),
+        ("Vagrantfile:7", "without `ip` (DHCP)"),
+        ("Vagrantfile:8", "network `public_network`"),
+        ("Vagrantfile:11", "`virtualbox.gui`"),
+        ("Vagrantfile:14", "`privileged: false`"),
+        ("Vagrantfile:15", "provisioner `puppet`"),
+        ("Vagrantfile:16", "ansible option `limit`"),
+        ("Vagrantfile:18", "machine `db_1` is named `db-1`"),
+        ("Vagrantfile:18", "`autostart: false`"),
+        ("Vagrantfile:20", "db.sh reads /vagrant"),
+        (
+            "Vagrantfile:23",
+            "plugin vagrant-cachier is taken as installed",
+        ),
+        ("Vagrantfile:24", "`config.cache.scope`"),
+        ("Vagrantfile:26", "the `override` of provider libvirt"),
+        ("Vagrantfile:30", "the inline script reads /vagrant"),
     ];
     for (line, what) in left {
         let found = |text: &str| text.lines().any(|l| l.contains(line) && l.contains(what));
         assert!(found(&stderr), "no warning {line} {what} in:\n{stderr}");
         assert!(found(&text), "no comment {line} {what} in:\n{text}");
     }
+    assert!(stderr.contains("the Vagrantfile speaks"), "{stderr}");
     let topology: toml::Table = text.parse().expect("TOML");
     let web = table(&topology, &["machines", "web"]);
+    assert_eq!(
+        web["ip"].as_str(),
+        Some("10.20.0.5"),
+        "a Ruby constant's value"
+    );
+    // A machine's own provider block wins over the whole file's.
     assert_eq!(web["memory"].as_str(), Some("1536MiB"));
+    let db = table(&topology, &["machines", "db-1"]);
+    assert_eq!(db["memory"].as_str(), Some("2048MiB"));
     assert_eq!(
         web["vars"]["port"].as_integer(),
         Some(8080),
         "extra_vars become vars"
     );
-    assert_eq!(web["provision"][0]["inline"].as_str(), Some("echo hi"));
-    assert_eq!(web["provision"][1]["ansible"].as_str(), Some("site.yml"));
+    // The whole file's provisioners first, as Vagrant runs them.
+    let inline = web["provision"][0]["inline"].as_str();
+    assert_eq!(
+        inline,
+        Some("cat /vagrant/seed; ls /home/vagrant"),
+        "a named shell provisioner"
+    );
+    assert_eq!(web["provision"][1]["inline"].as_str(), Some("echo hi"));
+    assert_eq!(web["provision"][2]["ansible"].as_str(), Some("site.yml"));
     assert!(text.contains("# Vagrant box \"ubuntu/jammy64\""), "{text}");
     ok(dir.path(), &["plan", "topology.toml"]);
 }
@@ -229,7 +262,7 @@ fn a_syntax_error_or_a_failing_line_is_named() {
         ),
         (
             "Vagrant.configure(\"2\") do |config|\n  config.vm.define \"a\" do |a|\n    a.vm.box = boxes.first\n  end\nend\n",
-            "Vagrantfile:3: error: undefined local variable or method `boxes'",
+            "Vagrantfile:3: error: undefined local variable or method",
         ),
     ];
     for (vagrantfile, expected) in cases {

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use crate::lifecycle::Testbed;
-use crate::plan::DaemonAction;
+use crate::plan::{DaemonAction, ProvisionerAction};
 use crate::progress::Progress;
 use crate::settings::Settings;
 
@@ -24,13 +24,13 @@ pub struct Args {
 
 pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
     let testbed = Testbed::locate(args.at.file.as_deref(), settings)?;
-    let outcomes = testbed
+    let done = testbed
         .provision(&args.machines, args.force, &Progress::new())
         .await?;
-    if outcomes.is_empty() {
-        out!("no daemons to provision")?;
+    if done.daemons.is_empty() && done.provisioners.is_empty() {
+        out!("no daemons or provisioners to provision")?;
     }
-    for outcome in outcomes {
+    for outcome in done.daemons {
         let what = match outcome.action {
             DaemonAction::Start => "started",
             DaemonAction::Restart => "restarted (its files changed)",
@@ -38,6 +38,13 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
             DaemonAction::Nothing => "unchanged, running",
         };
         out!("{}: {} {what}", outcome.machine, outcome.daemon)?;
+    }
+    for outcome in done.provisioners {
+        let what = match outcome.action {
+            ProvisionerAction::Run => "ran",
+            ProvisionerAction::Nothing => "unchanged since it last ran",
+        };
+        out!("{}: {} {what}", outcome.machine, outcome.provisioner)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -87,6 +87,11 @@ pub async fn run(args: Args, settings: &Settings) -> anyhow::Result<ExitCode> {
         let action = outcome.action.past_tense();
         out!("{}: {} {action}", outcome.machine, outcome.daemon)?;
     }
+    for outcome in &report.provisioners {
+        if outcome.action == crate::plan::ProvisionerAction::Run {
+            out!("{}: {} ran", outcome.machine, outcome.provisioner)?;
+        }
+    }
     let built = matches!(report.build, Some(crate::build::BuildOutcome::Built { .. }));
     if changed.is_empty() && built {
         out!(

@@ -12,10 +12,12 @@ use crate::check;
 use crate::identity::{self, MachineKeys, Seed};
 use crate::image::{BuiltImage, Cache, Recipe};
 use crate::model::Topology;
-use crate::plan::{self, Applied, BuildAction, DaemonAction, MachineAction, MachinePlan, Plan};
+use crate::plan::{
+    self, Applied, BuildAction, DaemonAction, MachineAction, MachinePlan, Plan, ProvisionerAction,
+};
 use crate::progress::{Progress, Task};
 use crate::provider::{NetworkSpec, NicSpec, Provider, ProviderError, VmSpec, VmState};
-use crate::provision::{self, Gate, Machines, Outcome, Readiness};
+use crate::provision::{self, Gate, Machines, Outcome, Provisioned, ProvisionerOutcome, Readiness};
 use crate::ssh::{self, Session, SshError, Target};
 use crate::state::{Access, Desired, MachineDir, MachineRecord, Record, StateDir, StateError};
 
@@ -39,6 +41,8 @@ pub struct UpReport {
     pub machines: BTreeMap<String, MachineAction>,
     /// What happened to each daemon that was provisioned.
     pub daemons: Vec<Outcome>,
+    /// What happened with each provisioner of the machines provisioned.
+    pub provisioners: Vec<ProvisionerOutcome>,
     /// The topology's checks, run last when anything changed.
     pub checks: Option<check::Report>,
     /// What the build step did, when the topology has one.
@@ -143,6 +147,18 @@ impl UpReport {
                     .unwrap_or(DaemonAction::Nothing);
                 daemon["action"] = serde_json::json!(done);
             }
+            let Some(provisioners) = machine["provision"].as_array_mut() else {
+                continue;
+            };
+            for provisioner in provisioners {
+                let done = self
+                    .provisioners
+                    .iter()
+                    .find(|o| o.machine == name && provisioner["name"] == o.provisioner.as_str())
+                    .map(|o| o.action)
+                    .unwrap_or(ProvisionerAction::Nothing);
+                provisioner["action"] = serde_json::json!(done);
+            }
         }
         value
     }
@@ -169,6 +185,7 @@ impl Testbed {
         ensure_user_key(&self.state)?;
         let secrets = self.state.secrets(&kits.secret_names(&self.topology))?;
         let plan = Arc::new(self.resolve(&record, &kits, &secrets)?);
+        provision::check_tools(&plan)?;
         for warning in &plan.warnings {
             progress.println(&format!("warning: {warning}"));
         }
@@ -176,6 +193,7 @@ impl Testbed {
             plan: plan.clone(),
             machines: BTreeMap::new(),
             daemons: Vec::new(),
+            provisioners: Vec::new(),
             checks: None,
             build: None,
             green: None,
@@ -283,12 +301,13 @@ impl Testbed {
             }));
         }
         let (done, mut failures) = join_machines(tasks).await;
-        for (name, (action, outcomes, warm)) in done {
+        for (name, (action, provisioned, warm)) in done {
             if let Some(label) = warm {
                 report.warm.insert(name.clone(), label);
             }
             report.machines.insert(name, action);
-            report.daemons.extend(outcomes);
+            report.daemons.extend(provisioned.daemons);
+            report.provisioners.extend(provisioned.provisioners);
         }
         match build_task {
             Some(task) => match task.await {
@@ -329,7 +348,7 @@ impl Testbed {
         names: &[String],
         force: bool,
         progress: &Progress,
-    ) -> Result<Vec<Outcome>> {
+    ) -> Result<Provisioned> {
         let _lock = self.lock(Access::Exclusive)?;
         let selected = self.select(names)?;
         let kits = self.kits()?;
@@ -340,6 +359,7 @@ impl Testbed {
             let names: Vec<String> = selected.iter().map(|m| m.name.clone()).collect();
             plan.force_provisioners(&names);
         }
+        provision::check_tools(&plan)?;
         let plan = Arc::new(plan);
         let machines = self.machines(&record, &kits)?;
         self.prefer_control_masters(&machines, &record);
@@ -381,11 +401,12 @@ impl Testbed {
         }
         let (done, failures) = join_machines(tasks).await;
         machines.close().await;
-        let outcomes = done
-            .into_iter()
-            .flat_map(|(_, outcomes)| outcomes)
-            .collect();
-        all_succeeded(failures).map(|()| outcomes)
+        let mut all = Provisioned::default();
+        for (_, provisioned) in done {
+            all.daemons.extend(provisioned.daemons);
+            all.provisioners.extend(provisioned.provisioners);
+        }
+        all_succeeded(failures).map(|()| all)
     }
 
     /// Builds what `up` would build of the topology's images (kits'
@@ -648,6 +669,7 @@ impl UpContext {
         if let Some(previous) = record.machines.get(name).filter(|_| !fresh_disk) {
             saved.daemons = previous.daemons.clone();
             saved.artifacts = previous.artifacts.clone();
+            saved.provisioned = previous.provisioned.clone();
         }
         record.machines.insert(name.to_string(), saved);
         self.state.save(&record)?;
@@ -695,7 +717,7 @@ async fn up_machine(
     target: Target,
     ctx: &UpContext,
     task: &Task,
-) -> Result<(MachineAction, Vec<Outcome>, Option<String>)> {
+) -> Result<(MachineAction, Provisioned, Option<String>)> {
     let (done, warm) = if machine.apply_identity {
         let _slot = if boot.is_some() {
             Some(boot_slot(ctx, task).await?)
@@ -708,8 +730,8 @@ async fn up_machine(
     };
     ctx.readiness
         .set(&Gate::Reachable(machine.name.clone()), true);
-    let outcomes = provision_and_record(machine, ctx, task).await?;
-    Ok((done, outcomes, warm.map(|t| t.label)))
+    let provisioned = provision_and_record(machine, ctx, task).await?;
+    Ok((done, provisioned, warm.map(|t| t.label)))
 }
 
 /// Waits for one of the `--jobs` boot slots, saying so when it must wait.
@@ -741,7 +763,7 @@ async fn provision_and_record(
     machine: &MachinePlan,
     ctx: &UpContext,
     task: &Task,
-) -> Result<Vec<Outcome>> {
+) -> Result<Provisioned> {
     let applied = Applied::of(lock_record(&ctx.record).machines.get(&machine.name));
     if machine.daemons.is_empty()
         && machine.machine.artifacts.is_empty()
@@ -754,7 +776,7 @@ async fn provision_and_record(
                 saved.provisioned.clear();
             })?;
         }
-        return Ok(Vec::new());
+        return Ok(Provisioned::default());
     }
     let on_step = |step: &str| task.set(step);
     let on_line = |line: &str| {
@@ -776,10 +798,9 @@ async fn provision_and_record(
         machines: &ctx.machines,
         readiness: &ctx.readiness,
     };
-    let outcomes =
-        provision::provision_machine(&cluster, machine, &applied, &on_step, &on_line, &on_applied)
-            .await?;
-    Ok(outcomes)
+    provision::provision_machine(&cluster, machine, &applied, &on_step, &on_line, &on_applied)
+        .await
+        .map_err(Into::into)
 }
 
 /// Boots the machine when `boot` is given (from the template `warm`, else

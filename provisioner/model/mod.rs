@@ -210,7 +210,8 @@ pub enum Script {
 }
 
 impl Provisioner {
-    /// How the user knows it: `shell setup.sh`, `inline script`, `ansible site.yml`.
+    /// How the user knows it: `shell setup.sh`, ``inline `echo hi` ``,
+    /// `ansible site.yml`; the key it is recorded under.
     pub fn label(&self) -> String {
         match &self.run {
             ProvisionRun::Shell {
@@ -218,9 +219,9 @@ impl Provisioner {
                 ..
             } => format!("shell {path}"),
             ProvisionRun::Shell {
-                script: Script::Inline(_),
+                script: Script::Inline(text),
                 ..
-            } => "inline script".to_owned(),
+            } => format!("inline `{}`", first_line_of(text)),
             ProvisionRun::Ansible { playbook } => format!("ansible {playbook}"),
         }
     }
@@ -276,6 +277,19 @@ impl Topology {
             .iter()
             .filter(|machine| machine.daemons.iter().any(|name| name == daemon))
             .collect()
+    }
+}
+
+/// The first line of a script that says something, cut at 40 characters.
+fn first_line_of(script: &str) -> String {
+    let line = script
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with("#!"))
+        .unwrap_or_default();
+    match line.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_owned(),
     }
 }
 
