@@ -61,3 +61,8 @@ systemctl mask e2scrub_reap.service systemd-random-seed.service \
 usermod -p "*" root
 mkdir -p /root/.ssh /etc/testbed
 chmod 0700 /root/.ssh
+
+# What the image enables for multi-user.target itself: kits start those.
+# What a machine enables later (a provisioner) testbed-enabled starts at boot.
+mkdir -p /usr/lib/testbed
+ls /etc/systemd/system/multi-user.target.wants 2>/dev/null > /usr/lib/testbed/base-wants || true
