@@ -524,6 +524,25 @@ struct Claim {
     line: usize,
 }
 
+/// The files a `provision` entry names: a script or playbook must be a
+/// file; an input may be a folder.
+#[derive(Clone, Copy)]
+enum ProvisionFile {
+    Script,
+    Playbook,
+    Input,
+}
+
+impl std::fmt::Display for ProvisionFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProvisionFile::Script => "script",
+            ProvisionFile::Playbook => "playbook",
+            ProvisionFile::Input => "input",
+        })
+    }
+}
+
 /// Walks the parsed document, building the model and stopping at the first
 /// problem (in file order within each section).
 struct Checker<'a> {
@@ -1291,28 +1310,7 @@ impl Checker<'_> {
                 .with_help(PROVISION_HELP));
         };
         self.check_keys(table, PROVISION_KEYS, "in a `provision` entry")?;
-        let kinds: Vec<(&str, &Value<'_>)> = ["shell", "inline", "ansible"]
-            .into_iter()
-            .filter_map(|kind| Some((kind, table.get(kind)?)))
-            .collect();
-        let (kind, script) = match kinds.as_slice() {
-            [only] => *only,
-            [] => {
-                return Err(self
-                    .source
-                    .error(item.span(), "this `provision` entry runs nothing")
-                    .with_help(PROVISION_HELP))
-            }
-            [(first, _), (second, _), ..] => {
-                return Err(self
-                    .source
-                    .error(
-                        item.span(),
-                        format!("this `provision` entry has both `{first}` and `{second}`"),
-                    )
-                    .with_help(format!("give each its own entry; {PROVISION_HELP}")))
-            }
-        };
+        let (kind, script) = self.provision_kind(table, item)?;
         let text = self.string(script, kind, "\"provision.sh\"")?;
         let run = match kind {
             "inline" => {
@@ -1320,32 +1318,16 @@ impl Checker<'_> {
                 self.shell_run(table, Script::Inline(text.to_owned()))?
             }
             "shell" => {
-                self.provision_file(text, script.span(), "script")?;
+                self.provision_file(text, script.span(), ProvisionFile::Script)?;
                 self.shell_run(table, Script::File(text.to_owned()))?
             }
-            _ => {
-                for key in ["args", "env"] {
-                    if let Some(value) = table.get(key) {
-                        return Err(self
-                            .source
-                            .error(value.span(), format!("`{key}` is for shell provisioners"))
-                            .with_help(
-                                "pass values to a playbook through the machine's `vars` \
-                                 (they are its host vars)",
-                            ));
-                    }
-                }
-                self.provision_file(text, script.span(), "playbook")?;
-                ProvisionRun::Ansible {
-                    playbook: text.to_owned(),
-                }
-            }
+            _ => self.ansible_run(table, text, script.span())?,
         };
         let inputs = match table.get("inputs") {
             Some(value) => {
                 let mut inputs = Vec::new();
                 for (path, span) in self.string_list(value, "inputs", "[\"templates\"]")? {
-                    self.provision_file(path, span, "input")?;
+                    self.provision_file(path, span, ProvisionFile::Input)?;
                     inputs.push(path.to_owned());
                 }
                 inputs
@@ -1353,6 +1335,52 @@ impl Checker<'_> {
             None => Vec::new(),
         };
         Ok(Provisioner { run, inputs })
+    }
+
+    /// Which of `shell`, `inline` and `ansible` the entry has (just one),
+    /// with its value.
+    fn provision_kind<'t, 'i>(
+        &self,
+        table: &'t DeTable<'i>,
+        item: &Value<'_>,
+    ) -> Result<(&'static str, &'t Value<'i>)> {
+        let kinds: Vec<(&'static str, &Value<'_>)> = ["shell", "inline", "ansible"]
+            .into_iter()
+            .filter_map(|kind| Some((kind, table.get(kind)?)))
+            .collect();
+        match kinds.as_slice() {
+            [only] => Ok(*only),
+            [] => Err(self
+                .source
+                .error(item.span(), "this `provision` entry runs nothing")
+                .with_help(PROVISION_HELP)),
+            [(first, _), (second, _), ..] => Err(self
+                .source
+                .error(
+                    item.span(),
+                    format!("this `provision` entry has both `{first}` and `{second}`"),
+                )
+                .with_help(format!("give each its own entry; {PROVISION_HELP}"))),
+        }
+    }
+
+    /// An Ansible provisioner: its playbook, and none of a script's keys.
+    fn ansible_run(&self, table: &DeTable<'_>, playbook: &str, span: Span) -> Result<ProvisionRun> {
+        for key in ["args", "env"] {
+            if let Some(value) = table.get(key) {
+                return Err(self
+                    .source
+                    .error(value.span(), format!("`{key}` is for shell provisioners"))
+                    .with_help(
+                        "pass values to a playbook through the machine's `vars` \
+                         (they are its host vars)",
+                    ));
+            }
+        }
+        self.provision_file(playbook, span, ProvisionFile::Playbook)?;
+        Ok(ProvisionRun::Ansible {
+            playbook: playbook.to_owned(),
+        })
     }
 
     /// A shell provisioner's `args` and `env` around its script.
@@ -1390,7 +1418,7 @@ impl Checker<'_> {
 
     /// A provisioner's file: relative to the topology (it may climb out
     /// with a leading `../`), and there when files are looked for.
-    fn provision_file(&self, path: &str, span: Span, what: &str) -> Result<()> {
+    fn provision_file(&self, path: &str, span: Span, what: ProvisionFile) -> Result<()> {
         if crate::build::build_path(path).is_none() {
             return Err(self
                 .source
@@ -1405,8 +1433,8 @@ impl Checker<'_> {
         };
         let found = dir.join(path);
         let ok = match what {
-            "input" => found.exists(),
-            _ => found.is_file(),
+            ProvisionFile::Input => found.exists(),
+            ProvisionFile::Script | ProvisionFile::Playbook => found.is_file(),
         };
         if ok {
             return Ok(());
