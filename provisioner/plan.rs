@@ -353,21 +353,26 @@ impl Plan {
     }
 
     /// The first provisioner to run that needs `ansible-playbook`, with its
-    /// machine: checked before any machine starts.
-    pub fn first_playbook(&self) -> Option<(&str, &str)> {
-        self.machines.iter().find_map(|machine| {
-            machine
-                .provision
-                .iter()
-                .find(|p| {
-                    p.action == ProvisionerAction::Run
-                        && matches!(
-                            p.provisioner.run,
-                            crate::model::ProvisionRun::Ansible { .. }
-                        )
-                })
-                .map(|p| (machine.name.as_str(), p.name.as_str()))
-        })
+    /// machine, among the machines named (all when `None`): checked before
+    /// any machine starts.
+    pub fn first_playbook(&self, names: Option<&[String]>) -> Option<(&str, &str)> {
+        let chosen = |name: &String| names.is_none_or(|names| names.contains(name));
+        self.machines
+            .iter()
+            .filter(|m| chosen(&m.name))
+            .find_map(|machine| {
+                machine
+                    .provision
+                    .iter()
+                    .find(|p| {
+                        p.action == ProvisionerAction::Run
+                            && matches!(
+                                p.provisioner.run,
+                                crate::model::ProvisionRun::Ansible { .. }
+                            )
+                    })
+                    .map(|p| (machine.name.as_str(), p.name.as_str()))
+            })
     }
 
     /// Runs every provisioner of the machines named (`provision --force`),

@@ -694,10 +694,11 @@ async fn run_provisioners(
     Ok(outcomes)
 }
 
-/// Fails at once, before any machine starts, when a playbook is to run
-/// and `ansible-playbook` is not on PATH.
-pub fn check_tools(plan: &crate::plan::Plan) -> Result<()> {
-    match plan.first_playbook() {
+/// Fails at once, before any machine starts, when a playbook of the
+/// machines named (all when `None`) is to run and `ansible-playbook` is
+/// not on PATH.
+pub fn check_tools(plan: &crate::plan::Plan, names: Option<&[String]>) -> Result<()> {
+    match plan.first_playbook(names) {
         Some((machine, provisioner)) if crate::process::which(ANSIBLE_PLAYBOOK).is_none() => {
             Err(ProvisionError::NoAnsible {
                 machine: machine.to_string(),
@@ -810,8 +811,15 @@ async fn run_playbook(
         use tokio::io::AsyncReadExt;
         let mut lines = Lines::default();
         let mut buffer = vec![0; 8192];
-        while let Ok(read @ 1..) = stdout.read(&mut buffer).await {
-            lines.feed(&buffer[..read], on_line);
+        loop {
+            match stdout.read(&mut buffer).await {
+                Ok(0) => break,
+                Ok(read) => lines.feed(&buffer[..read], on_line),
+                Err(e) => {
+                    on_line(&format!("(its output is lost from here: {e})"));
+                    break;
+                }
+            }
         }
         lines.finish(on_line);
     }

@@ -13,7 +13,9 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::topology::{is_valid_name, MAX_CPUS, MIN_MEMORY_MIB, PRIVATE_RANGES, QEMU_USER_NET};
+use crate::topology::{
+    is_valid_name, MAX_CPUS, MAX_PREFIX, MIN_MEMORY_MIB, MIN_PREFIX, PRIVATE_RANGES, QEMU_USER_NET,
+};
 
 const STAND_IN: &str = include_str!("vagrant/stand_in.rb");
 
@@ -108,6 +110,8 @@ struct Customize {
 struct Folder {
     from: String,
     to: String,
+    #[serde(default)]
+    options: Map<String, Value>,
     line: u32,
 }
 
@@ -323,7 +327,11 @@ impl Mapper {
         }
         let base = draft.name.clone();
         let name = (2..)
-            .map(|n| format!("{base}-{n}"))
+            .map(|n| {
+                let suffix = format!("-{n}");
+                let stem: String = base.chars().take(63 - suffix.len()).collect();
+                format!("{}{suffix}", stem.trim_end_matches('-'))
+            })
             .find(|name| !taken(name))
             .unwrap_or(base.clone());
         let text = format!("a second machine named `{base}` here is named `{name}`");
@@ -343,7 +351,18 @@ impl Mapper {
             let elsewhere = earlier
                 .iter()
                 .any(|d| d.ips.iter().any(|(other, _)| *other == ip));
-            if elsewhere || ips.iter().any(|(_, net)| *net == subnet) {
+            // Another netmask for the same range: testbed's subnets do not overlap.
+            let clashes = earlier
+                .iter()
+                .flat_map(|d| &d.ips)
+                .any(|(_, net)| *net != subnet && (net.contains(&subnet) || subnet.contains(net)));
+            if clashes {
+                let text = format!(
+                    "address {ip} is not carried over: its subnet {subnet} overlaps another \
+                     machine's, of another netmask"
+                );
+                self.left(draft.line, Some(&name), &text, &mut comments);
+            } else if elsewhere || ips.iter().any(|(_, net)| *net == subnet) {
                 let text = format!(
                     "address {ip} is not carried over: another machine has it, or this one \
                      has an address on {subnet} already"
@@ -358,7 +377,6 @@ impl Mapper {
         for (guest, host) in std::mem::take(&mut draft.forwards) {
             let taken = earlier
                 .iter()
-                .chain(std::iter::once(&*draft))
                 .any(|d| d.forwards.iter().any(|(_, h)| *h == host))
                 || forwards.iter().any(|(_, h)| *h == host);
             if taken || !(1024..=65535).contains(&host) || !(1..=65535).contains(&guest) {
@@ -394,7 +412,12 @@ impl Mapper {
     /// `config.ssh`, plugins' namespaces, `config.vm` settings besides the
     /// box and hostname.
     fn leftovers(&mut self, config: &Config, machine: Option<&str>, comments: &mut Vec<String>) {
-        for folder in &config.synced_folders {
+        // `disabled: true` takes away what Vagrant would make: nothing is lost.
+        for folder in config
+            .synced_folders
+            .iter()
+            .filter(|f| !disabled(&f.options))
+        {
             let text = format!(
                 "synced folder {} -> {} is not carried over: testbed shares no folder with \
                  its machines: copy what they need in a provisioner, or as `artifacts`",
@@ -456,11 +479,16 @@ impl Mapper {
         for network in global.networks.iter().chain(&own.networks) {
             self.network(network, &mut draft, &mut comments);
         }
-        for provider in global.providers.iter().chain(&own.providers) {
+        // The whole file's blocks, then the machine's; libvirt's before
+        // VirtualBox's, so that Vagrant's default provider has the last word.
+        let mut providers: Vec<&ProviderBlock> =
+            global.providers.iter().chain(&own.providers).collect();
+        providers.sort_by_key(|p| p.name == "virtualbox");
+        for provider in providers {
             self.provider(provider, &mut draft, &mut comments);
         }
-        for provisioner in global.provisioners.iter().chain(&own.provisioners) {
-            self.provisioner(provisioner, &mut draft, &mut comments);
+        for provisioner in provisioners_of(global, own) {
+            self.provisioner(&provisioner, &mut draft, &mut comments);
         }
         draft.comments = comments;
         draft
@@ -494,6 +522,7 @@ impl Mapper {
                     self.left(network.line, Some(&name), &text, comments);
                 }
             }
+            "forwarded_port" if disabled(&network.options) => {}
             "forwarded_port" => {
                 let guest = option("guest").and_then(Value::as_u64);
                 let host = option("host").and_then(Value::as_u64);
@@ -515,11 +544,9 @@ impl Mapper {
                         "`host_ip` is not carried over: testbed binds forwarded ports to 127.0.0.1";
                     self.left(network.line, Some(&name), text, comments);
                 }
-                for key in network
-                    .options
-                    .keys()
-                    .filter(|k| !["guest", "host", "host_ip", "protocol"].contains(&k.as_str()))
-                {
+                for key in network.options.keys().filter(|k| {
+                    !["guest", "host", "host_ip", "protocol", "disabled"].contains(&k.as_str())
+                }) {
                     let text = format!("forwarded port option `{key}` is not carried over");
                     self.left(network.line, Some(&name), &text, comments);
                 }
@@ -684,6 +711,10 @@ impl Mapper {
             if key == "privileged" && value == &Value::Bool(false) {
                 let text = "`privileged: false` is not carried over: testbed runs scripts as root";
                 self.left(call.line, Some(&name), text, comments);
+            } else if key == "run" && value == &Value::String("never".into()) {
+                let text = "a provisioner with `run: \"never\"` is not carried over: Vagrant runs it only when asked";
+                self.left(call.line, Some(&name), text, comments);
+                return;
             } else if key == "run" {
                 let text = "`run:` is not carried over: a provisioner runs again when it changes, or with `testbed provision --force`";
                 self.left(call.line, Some(&name), text, comments);
@@ -748,7 +779,13 @@ impl Mapper {
             return None;
         }
         let args: Vec<String> = match options.get("args") {
-            Some(Value::String(text)) => shlex::split(text).unwrap_or_else(|| vec![text.clone()]),
+            Some(Value::String(text)) => shlex::split(text).unwrap_or_else(|| {
+                let note = format!(
+                    "args {text:?} do not split as a shell would (a quote left open): kept as one"
+                );
+                self.left(call.line, Some(machine), &note, comments);
+                vec![text.clone()]
+            }),
             Some(Value::Array(items)) => items.iter().map(plain).collect(),
             Some(Value::Null) | None => Vec::new(),
             Some(other) => vec![plain(other)],
@@ -761,7 +798,13 @@ impl Mapper {
             let mut pairs: Vec<String> = Vec::new();
             for (key, value) in env {
                 if crate::model::is_identifier(key) {
-                    pairs.push(format!("{key} = {}", quoted(&plain(value))));
+                    // Vagrant exports nil as an empty value.
+                    let value = if value.is_null() {
+                        String::new()
+                    } else {
+                        plain(value)
+                    };
+                    pairs.push(format!("{key} = {}", quoted(&value)));
                 } else {
                     let text = format!(
                         "environment variable `{key}` is not carried over: not a shell name"
@@ -907,6 +950,24 @@ fn write_addresses(out: &mut String, draft: &Draft, networks: &BTreeMap<Ipv4Net,
     }
 }
 
+/// The whole file's provisioners, then the machine's; a machine's named
+/// provisioner (`provision "NAME", type: …`) takes the place of the whole
+/// file's of that name, as in Vagrant.
+fn provisioners_of(global: &Config, own: &Config) -> Vec<Call> {
+    let named = |call: &Call| call.options.contains_key("type");
+    let mut all: Vec<Call> = global.provisioners.clone();
+    for call in &own.provisioners {
+        match all
+            .iter_mut()
+            .find(|earlier| named(call) && named(earlier) && earlier.kind == call.kind)
+        {
+            Some(earlier) => *earlier = call.clone(),
+            None => all.push(call.clone()),
+        }
+    }
+    all
+}
+
 /// Vagrant merges the blocks of a name defined twice: so does this, at
 /// the place of the first.
 fn merge_same_names(defines: &[Define]) -> Vec<Define> {
@@ -988,9 +1049,17 @@ fn private_subnet(ip: &str, netmask: Option<&Value>) -> Result<(Ipv4Addr, Ipv4Ne
         }
         None => 24,
     };
+    if !(MIN_PREFIX..=MAX_PREFIX).contains(&prefix) {
+        return Err(format!(
+            "testbed's subnets are /{MIN_PREFIX} to /{MAX_PREFIX}, not /{prefix}"
+        ));
+    }
     let subnet = Ipv4Net::new(address, prefix)
         .map_err(|_| format!("prefix /{prefix} is not one"))?
         .trunc();
+    if address == subnet.network() || address == subnet.broadcast() {
+        return Err(format!("it is {subnet}'s network or broadcast address"));
+    }
     if !PRIVATE_RANGES.iter().any(|range| range.contains(&subnet)) {
         return Err("testbed's networks lie in 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16".into());
     }
@@ -1032,6 +1101,10 @@ fn topology_name(dir: &Path) -> String {
     } else {
         name
     }
+}
+
+fn disabled(options: &Map<String, Value>) -> bool {
+    options.get("disabled") == Some(&Value::Bool(true))
 }
 
 fn number(value: &Value) -> Option<u64> {
@@ -1131,6 +1204,10 @@ mod tests {
             Ok("10.1.0.0/16".into())
         );
         assert!(private_subnet("8.8.8.8", None).is_err());
+        assert!(private_subnet("192.168.33.0", None).is_err(), "network address");
+        assert!(private_subnet("192.168.33.255", None).is_err(), "broadcast");
+        let narrow = Value::String("255.255.255.254".into());
+        assert!(private_subnet("192.168.33.4", Some(&narrow)).is_err(), "a /31");
         assert!(private_subnet("10.0.2.15", None).is_err());
     }
 

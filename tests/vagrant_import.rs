@@ -180,6 +180,11 @@ Vagrant.configure("2") do |config|
     override.vm.box = "generic/debian12"
   end
   config.vm.provision "bootstrap", type: "shell", inline: "cat /vagrant/seed; ls /home/vagrant"
+  config.vm.synced_folder ".", "/vagrant", disabled: true
+  config.vm.provision "later", type: "shell", inline: "echo later", run: "never"
+  config.vm.define "db_1" do |db|
+    db.vm.provision "bootstrap", type: "shell", inline: "echo own"
+  end
 end
 "#;
 
@@ -216,6 +221,7 @@ fn what_cannot_be_carried_over_is_listed_with_its_line() {
         ("Vagrantfile:24", "`config.cache.scope`"),
         ("Vagrantfile:26", "the `override` of provider libvirt"),
         ("Vagrantfile:30", "the inline script reads /vagrant"),
+        ("Vagrantfile:32", "`run: \"never\"`"),
     ];
     for (line, what) in left {
         let found = |text: &str| text.lines().any(|l| l.contains(line) && l.contains(what));
@@ -223,6 +229,10 @@ fn what_cannot_be_carried_over_is_listed_with_its_line() {
         assert!(found(&text), "no comment {line} {what} in:\n{text}");
     }
     assert!(stderr.contains("the Vagrantfile speaks"), "{stderr}");
+    assert!(
+        !stderr.contains("-> /vagrant"),
+        "a disabled folder was warned of: {stderr}"
+    );
     let topology: toml::Table = text.parse().expect("TOML");
     let web = table(&topology, &["machines", "web"]);
     assert_eq!(
@@ -234,6 +244,11 @@ fn what_cannot_be_carried_over_is_listed_with_its_line() {
     assert_eq!(web["memory"].as_str(), Some("1536MiB"));
     let db = table(&topology, &["machines", "db-1"]);
     assert_eq!(db["memory"].as_str(), Some("2048MiB"));
+    // db_1 defined twice is one machine; its own `bootstrap` replaces the
+    // whole file's, and `run: "never"` is left out.
+    assert_eq!(db["provision"][0]["inline"].as_str(), Some("echo own"));
+    assert_eq!(db["provision"][1]["shell"].as_str(), Some("db.sh"));
+    assert_eq!(db["provision"].as_array().map(Vec::len), Some(2));
     assert_eq!(
         web["vars"]["port"].as_integer(),
         Some(8080),

@@ -185,7 +185,7 @@ impl Testbed {
         ensure_user_key(&self.state)?;
         let secrets = self.state.secrets(&kits.secret_names(&self.topology))?;
         let plan = Arc::new(self.resolve(&record, &kits, &secrets)?);
-        provision::check_tools(&plan)?;
+        provision::check_tools(&plan, None)?;
         for warning in &plan.warnings {
             progress.println(&format!("warning: {warning}"));
         }
@@ -355,11 +355,11 @@ impl Testbed {
         let record = self.state.load()?;
         let secrets = self.state.secrets(&kits.secret_names(&self.topology))?;
         let mut plan = self.resolve(&record, &kits, &secrets)?;
+        let names: Vec<String> = selected.iter().map(|m| m.name.clone()).collect();
         if force {
-            let names: Vec<String> = selected.iter().map(|m| m.name.clone()).collect();
             plan.force_provisioners(&names);
         }
-        provision::check_tools(&plan)?;
+        provision::check_tools(&plan, Some(&names))?;
         let plan = Arc::new(plan);
         let machines = self.machines(&record, &kits)?;
         self.prefer_control_masters(&machines, &record);

@@ -22,6 +22,10 @@ module TestbedStandIn
     frame ? frame.lineno : 0
   end
 
+  # What Ruby asks an object when converting it (`puts`, `flatten`): never
+  # taken for settings.
+  CONVERSIONS = %w[to_ary to_str to_hash to_proc to_io].freeze
+
   # `vb.memory = 1024`, `ssh.username = "x"`: any setting of a namespace,
   # kept in order with its line. Settings read back (`vb.memory`) give what
   # was set; any other call is kept as a note.
@@ -38,7 +42,7 @@ module TestbedStandIn
 
     def method_missing(name, *args, &block)
       key = name.to_s
-      return super if key.start_with?("__") || %w[to_ary to_str to_hash].include?(key)
+      return super if key.start_with?("__") || CONVERSIONS.include?(key)
       line = TestbedStandIn.line
       if key.end_with?("=")
         @values[key.chomp("=")] = { "value" => args.first, "line" => line }
@@ -50,8 +54,8 @@ module TestbedStandIn
       nil
     end
 
-    def respond_to_missing?(*)
-      true
+    def respond_to_missing?(name, *)
+      !CONVERSIONS.include?(name.to_s)
     end
   end
 
@@ -151,12 +155,12 @@ module TestbedStandIn
     end
 
     def method_missing(name, *args)
-      return super unless args.empty?
+      return super unless args.empty? && !CONVERSIONS.include?(name.to_s)
       @namespaces[name.to_s] ||= Settings.new("config.#{name}", @notes)
     end
 
-    def respond_to_missing?(*)
-      true
+    def respond_to_missing?(name, *)
+      !CONVERSIONS.include?(name.to_s)
     end
 
     def empty?
@@ -189,7 +193,7 @@ module TestbedStandIn
   end
 
   def self.report_error(kind, message, line)
-    warn({ "error" => kind, "message" => message, "line" => line }.to_json)
+    $stderr.puts({ "error" => kind, "message" => message, "line" => line }.to_json)
   end
 end
 
@@ -261,3 +265,4 @@ record_out.puts JSON.pretty_generate({
   "configs" => TestbedStandIn.plain(Vagrant.configs.map(&:to_h)),
   "notes" => TestbedStandIn.plain(Vagrant.notes),
 })
+record_out.flush
