@@ -1204,10 +1204,16 @@ mod tests {
             Ok("10.1.0.0/16".into())
         );
         assert!(private_subnet("8.8.8.8", None).is_err());
-        assert!(private_subnet("192.168.33.0", None).is_err(), "network address");
+        assert!(
+            private_subnet("192.168.33.0", None).is_err(),
+            "network address"
+        );
         assert!(private_subnet("192.168.33.255", None).is_err(), "broadcast");
         let narrow = Value::String("255.255.255.254".into());
-        assert!(private_subnet("192.168.33.4", Some(&narrow)).is_err(), "a /31");
+        assert!(
+            private_subnet("192.168.33.4", Some(&narrow)).is_err(),
+            "a /31"
+        );
         assert!(private_subnet("10.0.2.15", None).is_err());
     }
 
